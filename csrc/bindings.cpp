@@ -1,0 +1,13 @@
+// Registration only: each domain lives in its own .hpp/.cpp.
+#include <pybind11/pybind11.h>
+
+#include "check.hpp"
+#include "version.hpp"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyengine native engine: CUDA streams/events and NCCL communicators";
+  py::register_exception<pyengine::Error>(m, "Error", PyExc_RuntimeError);
+  pyengine::register_version(m);
+}

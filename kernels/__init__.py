@@ -1,0 +1,1 @@
+"""Triton kernels (shipped as pyengine.kernels)."""

@@ -1,0 +1,4 @@
+"""placeholder"""
+class SpecError(ValueError): pass
+class DeploymentSpec: pass
+def load_spec(p): pass
