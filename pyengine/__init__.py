@@ -5,5 +5,13 @@ Import cost is kept small: torch, triton and the native extension load on first 
 
 from pyengine.spec import DeploymentSpec, SpecError, load_spec
 
-__all__ = ["DeploymentSpec", "SpecError", "load_spec", "__version__"]
+__all__ = ["DeploymentSpec", "Engine", "SpecError", "load_spec", "__version__"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "Engine":  # pulls in torch: loaded on first use only
+        from pyengine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'pyengine' has no attribute {name!r}")

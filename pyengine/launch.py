@@ -1,0 +1,149 @@
+"""Starts the ranks of a run on the best backend and gathers what each measured.
+
+- under torchrun (RANK/WORLD_SIZE in the environment): this process is one rank, nccl;
+- plain `pyengine run`: >= world-size GPUs -> nccl ranks spawned here; 1 GPU -> the local
+  transport (one thread per virtual rank, one stream set each); no GPU -> gloo, one CPU
+  process per rank.
+A rank that dies or stalls ends the whole job with an error naming the rank and action.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pyengine import measure
+from pyengine.spec import DeploymentSpec
+
+BACKENDS = ("auto", "nccl", "local", "gloo")
+
+
+class LaunchError(RuntimeError):
+    """The job could not run to the end; the message names the failing rank and action."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    iters: int = 10
+    warmup: int = 2
+    seed: int = 0
+    baselines: bool = True
+    profile: bool = False
+    fault: str = ""
+    """Testing hook: 'RANK:ACTION_ID:exit|hang' kills or stalls that rank at that action."""
+
+
+def pick_backend(spec: DeploymentSpec, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}: must be one of {list(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "nccl"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n >= spec.world_size:
+        return "nccl"
+    return "local" if n >= 1 else "gloo"
+
+
+def launch(spec: DeploymentSpec, opts: RunOptions, backend: str = "auto") -> list[dict]:
+    """Runs every rank; returns each rank's measurement dict, ordered by rank."""
+    backend = pick_backend(spec, backend)
+    job_timeout = spec.comm.timeout_s * 4 + 120  # generous: covers start-up and all variants
+    if backend == "gloo":
+        from pyengine.procs import RankFailure, spawn_ranks
+
+        try:
+            return spawn_ranks(_process_rank, spec.world_size, args=(spec.to_json(), opts, "gloo"),
+                               timeout_s=job_timeout, env={"OMP_NUM_THREADS": "1"})
+        except RankFailure as e:
+            raise LaunchError(_headline(e)) from None
+    if backend == "local":
+        return _run_threads(spec, opts, job_timeout)
+    if "RANK" in os.environ:  # torchrun: this process is one rank
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        port = int(os.environ.get("MASTER_PORT", "29500"))
+        return [_process_rank(rank, world, port, spec.to_json(), opts, "nccl")]
+    from pyengine.procs import RankFailure, spawn_ranks
+
+    try:
+        return spawn_ranks(_process_rank, spec.world_size, args=(spec.to_json(), opts, "nccl"),
+                           timeout_s=job_timeout)
+    except RankFailure as e:
+        raise LaunchError(_headline(e)) from None
+
+
+def _headline(e: BaseException) -> str:
+    """The failure's first line: rank, action and cause (the child's traceback tail is noise here)."""
+    return str(e).splitlines()[0]
+
+
+def _process_rank(rank: int, world: int, port: int, spec_json: str, opts: RunOptions,
+                  backend: str) -> dict:
+    """One rank in its own process (gloo on CPU, or nccl with one GPU per process)."""
+    from pyengine.procs import connect_store
+    from pyengine.transport import create_transport
+
+    spec = DeploymentSpec.from_json(spec_json)
+    if backend == "gloo":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        device = torch.device("cpu")
+    else:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    store = connect_store(rank, world, port, host=host, timeout_s=spec.comm.timeout_s)
+    groups = [tuple(range(world)), spec.stage("experts").gpus]
+    with create_transport(backend, rank=rank, world_size=world, device=device, groups=groups,
+                          store=store, timeout_s=spec.comm.timeout_s) as tr:
+        return measure.measure_rank(spec, rank, tr, device, opts, barrier=tr.barrier)
+
+
+def _run_threads(spec: DeploymentSpec, opts: RunOptions, timeout_s: float) -> list[dict]:
+    """The local transport: all virtual ranks in this process, one thread (and stream set) each."""
+    from pyengine.transport.local import LocalTransport
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    world = spec.world_size
+    transports = LocalTransport.create(world, device, spec.comm.timeout_s)
+    barrier = threading.Barrier(world, timeout=spec.comm.timeout_s)
+    results: list = [None] * world
+    errors: dict[int, BaseException] = {}
+
+    def body(r: int) -> None:
+        try:
+            results[r] = measure.measure_rank(spec, r, transports[r], device, opts, barrier=barrier.wait)
+        except BaseException as e:  # reported below with the rank named
+            errors[r] = e
+            barrier.abort()  # release peers blocked in a barrier
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"pyengine-vrank{r}", daemon=True)
+               for r in range(world)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for r, t in enumerate(threads):
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [r for r, t in enumerate(threads) if t.is_alive()]
+    for t in transports:
+        t.close()
+    if errors:
+        first = _root_cause(errors)
+        raise LaunchError(f"rank {first} failed: {errors[first]}")
+    if stuck:
+        raise LaunchError(f"ranks {stuck} still running after {timeout_s:g} s (stalled)")
+    return results
+
+
+def _root_cause(errors: dict[int, BaseException]) -> int:
+    """The rank whose failure came first in spirit: a real error beats peers' barrier/timeouts."""
+    for r, e in sorted(errors.items()):
+        if not isinstance(e, threading.BrokenBarrierError) and "timed out" not in str(e):
+            return r
+    return min(errors)
