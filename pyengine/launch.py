@@ -50,10 +50,13 @@ def pick_backend(spec: DeploymentSpec, backend: str = "auto") -> str:
     return "local" if n >= 1 else "gloo"
 
 
-def launch(spec: DeploymentSpec, opts: RunOptions, backend: str = "auto") -> list[dict]:
-    """Runs every rank; returns each rank's measurement dict, ordered by rank."""
+def launch(spec: DeploymentSpec, opts: RunOptions, backend: str = "auto") -> list[dict] | None:
+    """Runs every rank; returns each rank's measurement dict, ordered by rank (under torchrun:
+    on global rank 0 only, None on the others)."""
     backend = pick_backend(spec, backend)
     job_timeout = spec.comm.timeout_s * 4 + 120  # generous: covers start-up and all variants
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and backend != "local":
+        return _torchrun_rank(spec, opts, backend)  # this process is one rank of torchrun's
     if backend == "gloo":
         from pyengine.procs import RankFailure, spawn_ranks
 
@@ -64,10 +67,6 @@ def launch(spec: DeploymentSpec, opts: RunOptions, backend: str = "auto") -> lis
             raise LaunchError(_headline(e)) from None
     if backend == "local":
         return _run_threads(spec, opts, job_timeout)
-    if "RANK" in os.environ:  # torchrun: this process is one rank
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        port = int(os.environ.get("MASTER_PORT", "29500"))
-        return [_process_rank(rank, world, port, spec.to_json(), opts, "nccl")]
     from pyengine.procs import RankFailure, spawn_ranks
 
     try:
@@ -82,13 +81,44 @@ def _headline(e: BaseException) -> str:
     return str(e).splitlines()[0]
 
 
+def _torchrun_rank(spec: DeploymentSpec, opts: RunOptions, backend: str) -> list[dict] | None:
+    """This process is one rank started by torchrun; results meet on rank 0 through the store."""
+    import datetime
+    import pickle
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world < spec.world_size:
+        raise LaunchError(f"torchrun started {world} ranks; the spec needs {spec.world_size}")
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    # torchrun's agent already hosts a store at MASTER_PORT when it says so: connect as a client.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.PrefixStore("pyengine", dist.TCPStore(
+        host, port, world, rank == 0 and not agent,
+        timeout=datetime.timedelta(seconds=spec.comm.timeout_s), wait_for_workers=False))
+    result = _rank_body(rank, world, store, spec, opts, backend)
+    store.set(f"result/{rank}", pickle.dumps(result))
+    if rank != 0:
+        return None
+    return [pickle.loads(store.get(f"result/{r}")) for r in range(world)]
+
+
 def _process_rank(rank: int, world: int, port: int, spec_json: str, opts: RunOptions,
                   backend: str) -> dict:
-    """One rank in its own process (gloo on CPU, or nccl with one GPU per process)."""
+    """One rank in its own process spawned here (gloo on CPU, or nccl with one GPU per process)."""
     from pyengine.procs import connect_store
-    from pyengine.transport import create_transport
 
     spec = DeploymentSpec.from_json(spec_json)
+    store = connect_store(rank, world, port, host=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          timeout_s=spec.comm.timeout_s)
+    return _rank_body(rank, world, store, spec, opts, backend)
+
+
+def _rank_body(rank: int, world: int, store, spec: DeploymentSpec, opts: RunOptions,
+               backend: str) -> dict:
+    from pyengine.transport import create_transport
+
     if backend == "gloo":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = torch.device("cpu")
@@ -96,8 +126,6 @@ def _process_rank(rank: int, world: int, port: int, spec_json: str, opts: RunOpt
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    store = connect_store(rank, world, port, host=host, timeout_s=spec.comm.timeout_s)
     groups = [tuple(range(world)), spec.stage("experts").gpus]
     with create_transport(backend, rank=rank, world_size=world, device=device, groups=groups,
                           store=store, timeout_s=spec.comm.timeout_s) as tr:

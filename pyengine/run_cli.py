@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as e:
         print(f"pyengine run: {e}", file=sys.stderr)
         return 1
+    if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
+        return 0
     summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend, scaled=note)
     tl = summary["variants"]["pipeline"]["timeline"]
     if args.trace or args.png:

@@ -8,6 +8,8 @@ compared against the single-device baseline measured on the same device in the s
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from pyengine import schedule
@@ -128,7 +130,8 @@ def print_summary(summary: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # Piped output gets a fixed width wide enough for the table (rich defaults to 80).
+    console = console or Console(width=None if sys.stdout.isatty() else 130)
     if summary["scaled"]:
         console.print(f"[yellow]{summary['scaled']}[/yellow]")
     t = Table(title=f"pyengine run — backend {summary['backend']} on {summary['device']}, "
@@ -147,8 +150,8 @@ def print_summary(summary: dict, console=None) -> None:
               f"{s['throughput_tokens_per_s']:,.0f}", "-", "-", "-", "-", "-")
     console.print(t)
     p = summary["variants"]["pipeline"]
-    busy = ", ".join(f"GPU {r}: {b:.0%}" for r, b in p["measured"]["busy"].items())
-    shares = ", ".join(f"GPU {r}: {b:.0%}" for r, b in p["load_balance"]["shares"].items())
+    busy = ", ".join(f"rank {r}: {b:.0%}" for r, b in p["measured"]["busy"].items())
+    shares = ", ".join(f"rank {r}: {b:.0%}" for r, b in p["load_balance"]["shares"].items())
     console.print(f"busy per rank: {busy}")
     console.print(f"measured compute shares: {shares} (max difference "
                   f"{p['load_balance']['max_diff_pct']:.1f} points; the seed claims 33/33/34, 1 point)")
