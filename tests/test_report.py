@@ -1,0 +1,66 @@
+"""report.py: generic tables, JSON helpers, Chrome trace, Gantt PNG."""
+
+import json
+import math
+
+from pyengine import planner, report
+from pyengine.simulate import simulate
+from pyengine.spec import load_spec
+from pyengine.timeline import Span, Timeline
+
+SEED = load_spec(None)
+
+
+def test_print_table_generic(capsys):
+    report.print_table("Kernels vs cuBLAS", ["op", ("provider", "left"), "TFLOP/s"],
+                       [["gate_up", "triton", 512.25], ["gate_up", "cublas", 600]])
+    out = capsys.readouterr().out
+    assert "Kernels vs cuBLAS" in out and "provider" in out and "512.25" in out and "cublas" in out
+
+
+def test_formatters():
+    assert report.fmt_bytes(2.5e9) == "2.50 GB" and report.fmt_bytes(12) == "12 B"
+    assert report.fmt_s(0.0125) == "12.500 ms" and report.fmt_s(2e-6) == "2.0 us"
+    assert report.fmt_flops(268.5e9) == "268.5 GFLOP"
+    assert report.fmt_pct(0.281) == "28.1%"
+
+
+def test_print_plan_and_candidates(capsys):
+    p = planner.plan(SEED)
+    report.print_plan(p)
+    cands = planner.search(SEED, micro_batches=(1, 4), kinds=("gpipe",), boundaries=("all_reduce",))
+    report.print_candidates(cands, top=3)
+    out = capsys.readouterr().out
+    assert "seed32g" in out and "Per GPU" in out and "DOES NOT HOLD" in out
+    assert "Plan search" in out and "the seed config (reference)" in out
+
+
+def test_to_json_plan_and_non_finite():
+    data = json.loads(report.to_json(planner.plan(SEED)))
+    assert data["gpus"][0]["index"] == 0 and "verdicts" in data
+    assert json.loads(report.to_json({"x": math.inf, "y": (1, 2)})) == {"x": None, "y": [1, 2]}
+
+
+def test_write_trace(tmp_path):
+    tl = simulate(SEED)
+    path = tmp_path / "trace.json"
+    report.write_trace(tl, path)
+    data = json.loads(path.read_text())
+    events = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert len(events) == len(tl.spans)
+    first = min(tl.spans, key=lambda s: (s.start_s, s.rank))
+    ev = next(e for e in events if e["name"] == first.name and e["pid"] == first.rank)
+    assert ev["ts"] == first.start_s * 1e6 and ev["dur"] > 0
+    assert {e["pid"] for e in events} == {0, 1, 2}
+    lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert set(lanes.values()) == {"compute", "comm"}
+
+
+def test_write_gantt(tmp_path):
+    spans = [Span(0, "compute", "s0.mb0.COMPUTE", "COMPUTE", 0, 0, 0.0, 1e-3),
+             Span(0, "comm", "s0.mb0.SEND.act->1", "SEND", 0, 0, 1e-3, 1.2e-3),
+             Span(1, "comm", "s1.mb0.RECV.act<-0", "RECV", 1, 0, 1e-3, 1.2e-3),
+             Span(1, "compute", "s1.mb0.COMPUTE", "COMPUTE", 1, 0, 1.2e-3, 3e-3)]
+    path = tmp_path / "gantt.png"
+    report.write_gantt(Timeline(spans, 3e-3), path, "two ranks")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
