@@ -10,21 +10,25 @@ import argparse
 import importlib
 import sys
 
-# module -> registers these subcommands (imported lazily: `pyengine plan` must not pay for torch)
-_COMMANDS = (
-    "pyengine.run_cli",       # run
-    "pyengine.plan_cli",      # plan, simulate
-    "pyengine.bench_cli",     # bench comm|kernels|pipeline
-    "pyengine.tune_cli",      # tune
-)
+# subcommand -> the module that registers it. Only the module of the command being run is
+# imported, so `pyengine plan` does not pay for torch; `--help` imports them all.
+_COMMANDS = {
+    "run": "pyengine.run_cli",
+    "plan": "pyengine.plan_cli",
+    "simulate": "pyengine.plan_cli",
+    "bench": "pyengine.bench_cli",
+    "tune": "pyengine.tune_cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyengine",
         description="3-GPU hybrid tensor+pipeline parallel MoE engine: run, plan, simulate, benchmark.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMANDS:
+    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    modules = [_COMMANDS[first]] if first in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pyengine.spec import SpecError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SpecError as e:
