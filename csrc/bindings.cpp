@@ -2,6 +2,8 @@
 #include <pybind11/pybind11.h>
 
 #include "check.hpp"
+#include "nccl.hpp"
+#include "stream.hpp"
 #include "version.hpp"
 
 namespace py = pybind11;
@@ -10,4 +12,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyengine native engine: CUDA streams/events and NCCL communicators";
   py::register_exception<pyengine::Error>(m, "Error", PyExc_RuntimeError);
   pyengine::register_version(m);
+  pyengine::register_streams(m);
+  pyengine::register_nccl(m);
 }

@@ -1,0 +1,143 @@
+"""Type stub for pyengine._C (csrc/): CUDA streams/events and NCCL communicators.
+
+Import through ``pyengine._native.native()`` (it preloads libnccl.so.2 first).
+Every CUDA/NCCL failure raises :class:`Error` with file:line and the decoded error;
+on a machine without a CUDA driver, GPU calls raise it with "no CUDA driver/device".
+"""
+
+from typing import ClassVar
+
+class Error(RuntimeError): ...
+
+# -- version (csrc/version.cpp) ------------------------------------------------------------
+def nccl_version() -> tuple[int, int, int]:
+    """NCCL library version as (major, minor, patch)."""
+
+def cuda_runtime_version() -> tuple[int, int]:
+    """CUDA runtime version this module was built against, as (major, minor)."""
+
+def driver_version() -> int:
+    """CUDA driver version (e.g. 13000); 0 when no driver is installed."""
+
+def device_count() -> int:
+    """Visible CUDA devices; raises Error when there is no driver/device."""
+
+# -- streams and events (csrc/stream.cpp) -----------------------------------------------------
+class Stream:
+    """A CUDA stream: owned (created here, non-blocking) or wrapping an external handle."""
+
+    def __init__(self, device: int = 0, priority: int = 0) -> None:
+        """Create on `device`; lower priority values run first (clamped to the device range)."""
+    @staticmethod
+    def from_handle(handle: int, device: int = 0) -> Stream:
+        """Wrap an existing cudaStream_t (e.g. torch.cuda.Stream.cuda_stream) without owning it."""
+    def synchronize(self) -> None:
+        """Block until all queued work is done (GIL released)."""
+    def query(self) -> bool:
+        """True when all queued work has completed."""
+    @property
+    def handle(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def owned(self) -> bool: ...
+
+class Event:
+    """A CUDA event; timing disabled unless enable_timing=True."""
+
+    def __init__(self, device: int = 0, enable_timing: bool = False) -> None: ...
+    def record(self, stream: Stream | int) -> None:
+        """Record on `stream` (a Stream or an int handle; 0 = legacy default stream)."""
+    def wait(self, stream: Stream | int) -> None:
+        """Make `stream` wait for this event; the host does not block."""
+    def query(self) -> bool: ...
+    def synchronize(self) -> None:
+        """Block until the recorded work is done (GIL released)."""
+    def elapsed_ms(self, end: Event) -> float:
+        """Milliseconds from this event to `end` (both need enable_timing=True)."""
+    @property
+    def handle(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def timing(self) -> bool: ...
+
+# -- NCCL (csrc/nccl.cpp) ---------------------------------------------------------------------
+class DType:
+    float32: ClassVar[DType]
+    float16: ClassVar[DType]
+    bfloat16: ClassVar[DType]
+    int32: ClassVar[DType]
+    int64: ClassVar[DType]
+    uint8: ClassVar[DType]
+    float64: ClassVar[DType]
+    def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class RedOp:
+    sum: ClassVar[RedOp]
+    max: ClassVar[RedOp]
+    min: ClassVar[RedOp]
+    prod: ClassVar[RedOp]
+    def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+def dtype_size(dtype: DType) -> int:
+    """Bytes per element."""
+
+class Communicator:
+    """A non-blocking NCCL communicator. Release it with destroy() or abort(); the
+    destructor never waits (an undestroyed communicator is leaked with a warning)."""
+
+    @staticmethod
+    def unique_id() -> bytes:
+        """128 opaque bytes to hand to every rank (host only: works without a GPU)."""
+    def __init__(self, unique_id: bytes, nranks: int, rank: int, device: int,
+                 timeout_s: float = 60.0) -> None:
+        """Join as `rank` of `nranks` on `device`; polls the non-blocking init until ready.
+        After timeout_s the init is aborted and Error names this rank."""
+    def send(self, ptr: int, count: int, dtype: DType, peer: int, stream: Stream | int,
+             name: str = "") -> None: ...
+    def recv(self, ptr: int, count: int, dtype: DType, peer: int, stream: Stream | int,
+             name: str = "") -> None: ...
+    def all_reduce(self, send_ptr: int, recv_ptr: int, count: int, dtype: DType, op: RedOp,
+                   stream: Stream | int, name: str = "") -> None: ...
+    def reduce_scatter(self, send_ptr: int, recv_ptr: int, recv_count: int, dtype: DType,
+                       op: RedOp, stream: Stream | int, name: str = "") -> None:
+        """send_ptr holds nranks * recv_count elements; recv_count land on each rank."""
+    def broadcast(self, send_ptr: int, recv_ptr: int, count: int, dtype: DType, root: int,
+                  stream: Stream | int, name: str = "") -> None: ...
+    def group_start(self) -> None: ...
+    def group_end(self) -> None:
+        """Ends the group and polls this communicator until the group is enqueued."""
+    def async_error(self) -> str | None:
+        """None while healthy, else the decoded asynchronous NCCL error."""
+    def wait(self, target: Event | Stream | int, timeout_s: float, what: str,
+             peer: int = -1) -> None:
+        """Block (GIL released) until `target` completes (an Event, or the work queued so far
+        on a Stream / int stream handle), polling the async error. On an error or after
+        timeout_s the communicator is aborted and Error names `what`, this rank and `peer`."""
+    def abort(self) -> None:
+        """Free the communicator without waiting for peers (idempotent)."""
+    def destroy(self) -> None:
+        """Flush outstanding work (bounded by timeout_s, else abort + Error), then free."""
+    @property
+    def rank(self) -> int: ...
+    @property
+    def nranks(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def alive(self) -> bool: ...

@@ -1,0 +1,155 @@
+"""The transport protocol shared by the nccl, gloo and local backends.
+
+Every operation is issued without blocking and returns a :class:`Handle`.
+Messages between one pair of ranks match in issue order (NCCL has no tags), and
+collectives on a group match in issue order on every member. ``name`` labels
+NVTX ranges and error messages; it does not affect matching.
+
+GPU backends order work with events: an op first makes the transport's comm
+stream wait on an event recorded on the caller's *current* stream (so data
+produced before the call is ready), runs on the comm stream and records a
+completion event; ``Handle.wait()`` makes the caller's current stream wait on
+that event. CPU backends block in ``Handle.wait()`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+DEFAULT_TIMEOUT_S = 60.0
+"""Default bound on init, every wait and barrier (seconds)."""
+
+
+class TransportError(RuntimeError):
+    """A transport operation failed or timed out; the message names the op and peer(s)."""
+
+
+@runtime_checkable
+class Handle(Protocol):
+    def wait(self, timeout_s: float | None = None) -> None:
+        """GPU: make the caller's current torch stream wait on the op (host does not block
+        beyond what the backend documents). CPU: block until done, raising
+        TransportError naming op and peer after ``timeout_s`` (default: the transport's)."""
+
+    def is_completed(self) -> bool:
+        """True once the op has finished (never blocks)."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    name: str  # "nccl" | "gloo" | "local"
+
+    def send(self, tensor: Any, peer: int, *, name: str = "") -> Handle: ...
+
+    def recv(self, tensor: Any, peer: int, *, name: str = "") -> Handle: ...
+
+    def all_reduce(self, tensor: Any, group: tuple[int, ...], *, name: str = "") -> Handle: ...
+
+    def reduce_scatter(
+        self, out: Any, tensor: Any, group: tuple[int, ...], *, name: str = ""
+    ) -> Handle: ...
+
+    def broadcast(self, tensor: Any, root: int, group: tuple[int, ...], *, name: str = "") -> Handle: ...
+
+    def barrier(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Transport: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class CompletedHandle:
+    """A handle for an op that finished when it was issued."""
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        return None
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def describe(backend: str, op: str, name: str, rank: int, peer: int | None = None,
+             group: tuple[int, ...] | None = None) -> str:
+    """The op label used in every error message: ``gloo recv 'mb3' (rank 0, peer 2)``."""
+    label = f"{backend} {op}" + (f" '{name}'" if name else "")
+    where = f"rank {rank}"
+    if peer is not None:
+        where += f", peer {peer}"
+    if group is not None:
+        where += f", group {tuple(group)}"
+    return f"{label} ({where})"
+
+
+def as_tensor(obj: Any) -> torch.Tensor:
+    """A torch view of ``obj`` sharing its memory: torch tensors pass through; objects with
+    ``__cuda_array_interface__`` (e.g. cupy arrays) or ``__dlpack__`` are wrapped zero-copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if hasattr(obj, "__cuda_array_interface__"):
+        tensor = torch.as_tensor(obj, device="cuda")
+        if tensor.data_ptr() != obj.__cuda_array_interface__["data"][0]:
+            raise TypeError(f"could not wrap {type(obj).__name__} without a copy")
+        return tensor
+    if hasattr(obj, "__dlpack__"):
+        return torch.from_dlpack(obj)
+    raise TypeError(f"expected a torch tensor or a CUDA array (cupy), got {type(obj).__name__}")
+
+
+def check_contiguous(tensor: torch.Tensor, what: str) -> None:
+    if not tensor.is_contiguous():
+        raise TransportError(f"{what}: the tensor must be contiguous (shape {tuple(tensor.shape)}, "
+                             f"strides {tensor.stride()})")
+
+
+def check_group(group: tuple[int, ...], rank: int, world_size: int, what: str) -> tuple[int, ...]:
+    """Validates a group (distinct global ranks, containing ``rank``) and returns it as a tuple."""
+    group = tuple(int(r) for r in group)
+    if len(set(group)) != len(group) or not group or any(r < 0 or r >= world_size for r in group):
+        raise TransportError(f"{what}: group {group} must list distinct ranks in [0, {world_size})")
+    if rank not in group:
+        raise TransportError(f"{what}: rank {rank} is not a member of group {group}")
+    return group
+
+
+def check_peer(peer: int, world_size: int, what: str) -> None:
+    if not 0 <= peer < world_size:
+        raise TransportError(f"{what}: peer {peer} is outside [0, {world_size})")
+
+
+def scatter_chunk(tensor: torch.Tensor, out: torch.Tensor, group: tuple[int, ...], rank: int,
+                  what: str) -> tuple[list[torch.Tensor], int]:
+    """Splits ``tensor`` on dim 0 into len(group) chunks in group order and checks ``out``
+    matches one chunk. Returns (chunks, this rank's index in the group)."""
+    n = len(group)
+    if tensor.dim() == 0 or tensor.shape[0] % n != 0:
+        raise TransportError(f"{what}: dim 0 of the input ({tuple(tensor.shape)}) must split "
+                             f"evenly into {n} chunks")
+    chunks = list(tensor.chunk(n, dim=0))
+    if out.shape != chunks[0].shape or out.dtype != tensor.dtype:
+        raise TransportError(f"{what}: out is {tuple(out.shape)} {out.dtype}, expected "
+                             f"{tuple(chunks[0].shape)} {tensor.dtype}")
+    return chunks, group.index(rank)
+
+
+def store_from_env(rank: int, world_size: int, timeout_s: float) -> Any:
+    """A TCPStore at torchrun's MASTER_ADDR:MASTER_PORT (see pyengine.procs.connect_store)."""
+    from pyengine.procs import connect_store
+
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except KeyError as exc:
+        raise TransportError(f"no store given and {exc.args[0]} is not set (run under torchrun "
+                             "or pass store=)") from None
+    try:
+        return connect_store(rank, world_size, port, host=host, timeout_s=timeout_s)
+    except (RuntimeError, OSError) as exc:
+        raise TransportError(f"rank {rank}: could not reach the store at {host}:{port} "
+                             f"within {timeout_s:g} s: {exc}") from exc

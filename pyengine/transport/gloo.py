@@ -1,0 +1,205 @@
+"""torch.distributed gloo on CPU: one real process per rank.
+
+Process groups are built directly (``ProcessGroupGloo``) rather than through
+``init_process_group``, so no global state is touched and several transports may
+live in one process. The world group and every group in ``groups`` are created
+eagerly, in the same order on every rank (each over a prefixed view of the
+store). A gloo timeout closes the underlying TCP pairs: after a TransportError
+the transport is unusable and should be closed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pyengine.transport.base import (
+    DEFAULT_TIMEOUT_S,
+    TransportError,
+    as_tensor,
+    check_contiguous,
+    check_group,
+    check_peer,
+    describe,
+    scatter_chunk,
+)
+
+__all__ = ["GlooTransport"]
+
+
+class _GlooHandle:
+    def __init__(self, work: Any, what: str, timeout_s: float,
+                 finish: Callable[[], None] | None = None):
+        self._work = work
+        self._what = what
+        self._timeout_s = timeout_s
+        self._finish = finish
+        self._done = False
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        if self._done:
+            return
+        limit = self._timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        try:
+            self._work.wait(datetime.timedelta(seconds=limit))
+        except RuntimeError as exc:
+            elapsed = time.monotonic() - start
+            timed_out = "timed out" in str(exc).lower() or elapsed >= 0.9 * limit
+            verb = "timed out" if timed_out else "failed"
+            raise TransportError(f"{self._what} {verb} after {elapsed:.1f} s "
+                                 f"(limit {limit:g} s): {exc}") from exc
+        if self._finish is not None:
+            self._finish()
+        self._done = True
+
+    def is_completed(self) -> bool:
+        return self._done or self._work.is_completed()
+
+
+class GlooTransport:
+    """CPU transport over gloo. Use :func:`pyengine.transport.create_transport` or construct
+    directly with a store shared by all ranks (hosted by rank 0)."""
+
+    name = "gloo"
+
+    def __init__(self, *, rank: int, world_size: int, store: Any,
+                 groups: Sequence[Sequence[int]] = (), timeout_s: float = DEFAULT_TIMEOUT_S,
+                 prefix: str = "pyengine/gloo"):
+        if not 0 <= rank < world_size:
+            raise TransportError(f"gloo transport: rank {rank} outside [0, {world_size})")
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device("cpu")
+        self.timeout_s = float(timeout_s)
+        self._closed = False
+        self._wait_for_all(store, prefix)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        world = tuple(range(world_size))
+        self._world = self._make_group(store, f"{prefix}/g0", world, timeout, "world")
+        self._groups: dict[tuple[int, ...], Any] = {world: self._world}
+        for index, group in enumerate(groups, start=1):
+            group = tuple(int(r) for r in group)
+            if group in self._groups or rank not in group:
+                continue  # ranks outside a group skip it; group stores are disjoint by prefix
+            self._groups[group] = self._make_group(store, f"{prefix}/g{index}", group, timeout,
+                                                   f"group {group}")
+
+    def _wait_for_all(self, store: Any, prefix: str) -> None:
+        """Every rank announces itself; a rank that never shows up is named."""
+        store.set(f"{prefix}/joined/{self.rank}", b"1")
+        deadline = time.monotonic() + self.timeout_s
+        missing = list(range(self.world_size))
+        while True:
+            missing = [r for r in missing if not store.check([f"{prefix}/joined/{r}"])]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"gloo transport init (rank {self.rank} of {self.world_size}): rank(s) "
+                    f"{missing} never joined within {self.timeout_s:g} s")
+            time.sleep(0.02)
+
+    def _make_group(self, store: Any, key: str, group: tuple[int, ...],
+                    timeout: datetime.timedelta, label: str) -> Any:
+        try:
+            return dist.ProcessGroupGloo(dist.PrefixStore(key, store), group.index(self.rank),
+                                         len(group), timeout)
+        except RuntimeError as exc:
+            raise TransportError(f"gloo transport init (rank {self.rank}): connecting {label} "
+                                 f"failed: {exc}") from exc
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise TransportError(f"{what}: the transport is closed")
+
+    def _tensor(self, obj: Any, what: str) -> torch.Tensor:
+        tensor = as_tensor(obj)
+        if tensor.device.type != "cpu":
+            raise TransportError(f"{what}: gloo transport needs CPU tensors, got {tensor.device}")
+        check_contiguous(tensor, what)
+        return tensor
+
+    def _group(self, group: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
+        group = check_group(group, self.rank, self.world_size, what)
+        pg = self._groups.get(group)
+        if pg is None:
+            raise TransportError(f"{what}: no process group for {group}; pass it in groups= "
+                                 f"when creating the transport (known: {list(self._groups)})")
+        return group, pg
+
+    # -- protocol --------------------------------------------------------------------------
+    def send(self, tensor: Any, peer: int, *, name: str = "") -> _GlooHandle:
+        what = describe("gloo", "send", name, self.rank, peer=peer)
+        self._check_open(what)
+        check_peer(peer, self.world_size, what)
+        work = self._world.send([self._tensor(tensor, what)], peer, 0)
+        return _GlooHandle(work, what, self.timeout_s)
+
+    def recv(self, tensor: Any, peer: int, *, name: str = "") -> _GlooHandle:
+        what = describe("gloo", "recv", name, self.rank, peer=peer)
+        self._check_open(what)
+        check_peer(peer, self.world_size, what)
+        work = self._world.recv([self._tensor(tensor, what)], peer, 0)
+        return _GlooHandle(work, what, self.timeout_s)
+
+    def all_reduce(self, tensor: Any, group: tuple[int, ...], *, name: str = "") -> _GlooHandle:
+        what = describe("gloo", "all_reduce", name, self.rank, group=group)
+        self._check_open(what)
+        group, pg = self._group(group, what)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        work = pg.allreduce([self._tensor(tensor, what)], opts)
+        return _GlooHandle(work, what, self.timeout_s)
+
+    def reduce_scatter(self, out: Any, tensor: Any, group: tuple[int, ...], *,
+                       name: str = "") -> _GlooHandle:
+        what = describe("gloo", "reduce_scatter", name, self.rank, group=group)
+        self._check_open(what)
+        group, pg = self._group(group, what)
+        out_t = self._tensor(out, what)
+        in_t = self._tensor(tensor, what)
+        chunks, _ = scatter_chunk(in_t, out_t, group, self.rank, what)
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        work = pg.reduce_scatter([out_t], [chunks], opts)
+        return _GlooHandle(work, what, self.timeout_s)
+
+    def broadcast(self, tensor: Any, root: int, group: tuple[int, ...], *,
+                  name: str = "") -> _GlooHandle:
+        what = describe("gloo", "broadcast", name, self.rank, peer=root, group=group)
+        self._check_open(what)
+        group, pg = self._group(group, what)
+        if root not in group:
+            raise TransportError(f"{what}: root {root} is not in group {group}")
+        opts = dist.BroadcastOptions()
+        opts.rootRank = group.index(root)
+        opts.rootTensor = 0
+        work = pg.broadcast([self._tensor(tensor, what)], opts)
+        return _GlooHandle(work, what, self.timeout_s)
+
+    def barrier(self) -> None:
+        what = describe("gloo", "barrier", "", self.rank, group=tuple(range(self.world_size)))
+        self._check_open(what)
+        try:
+            self._world.monitored_barrier(datetime.timedelta(seconds=self.timeout_s), True)
+        except RuntimeError as exc:
+            raise TransportError(f"{what} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Drops the process groups (no collective shutdown, so it never waits on peers)."""
+        self._closed = True
+        self._groups.clear()
+        self._world = None
+
+    def __enter__(self) -> GlooTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

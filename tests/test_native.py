@@ -1,0 +1,241 @@
+"""pyengine._C: import, versions, clear errors without a driver (CPU); streams, events and a
+1-rank NCCL communicator (GPU)."""
+
+import time
+
+import pytest
+import torch
+
+from pyengine._native import native
+
+C = native()
+
+no_driver = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-driver error path")
+
+
+def test_module_imports_and_registers_everything():
+    for name in ("Error", "Stream", "Event", "Communicator", "DType", "RedOp", "dtype_size",
+                 "nccl_version", "cuda_runtime_version", "driver_version", "device_count"):
+        assert hasattr(C, name), name
+    assert issubclass(C.Error, RuntimeError)
+
+
+def test_versions():
+    major, minor, patch = C.nccl_version()
+    assert (major, minor) >= (2, 19)
+    assert C.cuda_runtime_version()[0] >= 12
+    assert C.driver_version() >= 0
+
+
+def test_enums_and_sizes():
+    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1, "float64": 8}
+    for name, size in sizes.items():
+        assert C.dtype_size(getattr(C.DType, name)) == size
+    assert {op.name for op in (C.RedOp.sum, C.RedOp.max, C.RedOp.min, C.RedOp.prod)} == {
+        "sum", "max", "min", "prod"}
+
+
+def test_unique_id_needs_no_gpu():
+    # ncclGetUniqueId only opens NCCL's bootstrap socket on the host: works without a driver.
+    a, b = C.Communicator.unique_id(), C.Communicator.unique_id()
+    assert isinstance(a, bytes) and len(a) == 128
+    assert a != b
+
+
+def test_communicator_rejects_bad_arguments_before_touching_cuda():
+    with pytest.raises(C.Error, match="unique_id must be 128 bytes"):
+        C.Communicator(b"short", 1, 0, 0, 1.0)
+    with pytest.raises(C.Error, match=r"rank 3 is outside \[0, 2\)"):
+        C.Communicator(C.Communicator.unique_id(), 2, 3, 0, 1.0)
+    with pytest.raises(C.Error, match="timeout_s must be > 0"):
+        C.Communicator(C.Communicator.unique_id(), 1, 0, 0, 0.0)
+
+
+@no_driver
+def test_device_count_without_driver():
+    with pytest.raises(C.Error, match="no CUDA driver/device"):
+        C.device_count()
+
+
+@no_driver
+@pytest.mark.parametrize("make", [
+    lambda: C.Stream(),                                                   # owned stream
+    lambda: C.Stream(0, -1),                                              # with a priority
+    lambda: C.Stream.from_handle(0),                                      # the legacy stream
+    lambda: C.Event(),                                                    # event
+    lambda: C.Event(0, True),                                             # timing event
+    lambda: C.Communicator(C.Communicator.unique_id(), 1, 0, 0, 2.0),     # communicator
+], ids=["stream", "stream_priority", "from_handle", "event", "event_timing", "communicator"])
+def test_gpu_calls_without_driver_raise_clear_error(make):
+    start = time.monotonic()
+    with pytest.raises(C.Error, match="no CUDA driver/device") as info:
+        make()
+    assert ".cpp:" in str(info.value)  # file:line from the CHECK macros
+    assert time.monotonic() - start < 2.0
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_stream_event_basics():
+    s = C.Stream(0, 0)
+    assert s.owned and s.device == 0 and s.handle != 0
+    wrapped = C.Stream.from_handle(torch.cuda.current_stream().cuda_stream, 0)
+    assert not wrapped.owned and wrapped.handle == torch.cuda.current_stream().cuda_stream
+    start, end = C.Event(0, True), C.Event(0, True)
+    x = torch.randn(2048, 2048, device="cuda")
+    start.record(wrapped)
+    for _ in range(10):
+        x = x @ x.T / 2048
+    end.record(wrapped)
+    end.synchronize()
+    assert end.query()
+    assert end.elapsed_ms(start) <= 0.0 <= start.elapsed_ms(end)
+    with pytest.raises(C.Error, match="enable_timing"):
+        C.Event(0, False).elapsed_ms(end)
+    s.synchronize()
+    assert s.query()
+
+
+@pytest.mark.gpu
+def test_event_wait_orders_streams():
+    side = torch.cuda.Stream()
+    main = torch.cuda.current_stream()
+    x = torch.zeros(1 << 24, device="cuda")
+    side.wait_stream(main)  # the zeros exist before the side stream overwrites them
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy long enough to observe
+        x.fill_(1.0)
+    done = C.Event(0)
+    done.record(side.cuda_stream)
+    done.wait(main.cuda_stream)
+    y = x * 2  # on main: must see the fill
+    torch.cuda.synchronize()
+    assert torch.all(y == 2.0)
+
+
+@pytest.mark.gpu
+def test_copy_on_side_stream_overlaps_matmul():
+    """A large H2D copy on a side stream overlaps a matmul on the main stream."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    side = C.Stream(0, 0)
+    main = C.Stream.from_handle(torch.cuda.current_stream().cuda_stream, 0)
+
+    def timed(fn, stream):
+        s, e = C.Event(0, True), C.Event(0, True)
+        s.record(stream)
+        fn()
+        e.record(stream)
+        return s, e
+
+    def matmuls():
+        for _ in range(8):
+            a @ a
+
+    def copy():
+        with torch.cuda.stream(torch.cuda.ExternalStream(side.handle)):
+            dev.copy_(host, non_blocking=True)
+
+    matmuls()  # warm-up
+    copy()
+    torch.cuda.synchronize()
+    ms, me = timed(matmuls, main)
+    me.synchronize()
+    cs, ce = timed(copy, side)
+    ce.synchronize()
+    alone = ms.elapsed_ms(me) + cs.elapsed_ms(ce)
+    both_start = C.Event(0, True)
+    both_start.record(main)
+    both_start.wait(side)
+    copy()
+    matmuls()
+    end_copy, end_mm = C.Event(0, True), C.Event(0, True)
+    end_copy.record(side)
+    end_mm.record(main)
+    torch.cuda.synchronize()
+    together = max(both_start.elapsed_ms(end_copy), both_start.elapsed_ms(end_mm))
+    assert together < 0.9 * alone, (together, alone)
+
+
+def _one_rank_comm():
+    return C.Communicator(C.Communicator.unique_id(), 1, 0, 0, 30.0)
+
+
+@pytest.mark.gpu
+def test_one_rank_all_reduce_and_collectives():
+    comm = _one_rank_comm()
+    try:
+        assert (comm.rank, comm.nranks, comm.device, comm.alive) == (0, 1, 0, True)
+        stream = C.Stream(0, 0)
+        x = torch.arange(1023, dtype=torch.float32, device="cuda")
+        out = torch.empty_like(x)
+        torch.cuda.synchronize()  # `stream` does not order after torch's current stream
+        comm.all_reduce(x.data_ptr(), out.data_ptr(), x.numel(), C.DType.float32, C.RedOp.sum,
+                        stream, "ar")
+        comm.reduce_scatter(x.data_ptr(), out.data_ptr(), x.numel(), C.DType.float32,
+                            C.RedOp.max, stream.handle, "rs")
+        comm.broadcast(x.data_ptr(), out.data_ptr(), x.numel(), C.DType.float32, 0, stream, "")
+        comm.wait(stream, 10.0, "collectives")
+        assert torch.equal(out, x)
+        assert comm.async_error() is None
+    finally:
+        comm.destroy()
+    comm.destroy()  # idempotent
+    assert not comm.alive
+    with pytest.raises(C.Error, match="destroyed"):
+        comm.all_reduce(0, 0, 0, C.DType.float32, C.RedOp.sum, 0)
+
+
+@pytest.mark.gpu
+def test_send_to_self_in_one_group():
+    comm = _one_rank_comm()
+    try:
+        stream = C.Stream(0, 0)
+        src = torch.arange(1023, dtype=torch.bfloat16, device="cuda")
+        dst = torch.zeros_like(src)
+        torch.cuda.synchronize()
+        comm.group_start()
+        comm.send(src.data_ptr(), src.numel(), C.DType.bfloat16, 0, stream, "self_send")
+        comm.recv(dst.data_ptr(), dst.numel(), C.DType.bfloat16, 0, stream, "self_recv")
+        comm.group_end()
+        done = C.Event(0)
+        done.record(stream)
+        comm.wait(done, 10.0, "send-to-self", 0)
+        assert torch.equal(src, dst)
+    finally:
+        comm.destroy()
+
+
+@pytest.mark.gpu
+def test_wait_times_out_naming_the_op():
+    comm = _one_rank_comm()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000_000)  # ~1 s or more of spinning
+    start = time.monotonic()
+    with pytest.raises(C.Error, match=r"'slow op'.*peer 0.*timed out"):
+        comm.wait(stream.cuda_stream, 0.2, "slow op", 0)
+    assert time.monotonic() - start < 1.0
+    assert not comm.alive  # aborted
+    comm.destroy()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cupy_arrays_through_communicator():
+    cp = pytest.importorskip("cupy")
+    comm = _one_rank_comm()
+    try:
+        x = cp.arange(1023, dtype=cp.float32)
+        y = cp.zeros_like(x)
+        stream = cp.cuda.Stream(non_blocking=True)
+        cp.cuda.Device().synchronize()  # the arrays were filled on cupy's default stream
+        comm.all_reduce(x.__cuda_array_interface__["data"][0], y.__cuda_array_interface__["data"][0],
+                        x.size, C.DType.float32, C.RedOp.sum, stream.ptr, "cupy")
+        comm.wait(stream.ptr, 10.0, "cupy all_reduce")
+        assert bool((x == y).all())
+    finally:
+        comm.destroy()
