@@ -364,8 +364,12 @@ def _device_name(device: torch.device) -> str:
 
 def _command_line() -> str:
     argv0 = sys.argv[0] if sys.argv else ""
-    prog = ["python", "-m", "pyengine.commbench"] if argv0.endswith("commbench.py") \
-        else [os.path.basename(argv0)]
+    if argv0.endswith("commbench.py"):
+        prog = ["python", "-m", "pyengine.commbench"]
+    elif argv0.endswith("__main__.py"):  # python -m pyengine bench comm ...
+        prog = ["pyengine"]
+    else:
+        prog = [os.path.basename(argv0)]
     return shlex.join(prog + sys.argv[1:])
 
 

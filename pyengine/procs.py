@@ -191,8 +191,23 @@ def spawn_ranks(fn: Callable[..., Any], nranks: int, *, args: Sequence[Any] = ()
         results_q.close()
         results_q.cancel_join_thread()
     if failure is not None:
-        raise failure
+        raise _root_cause(failure, procs, results)
     return [results[r] for r in range(nranks)]
+
+
+def _root_cause(failure: RankFailure, procs: Sequence[Any], results: dict[int, Any]) -> RankFailure:
+    """When a rank raised because a peer vanished (connection closed, timeout), the peer that
+    died without reporting is the one to name. Called after all ranks have been stopped."""
+    if failure.rank is None or not failure.reason.startswith("raised"):
+        return failure
+    for rank, p in enumerate(procs):
+        if rank in (failure.rank, *results) or p.exitcode in (None, 0):
+            continue
+        if p.exitcode < 0 and -p.exitcode in (signal.SIGTERM, signal.SIGKILL):
+            continue  # stopped by us after the failure, not the cause
+        first_line = failure.reason.splitlines()[0]
+        return RankFailure(rank, f"{_exit_reason(p.exitcode)}; then rank {failure.rank} {first_line}")
+    return failure
 
 
 def _drain_failure(results_q: Any, results: dict[int, Any]) -> RankFailure | None:

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     note = ""
     if backend == "gloo" and not args.no_scale:
         spec, note = scale_for_cpu(spec)
-    schedule.build(spec)  # prove the tables before anything runs
+    table = schedule.build(spec)  # prove the tables before anything runs
+    if args.inject_fault:
+        _check_fault(args.inject_fault, table)
     opts = RunOptions(iters=args.iters, warmup=args.warmup, seed=args.seed,
                       baselines=not args.no_baselines, profile=args.profile, fault=args.inject_fault)
     try:
@@ -125,6 +127,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(summary)
     return 0 if summary["check"]["ok"] else 1
+
+
+def _check_fault(fault: str, table) -> None:
+    from pyengine.spec import SpecError
+
+    parts = fault.split(":")
+    ok = (len(parts) == 3 and parts[0].isdigit() and parts[2] in ("exit", "hang")
+          and any(a.id == parts[1] for a in table.get(int(parts[0]), [])))
+    if not ok:
+        raise SpecError("--inject-fault", fault, "must be RANK:ACTION_ID:exit|hang naming an action "
+                                                 "in that rank's table")
 
 
 def _dump(path: str, spec, results: list[dict], seed: int) -> None:

@@ -272,6 +272,8 @@ def _handle_window(p: _Pending, rt: RankRuntime) -> tuple[float, float]:
     else issue time to the moment its completion was observed (an upper bound on CPU)."""
     evs = [getattr(h, "events", None) for h in p.handles]
     if rt.cuda and all(e is not None for e in evs):
+        for e in evs:
+            e[1].synchronize()  # recorded right after the op's completion event: already due
         return (min(rt._since0(e[0]) for e in evs), max(rt._since0(e[1]) for e in evs))
     end = p.done_s if p.done_s is not None else time.perf_counter()
     return p.issued_s - rt._t0, end - rt._t0

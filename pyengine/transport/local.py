@@ -49,9 +49,10 @@ class _Completion:
     flag: threading.Event = field(default_factory=threading.Event)
     event: Any = None
     error: str | None = None
+    start: Any = None  # CUDA timing event recorded just before the copy/sum runs
 
-    def finish(self, event: Any = None, error: str | None = None) -> None:
-        self.event, self.error = event, error
+    def finish(self, event: Any = None, error: str | None = None, start: Any = None) -> None:
+        self.event, self.error, self.start = event, error, start
         self.flag.set()
 
 
@@ -93,7 +94,7 @@ class _Hub:
     def record(self, stream: Any) -> Any:
         if not self.cuda:
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=True)  # also times the op for the runtime
         event.record(stream)
         return event
 
@@ -135,14 +136,15 @@ class _Hub:
                     slot.stream.wait_event(slot.ready)
                     src.record_stream(slot.stream)
                     dst.record_stream(slot.stream)
+                start = self.record(slot.stream)
                 dst.view(-1).copy_(src.view(-1))
                 event = self.record(slot.stream)
         except RuntimeError as exc:
             msg_done.finish(error=f"copy failed: {exc}")
             slot_done.finish(error=f"copy failed: {exc}")
             return
-        msg_done.finish(event)
-        slot_done.finish(event)
+        msg_done.finish(event, start=start)
+        slot_done.finish(event, start=start)
 
     # -- collectives -----------------------------------------------------------------------
     def join(self, op: str, group: tuple[int, ...], part: _Pending,
@@ -169,12 +171,13 @@ class _Hub:
                             for t in (p.tensor, p.out):
                                 if t is not None:
                                     t.record_stream(part.stream)
+                    start = self.record(part.stream)
                     execute(rv, part.stream)
                     event = self.record(part.stream)
             except (RuntimeError, TransportError) as exc:
                 rv.done.finish(error=str(exc))
             else:
-                rv.done.finish(event)
+                rv.done.finish(event, start=start)
         return rv
 
     def missing(self, rv: _Rendezvous) -> list[int]:
@@ -210,6 +213,12 @@ class _LocalHandle:
         if not self._done.flag.is_set():
             return False
         return self._done.event is None or self._done.event.query()
+
+    @property
+    def events(self) -> tuple[Any, Any] | None:
+        """(start, end) CUDA timing events of the copy/sum once it has been issued (None on CPU)."""
+        d = self._done
+        return (d.start, d.event) if d.flag.is_set() and d.start is not None else None
 
 
 def _sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -90,8 +90,11 @@ class Communicator:
 
 class _NcclHandle:
     def __init__(self, done: Any, comm: Any, device: torch.device, what: str, peer: int,
-                 timeout_s: float):
+                 timeout_s: float, events: tuple[Any, Any] | None = None):
         self._done = done  # pyengine._C.Event recorded on the comm stream
+        self.events = events
+        """(start, end) torch timing events around the op on the comm stream: the runtime's
+        per-action timeline reads them (the window includes waiting for the peer)."""
         self._comm = comm
         self._device = device
         self._what = what
@@ -187,16 +190,19 @@ class NcclTransport:
         ready.wait(self.stream.cuda_stream)
         for t in tensors:
             t.record_stream(self.stream)  # keep the caching allocator from reusing it early
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
         try:
             call(self.stream.cuda_stream)
         except C.Error as exc:
             raise TransportError(str(exc)) from exc
         done = C.Event(self.device.index)
         if self._grouped is not None:
-            self._grouped.append(done)  # the kernels launch at group end: record then
+            self._grouped.append((done, end))  # the kernels launch at group end: record then
         else:
             done.record(self.stream.cuda_stream)
-        return _NcclHandle(done, comm, self.device, what, peer, self.timeout_s)
+            end.record(self.stream)
+        return _NcclHandle(done, comm, self.device, what, peer, self.timeout_s, (start, end))
 
     @contextlib.contextmanager
     def group(self, group: tuple[int, ...] | None = None) -> Iterator[None]:
@@ -216,8 +222,9 @@ class NcclTransport:
                 comm.group_end()
             except native().Error as exc:
                 raise TransportError(str(exc)) from exc
-            for done in pending:
+            for done, end in pending:
                 done.record(self.stream.cuda_stream)
+                end.record(self.stream)
 
     # -- protocol --------------------------------------------------------------------------
     def _p2p(self, kind: str, obj: Any, peer: int, name: str) -> _NcclHandle:
