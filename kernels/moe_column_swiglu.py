@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.tiles import grouped_tile
 from pyengine.kernels.moe_align import MoeAlignment, max_padded_rows
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -37,16 +38,7 @@ def _moe_column_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M consecutive row tiles (mostly one expert) sweep the same
-    # weight columns together, so each weight tile is read from HBM about once.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(F, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = grouped_tile(max_rows, F, BLOCK_M, BLOCK_N, GROUP_M)
 
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.tiles import grouped_tile
 from pyengine.kernels.moe_align import MoeAlignment
 
 
@@ -35,15 +36,7 @@ def _moe_row_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Same grouped order as the column kernel: row tiles of one expert share w_down tiles.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(H, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = grouped_tile(max_rows, H, BLOCK_M, BLOCK_N, GROUP_M)
 
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
