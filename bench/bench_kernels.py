@@ -16,13 +16,12 @@ warm-up call that also triggers compilation and any autotuning.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import subprocess
 import sys
 
 import torch
+
+from pyengine import provenance
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched by substring, first wins.
 PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4)]
@@ -44,21 +43,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def environment(argv) -> dict:
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,clocks.sm,power.limit", "--format=csv"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        smi = f"nvidia-smi unavailable: {e}"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        commit = "unknown"
-    return {"gpu": torch.cuda.get_device_name(), "nvidia_smi": smi, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([sys.executable, *sys.argv[:1], *argv]),
-            "torch": torch.__version__, "triton": __import__("triton").__version__}
+def environment() -> dict:
+    import triton
+
+    env = provenance.record(torch.device("cuda", torch.cuda.current_device()))
+    return {**env, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__}
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -225,7 +214,7 @@ def main(argv=None) -> int:
         print("bench_kernels: no CUDA device visible; these benchmarks time GPU kernels "
               "(run on a GPU machine)", file=sys.stderr)
         return 2
-    env = environment(argv)
+    env = environment()
     peak = peak_tflops(env["gpu"], args.peak_tflops)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     rows = []

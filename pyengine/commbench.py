@@ -36,8 +36,6 @@ import datetime
 import json
 import os
 import re
-import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -45,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from pyengine import provenance
 
 __all__ = ["add_arguments", "run", "main", "parse_size", "bus_factor", "bench_rank", "combine"]
 
@@ -347,32 +347,6 @@ def combine(per_rank: list[list[dict]], op: str, nranks: int) -> list[dict]:
     return rows
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def _command_line() -> str:
-    argv0 = sys.argv[0] if sys.argv else ""
-    if argv0.endswith("commbench.py"):
-        prog = ["python", "-m", "pyengine.commbench"]
-    elif argv0.endswith("__main__.py"):  # python -m pyengine bench comm ...
-        prog = ["pyengine"]
-    else:
-        prog = [os.path.basename(argv0)]
-    return shlex.join(prog + sys.argv[1:])
-
-
 def format_table(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# pyengine bench comm: op {meta['op']}, backend {meta['backend']}, nranks {meta['nranks']}, "
@@ -433,12 +407,10 @@ def run(args: argparse.Namespace) -> int:
                       else torch.device("cpu"))
             per_rank = _run_local(nranks, device, opts, job_timeout_s)
     rows = combine(per_rank, opts.op, nranks)
-    meta = {"op": opts.op, "backend": backend, "nranks": nranks, "device": _device_name(device),
+    meta = {"op": opts.op, "backend": backend, "nranks": nranks,
             "type": _TYPE_NAMES[dtype], "root": opts.root, "iters": opts.iters,
             "warmup": opts.warmup, "check": opts.check,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "commit": _git_commit(), "torch": torch.__version__,
-            "command": _command_line()}
+            **provenance.record(device, "pyengine.commbench")}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
     else:

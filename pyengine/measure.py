@@ -92,7 +92,6 @@ def _single_device(spec: DeploymentSpec, opts, ids: torch.Tensor, device: torch.
         sequential()
         _sync(device)
         lat.append(time.perf_counter() - t0)
-    del w
     return {"reference_logits": reference, "single_latency_s": lat}
 
 
