@@ -41,7 +41,7 @@ def command_line(module: str = "") -> str:
     argv0 = sys.argv[0] if sys.argv else ""
     if argv0.endswith("__main__.py"):  # python -m pyengine ...
         prog = ["pyengine"]
-    elif module and argv0.endswith(module.rsplit(".", 1)[-1] + ".py") and "bench" not in argv0:
+    elif module and argv0.endswith(module.replace(".", os.sep) + ".py"):  # python -m module
         prog = ["python", "-m", module]
     else:
         prog = ["python", argv0] if argv0.endswith(".py") else [os.path.basename(argv0)]
