@@ -28,6 +28,7 @@ Definitions used throughout (stated once, so every figure can be checked):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from pyengine import costs
@@ -302,10 +303,12 @@ def predict_busy(spec: DeploymentSpec, device: DeviceProfile, by_stage: bool = F
 
 
 # ---- prediction ------------------------------------------------------------------------------
-def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = None) -> tuple[Predicted, Timeline]:
-    """Latency, throughput, bubble and utilisation from one simulated batch."""
+def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = None,
+            cost: Callable[[Action], float] | None = None) -> tuple[Predicted, Timeline]:
+    """Latency, throughput, bubble and utilisation from one simulated batch. `cost` overrides
+    the roofline op costs (e.g. with op times measured on a real GPU)."""
     table = table if table is not None else build(spec)
-    cost = default_op_costs(spec, device)
+    cost = cost or default_op_costs(spec, device)
     tl = simulate(spec, table, cost)
     lane = {}
     for r, actions in table.items():
