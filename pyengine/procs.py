@@ -112,6 +112,7 @@ def _exit_reason(exitcode: int) -> str:
 
 
 def _stop(procs: Sequence[Any]) -> None:
+    procs = [p for p in procs if p.pid is not None]  # a start that failed leaves nothing to stop
     for p in procs:
         if p.is_alive():
             p.terminate()
