@@ -186,7 +186,7 @@ def write_trace(tl: Timeline, path: str | os.PathLike) -> None:
                    "otherData": {"makespan_s": tl.makespan_s}}, f)
 
 
-def write_gantt(tl: Timeline, path: str | os.PathLike, title: str = "") -> None:
+def write_gantt(tl: Timeline, path: str | os.PathLike, title: str = "", unit: str = "GPU") -> None:
     """PNG Gantt chart: one row per rank x lane, colour by stage, micro-batch number on each bar."""
     import matplotlib
 
@@ -208,7 +208,7 @@ def write_gantt(tl: Timeline, path: str | os.PathLike, title: str = "") -> None:
                        edgecolor="black", linewidth=0.3, alpha=0.6 if s.lane == COMM_LANE else 0.9)
         if w > tl.makespan_s * scale * 0.02:
             ax.text(x0 + w / 2, yi, str(s.micro_batch), ha="center", va="center", fontsize=7)
-    ax.set_yticks(range(len(rows)), [f"GPU {r} {lane}" for r, lane in rows])
+    ax.set_yticks(range(len(rows)), [f"{unit} {r} {lane}" for r, lane in rows])
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
     ax.set_xlim(0, max(tl.makespan_s * scale, 1e-9))

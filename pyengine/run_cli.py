@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         if args.trace:
             report.write_trace(tl, args.trace)
         if args.png:
-            report.write_gantt(tl, args.png, title=f"pyengine run ({backend}, measured)")
+            report.write_gantt(tl, args.png, title=f"pyengine run ({backend}, measured)",
+                               unit="GPU" if backend == "nccl" else "rank")
     if args.dump:
         _dump(args.dump, spec, results, args.seed)
     if args.json:
