@@ -56,12 +56,9 @@ class BatchResult:
     system-wide monotonic clock, so t0 aligns ranks in different processes on one host."""
 
 
-def _nvtx_range(name: str):
-    try:
-        import nvtx
-    except ImportError:  # optional at runtime; ranges are only for nsys
-        return contextlib.nullcontext()
-    return nvtx.annotate(name, domain="pyengine")
+def _nvtx_range(name: str, cuda: bool):
+    """An NVTX range for nsys (torch's binding: present wherever CUDA torch is); none on CPU."""
+    return torch.cuda.nvtx.range(name) if cuda else contextlib.nullcontext()
 
 
 class RankRuntime:
@@ -96,7 +93,7 @@ class RankRuntime:
         with ctx:
             for a in self.actions:
                 try:
-                    with _nvtx_range(a.id):
+                    with _nvtx_range(a.id, self.cuda):
                         self._run(a, flat)
                 except RankError:
                     raise
