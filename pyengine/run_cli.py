@@ -8,6 +8,7 @@ import os
 import sys
 
 CPU_FLOP_BUDGET = 4e9  # per batch: keeps the CPU run (3 ranks x 3 variants) well under 60 s
+PROFILE_ITERS = 5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,8 +103,13 @@ def run(args: argparse.Namespace) -> int:
     table = schedule.build(spec)  # prove the tables before anything runs
     if args.inject_fault:
         _check_fault(args.inject_fault, table)
-    opts = RunOptions(iters=args.iters, warmup=args.warmup, seed=args.seed,
-                      baselines=not args.no_baselines, profile=args.profile, fault=args.inject_fault)
+    iters, baselines = args.iters, not args.no_baselines
+    if args.profile:  # a short, steady-state-only capture: no baseline variants in the trace
+        iters, baselines = min(iters, PROFILE_ITERS), False
+        print(f"--profile: {iters} timed iterations of the pipeline only, bracketed by "
+              f"cudaProfilerStart/Stop", file=sys.stderr)
+    opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
+                      profile=args.profile, fault=args.inject_fault)
     try:
         results = launch(spec, opts, backend)
     except LaunchError as e:
