@@ -6,7 +6,7 @@ Variants (all on the same ranks and transport):
   m1           one micro-batch (no pipelining);
   single       the whole block on one device, sequential, same stage code (output rank only).
 Latency: each timed iteration starts after a barrier and ends when the rank's last op has
-completed. Stream: `iters` batches back to back with no barrier between them.
+completed. Throughput: STREAM_BATCHES batches streamed as one schedule (see stream_spec).
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import torch
 from pyengine import model, stages
 from pyengine.runtime import RankRuntime
 from pyengine.spec import DeploymentSpec
+
+
+STREAM_BATCHES = 4
 
 
 def variants(spec: DeploymentSpec, baselines: bool) -> dict[str, DeploymentSpec]:
@@ -54,22 +57,38 @@ def measure_rank(spec: DeploymentSpec, rank: int, transport, device: torch.devic
             t0 = time.perf_counter()
             last = rt.forward(ids)
             latencies.append(time.perf_counter() - t0)
-        barrier()
-        t0 = time.perf_counter()
-        for _ in range(opts.iters):
-            rt.forward(ids, timed=False)
-        stream_s = time.perf_counter() - t0
+        stream_tokens, stream_s = _stream(vspec, rank, transport, weights, device, opts, barrier)
         if opts.profile and device.type == "cuda":
             torch.cuda.profiler.stop()
         out["variants"][name] = {
-            "latency_s": latencies, "stream_s": stream_s, "iters": opts.iters,
-            "times": [asdict(t) for t in last.times], "t0": last.t0}
+            "latency_s": latencies, "stream_tokens": stream_tokens, "stream_s": stream_s,
+            "iters": opts.iters, "times": [asdict(t) for t in last.times], "t0": last.t0}
         if name == "pipeline" and last.logits is not None:
             out["logits"] = last.logits.float().cpu().numpy()  # numpy: pickles by value across processes
         barrier()
     if rank == spec.stage("output").gpus[0]:
         out.update(_single_device(spec, opts, ids, device))
     return out
+
+
+def stream_spec(spec: DeploymentSpec, batches: int) -> DeploymentSpec:
+    """`batches` batches back to back as one schedule of batches*m micro-batches, so batch i+1's
+    first stages overlap batch i's last ones: the steady state of a continuous stream."""
+    return spec.replace(model={"batch_size": spec.model.batch_size * batches},
+                        schedule={"micro_batches": spec.schedule.micro_batches * batches})
+
+
+def _stream(spec: DeploymentSpec, rank: int, transport, weights: dict, device: torch.device, opts,
+            barrier) -> tuple[int, float]:
+    """(tokens, seconds) of a stream of STREAM_BATCHES batches after one untimed pass."""
+    sspec = stream_spec(spec, STREAM_BATCHES)
+    rt = RankRuntime(sspec, rank, transport, weights, device)
+    ids = model.make_tokens(sspec, opts.seed)
+    rt.forward(ids, timed=False)
+    barrier()
+    t0 = time.perf_counter()
+    rt.forward(ids, timed=False)
+    return sspec.model.tokens, time.perf_counter() - t0
 
 
 def _single_device(spec: DeploymentSpec, opts, ids: torch.Tensor, device: torch.device) -> dict:

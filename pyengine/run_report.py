@@ -74,6 +74,7 @@ def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec], re
         iters = per_rank[0]["iters"]
         lat = [max(v["latency_s"][i] for v in per_rank) for i in range(iters)]
         stream = max(v["stream_s"] for v in per_rank)
+        stream_tokens = per_rank[0]["stream_tokens"]
         tl = timeline_of(results, name)
         table = schedule.build(vspec)
         predicted = simulate(vspec, table, op_costs=measured_op_costs(tl, table))
@@ -82,7 +83,7 @@ def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec], re
         total = sum(computes.values()) or 1.0
         out["variants"][name] = {
             "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
-            "throughput_tokens_per_s": tokens * iters / stream,
+            "throughput_tokens_per_s": stream_tokens / stream,
             "measured": m, "predicted_from_measured_ops": predicted.metrics(),
             "load_balance": {"shares": {str(r): c / total for r, c in computes.items()},
                              "max_diff_pct": 100 * (max(computes.values()) - min(computes.values())) / total},
