@@ -57,14 +57,14 @@ def _load(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from pyengine import planner, report
+    from pyengine import plan_search, planner, report
 
     if args.top < 1:
         print("pyengine plan: --top must be >= 1", file=sys.stderr)
         return 2
     spec, dev, note = _load(args)
     p = planner.plan(spec, dev)
-    cands = planner.search(spec, dev, rank_by=args.rank_by) if args.search else None
+    cands = plan_search.search(spec, dev, rank_by=args.rank_by) if args.search else None
     if args.json:
         data = report.to_jsonable(p)
         data["device_note"] = note.strip()

@@ -5,7 +5,8 @@ memory, bytes sent/received, and busy time (the roofline op model in simulate.py
 replays the schedule tables through the simulator for latency, throughput, bubble and
 utilisation, predicts the seed's baselines the same way, and turns each of the seed
 note's claims into a verdict sentence that names the claim, the predicted figure and
-whether it holds. `search(spec, device)` enumerates valid alternatives and ranks them.
+whether it holds (pyengine.verdicts). `pyengine.plan_search.search(spec, device)` enumerates
+valid alternatives and ranks them.
 
 Definitions used throughout (stated once, so every figure can be checked):
   latency     makespan of one batch (simulate() over the schedule tables).
@@ -33,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 
 from pyengine import costs
 from pyengine.devices import DeviceProfile, load_profile
-from pyengine.report import fmt_bytes, fmt_flops, fmt_s
 from pyengine.schedule import Action, Kind, Table, build
 from pyengine.simulate import default_op_costs, message_bytes, simulate
 from pyengine.spec import DeploymentSpec, SpecError
@@ -348,7 +348,7 @@ def baselines(spec: DeploymentSpec, device: DeviceProfile) -> list[Baseline]:
     out = []
     single = single_gpu_spec(spec)
     pred, _ = predict(single, device)
-    mem = _memory(single, device)[0]
+    mem = memory_bytes(single, device)[0]
     cap = spec.hardware.gpu_memory_gb * 1e9
     fits = mem <= cap
     out.append(Baseline(
@@ -358,14 +358,15 @@ def baselines(spec: DeploymentSpec, device: DeviceProfile) -> list[Baseline]:
                         "figures are what it would take if it did"))
     m1 = spec.replace(schedule={"micro_batches": 1}, comm={"overlap": False})
     pred, _ = predict(m1, device)
-    fits = all(v <= cap for v in _memory(m1, device).values())
+    fits = all(v <= cap for v in memory_bytes(m1, device).values())
     out.append(Baseline(
         "pipeline_m1_no_overlap", "this stage map, m=1, comm serialised with compute",
-        pred.latency_s, pred.throughput_tokens_per_s, fits, max(_memory(m1, device).values())))
+        pred.latency_s, pred.throughput_tokens_per_s, fits, max(memory_bytes(m1, device).values())))
     return out
 
 
-def _memory(spec: DeploymentSpec, device: DeviceProfile) -> dict[int, int]:
+def memory_bytes(spec: DeploymentSpec, device: DeviceProfile) -> dict[int, int]:
+    """Weights + activations + reserved bytes per GPU."""
     w = weight_bytes(spec)
     act = activation_bytes(spec)
     return {r: sum(w[r].values()) + act[r] + int(device.reserved_gb * 1e9) for r in spec.ranks}
@@ -490,282 +491,7 @@ def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None) -> Pla
     bal = balanced_fractions(spec, dev) if spec.hardware.num_gpus > 1 else None
     out = Plan(spec=spec, device=dev, gpus=gpus, stages=stages, predicted=pred, baselines=base,
                verdicts=[], balanced_fractions=bal, timeline=tl)
+    from pyengine.verdicts import verdicts  # verdicts read a Plan: imported here, not at the top
+
     out.verdicts = verdicts(out)
     return out
-
-
-# ---- verdicts --------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _ms(x: float) -> str:
-    return fmt_s(x)
-
-
-def _split(values: list[float]) -> str:
-    return "/".join(f"{100 * v:.1f}" for v in values) + "%"
-
-
-def _state(holds: bool | None) -> str:
-    return {True: "holds", False: "does not hold", None: "holds only in part"}[holds]
-
-
-def verdicts(p: Plan) -> list[Verdict]:
-    """One sentence per claim of the seed note: the claim, the predicted figure, holds or not."""
-    out: list[Verdict] = []
-    spec, gpus, pred = p.spec, p.gpus, p.predicted
-    lb = p.load_balance
-    dev = p.device.name
-    flop_list = ", ".join(f"GPU {g.index} {fmt_flops(g.flops)}" for g in gpus)
-    holds = lb["max_diff_pct"] <= SEED_CLAIMS["balance_max_diff_pp"] + 1e-9
-    fix = ""
-    if not holds and p.balanced_fractions:
-        fr = "/".join(f"{f:.3f}" for f in p.balanced_fractions.values())
-        fix = (f" Balancing predicted busy time on {dev} needs the experts on GPUs "
-               f"{list(p.balanced_fractions)} with F fractions {fr}.")
-    out.append(Verdict(
-        "load balance 33/33/34%, max difference 1%",
-        f"FLOP shares {_split(lb['shares'])} (max diff {lb['max_diff_pct']:.1f} pp)",
-        holds,
-        f"Claim 'load balance 33/33/34%, max difference 1%': FLOP shares are {_split(lb['shares'])} "
-        f"({flop_list}), max difference {lb['max_diff_pct']:.1f} pp; predicted busy-time shares on "
-        f"{dev} are {_split(lb['busy_shares'])} (max diff {lb['busy_max_diff_pct']:.1f} pp) "
-        f"-- {_state(holds)}.{fix}"))
-    mem_shares = [g.memory_share for g in gpus]
-    mem_diff = 100 * (max(mem_shares) - min(mem_shares))
-    holds = mem_diff <= SEED_CLAIMS["balance_max_diff_pp"] + 1e-9
-    out.append(Verdict(
-        "memory 33/33/34%",
-        f"memory shares {_split(mem_shares)}",
-        holds,
-        f"Claim 'memory usage 33/33/34%': weights + activations split {_split(mem_shares)} "
-        f"({', '.join(f'GPU {g.index} {fmt_bytes(g.weight_bytes + g.activation_bytes)}' for g in gpus)})"
-        f" -- {_state(holds)}."))
-    counts = [len(g.parts) for g in gpus]
-    holds = counts == [1] * len(gpus)
-    desc = "; ".join(f"GPU {g.index}: {' + '.join(g.parts)}" for g in gpus)
-    out.append(Verdict(
-        "module division: 3 parts, 1 per GPU",
-        f"{sum(counts)} parts, {'/'.join(map(str, counts))} per GPU",
-        holds,
-        f"Claim 'module division: 3 parts for 3 GPUs, 1 each': this stage map has {sum(counts)} parts "
-        f"({desc}), {'/'.join(map(str, counts))} per GPU -- {_state(holds)}."))
-    worst = max(gpus, key=lambda g: g.memory_fraction)
-    out.append(Verdict(
-        f"fits in {spec.hardware.gpu_memory_gb:g} GB per GPU",
-        f"largest GPU {worst.index}: {fmt_bytes(worst.memory_bytes)}",
-        p.fits,
-        f"Memory: the largest GPU (GPU {worst.index}) needs {fmt_bytes(worst.memory_bytes)} "
-        f"(weights {fmt_bytes(worst.weight_bytes)} + activations {fmt_bytes(worst.activation_bytes)} "
-        f"+ reserved {p.device.reserved_gb:g} GB) of {spec.hardware.gpu_memory_gb:g} GB -- "
-        + ("fits on every GPU." if p.fits else
-           "does not fit: " + ", ".join(f"GPU {g.index} ({fmt_bytes(g.memory_bytes)})"
-                                        for g in gpus if not g.fits) + " overflow.")))
-    by = {b.name: b for b in p.baselines}
-    single, m1 = by["single_gpu"], by["pipeline_m1_no_overlap"]
-    cuts = {b.name: 1 - pred.latency_s / b.latency_s for b in (single, m1)}
-    out.append(_vs_baselines(
-        "latency cut 40%", cuts, SEED_CLAIMS["latency_cut"],
-        f"Claim '40% latency reduction': predicted latency {_ms(pred.latency_s)} on {dev} vs "
-        f"{_ms(single.latency_s)} single GPU{'' if single.fits else ' (which does not fit)'} "
-        f"({_signed(-cuts['single_gpu'])}) and {_ms(m1.latency_s)} pipeline m=1 without overlap "
-        f"({_signed(-cuts['pipeline_m1_no_overlap'])})"))
-    gains = {b.name: pred.throughput_tokens_per_s / b.throughput_tokens_per_s - 1 for b in (single, m1)}
-    out.append(_vs_baselines(
-        "throughput +60%", gains, SEED_CLAIMS["throughput_gain"],
-        f"Claim '+60% throughput': predicted steady-state {pred.throughput_tokens_per_s:,.0f} tokens/s vs "
-        f"{single.throughput_tokens_per_s:,.0f} single GPU ({_signed(gains['single_gpu'])}) and "
-        f"{m1.throughput_tokens_per_s:,.0f} pipeline m=1 without overlap "
-        f"({_signed(gains['pipeline_m1_no_overlap'])})"))
-    holds = pred.steady_state_utilization >= SEED_CLAIMS["utilization"]
-    out.append(Verdict(
-        "95% GPU utilisation",
-        f"{_pct(pred.utilization)} over one batch, {_pct(pred.steady_state_utilization)} steady state",
-        holds,
-        f"Claim '95% GPU utilisation': predicted busy fraction {_pct(pred.utilization)} over one batch "
-        f"(bubble {_pct(pred.bubble_fraction)}) and {_pct(pred.steady_state_utilization)} in steady state "
-        f"(mean busy / bottleneck period); MFU {_pct(pred.mfu)} of peak -- {_state(holds)}."))
-    m1_bubble = _bubble_of(spec.replace(schedule={"micro_batches": 1}), p.device)
-    cut = 1 - pred.bubble_fraction / m1_bubble if m1_bubble > 0 else 0.0
-    holds = cut >= SEED_CLAIMS["bubble_cut"]
-    out.append(Verdict(
-        "25% bubble time reduction",
-        f"bubble {_pct(pred.bubble_fraction)} vs {_pct(m1_bubble)} at m=1",
-        holds,
-        f"Claim '25% bubble time reduction' (from m={spec.schedule.micro_batches} micro-batches): bubble "
-        f"{_pct(pred.bubble_fraction)} vs {_pct(m1_bubble)} with m=1 (same overlap), a {_pct(cut)} "
-        f"relative cut -- {_state(holds)}."))
-    return out
-
-
-def _bubble_of(spec: DeploymentSpec, device: DeviceProfile) -> float:
-    return predict(spec, device)[0].bubble_fraction
-
-
-def _signed(x: float) -> str:
-    return f"{'+' if x >= 0 else ''}{100 * x:.1f}%"
-
-
-def _vs_baselines(claim: str, got: dict[str, float], target: float, text: str) -> Verdict:
-    ok = {k: v >= target for k, v in got.items()}
-    holds: bool | None = True if all(ok.values()) else (False if not any(ok.values()) else None)
-    extra = ""
-    if holds is None:
-        extra = f" (only against {', '.join(k for k, v in ok.items() if v)})"
-    figure = ", ".join(f"{_signed(v)} vs {k}" for k, v in got.items())
-    return Verdict(claim, figure, holds, f"{text} -- {_state(holds)}{extra}.")
-
-
-# ---- search ----------------------------------------------------------------------------------
-MICRO_BATCHES = (1, 2, 3, 4, 6, 8, 16)
-
-
-@dataclass(slots=True)
-class Candidate:
-    spec: DeploymentSpec
-    label: str
-    latency_s: float
-    throughput_tokens_per_s: float
-    bubble_fraction: float
-    fits: bool
-    terms: dict[str, float]
-    """Latency decomposition: work (mean busy), imbalance (max - mean busy), comm (exposed
-    comm on the busiest rank), bubble (its remaining idle time); they sum to latency_s."""
-    why: str = ""
-    rank_latency: int = 0
-    rank_throughput: int = 0
-    pareto: bool = False
-    is_seed: bool = False
-
-    def to_dict(self) -> dict:
-        return {"label": self.label, "latency_s": self.latency_s,
-                "throughput_tokens_per_s": self.throughput_tokens_per_s,
-                "bubble_fraction": self.bubble_fraction, "fits": self.fits, "terms": self.terms,
-                "why": self.why, "rank_latency": self.rank_latency,
-                "rank_throughput": self.rank_throughput, "pareto": self.pareto,
-                "is_seed": self.is_seed, "config": self.spec.to_dict()}
-
-
-def latency_terms(tl: Timeline) -> dict[str, float]:
-    busy = {r: tl.compute_s(r) for r in tl.ranks}
-    mean = sum(busy.values()) / len(busy)
-    b = max(busy, key=busy.get)
-    exposed = tl.exposed_comm_s(b)
-    return {"work": mean, "imbalance": busy[b] - mean, "comm": exposed,
-            "bubble": tl.makespan_s - busy[b] - exposed}
-
-
-def stage_maps(spec: DeploymentSpec) -> list[tuple[list[int], int]]:
-    """(experts group, output GPU) pairs to try: the seed's V placement and its output
-    moved to another GPU, with the experts on the non-embed GPUs or on every GPU."""
-    n = spec.hardware.num_gpus
-    emb = spec.stage("embed").gpus[0]
-    others = [g for g in range(n) if g != emb]
-    groups = [others] if others else []
-    if n > 1:
-        groups.append(list(range(n)))
-    return [(grp, o) for grp in groups for o in sorted({emb, *others})]
-
-
-def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
-           micro_batches: tuple[int, ...] = MICRO_BATCHES,
-           boundaries: tuple[str, ...] = ("all_reduce", "reduce_scatter", "partials"),
-           kinds: tuple[str, ...] = ("gpipe", "asready"), rank_by: str = "latency") -> list[Candidate]:
-    """Enumerate valid deployments, predict each, rank by latency (or throughput).
-
-    Space: stage maps (stage_maps) x micro-batch counts x F split (even, and the split that
-    equalises predicted busy time for that map and m: uneven TP, possibly giving GPU 0 a
-    slice of the expert FFN) x boundary pattern x schedule kind. Every candidate is built
-    through spec.replace, so the spec's validation applies."""
-    dev = load_profile(device)
-    seen: set[str] = set()
-    cands: list[Candidate] = []
-    seed_key = spec.to_json()
-    for grp, o in stage_maps(spec):
-        for m in micro_batches:
-            if m > spec.model.tokens:
-                continue
-            try:
-                even = _with_experts(spec, grp, None, o).replace(schedule={"micro_batches": m})
-            except SpecError:  # e.g. F smaller than the group
-                continue
-            splits: list[tuple[str, dict[int, float] | None]] = [("even", None)]
-            for tag, fr in (("busy-balanced", balanced_fractions(even, dev, grp)),
-                            ("latency split", latency_fractions(even, dev, grp, o))):
-                if fr is not None and max(abs(f - 1 / len(grp)) for f in fr.values()) > 0.005:
-                    splits.append((tag, fr))
-            for tag, fr in splits:
-                try:
-                    base = even if fr is None else _with_experts(even, grp, fr, o)
-                except SpecError:  # rounding left a shard without a column of F
-                    continue
-                f_txt = "even" if fr is None else "/".join(f"{v:.2f}" for v in fr.values()) + f" ({tag})"
-                label = f"experts[{','.join(map(str, grp))}] F {f_txt} out{o} m={m}"
-                for boundary in boundaries:
-                    for kind in kinds:
-                        c = base.replace(schedule={"kind": kind}, comm={"boundary": boundary})
-                        key = c.to_json()
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        cands.append(_evaluate(c, dev, f"{label} {boundary} {kind}", key == seed_key))
-    if seed_key not in seen:  # the seed itself is always in the table, for reference
-        cands.append(_evaluate(spec, dev, "seed config", True))
-    _rank(cands, rank_by)
-    return cands
-
-
-def _evaluate(spec: DeploymentSpec, dev: DeviceProfile, label: str, is_seed: bool) -> Candidate:
-    pred, tl = predict(spec, dev)
-    cap = spec.hardware.gpu_memory_gb * 1e9
-    fits = all(v <= cap for v in _memory(spec, dev).values())
-    return Candidate(spec=spec, label=label, latency_s=pred.latency_s,
-                     throughput_tokens_per_s=pred.throughput_tokens_per_s,
-                     bubble_fraction=pred.bubble_fraction, fits=fits, terms=latency_terms(tl),
-                     is_seed=is_seed)
-
-
-def _rank(cands: list[Candidate], rank_by: str) -> None:
-    if rank_by not in ("latency", "throughput"):
-        raise ValueError(f"rank_by = {rank_by!r}: must be 'latency' or 'throughput'")
-    by_lat = sorted(cands, key=lambda c: (not c.fits, c.latency_s, -c.throughput_tokens_per_s))
-    by_thr = sorted(cands, key=lambda c: (not c.fits, -c.throughput_tokens_per_s, c.latency_s))
-    for i, c in enumerate(by_lat):
-        c.rank_latency = i + 1
-    for i, c in enumerate(by_thr):
-        c.rank_throughput = i + 1
-    fitting = [c for c in cands if c.fits]
-    for c in fitting:
-        c.pareto = not any(o.latency_s <= c.latency_s and o.throughput_tokens_per_s >= c.throughput_tokens_per_s
-                           and (o.latency_s < c.latency_s or o.throughput_tokens_per_s > c.throughput_tokens_per_s)
-                           for o in fitting)
-    seed = next(c for c in cands if c.is_seed)
-    for c in cands:
-        c.why = explain(c, seed)
-    cands.sort(key=lambda c: c.rank_latency if rank_by == "latency" else c.rank_throughput)
-
-
-_TERM_WORDS = {"work": "work (op time, e.g. weight re-reads per micro-batch)", "imbalance": "imbalance",
-               "comm": "exposed comm", "bubble": "bubble"}
-
-
-def explain(c: Candidate, seed: Candidate) -> str:
-    """Which latency terms shrink (or grow) relative to the seed, largest first."""
-    if c.is_seed:
-        return "the seed config (reference)"
-    if not c.fits:
-        return "does not fit in GPU memory"
-    delta = {k: c.terms[k] - seed.terms[k] for k in c.terms}
-    d_lat = c.latency_s - seed.latency_s
-    d_thr = c.throughput_tokens_per_s / seed.throughput_tokens_per_s - 1
-    shrunk = sorted((k for k in delta if delta[k] < -1e-9), key=lambda k: delta[k])
-    grown = sorted((k for k in delta if delta[k] > 1e-9), key=lambda k: -delta[k])
-    head = (f"latency {_signed(d_lat / seed.latency_s)}, throughput {_signed(d_thr)} vs seed")
-    parts_ = []
-    if shrunk:
-        parts_.append("shrinks " + ", ".join(f"{_TERM_WORDS[k] if i == 0 else k} {delta[k] * 1e3:+.2f} ms"
-                                            for i, k in enumerate(shrunk)))
-    if grown:
-        parts_.append("grows " + ", ".join(f"{k} {delta[k] * 1e3:+.2f} ms" for k in grown))
-    return head + ": " + "; ".join(parts_) if parts_ else head

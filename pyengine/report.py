@@ -19,7 +19,8 @@ from pyengine.timeline import COMM_LANE, COMPUTE_LANE, Timeline
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pyengine.planner import Candidate, Plan
+    from pyengine.plan_search import Candidate
+    from pyengine.planner import Plan
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -43,6 +44,11 @@ def fmt_flops(f: float) -> str:
         if abs(f) >= scale:
             return f"{f / scale:.1f} {unit}"
     return f"{f:.0f} FLOP"
+
+
+def fmt_signed_pct(x: float) -> str:
+    """A relative change as a signed percentage: +43.0%, -22.1%."""
+    return f"{'+' if x >= 0 else ''}{100 * x:.1f}%"
 
 
 def fmt_pct(x: float) -> str:

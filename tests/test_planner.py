@@ -5,7 +5,7 @@ from importlib import resources
 
 import pytest
 
-from pyengine import planner
+from pyengine import plan_search, planner
 from pyengine.devices import DeviceProfileError, PRESETS, load_profile
 from pyengine.spec import DeploymentSpec, SpecError, load_spec
 
@@ -126,7 +126,7 @@ def test_balanced_fractions_equalise_busy():
 
 @pytest.fixture(scope="module")
 def small_search():
-    return planner.search(SEED, micro_batches=(1, 2, 4), kinds=("gpipe",))
+    return plan_search.search(SEED, micro_batches=(1, 2, 4), kinds=("gpipe",))
 
 
 def test_search_candidates_valid_and_ranked(small_search):
@@ -162,10 +162,10 @@ def test_search_covers_the_space(small_search):
 
 
 def test_search_rank_by_throughput():
-    cands = planner.search(TINY, micro_batches=(1, 3), rank_by="throughput")
+    cands = plan_search.search(TINY, micro_batches=(1, 3), rank_by="throughput")
     assert [c.rank_throughput for c in cands] == list(range(1, len(cands) + 1))
     with pytest.raises(ValueError):
-        planner.search(TINY, micro_batches=(1,), rank_by="cost")
+        plan_search.search(TINY, micro_batches=(1,), rank_by="cost")
 
 
 # ---- device profiles ----------------------------------------------------------------------------

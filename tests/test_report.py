@@ -3,7 +3,7 @@
 import json
 import math
 
-from pyengine import planner, report
+from pyengine import plan_search, planner, report
 from pyengine.simulate import simulate
 from pyengine.spec import load_spec
 from pyengine.timeline import Span, Timeline
@@ -28,7 +28,7 @@ def test_formatters():
 def test_print_plan_and_candidates(capsys):
     p = planner.plan(SEED)
     report.print_plan(p)
-    cands = planner.search(SEED, micro_batches=(1, 4), kinds=("gpipe",), boundaries=("all_reduce",))
+    cands = plan_search.search(SEED, micro_batches=(1, 4), kinds=("gpipe",), boundaries=("all_reduce",))
     report.print_candidates(cands, top=3)
     out = capsys.readouterr().out
     assert "seed32g" in out and "Per GPU" in out and "DOES NOT HOLD" in out
