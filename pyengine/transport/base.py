@@ -119,6 +119,17 @@ def check_group(group: tuple[int, ...], rank: int, world_size: int, what: str) -
     return group
 
 
+def find_group(known: dict[tuple[int, ...], Any], group: tuple[int, ...], rank: int,
+               world_size: int, what: str) -> tuple[tuple[int, ...], Any]:
+    """The process group / communicator created for ``group`` (validated as by check_group)."""
+    group = check_group(group, rank, world_size, what)
+    found = known.get(group)
+    if found is None:
+        raise TransportError(f"{what}: no process group or communicator for {group}; pass it in "
+                             f"groups= when creating the transport (known: {list(known)})")
+    return group, found
+
+
 def check_peer(peer: int, world_size: int, what: str) -> None:
     if not 0 <= peer < world_size:
         raise TransportError(f"{what}: peer {peer} is outside [0, {world_size})")

@@ -23,7 +23,7 @@ from pyengine.transport.base import (
     TransportError,
     as_tensor,
     check_contiguous,
-    check_group,
+    find_group,
     check_peer,
     describe,
     scatter_chunk,
@@ -127,12 +127,7 @@ class GlooTransport:
         return tensor
 
     def _group(self, group: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
-        group = check_group(group, self.rank, self.world_size, what)
-        pg = self._groups.get(group)
-        if pg is None:
-            raise TransportError(f"{what}: no process group for {group}; pass it in groups= "
-                                 f"when creating the transport (known: {list(self._groups)})")
-        return group, pg
+        return find_group(self._groups, group, self.rank, self.world_size, what)
 
     # -- protocol --------------------------------------------------------------------------
     def send(self, tensor: Any, peer: int, *, name: str = "") -> _GlooHandle:

@@ -33,7 +33,7 @@ from pyengine.transport.base import (
     TransportError,
     as_tensor,
     check_contiguous,
-    check_group,
+    find_group,
     check_peer,
     describe,
     scatter_chunk,
@@ -175,12 +175,7 @@ class NcclTransport:
         return tensor
 
     def _comm(self, group: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
-        group = check_group(group, self.rank, self.world_size, what)
-        comm = self._comms.get(group)
-        if comm is None:
-            raise TransportError(f"{what}: no communicator for {group}; pass it in groups= "
-                                 f"(known: {list(self._comms)})")
-        return group, comm
+        return find_group(self._comms, group, self.rank, self.world_size, what)
 
     def _issue(self, what: str, comm: Any, peer: int, tensors: Sequence[torch.Tensor],
                call: Any) -> _NcclHandle:
