@@ -112,8 +112,7 @@ def host_overhead(spec: DeploymentSpec, w: dict, ids: torch.Tensor, timer: Timer
     flat = ids.reshape(-1).to(w["embed"].device)
 
     def step():
-        x, u, top_ids, top_w = stages.stage0(spec, w, flat)
-        return stages.stage2(spec, w, x, [stages.stage1(w, u, top_ids, top_w)])
+        return stages.single_device(spec, w, flat)
 
     wall = timer(lambda: (step(), torch.cuda.synchronize() if flat.is_cuda else None))
     if not flat.is_cuda:
@@ -139,7 +138,8 @@ def main(argv=None) -> int:
     timer = Timer(device, args.iters, args.warmup)
     w = model.init_weights(spec, args.seed, device=device)
     ids = model.make_tokens(spec, args.seed)
-    single = {"full": timer(lambda: _single(spec, w, ids, device))}
+    flat = ids.reshape(-1).to(device)
+    single = {"full": timer(lambda: stages.single_device(spec, w, flat))}
     rows = []
     for m in dict.fromkeys([spec.schedule.micro_batches, *args.micro_batches]):
         if m > spec.model.tokens:
@@ -162,12 +162,6 @@ def main(argv=None) -> int:
     else:
         _print(out)
     return 0
-
-
-def _single(spec, w, ids, device):
-    flat = ids.reshape(-1).to(device)
-    x, u, top_ids, top_w = stages.stage0(spec, w, flat)
-    return stages.stage2(spec, w, x, [stages.stage1(w, u, top_ids, top_w)])
 
 
 def _print(out: dict) -> None:

@@ -6,7 +6,7 @@ counted as FLOPs; it shows up in the planner as memory traffic instead.
 
 from __future__ import annotations
 
-from pyengine.spec import DeploymentSpec
+from pyengine.spec import DeploymentSpec, near_even_split
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 ROUTING_ID_BYTES = 4  # top-k expert ids travel as int32
@@ -51,11 +51,6 @@ def rank_flops(spec: DeploymentSpec, tokens: int | None = None) -> dict[int, flo
     return out
 
 
-def token_chunks(tokens: int, parts: int) -> list[int]:
-    """How reduce-scatter splits a micro-batch's tokens over a group (torch.tensor_split rule)."""
-    return [tokens // parts + (1 if i < tokens % parts else 0) for i in range(parts)]
-
-
 def payload_bytes(spec: DeploymentSpec, payload: str, tokens: int, part: int = 0) -> int:
     """Bytes of one message of `payload` for a micro-batch of `tokens` tokens.
 
@@ -69,5 +64,5 @@ def payload_bytes(spec: DeploymentSpec, payload: str, tokens: int, part: int = 0
         return tokens * m.hidden_size * es
     if payload == "half":
         group = len(spec.stage("experts").gpus)
-        return token_chunks(tokens, group)[part] * m.hidden_size * es
+        return near_even_split(tokens, group)[part] * m.hidden_size * es
     raise ValueError(f"payload = {payload!r}: unknown payload")

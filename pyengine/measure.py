@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from pyengine import model, stages
+from pyengine import model, provenance, stages
 from pyengine.runtime import RankRuntime
 from pyengine.spec import DeploymentSpec
 
@@ -43,7 +43,7 @@ def measure_rank(spec: DeploymentSpec, rank: int, transport, device: torch.devic
                  barrier) -> dict:
     weights = stages.rank_weights(spec, opts.seed, rank, device)
     ids = model.make_tokens(spec, opts.seed)
-    out: dict = {"rank": rank, "device": _device_name(device), "variants": {}}
+    out: dict = {"rank": rank, "device": provenance.device_name(device), "variants": {}}
     for name, vspec in variants(spec, opts.baselines).items():
         rt = RankRuntime(vspec, rank, transport, weights, device,
                          fault=opts.fault if name == "pipeline" else "")
@@ -98,9 +98,7 @@ def _single_device(spec: DeploymentSpec, opts, ids: torch.Tensor, device: torch.
     reference = model.reference_forward(spec, w, ids.to(device)).float().cpu().numpy()
 
     def sequential() -> torch.Tensor:
-        x, u, top_ids, top_w = stages.stage0(spec, w, flat)
-        y = stages.stage1(w, u, top_ids, top_w)
-        return stages.stage2(spec, w, x, [y])
+        return stages.single_device(spec, w, flat)
 
     for _ in range(opts.warmup):
         sequential()
@@ -112,9 +110,3 @@ def _single_device(spec: DeploymentSpec, opts, ids: torch.Tensor, device: torch.
         _sync(device)
         lat.append(time.perf_counter() - t0)
     return {"reference_logits": reference, "single_latency_s": lat}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"

@@ -86,6 +86,7 @@ class RankRuntime:
         self._times: list = []
         self._logits: list[torch.Tensor | None] = [None] * len(self.bounds)
         self._t0 = time.perf_counter()
+        self._timed = timed
         ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         if self.cuda:
             self._ev0 = torch.cuda.Event(enable_timing=True)
@@ -220,7 +221,10 @@ class RankRuntime:
         p.done_s = time.perf_counter()
 
     def _poll(self) -> None:
-        """Note ops seen complete (on CPU this bounds a comm action's end to the action grain)."""
+        """Note ops seen complete: bounds a CPU comm action's end to the action grain. GPU comm
+        is timed by the transport's events and untimed runs need no ends, so skip the queries."""
+        if self.cuda or not self._timed:
+            return
         now = time.perf_counter()
         for p in self._pending.values():
             if p.done_s is None and all(h.is_completed() for h in p.handles):
@@ -228,8 +232,8 @@ class RankRuntime:
 
     def _drain(self) -> None:
         """Every issued op must complete within the timeout: a stuck peer becomes an error, never a hang."""
+        self._poll()
         for aid, p in self._pending.items():
-            self._poll()
             self._wait(aid)
             deadline = time.monotonic() + self.timeout_s
             while not all(h.is_completed() for h in p.handles):

@@ -129,8 +129,7 @@ class DeploymentSpec:
 
     def micro_batch_sizes(self) -> list[int]:
         """Token counts per micro-batch: near-even split, first ones one larger."""
-        t, m = self.model.tokens, self.schedule.micro_batches
-        return [t // m + (1 if i < t % m else 0) for i in range(m)]
+        return near_even_split(self.model.tokens, self.schedule.micro_batches)
 
     def micro_batch_bounds(self) -> list[tuple[int, int]]:
         bounds, start = [], 0
@@ -180,6 +179,11 @@ class DeploymentSpec:
                 raise SpecError(section, values, f"unknown section; expected one of {sorted(d)}")
             d[section].update(values)
         return DeploymentSpec.from_dict(d)
+
+
+def near_even_split(total: int, parts: int) -> list[int]:
+    """`parts` sizes summing to `total`, differing by at most one, larger first (torch.tensor_split)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def load_spec(path: str | os.PathLike | None = None) -> DeploymentSpec:

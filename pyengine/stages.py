@@ -62,6 +62,12 @@ def stage1(w: dict[str, torch.Tensor], u: torch.Tensor, top_ids: torch.Tensor,
     return y.to(u.dtype)
 
 
+def single_device(spec: DeploymentSpec, w: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """The whole block on one device with full weights, sequential: logits [T, V] for ids [T]."""
+    x, u, top_ids, top_w = stage0(spec, w, ids)
+    return stage2(spec, w, x, [stage1(w, u, top_ids, top_w)])
+
+
 def stage2(spec: DeploymentSpec, w: dict[str, torch.Tensor], x: torch.Tensor,
            partials: list[torch.Tensor]) -> torch.Tensor:
     """logits [T, V] from the residual x and the experts' partial sums."""
