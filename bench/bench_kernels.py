@@ -21,11 +21,11 @@ import sys
 
 import torch
 
-from pyengine import provenance
+from pyengine.core import dtypes, provenance
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched by substring, first wins.
 PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4)]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("bf16", "fp16")  # tensor-core dtypes; short names from pyengine.core.dtypes
 
 
 def parse_args(argv=None):
@@ -185,26 +185,24 @@ def add_ratios(rows, peak):
         r["pct_peak"] = 100 * r["tflops"] / peak if peak and r.get("tflops") else None
 
 
-def print_table(env, rows, peak):
-    from rich.console import Console
-    from rich.table import Table
+def print_rows(env, rows, peak):
+    from pyengine.report.tables import print_table
 
-    console = Console()
     for key in ("gpu", "nvidia_smi", "date", "commit", "command", "torch", "triton"):
-        console.print(f"[bold]{key}[/]: {env[key]}")
-    console.print(f"[bold]peak[/]: {peak if peak else 'unknown (pass --peak-tflops)'} TFLOP/s bf16 dense")
-    table = Table(title="MoE expert-shard kernels")
-    for col in ("op", "T", "provider", "median ms", "p20", "p80", "TFLOP/s", "x loop", "x dense", "% peak"):
-        table.add_column(col, justify="left" if col in ("op", "provider") else "right")
+        print(f"# {key}: {env[key]}")
+    print(f"# peak: {peak if peak else 'unknown (pass --peak-tflops)'} TFLOP/s bf16 dense")
     fmt = lambda v, f: "-" if v is None else format(v, f)
+    table = []
     for r in rows:
         if "error" in r:
-            table.add_row(r["op"], str(r["T"]), r["provider"], "n/a", "", "", "", "", "", r["error"][:40])
+            table.append([r["op"], r["T"], r["provider"], "n/a", "", "", "", "", "", r["error"][:40]])
             continue
-        table.add_row(r["op"], str(r["T"]), r["provider"], fmt(r["ms"], ".4f"), fmt(r["p20_ms"], ".4f"),
+        table.append([r["op"], r["T"], r["provider"], fmt(r["ms"], ".4f"), fmt(r["p20_ms"], ".4f"),
                       fmt(r["p80_ms"], ".4f"), fmt(r["tflops"], ".1f"), fmt(r["x_loop"], ".2f"),
-                      fmt(r["x_dense"], ".2f"), fmt(r["pct_peak"], ".1f"))
-    console.print(table)
+                      fmt(r["x_dense"], ".2f"), fmt(r["pct_peak"], ".1f")])
+    print_table("MoE expert-shard kernels",
+                [("op", "left"), "T", ("provider", "left"), "median ms", "p20", "p80", "TFLOP/s",
+                 "x loop", "x dense", "% peak"], table)
 
 
 def main(argv=None) -> int:
@@ -219,12 +217,12 @@ def main(argv=None) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     rows = []
     for T in args.tokens:
-        rows += bench_tokens(T, args, DTYPES[args.dtype], log)
+        rows += bench_tokens(T, args, dtypes.torch_dtype(args.dtype), log)
     add_ratios(rows, peak)
     if args.json:
         print(json.dumps({"env": env, "peak_tflops": peak, "rows": rows}, indent=1))
     else:
-        print_table(env, rows, peak)
+        print_rows(env, rows, peak)
     return 0
 
 

@@ -8,19 +8,19 @@ stream waits (the mechanism the local transport uses for one-GPU runs; NCCL's ke
 also take SMs, which this does not capture). For each size, from one run:
   hidden   = (t_gemm + t_copy - t_both) / t_copy     (1.0: the copy is fully hidden)
   slowdown = t_both / t_gemm - 1                     (what the copy costs the GEMM)
-Targets (issue 6): hidden >= 90% with slowdown <= 10%.
+Targets: hidden >= 90% with slowdown <= 10%.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
-from pyengine import provenance
+from pyengine.core import provenance
+from pyengine.execute.timer import median_time
 
 
 def parse_args(argv=None):
@@ -30,22 +30,6 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
-
-
-def timed(fn, iters: int) -> float:
-    """Median seconds of fn() from events on the default stream, after it has joined all streams."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(out)
 
 
 def main(argv=None) -> int:
@@ -89,7 +73,7 @@ def main(argv=None) -> int:
             gemm()
             main_stream.wait_stream(side)
 
-        t_gemm, t_copy, t_both = timed(gemm, args.iters), timed(copy, args.iters), timed(both, args.iters)
+        t_gemm, t_copy, t_both = (median_time(fn, dev, args.iters) for fn in (gemm, copy, both))
         hidden = (t_gemm + t_copy - t_both) / t_copy
         rows.append({"mbytes": mb, "gemm_ms": t_gemm * 1e3, "copy_ms": t_copy * 1e3,
                      "both_ms": t_both * 1e3, "hidden": hidden, "gemm_slowdown": t_both / t_gemm - 1,
@@ -100,7 +84,7 @@ def main(argv=None) -> int:
     else:
         for key, v in out["env"].items():
             print(f"# {key}: {v}")
-        from pyengine.report import print_table
+        from pyengine.report.tables import print_table
 
         print_table(f"side-stream copy behind one expert shard (T={T}, H={H}, F_r={F}, E={E}, k={k}, bf16)",
                     ["MB", "GEMM ms", "copy ms", "both ms", "hidden", "GEMM slowdown", "target met"],

@@ -3,14 +3,14 @@
     python bench/bench_pipeline.py [--config F] [--profile h100] [--iters 20] [--json]
 
 No machine here has 3 GPUs, so the 3-GPU figures are the simulator replaying the schedule
-tables with (a) each stage's compute time measured here in isolation (one GPU, same kernels
-as the runtime, median of --iters after warm-up) and (b) comm times from the device profile's
+tables with (a) each stage's compute time measured here in isolation (one GPU, the runtime's
+own stage code, median of --iters after warm-up) and (b) comm times from the device profile's
 link model (nothing to measure them on). The single-device baseline is measured, not modelled:
 the whole batch through the same stage code on this device. Also reported: host overhead of
 the single-device step (wall time / sum of its kernels' device time, from the profiler; GPU only).
 
-For the same spec: the seed's layout as configured, and each micro-batch count in --micro-batches,
-so the seed's 40% / +60% / 95% claims are checked against figures from one run.
+For the same spec: the layout as configured, and each micro-batch count in --micro-batches, so
+the seed's latency and throughput claims are checked against figures from one run.
 On CPU (no GPU) the model is scaled like `pyengine run` and the figures only smoke-test the bench.
 """
 
@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
 
-from pyengine import model, provenance, stages
-from pyengine.devices import load_profile
-from pyengine.planner import predict
-from pyengine.run_cli import scale_for_cpu
+from pyengine.core import claims, provenance
+from pyengine.core.spec import DeploymentSpec, load_spec
+from pyengine.execute.scaling import scale_for_cpu
+from pyengine.execute.timer import median_time
+from pyengine.model.boundaries import boundary_of
+from pyengine.model.forward import single_device
+from pyengine.model.payloads import Payload, chunk_rows
+from pyengine.model.stages import StageKind, stages_of
+from pyengine.model.weights import init_weights, make_tokens, take
+from pyengine.predict.devices import load_profile
+from pyengine.predict.prediction import predict
+from pyengine.predict.roofline import op_costs
 from pyengine.schedule import Action, Kind, build
-from pyengine.simulate import default_op_costs
-from pyengine.spec import DeploymentSpec, load_spec
 
 
 def parse_args(argv=None):
@@ -45,83 +50,78 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class Timer:
-    """Median wall/device time of fn() after warm-up: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device, iters: int, warmup: int):
-        self.device, self.iters, self.warmup = device, iters, warmup
-
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+def _output_inputs(spec: DeploymentSpec, resid: tuple, partials: list[torch.Tensor], tokens: int) -> dict:
+    """What the output stage receives under the spec's boundary, from the shards' partials."""
+    payload = boundary_of(spec).payload
+    if payload is Payload.PARTIAL:
+        return {Payload.RESID: [resid], payload: [(p,) for p in partials]}
+    total = torch.stack([p.float() for p in partials]).sum(0).to(partials[0].dtype)
+    if payload is Payload.HALF:
+        rows = chunk_rows(tokens, len(partials))
+        padded = torch.zeros(rows * len(partials), total.shape[1], dtype=total.dtype, device=total.device)
+        padded[:tokens] = total
+        return {Payload.RESID: [resid], payload: [(c,) for c in padded.chunk(len(partials))]}
+    return {Payload.RESID: [resid], payload: [(total,)]}
 
 
-def shard(w: dict, start: int, end: int) -> dict:
-    return {"w_gate": w["w_gate"][:, :, start:end].contiguous(),
-            "w_up": w["w_up"][:, :, start:end].contiguous(),
-            "w_down": w["w_down"][:, start:end, :].contiguous()}
-
-
-def measure_compute(spec: DeploymentSpec, w: dict, ids: torch.Tensor, timer: Timer) -> dict:
-    """Seconds per COMPUTE action kind: {(stage, rank, tokens): s}, each timed in isolation."""
+def measure_compute(spec: DeploymentSpec, w: dict, ids: torch.Tensor, iters: int, warmup: int) -> dict:
+    """Seconds per COMPUTE action: {(stage, rank, tokens): s}, each timed in isolation."""
     flat = ids.reshape(-1).to(w["embed"].device)
-    shards = {r: shard(w, a, b) for r, a, b in spec.ffn_shards()}
-    n_parts = len(shards) if spec.comm.boundary == "partials" else 1
+    dev = flat.device
+    embed, experts, output = stages_of(spec)
+    shards = {r: {n: take(w, n, experts.shard(r)) for n in experts.weight_names} for r in experts.ranks}
     out = {}
     for t in sorted(set(spec.micro_batch_sizes())):
-        x, u, top_ids, top_w = stages.stage0(spec, w, flat[:t])
-        out[(0, t)] = timer(lambda: stages.stage0(spec, w, flat[:t]))
+        ids_t = flat[:t]
+        first = embed.compute(w, ids_t, {})
+        out.update({(StageKind.EMBED, r, t): median_time(lambda: embed.compute(w, ids_t, {}), dev, iters, warmup)
+                    for r in embed.ranks})
+        act = {Payload.ACT: [first[Payload.ACT]]}
         partials = []
         for r, ws in shards.items():
-            partials.append(stages.stage1(ws, u, top_ids, top_w))
-            out[(1, r, t)] = timer(lambda ws=ws: stages.stage1(ws, u, top_ids, top_w))
-        pieces = partials if n_parts > 1 else [torch.stack(partials).sum(0)]
-        out[(2, t)] = timer(lambda: stages.stage2(spec, w, x, pieces))
+            partials.append(experts.compute(ws, ids_t, act)[Payload.PARTIAL][0])
+            out[(StageKind.EXPERTS, r, t)] = median_time(lambda ws=ws: experts.compute(ws, ids_t, act),
+                                                         dev, iters, warmup)
+        inputs = _output_inputs(spec, first[Payload.RESID], partials, t)
+        out.update({(StageKind.OUTPUT, r, t): median_time(lambda: output.compute(w, ids_t, inputs),
+                                                          dev, iters, warmup)
+                    for r in output.ranks})
     return out
 
 
 def cost_fn(spec: DeploymentSpec, measured: dict, profile):
-    link = default_op_costs(spec, profile)
+    link = op_costs(spec, profile)
     sizes = spec.micro_batch_sizes()
 
     def cost(a: Action) -> float:
         if a.kind is not Kind.COMPUTE:
             return link(a)  # no multi-GPU link here: the profile's model
-        t = sizes[a.micro_batch]
-        return measured[(1, a.rank, t)] if a.stage == 1 else measured[(a.stage, t)]
+        return measured[(a.stage, a.rank, sizes[a.micro_batch])]
 
     return cost
 
 
-def host_overhead(spec: DeploymentSpec, w: dict, ids: torch.Tensor, timer: Timer) -> dict:
+def host_overhead(spec: DeploymentSpec, w: dict, ids: torch.Tensor, iters: int, warmup: int) -> dict:
     """Single-device step: wall time vs the sum of its kernels' device time (GPU only)."""
     flat = ids.reshape(-1).to(w["embed"].device)
 
     def step():
-        return stages.single_device(spec, w, flat)
+        single_device(spec, w, flat)
+        if flat.is_cuda:
+            torch.cuda.synchronize()
 
-    wall = timer(lambda: (step(), torch.cuda.synchronize() if flat.is_cuda else None))
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    wall = (time.perf_counter() - t0) / iters
     if not flat.is_cuda:
         return {"step_s": wall, "kernels_s": None, "ratio": None}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
-        torch.cuda.synchronize()
     kernels = sum(e.device_time_total for e in prof.key_averages()) / 1e6  # us -> s
     return {"step_s": wall, "kernels_s": kernels, "ratio": wall / kernels if kernels else None}
 
@@ -135,28 +135,27 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         spec, note = scale_for_cpu(spec)
     profile = load_profile(args.profile)
-    timer = Timer(device, args.iters, args.warmup)
-    w = model.init_weights(spec, args.seed, device=device)
-    ids = model.make_tokens(spec, args.seed)
+    w = init_weights(spec, args.seed, device=device)
+    ids = make_tokens(spec, args.seed)
     flat = ids.reshape(-1).to(device)
-    single = {"full": timer(lambda: stages.single_device(spec, w, flat))}
+    single = median_time(lambda: single_device(spec, w, flat), device, args.iters, args.warmup)
     rows = []
     for m in dict.fromkeys([spec.schedule.micro_batches, *args.micro_batches]):
         if m > spec.model.tokens:
             continue
         s = spec.replace(schedule={"micro_batches": m})
-        measured = measure_compute(s, w, ids, timer)
+        measured = measure_compute(s, w, ids, args.iters, args.warmup)
         pred, _ = predict(s, profile, build(s), cost=cost_fn(s, measured, profile))
         rows.append({"micro_batches": m, "configured": m == spec.schedule.micro_batches,
                      "latency_s": pred.latency_s, "throughput_tokens_per_s": pred.throughput_tokens_per_s,
                      "bubble_fraction": pred.bubble_fraction, "utilization": pred.utilization,
                      "steady_state_utilization": pred.steady_state_utilization,
-                     "latency_cut_vs_single": 1 - pred.latency_s / single["full"],
-                     "throughput_gain_vs_single": pred.throughput_tokens_per_s * single["full"]
+                     "latency_cut_vs_single": 1 - pred.latency_s / single,
+                     "throughput_gain_vs_single": pred.throughput_tokens_per_s * single
                      / spec.model.tokens - 1})
     out = {"env": provenance.record(device), "profile": profile.name, "scaled": note,
-           "single_device_s": single["full"], "host_overhead": host_overhead(spec, w, ids, timer),
-           "rows": rows}
+           "single_device_s": single, "host_overhead": host_overhead(spec, w, ids, args.iters, args.warmup),
+           "claims": {c.key: c.target for c in claims.HEADLINE}, "rows": rows}
     if args.json:
         print(json.dumps(out, indent=1, default=float))
     else:
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
 
 
 def _print(out: dict) -> None:
-    from pyengine.report import print_table
+    from pyengine.report.tables import print_table
 
     for k, v in out["env"].items():
         print(f"# {k}: {v}")
@@ -183,7 +182,8 @@ def _print(out: dict) -> None:
             for r in out["rows"]]
     print_table("predicted 3-GPU pipeline vs measured single device",
                 ["m", "latency ms", "tokens/s", "bubble", "util (batch)", "util (steady)",
-                 "latency cut (seed: 40%)", "throughput gain (seed: +60%)"], rows)
+                 f"latency cut (seed: {claims.LATENCY_CUT.target:.0%})",
+                 f"throughput gain (seed: +{claims.THROUGHPUT_GAIN.target:.0%})"], rows)
 
 
 if __name__ == "__main__":

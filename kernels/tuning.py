@@ -3,16 +3,14 @@
 Tuned configs live in kernels/configs/<op>__<gpu>__<dtype>__E<E>_H<H>_F<F_r>.json as
 {"meta": {...}, "configs": {"<m_bucket>": {"BLOCK_M": .., ..., "num_warps": .., "num_stages": ..}}}
 where m_bucket = next power of two of T, clamped to [M_BUCKET_MIN, M_BUCKET_MAX].
-`tune()` writes them (GPU only); `select_config()` reads them at run time.
+pyengine.kernels.tune writes them (GPU only); `select_config()` reads them at run time.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import torch
@@ -140,77 +138,6 @@ def align_block_m(column: triton.Config | None, row: triton.Config | None,
     sizes = [c.kwargs["BLOCK_M"] for op, cfg in (("column", column), ("row", row))
              for c in ([cfg] if cfg is not None else moe_configs(op, device))]
     return max(sizes)
-
-
-def tune(*, dtype: torch.dtype, E: int, H: int, F: int, top_k: int, tokens: list[int],
-         out_dir: Path | str = CONFIG_DIR, ops: tuple[str, ...] = OPS, seed: int = 0,
-         log=print) -> list[Path]:
-    """Benchmark moe_configs(op) for each T in `tokens` on the current GPU; write JSON files.
-
-    Routing is uniform random (a balanced load, like the seed's router at init). Each config
-    is timed alone (its own align block size) with triton.testing.do_bench (median, L2
-    flushed). Existing buckets in a file are kept unless re-tuned.
-    """
-    from pyengine.kernels.moe_align import moe_align_block_size
-    from pyengine.kernels.moe_column_swiglu import _moe_column_swiglu, column_rows
-    from pyengine.kernels.moe_row_down import _moe_row_down
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("tune() needs a CUDA device; none is visible")
-    dev = torch.device("cuda", torch.cuda.current_device())
-    gpu = torch.cuda.get_device_name(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    w_gate = torch.randn(E, H, F, device=dev, dtype=dtype, generator=gen) / H ** 0.5
-    w_up = torch.randn(E, H, F, device=dev, dtype=dtype, generator=gen) / H ** 0.5
-    w_down = torch.randn(E, F, H, device=dev, dtype=dtype, generator=gen) / F ** 0.5
-    results = {op: {} for op in ops}
-    for T in tokens:
-        u = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
-        ids = torch.rand(T, E, device=dev, generator=gen).argsort(dim=1)[:, :top_k].to(torch.int32)
-        weights = torch.full((T, top_k), 1.0 / top_k, device=dev, dtype=torch.float32)
-        for op in ops:
-            timings = []
-            for cfg in moe_configs(op, dev):
-                align = moe_align_block_size(ids, E, cfg.kwargs["BLOCK_M"])
-                a = torch.randn(column_rows(T * top_k, E, cfg.kwargs["BLOCK_M"]), F,
-                                device=dev, dtype=dtype, generator=gen)
-                if op == "column":
-                    def call():
-                        _moe_column_swiglu(u, w_gate, w_up, align, top_k, a, config=cfg)
-                else:
-                    y = torch.empty(T * top_k, H, device=dev, dtype=torch.float32)
-                    def call():
-                        _moe_row_down(a, w_down, weights, align, top_k, y, config=cfg)
-                try:
-                    ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
-                except triton.runtime.errors.OutOfResources as e:  # too much shared memory
-                    log(f"  {op} T={T} {config_to_dict(cfg)}: skipped ({e})")
-                    continue
-                timings.append((ms, cfg))
-                log(f"  {op} T={T} {config_to_dict(cfg)}: {ms * 1e3:.1f} us")
-            if not timings:
-                raise RuntimeError(f"no config of {op} ran for T={T} on {gpu}")
-            results[op][str(m_bucket(T))] = config_to_dict(min(timings, key=lambda t: t[0])[1])
-    written = []
-    for op in ops:
-        path = config_path(op, gpu, dtype, E, H, F, out_dir)
-        old = json.loads(path.read_text())["configs"] if path.is_file() else {}
-        meta = {"op": op, "gpu": gpu, "dtype": DTYPE_NAMES[dtype], "E": E, "H": H, "F": F,
-                "top_k": top_k, "triton": triton.__version__, "torch": torch.__version__,
-                "date": datetime.date.today().isoformat(), "commit": _git_commit()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"meta": meta, "configs": {**old, **results[op]}}, indent=1) + "\n")
-        written.append(path)
-    return written
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def check_runnable(kernel, device: torch.device) -> None:

@@ -3,7 +3,7 @@
 Import cost is kept small: torch, triton and the native extension load on first use.
 """
 
-from pyengine.spec import DeploymentSpec, SpecError, load_spec
+from pyengine.core.spec import DeploymentSpec, SpecError, load_spec
 
 __all__ = ["DeploymentSpec", "Engine", "SpecError", "load_spec", "__version__"]
 __version__ = "0.1.0"
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Engine":  # pulls in torch: loaded on first use only
-        from pyengine.engine import Engine
+        from pyengine.execute.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'pyengine' has no attribute {name!r}")

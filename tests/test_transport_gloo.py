@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from pyengine.procs import RankFailure, connect_store, spawn_ranks
+from pyengine.execute.procs import RankFailure, spawn_ranks
+from pyengine.transport.store import connect_store
 from pyengine.transport import create_transport
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32)

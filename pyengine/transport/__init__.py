@@ -17,7 +17,6 @@ import torch
 
 from pyengine.transport.base import (
     DEFAULT_TIMEOUT_S,
-    CompletedHandle,
     Handle,
     Transport,
     TransportError,
@@ -25,7 +24,6 @@ from pyengine.transport.base import (
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
-    "CompletedHandle",
     "GlooTransport",
     "Handle",
     "LocalTransport",
@@ -56,7 +54,7 @@ def create_transport(backend: str, *, rank: int, world_size: int,
                              store=store, timeout_s=timeout_s)
     if backend == "gloo":
         from pyengine.transport.gloo import GlooTransport
-        from pyengine.transport.base import store_from_env
+        from pyengine.transport.store import store_from_env
 
         if device is not None and torch.device(device).type != "cpu":
             raise TransportError(f"gloo transport runs on CPU, got device {device}")

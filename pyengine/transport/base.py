@@ -14,7 +14,6 @@ that event. CPU backends block in ``Handle.wait()`` instead.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -64,16 +63,6 @@ class Transport(Protocol):
     def __enter__(self) -> Transport: ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-class CompletedHandle:
-    """A handle for an op that finished when it was issued."""
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        return None
-
-    def is_completed(self) -> bool:
-        return True
 
 
 def describe(backend: str, op: str, name: str, rank: int, peer: int | None = None,
@@ -150,17 +139,12 @@ def scatter_chunk(tensor: torch.Tensor, out: torch.Tensor, group: tuple[int, ...
     return chunks, group.index(rank)
 
 
-def store_from_env(rank: int, world_size: int, timeout_s: float) -> Any:
-    """A TCPStore at torchrun's MASTER_ADDR:MASTER_PORT (see pyengine.procs.connect_store)."""
-    from pyengine.procs import connect_store
-
-    try:
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    except KeyError as exc:
-        raise TransportError(f"no store given and {exc.args[0]} is not set (run under torchrun "
-                             "or pass store=)") from None
-    try:
-        return connect_store(rank, world_size, port, host=host, timeout_s=timeout_s)
-    except (RuntimeError, OSError) as exc:
-        raise TransportError(f"rank {rank}: could not reach the store at {host}:{port} "
-                             f"within {timeout_s:g} s: {exc}") from exc
+def complete(handles: list[Handle], timeout_s: float) -> None:
+    """Block the host until every op in `handles` is done: wait() (which on GPU backends only
+    orders the current stream) and then the backend's host-side synchronize, where it has one."""
+    for h in handles:
+        h.wait(timeout_s)
+    for h in handles:
+        sync = getattr(h, "synchronize", None)
+        if sync is not None:
+            sync(timeout_s)

@@ -37,8 +37,8 @@ from pyengine.transport.base import (
     check_peer,
     describe,
     scatter_chunk,
-    store_from_env,
 )
+from pyengine.transport.store import store_from_env
 
 __all__ = ["NcclTransport", "Communicator", "nccl_dtype"]
 

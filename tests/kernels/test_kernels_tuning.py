@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from pyengine import tune_cli
+from pyengine.cli import tune as tune_cli
+from pyengine.core.spec import load_spec
+from pyengine.model.stages import StageKind, stages_of
 from pyengine.kernels import tuning
 
 
@@ -68,10 +70,24 @@ def test_bad_op():
         tuning.moe_configs("gate", torch.device("cpu"))
 
 
-def test_shard_sizes():
-    assert tune_cli.shard_sizes(14336, 2, None) == [7168, 7168]
-    assert tune_cli.shard_sizes(29, 2, None) == [15, 14]
-    assert tune_cli.shard_sizes(14336, 2, (0.25, 0.75)) == [3584, 10752]
+def _with_experts(ffn, gpus, fractions=None):
+    spec = load_spec(None)
+    st = [{"name": "embed", "gpus": [0]},
+          {"name": "experts", "gpus": gpus, "tensor_parallel_size": len(gpus), "shard_fractions": fractions},
+          {"name": "output", "gpus": [0]}]
+    return spec.replace(model={"ffn_hidden_size": ffn}, parallel={"stages": st})
+
+
+@pytest.mark.parametrize("ffn,gpus,fractions,want", [
+    (14336, [1, 2], None, [7168, 7168]),
+    (40, [0, 1, 2], None, [13, 14, 13]),  # cumulative rounding of F/3: what the runtime launches
+    (10, [0, 1, 2], [0.25, 0.25, 0.5], [2, 3, 5]),
+    (14336, [1, 2], [0.25, 0.75], [3584, 10752]),
+])
+def test_tune_shards_are_the_shards_the_runtime_launches(ffn, gpus, fractions, want):
+    spec = _with_experts(ffn, gpus, fractions)
+    experts = stages_of(spec)[StageKind.EXPERTS]
+    assert tune_cli.shard_sizes(spec) == want == [experts.f_cols(r) for r in experts.ranks]
 
 
 def _parse(argv):

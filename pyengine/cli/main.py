@@ -1,0 +1,59 @@
+"""`pyengine` command line: parses, calls the library, prints through pyengine.report.
+
+Subcommands live with the code they drive; each module exposes `register(subparsers)`
+and sets `func(args) -> int`. Bad input exits 2 with one line naming field, value and rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> the module that registers it. Only the module of the command being run is
+# imported, so `pyengine plan` does not pay for torch; `--help` imports them all.
+_COMMANDS = {
+    "run": "pyengine.cli.run",
+    "plan": "pyengine.cli.plan",
+    "simulate": "pyengine.cli.plan",
+    "bench": "pyengine.cli.bench",
+    "tune": "pyengine.cli.tune",
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyengine",
+        description="3-GPU hybrid tensor+pipeline parallel MoE engine: run, plan, simulate, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    modules = [_COMMANDS[first]] if first in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # a subcommand module not present in this build
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pyengine.core.errors import InputError
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        command = " ".join(filter(None, (args.command, getattr(args, "suite", None))))
+        print(f"pyengine {command}: {e.kind}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyengine {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`pyengine plan` and `pyengine simulate`: predictions for a config, without any GPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyengine.predict.devices import DEFAULT_PRESET, PRESETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan", help="predict per-GPU cost, check the seed's claims, search for better plans",
+        description="Per-GPU FLOPs, memory, traffic and busy time; verdicts on the seed note's claims; "
+                    "optionally a ranked search over micro-batches, stage maps, TP splits, boundaries, schedules.")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--search", action="store_true", help="also search alternatives and rank them")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="candidates to show (default 10)")
+    p.add_argument("--rank-by", choices=("latency", "throughput"), default="latency",
+                   help="order of the search table (default latency)")
+    p.set_defaults(func=_plan)
+
+    s = subparsers.add_parser(
+        "simulate", help="replay the schedule tables with roofline op costs; write a trace or a Gantt PNG",
+        description="Event-driven replay of the schedule tables (compute and comm lanes per rank).")
+    _common(s)
+    s.add_argument("--schedule", choices=("gpipe", "asready"), default=None,
+                   help="schedule kind (default: the config's)")
+    s.add_argument("--png", metavar="F", help="write a Gantt chart (PNG)")
+    s.add_argument("--trace", metavar="F", help="write a Chrome/Perfetto trace (JSON)")
+    s.add_argument("--json", action="store_true", help="print the timeline and its metrics as JSON")
+    s.set_defaults(func=_simulate)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="F", default=None, help="deployment JSON (default: the packaged seed)")
+    p.add_argument("--device", metavar="NAME|FILE", default=None,
+                   help=f"device profile: {'|'.join(PRESETS)} or a JSON file with the same fields "
+                        f"(default {DEFAULT_PRESET}: the seed's 32 GB GPUs)")
+
+
+def _load(args: argparse.Namespace):
+    from pyengine.core.spec import load_spec
+    from pyengine.predict.devices import load_profile
+
+    spec = load_spec(args.config)
+    dev = load_profile(args.device)
+    if args.device is None:
+        note = f" (default profile: the seed config's {spec.hardware.gpu_memory_gb:g} GB GPUs; datasheet-style assumptions)"
+    else:
+        note = " (chosen with --device)"
+    if abs(dev.memory_gb - spec.hardware.gpu_memory_gb) > 0.5:
+        note += (f"; note: profile memory {dev.memory_gb:g} GB, config hardware.gpu_memory_gb "
+                 f"{spec.hardware.gpu_memory_gb:g} GB -- the fit check uses the config")
+    return spec, dev, note
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pyengine.predict import planner, search
+    from pyengine.report import jsonable, plan_view, tables
+
+    if args.top < 1:
+        print("pyengine plan: --top must be >= 1", file=sys.stderr)
+        return 2
+    spec, dev, note = _load(args)
+    p = planner.plan(spec, dev)
+    cands = search.search(spec, dev, rank_by=args.rank_by) if args.search else None
+    if args.json:
+        data = jsonable.to_jsonable(p)
+        data["device_note"] = note.strip()
+        if cands is not None:
+            data["candidates"] = [jsonable.to_jsonable(c) for c in cands[:args.top]]
+            data["candidates_total"] = len(cands)
+        print(jsonable.to_json(data))
+        return 0
+    out = tables.console()
+    plan_view.print_plan(p, note, out)
+    if cands is not None:
+        plan_view.print_candidates(cands, args.top, out)
+        best = cands[0]
+        out.print(f"Winner by {args.rank_by}: {best.label} -- {best.why}", soft_wrap=True)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pyengine.core.units import fmt_pct, fmt_s
+    from pyengine.predict.simulate import simulate
+    from pyengine.report import gantt, jsonable, plan_view, tables, trace
+
+    spec, dev, note = _load(args)
+    if args.schedule is not None:
+        spec = spec.replace(schedule={"kind": args.schedule})
+    tl = simulate(spec, device=dev)
+    if args.trace:
+        trace.write_trace(tl, args.trace)
+    if args.png:
+        gantt.write_gantt(tl, args.png, f"{spec.schedule.kind}, m={spec.schedule.micro_batches}, "
+                                        f"{spec.comm.boundary}, {dev.name}: makespan "
+                                        f"{fmt_s(tl.makespan_s)}, bubble {fmt_pct(tl.bubble_fraction)}")
+    if args.json:
+        data = tl.to_dict()
+        data["device"] = dev.name
+        data["schedule"] = spec.schedule.kind
+        print(jsonable.to_json(data))
+        return 0
+    out = tables.console()
+    out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
+    plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
+    for path, what in ((args.trace, "trace"), (args.png, "Gantt chart")):
+        if path:
+            out.print(f"wrote {what}: {path}")
+    return 0

@@ -1,0 +1,147 @@
+"""`pyengine run`: the main job. Validates everything first, then starts the ranks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+PROFILE_ITERS = 5
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the 3-stage pipeline end to end and report measurements",
+                       description="Runs the deployment on the best backend (>= 3 GPUs: nccl; "
+                                   "1 GPU: local transport with virtual ranks; no GPU: gloo on CPU).")
+    p.add_argument("--config", help="deployment JSON (default: the packaged seed_3gpu.json)")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"])
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokens seed")
+    p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind")
+    p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches")
+    p.add_argument("--timeout", type=float, help="override comm.timeout_s (per action)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the no-overlap and m=1 variants")
+    p.add_argument("--no-scale", action="store_true", help="on CPU, run the model at full size")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--trace", help="write a Perfetto/Chrome trace of the measured timeline")
+    p.add_argument("--png", help="write a Gantt chart (PNG) of the measured timeline")
+    p.add_argument("--dump", help="write tokens.pt, logits.pt and spec.json of the last iteration here")
+    p.add_argument("--profile", action="store_true",
+                   help="bracket the timed iterations with cudaProfilerStart/Stop (for nsys)")
+    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:exit|hang
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from pyengine.core.spec import SpecError
+
+    for name in ("iters", "warmup"):
+        v = getattr(args, name)
+        if v < (1 if name == "iters" else 0):
+            raise SpecError(f"--{name}", v, "must be >= 1" if name == "iters" else "must be >= 0")
+    if args.dump and os.path.exists(args.dump) and not os.path.isdir(args.dump):
+        raise SpecError("--dump", args.dump, "exists and is not a directory")
+
+
+def resolve_spec(args: argparse.Namespace):
+    from pyengine.core.spec import load_spec
+
+    spec = load_spec(args.config)
+    changes: dict = {}
+    if args.schedule:
+        changes.setdefault("schedule", {})["kind"] = args.schedule
+    if args.micro_batches is not None:
+        changes.setdefault("schedule", {})["micro_batches"] = args.micro_batches
+    if args.timeout is not None:
+        changes["comm"] = {"timeout_s": args.timeout}
+    return spec.replace(**changes) if changes else spec
+
+
+def _fault(text: str, table):
+    from pyengine.core.spec import SpecError
+    from pyengine.execute.faults import Fault
+
+    try:
+        fault = Fault.parse(text)
+    except ValueError:
+        fault = None
+    if fault is None or not any(a.id == fault.action for a in table.get(fault.rank, [])):
+        raise SpecError("--inject-fault", text, "must be RANK:ACTION_ID:exit|hang naming an action "
+                                                "in that rank's table")
+    return fault
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    spec = resolve_spec(args)  # every config error surfaces here, before any process starts
+    from pyengine.execute.launch import Backend, LaunchError, bind, pick_backend, run_ranks
+    from pyengine.execute.measure import RunOptions, measure_rank, variants
+    from pyengine.execute.scaling import scale_for_cpu
+    from pyengine.report.run_summary import summarize
+    from pyengine.report.run_view import print_summary
+    from pyengine.schedule import build
+
+    backend = pick_backend(spec.world_size, args.backend)
+    note = ""
+    if backend is Backend.GLOO and not args.no_scale:
+        spec, note = scale_for_cpu(spec)
+    table = build(spec)  # prove the tables before anything runs
+    fault = _fault(args.inject_fault, table) if args.inject_fault else None
+    iters, baselines = args.iters, not args.no_baselines
+    if args.profile:  # a short, steady-state-only capture: no baseline variants in the trace
+        iters, baselines = min(iters, PROFILE_ITERS), False
+        print(f"--profile: {iters} timed iterations of the pipeline only, bracketed by "
+              f"cudaProfilerStart/Stop", file=sys.stderr)
+    opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
+                      profile=args.profile, fault=fault)
+    groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
+    try:
+        results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
+                            groups=groups, timeout_s=spec.comm.timeout_s,
+                            job_timeout_s=spec.comm.timeout_s * 4 + 120)  # start-up and all variants
+    except LaunchError as e:
+        print(f"pyengine run: {e}", file=sys.stderr)
+        return 1
+    if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
+        return 0
+    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note)
+    _write_artifacts(args, summary, spec, results, backend)
+    if args.json:
+        from pyengine.report.jsonable import to_jsonable
+
+        print(json.dumps(to_jsonable(summary), indent=2))
+    else:
+        print_summary(summary)
+    return 0 if summary.check.ok else 1
+
+
+def _write_artifacts(args, summary, spec, results, backend) -> None:
+    tl = summary.variants["pipeline"].timeline
+    if args.trace:
+        from pyengine.report.trace import write_trace
+
+        write_trace(tl, args.trace)
+    if args.png:
+        from pyengine.report.gantt import write_gantt
+
+        write_gantt(tl, args.png, title=f"pyengine run ({backend.value}, measured)",
+                    unit="GPU" if backend.value == "nccl" else "rank")
+    if args.dump:
+        _dump(args.dump, spec, results, args.seed)
+
+
+def _dump(path: str, spec, results, seed: int) -> None:
+    import torch
+
+    from pyengine.model.weights import make_tokens
+
+    os.makedirs(path, exist_ok=True)
+    out = results[spec.stage("output").gpus[0]]
+    torch.save(make_tokens(spec, seed), os.path.join(path, "tokens.pt"))
+    m = spec.model
+    logits = torch.from_numpy(out.logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
+    torch.save(logits, os.path.join(path, "logits.pt"))
+    with open(os.path.join(path, "spec.json"), "w") as f:
+        f.write(spec.to_json())

@@ -1,0 +1,5 @@
+import sys
+
+from pyengine.commbench.cli import main
+
+sys.exit(main())

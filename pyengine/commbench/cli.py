@@ -1,0 +1,131 @@
+"""Options and entry of `pyengine bench comm` (also `python -m pyengine.commbench` under torchrun).
+
+Flags follow nccl-tests: ``--op all_reduce|reduce_scatter|broadcast|sendrecv``,
+``-b/--minbytes``, ``-e/--maxbytes`` (suffixes K, M, G: powers of 1024), ``-f/--stepfactor``,
+``-n/--iters``, ``-w/--warmup_iters``, ``-c/--check 0|1``, ``-d/--datatype``, ``-r/--root``;
+plus ``--backend nccl|gloo|local|auto``, ``--nranks``, ``--json`` and ``--timeout`` (seconds,
+bounds every wait; the whole job is bounded by a multiple of it).
+
+Backends (pyengine.execute.launch): gloo spawns ``--nranks`` CPU processes; local runs
+``--nranks`` virtual ranks (threads) on one device; nccl spawns one process per GPU, or is one
+rank of torchrun's: ``torchrun --nproc-per-node=N -m pyengine.commbench --backend nccl ...``.
+
+Columns (as nccl-tests): size (B), count (elements; per-rank output count for reduce_scatter),
+type, redop, root, time (us: per-iteration average, max over ranks), algbw = size / time
+(GB/s), busbw = algbw x bus factor (pyengine.core.collectives) and #wrong (elements differing
+from the exact expected result, summed over ranks; ``-c 0`` prints N/A). Each rank fills its
+buffers with small integers that depend on (rank, index), so every result is exact in every
+supported dtype and known in closed form. The exit status is 1 when any #wrong is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from pyengine.commbench.collectives import OPS
+from pyengine.core import dtypes
+from pyengine.core.errors import UsageError
+
+DEFAULT_NRANKS = 3
+DATATYPES = sorted({*dtypes.BYTES, *dtypes.ALIASES})
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '4M' -> 4 MiB, '1G', or plain bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 1024, 1K, 4M, 1G")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--op", choices=OPS, default="all_reduce")
+    parser.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("32M"),
+                        help="smallest message (bytes; K/M/G suffixes)")
+    parser.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("32M"),
+                        help="largest message (bytes; K/M/G suffixes)")
+    parser.add_argument("-f", "--stepfactor", type=int, default=2,
+                        help="multiply the size by this factor between rows")
+    parser.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size")
+    parser.add_argument("-w", "--warmup_iters", type=int, default=5, help="untimed iterations")
+    parser.add_argument("-c", "--check", type=int, choices=(0, 1), default=1,
+                        help="check results (#wrong)")
+    parser.add_argument("-d", "--datatype", choices=DATATYPES, default="float")
+    parser.add_argument("-r", "--root", type=int, default=0, help="broadcast root")
+    parser.add_argument("--backend", choices=("auto", "nccl", "gloo", "local"), default="auto",
+                        help="auto: nccl under torchrun or with a GPU per rank, local with a GPU, else gloo")
+    parser.add_argument("--nranks", type=int, default=None,
+                        help=f"ranks (default {DEFAULT_NRANKS}); under torchrun: WORLD_SIZE")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds bounding each wait")
+    parser.add_argument("--corrupt-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def options(args: argparse.Namespace, nranks: int):
+    """Checked options, or UsageError naming the flag: nothing runs on bad flags."""
+    from pyengine.commbench.harness import BenchOptions, sizes
+
+    rules = [("-b", args.minbytes, args.minbytes > 0, "must be > 0"),
+             ("-e", args.maxbytes, args.maxbytes >= args.minbytes, f"must be >= -b ({args.minbytes})"),
+             ("-n", args.iters, args.iters >= 1, "must be >= 1"),
+             ("-w", args.warmup_iters, args.warmup_iters >= 0, "must be >= 0"),
+             ("--nranks", nranks, nranks >= 1, "must be >= 1"),
+             ("--timeout", args.timeout, args.timeout > 0 and args.timeout == args.timeout, "must be > 0"),
+             ("-r", args.root, 0 <= args.root < nranks, f"must be in [0, nranks={nranks})")]
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise UsageError(flag, value, rule)
+    return BenchOptions(op=args.op, sizes=sizes(args.minbytes, args.maxbytes, args.stepfactor),
+                        dtype=dtypes.canonical(args.datatype), iters=args.iters,
+                        warmup=args.warmup_iters, check=bool(args.check), root=args.root,
+                        timeout_s=args.timeout, corrupt_rank=args.corrupt_rank)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark described by ``args``; prints; returns the exit status."""
+    from pyengine.commbench.harness import bench_rank, combine
+    from pyengine.core import provenance
+    from pyengine.execute.launch import LaunchError, bind, pick_backend, run_ranks, under_torchrun
+    from pyengine.report.comm_table import format_table
+
+    nranks = (int(os.environ["WORLD_SIZE"]) if under_torchrun()
+              else args.nranks if args.nranks is not None else DEFAULT_NRANKS)
+    opts = options(args, nranks)
+    backend = pick_backend(nranks, args.backend)
+    try:
+        per_rank = run_ranks(bind(bench_rank, opts), nranks, backend=backend,
+                             groups=[tuple(range(nranks))], timeout_s=opts.timeout_s,
+                             job_timeout_s=opts.timeout_s * (len(opts.sizes) + 2) + 60)
+    except LaunchError as e:
+        print(f"pyengine bench comm: {e}", file=sys.stderr)
+        return 1
+    if per_rank is None:
+        return 0  # a non-zero torchrun rank: rank 0 prints
+    import torch
+
+    device = (torch.device("cuda", torch.cuda.current_device()) if backend.value != "gloo"
+              and torch.cuda.is_available() else torch.device("cpu"))
+    rows = combine(per_rank, opts.op, nranks)
+    meta = {"op": opts.op, "backend": backend.value, "nranks": nranks,
+            "type": dtypes.NCCL_TESTS_NAMES.get(opts.dtype, opts.dtype),
+            "root": opts.root, "iters": opts.iters, "warmup": opts.warmup, "check": opts.check,
+            **provenance.record(device, "pyengine.commbench")}
+    print(json.dumps({"meta": meta, "rows": rows}, indent=2) if args.json else format_table(meta, rows))
+    return 1 if any(r["wrong"] > 0 for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyengine.commbench",
+                                     description="nccl-tests-style comm benchmark")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: {e.kind}: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,32 @@
+"""Bad input, named: every user-facing input error says the field, the value and the rule, in
+one line (the CLI prints it and exits 2 before anything starts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ECHO_LIMIT = 80
+"""Characters of an offending value echoed back: a 50 MB string must not become a 50 MB line."""
+
+
+def echo(value: Any) -> str:
+    text = repr(value)
+    if len(text) > ECHO_LIMIT:
+        text = f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
+    return text.replace("\n", "\\n")
+
+
+class InputError(ValueError):
+    """An input (config key, command-line option, file) breaks a rule. `field` names it."""
+
+    kind = "bad input"
+
+    def __init__(self, field: str, value: Any, rule: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(f"{field} = {echo(value)}: {rule}")
+
+
+class UsageError(InputError):
+    """A command-line option breaks a rule."""
+
+    kind = "bad option"

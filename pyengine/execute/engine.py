@@ -1,0 +1,41 @@
+"""`pyengine.Engine`: the runtime as a library, e.g. inside a torchrun script.
+
+    tr = pyengine.transport.create_transport("nccl", rank=rank, world_size=3, device=rank,
+                                             groups=[(0, 1, 2), spec.stage("experts").gpus])
+    engine = pyengine.Engine(spec, tr)
+    logits = engine.forward(ids)   # [B, S, V] on the output stage's rank, None elsewhere
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyengine.core.spec import DeploymentSpec
+from pyengine.execute.runtime import BatchResult, RankRuntime
+from pyengine.model.weights import rank_weights
+from pyengine.schedule import build
+
+
+class Engine:
+    def __init__(self, spec: DeploymentSpec, transport, *, seed: int = 0,
+                 weights: dict[str, torch.Tensor] | None = None, device: torch.device | None = None):
+        if transport.world_size < spec.world_size:
+            raise ValueError(f"transport.world_size = {transport.world_size}: the spec needs "
+                             f"{spec.world_size} ranks")
+        self.spec, self.transport = spec, transport
+        self.rank = transport.rank
+        self.device = torch.device(device) if device is not None else transport.device
+        self.table = build(spec)  # checked before anything runs
+        self.weights = weights if weights is not None else rank_weights(spec, seed, self.rank, self.device)
+        self._runtime = RankRuntime(spec, self.rank, transport, self.weights, self.device,
+                                    table=self.table)
+        self.last: BatchResult | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """One batch; every rank calls it with the same ids [B, S]."""
+        m = self.spec.model
+        if tuple(ids.shape) != (m.batch_size, m.seq_len):
+            raise ValueError(f"ids.shape = {tuple(ids.shape)}: expected (batch_size, seq_len) = "
+                             f"({m.batch_size}, {m.seq_len})")
+        self.last = self._runtime.forward(ids)
+        return self.last.logits

@@ -1,0 +1,123 @@
+"""What one rank measures in `pyengine run`: the pipeline and its baselines, same weights, same run.
+
+Variants (all on the same ranks and transport):
+  pipeline     the spec as given;
+  no_overlap   comm waited on as soon as it is issued (serialised with compute);
+  m1           one micro-batch (no pipelining);
+  single       the whole block on one device, sequential, same stage code (output rank only).
+Latency: each timed iteration starts after a barrier and ends when the rank's last op has
+completed. Throughput: STREAM_BATCHES batches streamed as one schedule (see stream_spec).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pyengine.core import provenance
+from pyengine.core.spec import DeploymentSpec
+from pyengine.execute.faults import Fault
+from pyengine.execute.launch import RankContext
+from pyengine.execute.results import RankMeasurement, VariantMeasurement
+from pyengine.execute.runtime import RankRuntime
+from pyengine.model.forward import single_device
+from pyengine.model.reference import reference_forward
+from pyengine.model.weights import init_weights, make_tokens, rank_weights
+
+STREAM_BATCHES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    iters: int = 10
+    warmup: int = 2
+    seed: int = 0
+    baselines: bool = True
+    profile: bool = False
+    fault: Fault | None = None
+    """Testing hook: kill or stall one rank at one action (pipeline variant only)."""
+
+
+def variants(spec: DeploymentSpec, baselines: bool) -> dict[str, DeploymentSpec]:
+    out = {"pipeline": spec}
+    if baselines:
+        if spec.comm.overlap:
+            out["no_overlap"] = spec.replace(comm={"overlap": False})
+        if spec.schedule.micro_batches != 1:
+            out["m1"] = spec.replace(schedule={"micro_batches": 1})
+    return out
+
+
+def stream_spec(spec: DeploymentSpec, batches: int) -> DeploymentSpec:
+    """`batches` batches back to back as one schedule of batches*m micro-batches, so batch i+1's
+    first stages overlap batch i's last ones: the steady state of a continuous stream."""
+    return spec.replace(model={"batch_size": spec.model.batch_size * batches},
+                        schedule={"micro_batches": spec.schedule.micro_batches * batches})
+
+
+def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> RankMeasurement:
+    device = ctx.device
+    weights = rank_weights(spec, opts.seed, ctx.rank, device)
+    ids = make_tokens(spec, opts.seed)
+    out = RankMeasurement(rank=ctx.rank, device=provenance.device_name(device))
+    for name, vspec in variants(spec, opts.baselines).items():
+        rt = RankRuntime(vspec, ctx.rank, ctx.transport, weights, device,
+                         fault=opts.fault if name == "pipeline" else None)
+        for _ in range(opts.warmup):
+            rt.forward(ids, timed=False)
+        latencies, last = [], None
+        if opts.profile and device.type == "cuda":
+            torch.cuda.profiler.start()  # nsys --capture-range=cudaProfilerApi
+        for _ in range(opts.iters):
+            ctx.barrier()
+            t0 = time.perf_counter()
+            last = rt.forward(ids)
+            latencies.append(time.perf_counter() - t0)
+        stream_tokens, stream_s = _stream(ctx, vspec, weights, opts)
+        if opts.profile and device.type == "cuda":
+            torch.cuda.profiler.stop()
+        out.variants[name] = VariantMeasurement(latencies, stream_tokens, stream_s, opts.iters,
+                                                last.times, last.t0)
+        if name == "pipeline" and last.logits is not None:
+            out.logits = last.logits.float().cpu().numpy()  # numpy: pickles by value across processes
+        ctx.barrier()
+    if ctx.rank in spec.stage("output").gpus:
+        _single_device(out, spec, opts, ids, device)
+    return out
+
+
+def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOptions) -> tuple[int, float]:
+    """(tokens, seconds) of a stream of STREAM_BATCHES batches after one untimed pass."""
+    sspec = stream_spec(spec, STREAM_BATCHES)
+    rt = RankRuntime(sspec, ctx.rank, ctx.transport, weights, ctx.device)
+    ids = make_tokens(sspec, opts.seed)
+    rt.forward(ids, timed=False)
+    ctx.barrier()
+    t0 = time.perf_counter()
+    rt.forward(ids, timed=False)
+    return sspec.model.tokens, time.perf_counter() - t0
+
+
+def _single_device(out: RankMeasurement, spec: DeploymentSpec, opts: RunOptions, ids: torch.Tensor,
+                   device: torch.device) -> None:
+    """The independent reference logits and the single-device sequential baseline."""
+    w = init_weights(spec, opts.seed, device=device)
+    flat = ids.reshape(-1).to(device)
+    out.reference_logits = reference_forward(spec, w, ids.to(device)).float().cpu().numpy()
+    for _ in range(opts.warmup):
+        single_device(spec, w, flat)
+    _sync(device)
+    lat = []
+    for _ in range(opts.iters):  # wall time, like the pipeline's latency: host overhead included
+        t0 = time.perf_counter()
+        single_device(spec, w, flat)
+        _sync(device)
+        lat.append(time.perf_counter() - t0)
+    out.single_latency_s = lat
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

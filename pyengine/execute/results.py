@@ -1,0 +1,46 @@
+"""What crosses from a rank to the launcher: typed measurements, not string-keyed dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class ActionTime:
+    id: str
+    """The action id (its NVTX range name)."""
+    kind: str
+    stage: int
+    micro_batch: int
+    lane: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(slots=True)
+class VariantMeasurement:
+    """One variant (pipeline, no_overlap, m1) as one rank saw it."""
+
+    latency_s: list[float]
+    stream_tokens: int
+    stream_s: float
+    iters: int
+    times: list[ActionTime]
+    """The last timed iteration's actions, relative to t0."""
+    t0: float
+    """perf_counter() at that iteration's start: one monotonic clock per host aligns ranks."""
+
+
+@dataclass(slots=True)
+class RankMeasurement:
+    rank: int
+    device: str
+    variants: dict[str, VariantMeasurement] = field(default_factory=dict)
+    logits: np.ndarray | None = None
+    """The pipeline's logits [B, S, V] (output rank only)."""
+    reference_logits: np.ndarray | None = None
+    """The independent single-device reference (output rank only)."""
+    single_latency_s: list[float] | None = None
+    """The single-device sequential baseline (output rank only)."""

@@ -1,0 +1,230 @@
+"""Executes one rank's action table: compute on the compute stream, comm through the transport.
+
+Comm actions are issued asynchronously in table order; a COMPUTE waits only on the handles of
+the actions it consumes (its `deps`), so receives for micro-batch i+1 and the TP reduction /
+sends of micro-batch i proceed while micro-batch i+1 computes. Every action is timed (CUDA
+events on GPU, perf_counter on CPU) and wrapped in an NVTX range named by its id.
+
+Values are typed: each action's result is {Payload: tensors}; a compute's inputs are its
+deps' results grouped by payload, in dep order. Nothing here knows what a stage computes
+(pyengine.model.stages) or which payloads a boundary moves (pyengine.model.boundaries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pyengine.core.collectives import Collective
+from pyengine.core.dtypes import torch_dtype
+from pyengine.core.spec import DeploymentSpec
+from pyengine.execute.faults import Fault
+from pyengine.execute.results import ActionTime
+from pyengine.execute.timer import Timer
+from pyengine.model.payloads import Payload, chunk_rows
+from pyengine.model.stages import stages_of
+from pyengine.schedule import Action, ActionId, Kind, Table, build
+
+
+class RankError(RuntimeError):
+    """A rank failed or stalled inside an action; names both."""
+
+    def __init__(self, rank: int, action: str, cause: BaseException | str):
+        self.rank, self.action = rank, action
+        super().__init__(f"rank {rank} failed in action {action}: {cause}")
+
+
+@dataclass(slots=True)
+class _Pending:
+    action: Action
+    handles: list
+    issued_s: float
+    keep_alive: tuple = ()
+    """Buffers the op reads that nothing else references (e.g. a padded reduce-scatter input)."""
+    done_s: float | None = None
+
+
+@dataclass
+class BatchResult:
+    logits: torch.Tensor | None
+    times: list[ActionTime] = field(default_factory=list)
+    t0: float = 0.0
+    """perf_counter() at the batch start; times are relative to it."""
+
+
+def _nvtx_range(name: str, cuda: bool):
+    """An NVTX range for nsys (torch's binding: present wherever CUDA torch is); none on CPU."""
+    return torch.cuda.nvtx.range(name) if cuda else contextlib.nullcontext()
+
+
+class RankRuntime:
+    """One rank of the pipeline. `forward(ids)` returns logits [B, S, V] on the output rank."""
+
+    def __init__(self, spec: DeploymentSpec, rank: int, transport, weights: dict[str, torch.Tensor],
+                 device: torch.device, *, table: Table | None = None, fault: Fault | None = None):
+        self.spec, self.rank, self.transport, self.w, self.device = spec, rank, transport, weights, device
+        self.fault = fault if fault is not None and fault.rank == rank else None
+        self.actions = (table if table is not None else build(spec)).get(rank, [])
+        self.stages = stages_of(spec)
+        self.bounds = spec.micro_batch_bounds()
+        self.timeout_s = spec.comm.timeout_s
+        self.overlap = spec.comm.overlap
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.timer = Timer(device, self.stream)
+        self.is_output = rank in spec.stage("output").gpus
+
+    # ---- public -----------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, *, timed: bool = True) -> BatchResult:
+        flat = ids.reshape(-1).to(self.device)
+        self._vals: dict[ActionId, dict[Payload, tuple]] = {}
+        self._pending: dict[ActionId, _Pending] = {}
+        self._times: list = []
+        self._logits: list[torch.Tensor | None] = [None] * len(self.bounds)
+        self._t0 = time.perf_counter()
+        self._timed = timed
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        self._mark0 = self.timer.mark()
+        with ctx:
+            for a in self.actions:
+                try:
+                    with _nvtx_range(a.id, self.cuda):
+                        self._run(a, flat)
+                except RankError:
+                    raise
+                except Exception as e:  # name the rank and action, keep the cause chained
+                    raise RankError(self.rank, a.id, f"{type(e).__name__}: {e}") from e
+            self._drain()
+        logits = None
+        if self.is_output:
+            m = self.spec.model
+            logits = torch.cat(self._logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
+        times = self._collect_times() if timed else []
+        self._vals, self._pending = {}, {}
+        return BatchResult(logits, times, self._t0)
+
+    # ---- actions --------------------------------------------------------------------------
+    def _run(self, a: Action, flat: torch.Tensor) -> None:
+        if self.fault is not None and self.fault.action == a.id:
+            self.fault.trigger()
+        self._poll()
+        if a.kind is Kind.COMPUTE:
+            for d in a.deps:
+                self._wait(d)
+            start = self.timer.mark()
+            self._compute(a, flat)
+            self._times.append((a, "compute", start, self.timer.mark()))
+            return
+        for d in a.deps:  # a comm action consuming another comm action's result (send after reduce)
+            if d in self._pending:
+                self._wait(d)
+        issued = time.perf_counter()
+        handles, keep = self._issue(a)
+        self._pending[a.key] = _Pending(a, handles, issued, keep)
+        if not self.overlap:
+            self._wait(a.key)
+
+    def _compute(self, a: Action, flat: torch.Tensor) -> None:
+        lo, hi = self.bounds[a.micro_batch]
+        inputs: dict[Payload, list[tuple]] = defaultdict(list)
+        for d in a.deps:
+            for payload, value in self._vals[d].items():
+                inputs[payload].append(value)
+        out = self.stages[a.stage].compute(self.w, flat[lo:hi], inputs)
+        self._vals[a.key] = out
+        if Payload.LOGITS in out:
+            self._logits[a.micro_batch] = out[Payload.LOGITS][0]
+
+    def _tokens(self, a: Action) -> int:
+        lo, hi = self.bounds[a.micro_batch]
+        return hi - lo
+
+    def _issue(self, a: Action) -> tuple[list, tuple]:
+        tr, name = self.transport, a.id
+        if a.kind is Kind.SEND:
+            return [tr.send(t, a.peers[0], name=name) for t in self._vals[a.deps[0]][a.payload]], ()
+        if a.kind is Kind.RECV:
+            bufs = tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
+                         for b in a.payload.buffers(self.spec, self._tokens(a)))
+            self._vals[a.key] = {a.payload: bufs}
+            return [tr.recv(b, a.peers[0], name=name) for b in bufs], ()
+        return self._reduce(a)
+
+    def _reduce(self, a: Action) -> tuple[list, tuple]:
+        (partial,) = self._vals[a.deps[0]][Payload.PARTIAL]
+        if a.payload.collective is Collective.ALL_REDUCE:  # in place: the partial becomes the sum
+            self._vals[a.key] = {a.payload: (partial,)}
+            return [self.transport.all_reduce(partial, a.peers, name=a.id)], ()
+        rows = chunk_rows(partial.shape[0], len(a.peers))
+        padded = partial
+        if rows * len(a.peers) != partial.shape[0]:  # NCCL's reduce-scatter takes equal chunks
+            padded = torch.zeros(rows * len(a.peers), partial.shape[1], dtype=partial.dtype,
+                                 device=partial.device)
+            padded[: partial.shape[0]] = partial
+        out = torch.empty(rows, partial.shape[1], dtype=partial.dtype, device=partial.device)
+        self._vals[a.key] = {a.payload: (out,)}
+        return [self.transport.reduce_scatter(out, padded, a.peers, name=a.id)], (padded,)
+
+    # ---- waiting and timing -------------------------------------------------------------------
+    def _wait(self, key: ActionId) -> None:
+        p = self._pending.get(key)
+        if p is None or p.done_s is not None:
+            return
+        for h in p.handles:
+            try:
+                h.wait(self.timeout_s)
+            except Exception as e:
+                raise RankError(self.rank, str(key), f"{type(e).__name__}: {e}") from e
+        p.done_s = time.perf_counter()
+
+    def _poll(self) -> None:
+        """Note ops seen complete: bounds a CPU comm action's end to the action grain. GPU comm
+        is timed by the transport's events and untimed runs need no ends, so skip the queries."""
+        if self.cuda or not self._timed:
+            return
+        now = time.perf_counter()
+        for p in self._pending.values():
+            if p.done_s is None and all(h.is_completed() for h in p.handles):
+                p.done_s = now
+
+    def _drain(self) -> None:
+        """Every issued op must complete within the timeout: a stuck peer becomes an error, never a hang."""
+        self._poll()
+        for key, p in self._pending.items():
+            self._wait(key)
+            deadline = time.monotonic() + self.timeout_s
+            while not all(h.is_completed() for h in p.handles):
+                if time.monotonic() > deadline:
+                    raise RankError(self.rank, str(key), f"did not complete within {self.timeout_s:g} s "
+                                                         f"(peer(s) {list(p.action.peers)} stuck or dead)")
+                time.sleep(1e-4)
+        if self.cuda:
+            self.stream.synchronize()
+
+    def _since0(self, mark: Any) -> float:
+        return self.timer.elapsed(self._mark0, mark)
+
+    def _collect_times(self) -> list[ActionTime]:
+        out = [ActionTime(a.id, a.kind.value, a.stage, a.micro_batch, lane,
+                          self._since0(s), self._since0(e))
+               for a, lane, s, e in self._times]
+        for p in self._pending.values():
+            s, e = self._comm_window(p)
+            a = p.action
+            out.append(ActionTime(a.id, a.kind.value, a.stage, a.micro_batch, "comm", s, e))
+        out.sort(key=lambda t: t.start_s)
+        return out
+
+    def _comm_window(self, p: _Pending) -> tuple[float, float]:
+        """Start/end of a comm action: the transport's own CUDA events when it exposes them,
+        else issue time to the moment its completion was observed (an upper bound on CPU)."""
+        evs = [getattr(h, "events", None) for h in p.handles]
+        if self.cuda and all(e is not None for e in evs):
+            return (min(self._since0(e[0]) for e in evs), max(self._since0(e[1]) for e in evs))
+        end = p.done_s if p.done_s is not None else time.perf_counter()
+        return p.issued_s - self._t0, end - self._t0

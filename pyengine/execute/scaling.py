@@ -1,0 +1,31 @@
+"""Shrinking the model for a CPU run: the seed (990 GFLOP per batch) is beyond a CPU's budget."""
+
+from __future__ import annotations
+
+from pyengine.core.spec import DeploymentSpec
+from pyengine.model.stages import rank_flops
+
+CPU_FLOP_BUDGET = 4e9  # per batch: keeps the CPU run (3 ranks x 3 variants) well under 60 s
+
+
+def scale_for_cpu(spec: DeploymentSpec) -> tuple[DeploymentSpec, str]:
+    """Shrink H, F and V by the smallest power of two that fits the CPU budget; fp32 on CPU.
+    Returns (spec, note); note is '' when nothing changed."""
+    m = spec.model
+    total = sum(rank_flops(spec).values())
+    d = 1
+    while total / (d * d) > CPU_FLOP_BUDGET and min(m.hidden_size, m.ffn_hidden_size) // (2 * d) >= 16:
+        d *= 2
+    new = {"hidden_size": m.hidden_size // d, "ffn_hidden_size": m.ffn_hidden_size // d,
+           "vocab_size": max(m.vocab_size // d, m.num_experts)}
+    if m.dtype != "float32":
+        new["dtype"] = "float32"
+    changed = {k: (getattr(m, k), v) for k, v in new.items() if getattr(m, k) != v}
+    if not changed:
+        return spec, ""
+    what = ", ".join(f"{k} {a}→{b}" for k, (a, b) in changed.items())
+    note = (f"CPU backend: scaled the model ({what}) because the full size needs "
+            f"{total / 1e9:.0f} GFLOP per batch and this run's budget is {CPU_FLOP_BUDGET / 1e9:.0f} "
+            f"(fp32: CPU bf16 GEMMs are emulated). Tokens, experts, top-k and the layout are unchanged; "
+            f"--no-scale runs full size.")
+    return spec.replace(model=new), note

@@ -1,0 +1,73 @@
+"""The experts -> output hand-off patterns (`comm.boundary`), one object each.
+
+A boundary says which payload reaches the output stage, whether the experts group reduces it
+with a collective first, who sends it, and how the output stage turns what it received into
+the partial sums its first kernel adds. The schedule builder, the cost model and the output
+stage all ask the boundary; adding a pattern means adding one class here (and a payload in
+pyengine.model.payloads if it moves something new).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyengine.model.payloads import Payload
+
+if TYPE_CHECKING:
+    from pyengine.core.spec import DeploymentSpec
+
+Inputs = Mapping[Payload, Sequence[tuple[Any, ...]]]
+"""A compute's inputs: per payload, the received (or locally produced) tensors in dep order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    name: str
+    payload: Payload
+    """What the output stage receives from the experts group."""
+    reduces: bool
+    """True: the group runs payload.collective before anything is sent."""
+
+    def senders(self, group: Sequence[int], output: int) -> tuple[int, ...]:
+        """Members whose payload the output stage consumes, in group order."""
+        return tuple(group)
+
+    def output_reads(self, group_size: int) -> int:
+        """Partial-sum tensors the output stage's first kernel reads per micro-batch."""
+        return 1
+
+    def gather(self, inputs: Inputs, tokens: int) -> list[Any]:
+        """The partial sums (each [tokens, H]) that the output stage adds to the residual."""
+        return [v[0] for v in inputs[self.payload]]
+
+
+class _AllReduce(Boundary):
+    def senders(self, group: Sequence[int], output: int) -> tuple[int, ...]:
+        # The output GPU, when it is in the group, already holds the sum: nobody sends.
+        return (output if output in group else group[0],)
+
+
+class _ReduceScatter(Boundary):
+    def gather(self, inputs: Inputs, tokens: int) -> list[Any]:
+        import torch
+
+        chunks = [v[0] for v in inputs[self.payload]]  # group order = token order
+        return [torch.cat(chunks)[:tokens]]  # the last chunk's padding rows are dropped
+
+
+class _Partials(Boundary):
+    def output_reads(self, group_size: int) -> int:
+        return group_size  # summed in the output's first kernel, no collective
+
+
+BOUNDARIES: dict[str, Boundary] = {
+    "all_reduce": _AllReduce("all_reduce", Payload.SUM, reduces=True),
+    "reduce_scatter": _ReduceScatter("reduce_scatter", Payload.HALF, reduces=True),
+    "partials": _Partials("partials", Payload.PARTIAL, reduces=False),
+}
+
+
+def boundary_of(spec: DeploymentSpec) -> Boundary:
+    return BOUNDARIES[spec.comm.boundary]

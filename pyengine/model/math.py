@@ -1,0 +1,22 @@
+"""Numerical building blocks of the stages (torch): RMSNorm and the top-k router.
+
+Tests check these against closed forms and against transformers' modules; the single-device
+reference used by `pyengine run`'s output check (pyengine.model.reference) does not call them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32, returned in x.dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def route(u: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (fp32), top-k, renormalised: (ids int32 [T,k], weights fp32 [T,k])."""
+    probs = torch.softmax((u @ router).float(), dim=-1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    return ids.to(torch.int32), w / w.sum(-1, keepdim=True)

@@ -1,0 +1,45 @@
+"""The three stages of the block, one object each (embed + router, experts, output head).
+
+Each stage answers, for a rank that runs it: its FLOPs and the kernels it launches (FLOPs and
+HBM bytes each, for the roofline), the weights it holds (names, slices, bytes), its activation
+working set, the model part it is, what it consumes from which stage, and `compute` itself
+(torch, imported on call). The schedule, the planner, the simulator and the runtime all ask
+these objects; none of them branches on a stage number.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
+from pyengine.model.stages.embed import EmbedStage
+from pyengine.model.stages.experts import ExpertsStage
+from pyengine.model.stages.output import OutputStage
+
+if TYPE_CHECKING:
+    from pyengine.core.spec import DeploymentSpec
+
+__all__ = ["EmbedStage", "ExpertsStage", "Inputs", "KernelCost", "OutputStage", "Shard", "Stage",
+           "StageKind", "rank_flops", "stages_of", "stages_on"]
+
+
+@functools.lru_cache(maxsize=256)
+def stages_of(spec: DeploymentSpec) -> tuple[Stage, ...]:
+    """The spec's stages in pipeline order, indexable by StageKind."""
+    return (EmbedStage(spec), ExpertsStage(spec), OutputStage(spec))
+
+
+def stages_on(spec: DeploymentSpec, rank: int) -> list[Stage]:
+    """The stages `rank` runs, in pipeline order."""
+    return [s for s in stages_of(spec) if rank in s.ranks]
+
+
+def rank_flops(spec: DeploymentSpec, tokens: int | None = None) -> dict[int, float]:
+    """FLOPs per rank for `tokens` tokens (default: one whole batch)."""
+    t = spec.model.tokens if tokens is None else tokens
+    out = {r: 0.0 for r in spec.ranks}
+    for stage in stages_of(spec):
+        for r in stage.ranks:
+            out[r] += stage.flops(t, r)
+    return out

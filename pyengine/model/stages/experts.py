@@ -1,0 +1,87 @@
+"""Stage 1 (experts, tensor-parallel): each rank holds columns F_r of every expert and computes
+its partial y_r = sum over chosen (e, w) of w * (silu(u @ w_gate[e]) * (u @ w_up[e])) @ w_down[e].
+
+On CUDA the Triton kernels of pyengine.kernels run it; on CPU the same math runs in torch
+(the kernels themselves are tested on CPU under the Triton interpreter)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pyengine.model.payloads import Payload
+from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+class ExpertsStage(Stage):
+    kind = StageKind.EXPERTS
+    weight_names = EXPERT_WEIGHTS
+    inputs = ((Payload.ACT, StageKind.EMBED),)
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._cols = {rank: (a, b) for rank, a, b in spec.ffn_shards()}
+
+    def f_cols(self, rank: int) -> int:
+        a, b = self._cols[rank]
+        return b - a
+
+    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+        m, es = self.spec.model, self.elem
+        h, e, f = m.hidden_size, m.num_experts, self.f_cols(rank)
+        pairs = tokens * m.top_k
+        hit = min(e, pairs)  # experts touched: each streams its weights once per micro-batch
+        return [
+            KernelCost("gate_up_swiglu", 4.0 * pairs * h * f,
+                       2 * hit * h * f * es + pairs * h * es + pairs * f * es),
+            KernelCost("down_combine", 2.0 * pairs * f * h,
+                       hit * f * h * es + pairs * f * es + pairs * h * es + tokens * h * es),
+        ]
+
+    def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
+        m, f = self.spec.model, self.f_cols(rank)
+        e, h = m.num_experts, m.hidden_size
+        return {"w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h)}
+
+    def shard(self, rank: int) -> Shard:
+        return Shard(f_cols=self._cols[rank])
+
+    def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
+        m, es, t = self.spec.model, self.elem, tokens
+        h, k, f = m.hidden_size, m.top_k, self.f_cols(rank)
+        act_in = Payload.ACT.nbytes(self.spec, t) if rank not in self.spec.stage("embed").gpus else 0
+        work = act_in + 2 * t * k * h * es + t * k * f * es + t * h * es  # sorted rows, down out, SwiGLU out, y_r
+        return work, act_in + t * h * es  # queued input, partial awaiting its reduction / send
+
+    def part(self, rank: int) -> str:
+        if len(self.ranks) == 1:
+            return "experts"
+        a, b = self._cols[rank]
+        return f"experts F[{a}:{b}]"
+
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
+        (u, top_ids, top_w), = inputs[Payload.ACT]
+        return {Payload.PARTIAL: (expert_ffn(weights, u, top_ids, top_w),)}
+
+
+def expert_ffn(w: Mapping[str, Any], u, top_ids, top_w):
+    """This shard's partial y_r [T, H] in u.dtype (every expert's F_r columns in `w`)."""
+    if u.device.type == "cuda":
+        from pyengine.kernels import moe_expert_shard
+
+        # ids come from our own router (in range by construction): skip the range check,
+        # whose host sync would stall the asynchronous issue of the pipeline.
+        return moe_expert_shard(u, w["w_gate"], w["w_up"], w["w_down"], top_ids, top_w,
+                                check_ids=False)
+    import torch
+    import torch.nn.functional as F
+
+    y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    for e in torch.unique(top_ids).tolist():
+        tok, slot = (top_ids == e).nonzero(as_tuple=True)
+        ue = u[tok]
+        a = F.silu(ue @ w["w_gate"][e]) * (ue @ w["w_up"][e])
+        y.index_add_(0, tok, (a @ w["w_down"][e]).float() * top_w[tok, slot, None])
+    return y.to(u.dtype)

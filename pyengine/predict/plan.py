@@ -1,0 +1,112 @@
+"""What `pyengine plan` returns: per-GPU and per-stage predictions, baselines and verdicts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pyengine.core.spec import DeploymentSpec
+from pyengine.core.timeline import Timeline
+from pyengine.predict.devices import DeviceProfile
+from pyengine.predict.prediction import Baseline, Predicted
+
+
+@dataclass(slots=True)
+class GpuPlan:
+    index: int
+    parts: list[str]
+    """Model parts on this GPU (embed+router, an expert shard, output head)."""
+    flops: float
+    """FLOPs per batch."""
+    weight_bytes: int
+    weights: dict[str, int]
+    activation_bytes: int
+    memory_bytes: int
+    """weights + activations + reserved."""
+    memory_fraction: float
+    """memory_bytes / hardware.gpu_memory_gb."""
+    memory_share: float
+    """This GPU's share of the model's weights + activations over all GPUs."""
+    fits: bool
+    sent_bytes: int
+    """Per batch, all peers (ring collective traffic counted as sent to the ring successor)."""
+    recv_bytes: int
+    sent_per_peer: dict[int, float]
+    """Per micro-batch (batch total / m), by destination."""
+    recv_per_peer: dict[int, float]
+    busy_s: float
+    """Predicted compute-lane time per batch (sum of the roofline op times)."""
+    comm_s: float
+    """Predicted comm-lane time per batch."""
+    flop_share: float
+    busy_share: float
+
+
+@dataclass(slots=True)
+class StagePlan:
+    index: int
+    name: str
+    gpus: list[int]
+    flops: float
+    weight_bytes: int
+    activation_bytes: int
+    """Working set of the largest micro-batch, summed over the stage's GPUs."""
+    sent_bytes: int
+    busy_s: float
+    """Per batch: the slowest of the stage's GPUs."""
+
+
+@dataclass(slots=True)
+class Verdict:
+    claim: str
+    figure: str
+    holds: bool | None
+    """True, False, or None when it holds against one baseline but not the other."""
+    text: str
+
+
+@dataclass(slots=True)
+class Plan:
+    spec: DeploymentSpec
+    device: DeviceProfile
+    gpus: list[GpuPlan]
+    stages: list[StagePlan]
+    predicted: Predicted
+    baselines: list[Baseline]
+    verdicts: list[Verdict]
+    balanced_fractions: dict[int, float] | None
+    """F fractions for experts on every GPU that equalise predicted busy time (None if infeasible)."""
+    timeline: Timeline = field(repr=False)
+
+    @property
+    def load_balance(self) -> dict:
+        shares = [g.flop_share for g in self.gpus]
+        busy = [g.busy_share for g in self.gpus]
+        return {"shares": shares, "max_diff_pct": 100 * (max(shares) - min(shares)),
+                "busy_shares": busy, "busy_max_diff_pct": 100 * (max(busy) - min(busy))}
+
+    @property
+    def fits(self) -> bool:
+        return all(g.fits for g in self.gpus)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.spec.to_dict(),
+            "device": self.device.to_dict(),
+            "gpus": [_jsonable(asdict(g)) for g in self.gpus],
+            "stages": [asdict(s) for s in self.stages],
+            "load_balance": self.load_balance,
+            "module_division": {"parts_per_gpu": {str(g.index): g.parts for g in self.gpus},
+                                "total_parts": sum(len(g.parts) for g in self.gpus)},
+            "memory": {"capacity_gb": self.spec.hardware.gpu_memory_gb, "fits": self.fits},
+            "predicted": asdict(self.predicted),
+            "baselines": [asdict(b) for b in self.baselines],
+            "verdicts": [asdict(v) for v in self.verdicts],
+            "balanced_fractions": (None if self.balanced_fractions is None
+                                   else {str(r): f for r, f in self.balanced_fractions.items()}),
+        }
+
+
+def _jsonable(d: dict) -> dict:
+    for key in ("sent_per_peer", "recv_per_peer"):
+        d[key] = {str(k): v for k, v in d[key].items()}
+    return d

@@ -1,0 +1,58 @@
+"""Seconds per action from a device profile's roofline: the op model the planner and simulator use.
+
+  COMPUTE   each kernel the stage launches (pyengine.model.stages): max(FLOPs / achievable
+            peak, HBM bytes / achievable bandwidth) plus the launch cost, summed. In the
+            expert stage every expert a micro-batch touches streams its weights from HBM once
+            per micro-batch (min(E, T*k) experts assumed touched), which is why more
+            micro-batches cost more weight traffic.
+  SEND/RECV latency + the payload's bytes / achievable link bandwidth.
+  REDUCE    the payload's collective on a ring (pyengine.core.collectives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pyengine.core.spec import DeploymentSpec
+from pyengine.model.stages import KernelCost, stages_of
+from pyengine.predict.devices import DeviceProfile, load_profile
+from pyengine.schedule import Action, Kind
+
+OpCost = Callable[[Action], float]
+
+
+def compute_kernels(spec: DeploymentSpec, a: Action) -> list[KernelCost]:
+    """The kernels one COMPUTE action launches, with their FLOPs and HBM bytes."""
+    if a.kind is not Kind.COMPUTE:
+        raise ValueError(f"action {a.id}: only a COMPUTE launches kernels")
+    return stages_of(spec)[a.stage].kernels(spec.micro_batch_sizes()[a.micro_batch], a.rank)
+
+
+def message_bytes(spec: DeploymentSpec, a: Action) -> int:
+    """Bytes one SEND/RECV moves, or the buffer size one REDUCE reduces (per member)."""
+    if a.kind is Kind.COMPUTE:
+        raise ValueError(f"action {a.id}: a COMPUTE moves no message")
+    t = spec.micro_batch_sizes()[a.micro_batch]
+    if a.kind is Kind.REDUCE:
+        return a.payload.reduced_bytes(spec, t)
+    return a.payload.nbytes(spec, t)
+
+
+def op_costs(spec: DeploymentSpec, device: DeviceProfile | str | None = None) -> OpCost:
+    """Seconds per action from the roofline model of `device` (memoised per action shape)."""
+    dev = load_profile(device)
+    dtype, link = spec.model.dtype, spec.hardware.interconnect
+    memo: dict[tuple, float] = {}
+
+    def cost(a: Action) -> float:
+        key = (a.rank, a.kind, a.stage, a.micro_batch, a.payload, a.peers)
+        if key not in memo:
+            if a.kind is Kind.COMPUTE:
+                memo[key] = sum(dev.compute_s(k.flops, k.hbm_bytes, dtype) for k in compute_kernels(spec, a))
+            elif a.kind is Kind.REDUCE:
+                memo[key] = dev.collective_s(a.payload.collective, message_bytes(spec, a), len(a.peers), link)
+            else:
+                memo[key] = dev.transfer_s(message_bytes(spec, a), link)
+        return memo[key]
+
+    return cost

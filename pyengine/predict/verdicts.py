@@ -1,0 +1,136 @@
+"""The seed note's claims as verdicts: a table of checks, one per claim, each naming the
+predicted figure and whether the claim holds (the figures' definitions:
+pyengine.predict.prediction and pyengine.predict.resources)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pyengine.core import claims
+from pyengine.core.claims import Claim
+from pyengine.core.units import fmt_bytes, fmt_flops, fmt_pct, fmt_s, fmt_signed_pct, fmt_split
+from pyengine.predict.plan import Plan, Verdict
+from pyengine.predict.prediction import predict
+
+
+def _state(holds: bool | None) -> str:
+    return {True: "holds", False: "does not hold", None: "holds only in part"}[holds]
+
+
+def _balance(p: Plan) -> Verdict:
+    c, lb, dev = claims.BALANCE, p.load_balance, p.device.name
+    flop_list = ", ".join(f"GPU {g.index} {fmt_flops(g.flops)}" for g in p.gpus)
+    holds = lb["max_diff_pct"] <= c.target + 1e-9
+    fix = ""
+    if not holds and p.balanced_fractions:
+        fr = "/".join(f"{f:.3f}" for f in p.balanced_fractions.values())
+        fix = (f" Balancing predicted busy time on {dev} needs the experts on GPUs "
+               f"{list(p.balanced_fractions)} with F fractions {fr}.")
+    return Verdict(
+        c.label, f"FLOP shares {fmt_split(lb['shares'])} (max diff {lb['max_diff_pct']:.1f} pp)", holds,
+        f"Claim '{c.quote}': FLOP shares are {fmt_split(lb['shares'])} ({flop_list}), max difference "
+        f"{lb['max_diff_pct']:.1f} pp; predicted busy-time shares on {dev} are "
+        f"{fmt_split(lb['busy_shares'])} (max diff {lb['busy_max_diff_pct']:.1f} pp) -- {_state(holds)}.{fix}")
+
+
+def _memory_split(p: Plan) -> Verdict:
+    c = claims.MEMORY_SPLIT
+    shares = [g.memory_share for g in p.gpus]
+    holds = 100 * (max(shares) - min(shares)) <= c.target + 1e-9
+    each = ", ".join(f"GPU {g.index} {fmt_bytes(g.weight_bytes + g.activation_bytes)}" for g in p.gpus)
+    return Verdict(c.label, f"memory shares {fmt_split(shares)}", holds,
+                   f"Claim '{c.quote}': weights + activations split {fmt_split(shares)} ({each})"
+                   f" -- {_state(holds)}.")
+
+
+def _module_division(p: Plan) -> Verdict:
+    c = claims.MODULE_DIVISION
+    counts = [len(g.parts) for g in p.gpus]
+    holds = counts == [int(c.target)] * len(p.gpus)
+    desc = "; ".join(f"GPU {g.index}: {' + '.join(g.parts)}" for g in p.gpus)
+    per = "/".join(map(str, counts))
+    return Verdict(c.label, f"{sum(counts)} parts, {per} per GPU", holds,
+                   f"Claim '{c.quote}': this stage map has {sum(counts)} parts ({desc}), {per} per GPU "
+                   f"-- {_state(holds)}.")
+
+
+def _fits(p: Plan) -> Verdict:
+    cap = p.spec.hardware.gpu_memory_gb
+    worst = max(p.gpus, key=lambda g: g.memory_fraction)
+    tail = ("fits on every GPU." if p.fits else
+            "does not fit: " + ", ".join(f"GPU {g.index} ({fmt_bytes(g.memory_bytes)})"
+                                         for g in p.gpus if not g.fits) + " overflow.")
+    return Verdict(
+        f"fits in {cap:g} GB per GPU", f"largest GPU {worst.index}: {fmt_bytes(worst.memory_bytes)}",
+        p.fits,
+        f"Memory: the largest GPU (GPU {worst.index}) needs {fmt_bytes(worst.memory_bytes)} "
+        f"(weights {fmt_bytes(worst.weight_bytes)} + activations {fmt_bytes(worst.activation_bytes)} "
+        f"+ reserved {p.device.reserved_gb:g} GB) of {cap:g} GB -- " + tail)
+
+
+def _latency(p: Plan) -> Verdict:
+    pred, (single, m1) = p.predicted, _baselines(p)
+    cuts = {b.name: 1 - pred.latency_s / b.latency_s for b in (single, m1)}
+    return _vs_baselines(
+        claims.LATENCY_CUT, cuts,
+        f"Claim '{claims.LATENCY_CUT.quote}': predicted latency {fmt_s(pred.latency_s)} on "
+        f"{p.device.name} vs {fmt_s(single.latency_s)} single GPU"
+        f"{'' if single.fits else ' (which does not fit)'} ({fmt_signed_pct(-cuts[single.name])}) and "
+        f"{fmt_s(m1.latency_s)} pipeline m=1 without overlap ({fmt_signed_pct(-cuts[m1.name])})")
+
+
+def _throughput(p: Plan) -> Verdict:
+    pred, (single, m1) = p.predicted, _baselines(p)
+    gains = {b.name: pred.throughput_tokens_per_s / b.throughput_tokens_per_s - 1 for b in (single, m1)}
+    return _vs_baselines(
+        claims.THROUGHPUT_GAIN, gains,
+        f"Claim '{claims.THROUGHPUT_GAIN.quote}': predicted steady-state "
+        f"{pred.throughput_tokens_per_s:,.0f} tokens/s vs {single.throughput_tokens_per_s:,.0f} single GPU "
+        f"({fmt_signed_pct(gains[single.name])}) and {m1.throughput_tokens_per_s:,.0f} pipeline m=1 "
+        f"without overlap ({fmt_signed_pct(gains[m1.name])})")
+
+
+def _utilisation(p: Plan) -> Verdict:
+    c, pred = claims.UTILIZATION, p.predicted
+    holds = pred.steady_state_utilization >= c.target
+    return Verdict(
+        c.label,
+        f"{fmt_pct(pred.utilization)} over one batch, {fmt_pct(pred.steady_state_utilization)} steady state",
+        holds,
+        f"Claim '{c.quote}': predicted busy fraction {fmt_pct(pred.utilization)} over one batch "
+        f"(bubble {fmt_pct(pred.bubble_fraction)}) and {fmt_pct(pred.steady_state_utilization)} in "
+        f"steady state (mean busy / bottleneck period); MFU {fmt_pct(pred.mfu)} of peak -- {_state(holds)}.")
+
+
+def _bubble_cut(p: Plan) -> Verdict:
+    c, pred = claims.BUBBLE_CUT, p.predicted
+    m1_bubble = predict(p.spec.replace(schedule={"micro_batches": 1}), p.device)[0].bubble_fraction
+    cut = 1 - pred.bubble_fraction / m1_bubble if m1_bubble > 0 else 0.0
+    holds = cut >= c.target
+    return Verdict(
+        c.label, f"bubble {fmt_pct(pred.bubble_fraction)} vs {fmt_pct(m1_bubble)} at m=1", holds,
+        f"Claim '{c.quote}' (from m={p.spec.schedule.micro_batches} micro-batches): bubble "
+        f"{fmt_pct(pred.bubble_fraction)} vs {fmt_pct(m1_bubble)} with m=1 (same overlap), a "
+        f"{fmt_pct(cut)} relative cut -- {_state(holds)}.")
+
+
+def _baselines(p: Plan):
+    by = {b.name: b for b in p.baselines}
+    return by["single_gpu"], by["pipeline_m1_no_overlap"]
+
+
+def _vs_baselines(claim: Claim, got: dict[str, float], text: str) -> Verdict:
+    ok = {k: v >= claim.target for k, v in got.items()}
+    holds: bool | None = True if all(ok.values()) else (False if not any(ok.values()) else None)
+    extra = "" if holds is not None else f" (only against {', '.join(k for k, v in ok.items() if v)})"
+    figure = ", ".join(f"{fmt_signed_pct(v)} vs {k}" for k, v in got.items())
+    return Verdict(claim.label, figure, holds, f"{text} -- {_state(holds)}{extra}.")
+
+
+CHECKS: tuple[Callable[[Plan], Verdict], ...] = (
+    _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut)
+"""One check per claim, in the order `plan` prints them."""
+
+
+def verdicts(p: Plan) -> list[Verdict]:
+    return [check(p) for check in CHECKS]

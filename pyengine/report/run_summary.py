@@ -1,0 +1,121 @@
+"""One run's figures from the ranks' measurements: latency and throughput per variant, the
+measured timeline's metrics beside the simulator's replay of the same measured op times, the
+measured load balance, the seed's headline claims against this run's own single-device
+baseline, and the output check. Every figure comes from this run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pyengine.core import claims
+from pyengine.core.spec import DeploymentSpec
+from pyengine.core.timeline import Span, Timeline
+from pyengine.execute.check import LogitsCheck, check_logits
+from pyengine.execute.results import RankMeasurement
+from pyengine.predict.measured import measured_op_costs
+from pyengine.predict.simulate import simulate
+from pyengine.schedule import build
+
+
+@dataclass(slots=True)
+class VariantSummary:
+    latency_p50_s: float
+    latency_p99_s: float
+    throughput_tokens_per_s: float
+    measured: dict
+    """The measured timeline's metrics (pyengine.core.timeline.Timeline.metrics)."""
+    predicted_from_measured_ops: dict
+    """The simulator's replay of the same tables with this run's measured op times."""
+    load_balance: dict
+    timeline: Timeline
+
+
+@dataclass(slots=True)
+class SingleSummary:
+    latency_p50_s: float
+    latency_p99_s: float
+    throughput_tokens_per_s: float
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    claim: str
+    seed_figure: float
+    measured: float
+    holds: bool
+
+
+@dataclass(slots=True)
+class RunSummary:
+    backend: str
+    device: str
+    scaled: str
+    tokens_per_batch: int
+    variants: dict[str, VariantSummary]
+    single: SingleSummary
+    check: LogitsCheck
+    claims: list[ClaimResult]
+
+    def to_dict(self) -> dict:
+        """Plain data (timelines become their spans and metrics)."""
+        out = {"backend": self.backend, "device": self.device, "scaled": self.scaled,
+               "tokens_per_batch": self.tokens_per_batch, "variants": {}}
+        for name, v in self.variants.items():
+            d = {k: getattr(v, k) for k in v.__slots__ if k != "timeline"}
+            d["timeline"] = v.timeline.to_dict()
+            out["variants"][name] = d
+        out["single"] = asdict(self.single)
+        out["check"] = asdict(self.check)
+        out["claims"] = [asdict(c) for c in self.claims]
+        return out
+
+
+def timeline_of(results: list[RankMeasurement], variant: str) -> Timeline:
+    spans = [Span(r.rank, t.lane, t.id, t.kind, t.stage, t.micro_batch,
+                  v.t0 + t.start_s, v.t0 + t.end_s)
+             for r in results for v in [r.variants[variant]] for t in v.times]
+    return Timeline.from_spans(spans, tuple(r.rank for r in results if r.variants[variant].times))
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def _variant(spec: DeploymentSpec, results: list[RankMeasurement], name: str) -> VariantSummary:
+    per_rank = [r.variants[name] for r in results]
+    iters = per_rank[0].iters
+    lat = [max(v.latency_s[i] for v in per_rank) for i in range(iters)]
+    stream = max(v.stream_s for v in per_rank)
+    tl = timeline_of(results, name)
+    table = build(spec)
+    predicted = simulate(spec, table, op_costs=measured_op_costs(tl, table))
+    computes = {r: tl.compute_s(r) for r in tl.ranks}
+    total = sum(computes.values()) or 1.0
+    balance = {"shares": {str(r): c / total for r, c in computes.items()},
+               "max_diff_pct": 100 * (max(computes.values()) - min(computes.values())) / total}
+    return VariantSummary(_pct(lat, 50), _pct(lat, 99), per_rank[0].stream_tokens / stream,
+                          tl.metrics(), predicted.metrics(), balance, tl)
+
+
+def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
+              results: list[RankMeasurement], *, backend: str, scaled: str = "") -> RunSummary:
+    out_rank = results[spec.stage("output").gpus[0]]
+    tokens = spec.model.tokens
+    variants = {name: _variant(vspec, results, name) for name, vspec in variant_specs.items()}
+    single = out_rank.single_latency_s
+    single_summary = SingleSummary(_pct(single, 50), _pct(single, 99), tokens / _pct(single, 50))
+    check = check_logits(spec.model.dtype, out_rank.logits, out_rank.reference_logits)
+    return RunSummary(backend, out_rank.device, scaled, tokens, variants, single_summary, check,
+                      headline_claims(variants["pipeline"], single_summary))
+
+
+def headline_claims(p: VariantSummary, s: SingleSummary) -> list[ClaimResult]:
+    """The seed's headline figures against this run (pipeline vs the single-device baseline)."""
+    measured = {
+        claims.LATENCY_CUT: 1 - p.latency_p50_s / s.latency_p50_s,
+        claims.THROUGHPUT_GAIN: p.throughput_tokens_per_s / s.throughput_tokens_per_s - 1,
+        claims.UTILIZATION: p.measured["utilization"],
+    }
+    return [ClaimResult(c.key, c.target, measured[c], measured[c] >= c.target) for c in claims.HEADLINE]

@@ -1,0 +1,182 @@
+"""DeploymentSpec validation: every rule names the field path; JSON round trip; derived layout."""
+
+import copy
+import json
+
+import pytest
+
+from pyengine.core.spec import DeploymentSpec, SpecError, load_spec
+
+SEED = load_spec(None).to_dict()
+
+
+def _spec(mutate) -> DeploymentSpec:
+    d = copy.deepcopy(SEED)
+    mutate(d)
+    return DeploymentSpec.from_dict(d)
+
+
+def _set(path: str, value):
+    """Mutator setting a dotted path (list indices as [i]) to value."""
+    def mutate(d):
+        keys = path.replace("[", ".").replace("]", "").split(".")
+        node = d
+        for k in keys[:-1]:
+            node = node[int(k)] if k.isdigit() else node[k]
+        last = keys[-1]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+    return mutate
+
+
+_DELETE = object()
+
+CASES = [
+    # (dotted path to set, value, field path expected in the error, words in the rule)
+    ("model.hidden_sise", 8, "model.hidden_sise", "did you mean 'hidden_size'"),  # unknown key, suggestion
+    ("hardware.gpus", 3, "hardware.gpus", "unknown key"),
+    ("model.seq_len", "1024", "model.seq_len", "type int"),  # wrong type
+    ("model.top_k", True, "model.top_k", "type int"),  # bool is not an int
+    ("hardware.gpu_memory_gb", True, "hardware.gpu_memory_gb", "type float"),
+    ("comm.overlap", 1, "comm.overlap", "type bool"),  # int is not a bool
+    ("parallel.stages[1].tensor_parallel_size", 2.0, "parallel.stages[1].tensor_parallel_size", "type int"),
+    ("model.hidden_size", 0, "model.hidden_size", "> 0"),  # non-positive sizes
+    ("model.vocab_size", -5, "model.vocab_size", "> 0"),
+    ("hardware.num_gpus", 0, "hardware.num_gpus", "> 0"),
+    ("hardware.gpu_memory_gb", -1, "hardware.gpu_memory_gb", "> 0"),
+    ("schedule.micro_batches", 0, "schedule.micro_batches", "> 0"),
+    ("comm.timeout_s", 0, "comm.timeout_s", "> 0"),
+    ("model.top_k", 9, "model.top_k", "num_experts"),  # top_k > E
+    ("parallel.stages[1].tensor_parallel_size", 3, "parallel.stages[1].tensor_parallel_size", "number of GPUs"),
+    ("parallel.stages[1].shard_fractions", [0.5, 0.6], "parallel.stages[1].shard_fractions", "sum to 1"),
+    ("parallel.stages[1].shard_fractions", [1.0], "parallel.stages[1].shard_fractions", "one fraction per GPU"),
+    ("parallel.stages[1].shard_fractions", [1.0, 0.0], "parallel.stages[1].shard_fractions", "> 0"),
+    ("parallel.stages[1].shard_fractions", ["a", 1], "parallel.stages[1].shard_fractions", "list of numbers"),
+    ("parallel.stages[0].shard_fractions", [1.0], "parallel.stages[0].shard_fractions", "only the 'experts'"),
+    ("parallel.stages[1].gpus", [1, 3], "parallel.stages[1].gpus", "GPU 3 does not exist"),  # nonexistent GPU
+    ("parallel.stages[1].gpus", [1, 1], "parallel.stages[1].gpus", "twice"),  # GPU twice in a TP group
+    ("parallel.stages[1].gpus", [], "parallel.stages[1].gpus", "non-empty"),
+    ("parallel.stages[1].gpus", [1, True], "parallel.stages[1].gpus", "ints"),
+    ("parallel.stages", {"name": "embed"}, "parallel.stages", "list"),
+    ("schedule.micro_batches", 1025, "schedule.micro_batches", "token count"),  # more micro-batches than tokens
+    ("model.dtype", "fp8", "model.dtype", "must be one of"),  # unknown enums
+    ("comm.boundary", "all_gather", "comm.boundary", "must be one of"),
+    ("schedule.kind", "1f1b", "schedule.kind", "must be one of"),
+    ("hardware.interconnect", "ethernet", "hardware.interconnect", "must be one of"),
+    ("model.vocab_size", _DELETE, "model.vocab_size", "is required"),
+    ("model", [1, 2], "model", "JSON object"),
+]
+
+
+@pytest.mark.parametrize("path,value,field,rule", CASES, ids=[f"{c[0]}={c[1]!r}"[:60] for c in CASES])
+def test_rule_names_field(path, value, field, rule):
+    with pytest.raises(SpecError) as e:
+        _spec(_set(path, value))
+    assert e.value.field == field
+    assert str(e.value).startswith(field)
+    assert rule in str(e.value)
+
+
+def test_non_experts_stage_with_two_gpus():
+    def mutate(d):
+        d["parallel"]["stages"][0] = {"name": "embed", "gpus": [0, 1], "tensor_parallel_size": 2}
+    with pytest.raises(SpecError) as e:
+        _spec(mutate)
+    assert e.value.field == "parallel.stages[0].gpus"
+    assert "one GPU" in str(e.value)
+
+
+def test_wrong_stage_order_and_names():
+    def swap(d):
+        st = d["parallel"]["stages"]
+        st[0], st[2] = st[2], st[0]
+    with pytest.raises(SpecError) as e:
+        _spec(swap)
+    assert e.value.field == "parallel.stages" and "in this order" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        _spec(_set("parallel.stages[1].name", "moe"))
+    assert e.value.field == "parallel.stages"
+
+
+def test_shard_with_no_columns():
+    def mutate(d):
+        d["model"]["ffn_hidden_size"] = 3
+        d["parallel"]["stages"][1]["shard_fractions"] = [0.1, 0.9]  # round(0.1 * 3) = 0 columns
+    with pytest.raises(SpecError) as e:
+        _spec(mutate)
+    assert e.value.field == "parallel.stages[1].shard_fractions" and "no column" in str(e.value)
+
+
+def test_tp_wider_than_f():
+    def mutate(d):
+        d["model"]["ffn_hidden_size"] = 1
+    with pytest.raises(SpecError) as e:
+        _spec(mutate)
+    assert e.value.field == "parallel.stages[1].tensor_parallel_size"
+
+
+def test_malformed_json_reports_line_and_column():
+    text = '{\n  "hardware": {"num_gpus": 3,,}\n}'
+    with pytest.raises(SpecError) as e:
+        DeploymentSpec.from_json(text, "bad.json")
+    assert e.value.field == "bad.json"
+    assert "line 2, column" in str(e.value)
+
+
+def test_load_spec_missing_file(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "nope.json")
+    assert e.value.field == "config" and "cannot be read" in str(e.value)
+
+
+def test_replace_unknown_section():
+    with pytest.raises(SpecError) as e:
+        load_spec(None).replace(sched={"micro_batches": 2})
+    assert e.value.field == "sched"
+
+
+def test_json_round_trip(tmp_path):
+    spec = load_spec(None)
+    assert DeploymentSpec.from_json(spec.to_json()) == spec
+    path = tmp_path / "seed.json"
+    path.write_text(spec.to_json())
+    assert load_spec(path) == spec
+    assert json.loads(spec.to_json())["parallel"]["stages"][1]["gpus"] == [1, 2]
+
+
+@pytest.mark.parametrize("tokens,m", [(1024, 4), (10, 4), (7, 7), (1025, 3), (5, 1)])
+def test_near_even_micro_batches(tokens, m):
+    spec = _spec(lambda d: d["model"].update(seq_len=tokens) or d["schedule"].update(micro_batches=m))
+    sizes = spec.micro_batch_sizes()
+    assert len(sizes) == m and sum(sizes) == tokens
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # first ones larger
+    bounds = spec.micro_batch_bounds()
+    assert bounds[0][0] == 0 and bounds[-1][1] == tokens
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("f,fractions,gpus", [
+    (7, None, [0, 1, 2]),  # odd F, even split over 3
+    (14337, [0.3, 0.7], [1, 2]),  # odd F, uneven
+    (5, [0.2, 0.2, 0.6], [0, 1, 2]),  # tiny F, one column each for the first two
+])
+def test_ffn_shards_cover_f_exactly(f, fractions, gpus):
+    def mutate(d):
+        d["model"]["ffn_hidden_size"] = f
+        d["parallel"]["stages"][1] = {"name": "experts", "gpus": gpus, "tensor_parallel_size": len(gpus),
+                                      "shard_fractions": fractions}
+    shards = _spec(mutate).ffn_shards()
+    assert [r for r, _, _ in shards] == gpus
+    assert shards[0][1] == 0 and shards[-1][2] == f
+    assert all(a[2] == b[1] for a, b in zip(shards, shards[1:]))
+    assert all(b > a for _, a, b in shards)
+
+
+def test_derived_layout():
+    spec = load_spec(None)
+    assert spec.ranks == (0, 1, 2) and spec.world_size == 3
+    assert spec.stage("experts").gpus == (1, 2)
+    assert spec.micro_batch_sizes() == [256] * 4
