@@ -30,3 +30,9 @@ class UsageError(InputError):
     """A command-line option breaks a rule."""
 
     kind = "bad option"
+
+
+class SpecError(InputError):
+    """A deployment spec breaks a rule. `field` is the dotted path of the offending key."""
+
+    kind = "invalid config"

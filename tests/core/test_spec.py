@@ -180,3 +180,24 @@ def test_derived_layout():
     assert spec.ranks == (0, 1, 2) and spec.world_size == 3
     assert spec.stage("experts").gpus == (1, 2)
     assert spec.micro_batch_sizes() == [256] * 4
+
+
+@pytest.mark.parametrize("text,words", [
+    (b'{"hardware": {"num_gpus": 3, "num_gpus": 4}}', "appears twice"),  # duplicate key
+    (b'{"model": {"norm_eps": NaN}}', "NaN and Infinity"),
+    (b'{"model": {"norm_eps": -Infinity}}', "NaN and Infinity"),
+    (b'{"model": \xff}', "is not UTF-8"),
+    (b"[" * 40 + b"]" * 40, "nested deeper"),
+    (b"[" * 100000 + b"]" * 100000, "nested deeper"),  # deeper than Python's recursion limit
+])
+def test_strict_json(text, words):
+    with pytest.raises(SpecError) as e:
+        DeploymentSpec.from_json(text, "c.json")
+    assert e.value.field == "c.json" and words in str(e.value)
+    assert len(str(e.value)) < 300  # one short line, whatever the input
+
+
+def test_echoed_value_is_cut_short():
+    with pytest.raises(SpecError) as e:
+        _spec(_set("model.dtype", "x" * 50_000_000))
+    assert len(str(e.value)) < 300 and "characters" in str(e.value)

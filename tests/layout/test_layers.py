@@ -44,12 +44,25 @@ def _modules() -> dict[str, pathlib.Path]:
 MODULES = _modules()
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node that runs, at any depth (lazy imports included); `if TYPE_CHECKING:` blocks
+    hold annotations only and are skipped."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def _imports(path: pathlib.Path, name: str) -> set[str]:
-    """Every pyengine module `name` imports, at any depth of the file."""
+    """Every pyengine module `name` imports when it runs, at any depth of the file."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):

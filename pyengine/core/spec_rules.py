@@ -1,0 +1,98 @@
+"""The semantic rules a deployment spec must satisfy (types are the parser's job).
+
+Each rule raises SpecError naming the dotted field path, the value and the rule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pyengine.core.dtypes import MODEL_DTYPES
+from pyengine.core.errors import SpecError
+
+if TYPE_CHECKING:
+    from pyengine.core.spec import DeploymentSpec
+
+STAGE_NAMES = ("embed", "experts", "output")
+INTERCONNECTS = ("nvlink", "pcie")
+SCHEDULE_KINDS = ("gpipe", "asready")
+BOUNDARIES = ("all_reduce", "reduce_scatter", "partials")
+
+
+def _positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise SpecError(path, value, "must be > 0")
+
+
+def _one_of(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SpecError(path, value, f"must be one of {list(choices)}")
+
+
+def validate(spec: DeploymentSpec) -> None:
+    hw, m = spec.hardware, spec.model
+    _positive("hardware.num_gpus", hw.num_gpus)
+    _positive("hardware.gpu_memory_gb", hw.gpu_memory_gb)
+    _one_of("hardware.interconnect", hw.interconnect, INTERCONNECTS)
+    for name in ("batch_size", "seq_len", "hidden_size", "ffn_hidden_size", "num_experts",
+                 "top_k", "vocab_size"):
+        _positive(f"model.{name}", getattr(m, name))
+    _positive("model.norm_eps", m.norm_eps)
+    if m.top_k > m.num_experts:
+        raise SpecError("model.top_k", m.top_k, f"must be <= model.num_experts ({m.num_experts})")
+    _one_of("model.dtype", m.dtype, MODEL_DTYPES)
+    _validate_stages(spec)
+    s = spec.schedule
+    _one_of("schedule.kind", s.kind, SCHEDULE_KINDS)
+    _positive("schedule.micro_batches", s.micro_batches)
+    if s.micro_batches > m.tokens:
+        raise SpecError("schedule.micro_batches", s.micro_batches,
+                        f"must be <= the token count batch_size*seq_len ({m.tokens}): "
+                        "every micro-batch needs at least one token")
+    _one_of("comm.boundary", spec.comm.boundary, BOUNDARIES)
+    _positive("comm.timeout_s", spec.comm.timeout_s)
+
+
+def _validate_stages(spec: DeploymentSpec) -> None:
+    stages, ngpu = spec.parallel.stages, spec.hardware.num_gpus
+    names = tuple(s.name for s in stages)
+    if names != STAGE_NAMES:
+        raise SpecError("parallel.stages", list(names),
+                        f"must be exactly the stages {list(STAGE_NAMES)} in this order")
+    for i, st in enumerate(stages):
+        p = f"parallel.stages[{i}]"
+        for g in st.gpus:
+            if not 0 <= g < ngpu:
+                raise SpecError(f"{p}.gpus", list(st.gpus),
+                                f"GPU {g} does not exist (hardware.num_gpus = {ngpu})")
+        if len(set(st.gpus)) != len(st.gpus):
+            raise SpecError(f"{p}.gpus", list(st.gpus), "a GPU appears twice in one TP group")
+        if st.tensor_parallel_size != len(st.gpus):
+            raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
+                            f"must equal the number of GPUs in the stage ({len(st.gpus)})")
+        if st.name != "experts":
+            if len(st.gpus) != 1:
+                raise SpecError(f"{p}.gpus", list(st.gpus),
+                                f"stage {st.name!r} runs on one GPU (only 'experts' is tensor-parallel)")
+            if st.shard_fractions is not None:
+                raise SpecError(f"{p}.shard_fractions", list(st.shard_fractions),
+                                "only the 'experts' stage is sharded")
+            continue
+        fr = st.shard_fractions
+        if fr is None:
+            if spec.model.ffn_hidden_size < len(st.gpus):
+                raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
+                                f"exceeds model.ffn_hidden_size ({spec.model.ffn_hidden_size})")
+            continue
+        if len(fr) != len(st.gpus):
+            raise SpecError(f"{p}.shard_fractions", list(fr),
+                            f"needs one fraction per GPU ({len(st.gpus)})")
+        if any(f <= 0 for f in fr):
+            raise SpecError(f"{p}.shard_fractions", list(fr), "every fraction must be > 0")
+        if abs(sum(fr) - 1.0) > 1e-6:
+            raise SpecError(f"{p}.shard_fractions", list(fr),
+                            f"must sum to 1 so the shards cover F exactly (sum = {sum(fr):.6g})")
+        for rank, a, b in spec.ffn_shards():
+            if b <= a:
+                raise SpecError(f"{p}.shard_fractions", list(fr),
+                                f"GPU {rank} gets no column of F={spec.model.ffn_hidden_size}")
