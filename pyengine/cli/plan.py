@@ -38,6 +38,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="NAME|FILE", default=None,
                    help=f"device profile: {'|'.join(PRESETS)} or a JSON file with the same fields "
                         f"(default {DEFAULT_PRESET}: the seed's 32 GB GPUs)")
+    p.add_argument("--routing", choices=("uniform", "measured"), default="uniform",
+                   help="what expert-parallel costs assume: uniform (T*k/E pairs per expert) or the "
+                        "router's real choices on the seeded weights and tokens (runs the router on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokens seed for --routing measured")
 
 
 def _load(args: argparse.Namespace):
@@ -53,7 +57,16 @@ def _load(args: argparse.Namespace):
     if abs(dev.memory_gb - spec.hardware.gpu_memory_gb) > 0.5:
         note += (f"; note: profile memory {dev.memory_gb:g} GB, config hardware.gpu_memory_gb "
                  f"{spec.hardware.gpu_memory_gb:g} GB -- the fit check uses the config")
-    return spec, dev, note
+    return spec, dev, note, _routing(args, spec)
+
+
+def _routing(args: argparse.Namespace, spec):
+    """None (uniform) or the router's measured choices: torch is imported only for these."""
+    if args.routing != "measured":
+        return None
+    from pyengine.model.measured_routing import measure_routing
+
+    return measure_routing(spec, args.seed)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -63,15 +76,16 @@ def _plan(args: argparse.Namespace) -> int:
     if args.top < 1:
         print("pyengine plan: --top must be >= 1", file=sys.stderr)
         return 2
-    spec, dev, note = _load(args)
-    p = planner.plan(spec, dev)
-    cands = search.search(spec, dev, rank_by=args.rank_by) if args.search else None
+    spec, dev, note, routing = _load(args)
+    p = planner.plan(spec, dev, routing)
+    cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing) if args.search else None
     if args.json:
         data = jsonable.to_jsonable(p)
         data["device_note"] = note.strip()
         if cands is not None:
             data["candidates"] = [jsonable.to_jsonable(c) for c in cands[:args.top]]
             data["candidates_total"] = len(cands)
+            data["candidates_considered"] = cands.considered
         print(jsonable.to_json(data))
         return 0
     out = tables.console()
@@ -88,10 +102,10 @@ def _simulate(args: argparse.Namespace) -> int:
     from pyengine.predict.simulate import simulate
     from pyengine.report import gantt, jsonable, plan_view, tables, trace
 
-    spec, dev, note = _load(args)
+    spec, dev, note, routing = _load(args)
     if args.schedule is not None:
         spec = spec.replace(schedule={"kind": args.schedule})
-    tl = simulate(spec, device=dev)
+    tl = simulate(spec, device=dev, routing=routing)
     if args.trace:
         trace.write_trace(tl, args.trace)
     if args.png:

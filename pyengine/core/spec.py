@@ -63,11 +63,17 @@ class StageSpec:
     name: str
     """One of STAGE_NAMES, in that order: embed (+ router), experts, output."""
     gpus: tuple[int, ...]
-    """Ranks that run this stage; more than one only for the experts stage (its TP group)."""
+    """Ranks that run this stage; more than one only for the experts stage."""
     tensor_parallel_size: int = 1
-    """Must equal len(gpus)."""
+    """Tensor mode: must equal len(gpus). Expert mode: must be 1 (every GPU holds whole experts)."""
     shard_fractions: tuple[float, ...] | None = None
-    """Experts stage only: share of F held by each GPU (uneven TP); None = even split."""
+    """Experts stage, tensor mode only: share of F held by each GPU (uneven TP); None = even split."""
+    parallel_mode: str = "tensor"
+    """Experts stage only: "tensor" (every GPU holds columns F_r of every expert and sees every
+    token) or "expert" (every GPU holds whole experts and receives only the tokens routed to them)."""
+    expert_ids: tuple[tuple[int, ...], ...] | None = None
+    """Expert mode only: the whole experts each GPU of the stage holds, one list per GPU, every
+    expert exactly once; None = a near-even contiguous split (first GPUs one more)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -131,10 +137,29 @@ class DeploymentSpec:
             start += n
         return bounds
 
+    @property
+    def expert_parallel(self) -> bool:
+        return self.stage("experts").parallel_mode == "expert"
+
+    def expert_placement(self) -> tuple[tuple[int, ...], ...]:
+        """The experts each experts-stage GPU holds, in stage order (tensor mode: all of them)."""
+        st, e = self.stage("experts"), self.model.num_experts
+        if not self.expert_parallel:
+            return tuple(tuple(range(e)) for _ in st.gpus)
+        if st.expert_ids is not None:
+            return st.expert_ids
+        bounds = [0]
+        for n in near_even_split(e, len(st.gpus)):
+            bounds.append(bounds[-1] + n)
+        return tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]))
+
     def ffn_shards(self) -> list[tuple[int, int, int]]:
-        """(rank, f_start, f_end) of each experts-stage shard; covers [0, F) exactly."""
+        """(rank, f_start, f_end) of each experts-stage shard; covers [0, F) exactly (expert
+        mode: every GPU holds all of F of its own experts)."""
         st = self.stage("experts")
         f = self.model.ffn_hidden_size
+        if self.expert_parallel:
+            return [(rank, 0, f) for rank in st.gpus]
         fr = st.shard_fractions or tuple(1.0 / len(st.gpus) for _ in st.gpus)
         out, cum = [], 0.0
         for i, (rank, frac) in enumerate(zip(st.gpus, fr)):

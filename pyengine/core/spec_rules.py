@@ -17,6 +17,7 @@ STAGE_NAMES = ("embed", "experts", "output")
 INTERCONNECTS = ("nvlink", "pcie")
 SCHEDULE_KINDS = ("gpipe", "asready")
 BOUNDARIES = ("all_reduce", "reduce_scatter", "partials")
+PARALLEL_MODES = ("tensor", "expert")
 
 
 def _positive(path: str, value: float) -> None:
@@ -66,33 +67,78 @@ def _validate_stages(spec: DeploymentSpec) -> None:
                 raise SpecError(f"{p}.gpus", list(st.gpus),
                                 f"GPU {g} does not exist (hardware.num_gpus = {ngpu})")
         if len(set(st.gpus)) != len(st.gpus):
-            raise SpecError(f"{p}.gpus", list(st.gpus), "a GPU appears twice in one TP group")
-        if st.tensor_parallel_size != len(st.gpus):
-            raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
-                            f"must equal the number of GPUs in the stage ({len(st.gpus)})")
+            raise SpecError(f"{p}.gpus", list(st.gpus), "a GPU appears twice in one stage")
+        _one_of(f"{p}.parallel_mode", st.parallel_mode, PARALLEL_MODES)
         if st.name != "experts":
-            if len(st.gpus) != 1:
-                raise SpecError(f"{p}.gpus", list(st.gpus),
-                                f"stage {st.name!r} runs on one GPU (only 'experts' is tensor-parallel)")
-            if st.shard_fractions is not None:
-                raise SpecError(f"{p}.shard_fractions", list(st.shard_fractions),
-                                "only the 'experts' stage is sharded")
-            continue
-        fr = st.shard_fractions
-        if fr is None:
-            if spec.model.ffn_hidden_size < len(st.gpus):
-                raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
-                                f"exceeds model.ffn_hidden_size ({spec.model.ffn_hidden_size})")
-            continue
-        if len(fr) != len(st.gpus):
+            _single_gpu_stage(p, st)
+        elif st.parallel_mode == "expert":
+            _expert_parallel_stage(spec, p, st)
+        else:
+            _tensor_parallel_stage(spec, p, st)
+
+
+def _single_gpu_stage(p: str, st) -> None:
+    if st.tensor_parallel_size != len(st.gpus):
+        raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
+                        f"must equal the number of GPUs in the stage ({len(st.gpus)})")
+    if len(st.gpus) != 1:
+        raise SpecError(f"{p}.gpus", list(st.gpus),
+                        f"stage {st.name!r} runs on one GPU (only 'experts' is parallel)")
+    for key, default in (("shard_fractions", None), ("parallel_mode", "tensor"), ("expert_ids", None)):
+        if getattr(st, key) != default:
+            raise SpecError(f"{p}.{key}", getattr(st, key), "only the 'experts' stage is sharded")
+
+
+def _tensor_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
+    if st.tensor_parallel_size != len(st.gpus):
+        raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
+                        f"must equal the number of GPUs in the stage ({len(st.gpus)})")
+    if st.expert_ids is not None:
+        raise SpecError(f"{p}.expert_ids", st.expert_ids, 'needs "parallel_mode": "expert"')
+    fr = st.shard_fractions
+    if fr is None:
+        if spec.model.ffn_hidden_size < len(st.gpus):
+            raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
+                            f"exceeds model.ffn_hidden_size ({spec.model.ffn_hidden_size})")
+        return
+    if len(fr) != len(st.gpus):
+        raise SpecError(f"{p}.shard_fractions", list(fr), f"needs one fraction per GPU ({len(st.gpus)})")
+    if any(f <= 0 for f in fr):
+        raise SpecError(f"{p}.shard_fractions", list(fr), "every fraction must be > 0")
+    if abs(sum(fr) - 1.0) > 1e-6:
+        raise SpecError(f"{p}.shard_fractions", list(fr),
+                        f"must sum to 1 so the shards cover F exactly (sum = {sum(fr):.6g})")
+    for rank, a, b in spec.ffn_shards():
+        if b <= a:
             raise SpecError(f"{p}.shard_fractions", list(fr),
-                            f"needs one fraction per GPU ({len(st.gpus)})")
-        if any(f <= 0 for f in fr):
-            raise SpecError(f"{p}.shard_fractions", list(fr), "every fraction must be > 0")
-        if abs(sum(fr) - 1.0) > 1e-6:
-            raise SpecError(f"{p}.shard_fractions", list(fr),
-                            f"must sum to 1 so the shards cover F exactly (sum = {sum(fr):.6g})")
-        for rank, a, b in spec.ffn_shards():
-            if b <= a:
-                raise SpecError(f"{p}.shard_fractions", list(fr),
-                                f"GPU {rank} gets no column of F={spec.model.ffn_hidden_size}")
+                            f"GPU {rank} gets no column of F={spec.model.ffn_hidden_size}")
+
+
+def _expert_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
+    e = spec.model.num_experts
+    if st.tensor_parallel_size != 1:
+        raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
+                        "must be 1 (or absent) in expert mode: every GPU holds whole experts")
+    if st.shard_fractions is not None:
+        raise SpecError(f"{p}.shard_fractions", list(st.shard_fractions),
+                        "splits F in tensor mode only; expert mode places whole experts (expert_ids)")
+    if st.expert_ids is None:
+        if e < len(st.gpus):
+            raise SpecError(f"{p}.gpus", list(st.gpus),
+                            f"more GPUs than experts (model.num_experts = {e}): one would hold none")
+        return
+    ids = st.expert_ids
+    if len(ids) != len(st.gpus):
+        raise SpecError(f"{p}.expert_ids", ids, f"needs one list per GPU of the stage ({len(st.gpus)})")
+    seen: dict[int, int] = {}
+    for gpu, held in zip(st.gpus, ids):
+        for x in held:
+            if not 0 <= x < e:
+                raise SpecError(f"{p}.expert_ids", ids,
+                                f"expert {x} does not exist (model.num_experts = {e})")
+            if x in seen:
+                raise SpecError(f"{p}.expert_ids", ids, f"expert {x} is placed twice (GPUs {seen[x]} and {gpu})")
+            seen[x] = gpu
+    missing = sorted(set(range(e)) - set(seen))
+    if missing:
+        raise SpecError(f"{p}.expert_ids", ids, f"experts {missing} are placed on no GPU")

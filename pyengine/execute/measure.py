@@ -23,6 +23,7 @@ from pyengine.execute.launch import RankContext
 from pyengine.execute.results import RankMeasurement, VariantMeasurement
 from pyengine.execute.runtime import RankRuntime
 from pyengine.model.forward import single_device
+from pyengine.model.stages.embed import embed_and_route
 from pyengine.model.reference import reference_forward
 from pyengine.model.weights import init_weights, make_tokens, rank_weights
 
@@ -85,6 +86,17 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
         ctx.barrier()
     if ctx.rank in spec.stage("output").gpus:
         _single_device(out, spec, opts, ids, device)
+    if ctx.rank in spec.stage("embed").gpus:
+        out.expert_counts = expert_counts(spec, weights, ids.reshape(-1).to(device))
+    return out
+
+
+def expert_counts(spec: DeploymentSpec, weights: dict, flat: torch.Tensor) -> list[list[int]]:
+    """Pairs routed to each expert, per micro-batch: the router's own choices on this batch."""
+    out = []
+    for lo, hi in spec.micro_batch_bounds():
+        _, _, top_ids, _ = embed_and_route(spec, weights, flat[lo:hi])
+        out.append(torch.bincount(top_ids.reshape(-1).long(), minlength=spec.model.num_experts).tolist())
     return out
 
 

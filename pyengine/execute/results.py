@@ -44,3 +44,5 @@ class RankMeasurement:
     """The independent single-device reference (output rank only)."""
     single_latency_s: list[float] | None = None
     """The single-device sequential baseline (output rank only)."""
+    expert_counts: list[list[int]] | None = None
+    """Per micro-batch, the (token, expert) pairs the router sent to each expert (router rank only)."""

@@ -26,9 +26,10 @@ from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.faults import Fault
 from pyengine.execute.results import ActionTime
 from pyengine.execute.timer import Timer
-from pyengine.model.payloads import Payload, chunk_rows
+from pyengine.model.payloads import Payload, PerRank, chunk_rows
 from pyengine.model.stages import stages_of
 from pyengine.schedule import Action, ActionId, Kind, Table, build
+from pyengine.transport.base import complete
 
 
 class RankError(RuntimeError):
@@ -76,6 +77,7 @@ class RankRuntime:
         self.overlap = spec.comm.overlap
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._side = torch.cuda.Stream(device) if self.cuda else None  # reads received counts
         self.timer = Timer(device, self.stream)
         self.is_output = rank in spec.stage("output").gpus
 
@@ -84,6 +86,7 @@ class RankRuntime:
         flat = ids.reshape(-1).to(self.device)
         self._vals: dict[ActionId, dict[Payload, tuple]] = {}
         self._pending: dict[ActionId, _Pending] = {}
+        self._open: dict[int, ActionId] = {}  # peer -> its sized receive still waiting for a count
         self._times: list = []
         self._logits: list[torch.Tensor | None] = [None] * len(self.bounds)
         self._t0 = time.perf_counter()
@@ -134,6 +137,10 @@ class RankRuntime:
         inputs: dict[Payload, list[tuple]] = defaultdict(list)
         for d in a.deps:
             for payload, value in self._vals[d].items():
+                if isinstance(value, PerRank):  # a per-destination value: this rank's part, if any
+                    if self.rank not in value:
+                        continue
+                    value = value[self.rank]
                 inputs[payload].append(value)
         out = self.stages[a.stage].compute(self.w, flat[lo:hi], inputs)
         self._vals[a.key] = out
@@ -145,15 +152,46 @@ class RankRuntime:
         return hi - lo
 
     def _issue(self, a: Action) -> tuple[list, tuple]:
-        tr, name = self.transport, a.id
+        tr, name, peer = self.transport, a.id, a.peers[0]
         if a.kind is Kind.SEND:
-            return [tr.send(t, a.peers[0], name=name) for t in self._vals[a.deps[0]][a.payload]], ()
+            value = self._vals[a.deps[0]][a.payload]
+            tensors = value[peer] if isinstance(value, PerRank) else value
+            if not a.payload.sized:
+                return [tr.send(t, peer, name=name) for t in tensors], ()
+            rows = tensors[0].shape[0]  # two-phase: the count first, then the rows (if any)
+            count = torch.tensor([rows], dtype=torch.int64, device=self.device)
+            handles = [tr.send(count, peer, name=f"{name}.count")]
+            handles += [tr.send(t, peer, name=name) for t in tensors] if rows else []
+            return handles, (count,)
         if a.kind is Kind.RECV:
-            bufs = tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
-                         for b in a.payload.buffers(self.spec, self._tokens(a)))
+            self._post_open(peer)  # messages from one peer are received in the order sent
+            if a.payload.sized:
+                count = torch.empty(1, dtype=torch.int64, device=self.device)
+                self._open[peer] = a.key
+                return [tr.recv(count, peer, name=f"{name}.count")], (count,)
+            bufs = self._buffers(a.payload, self._tokens(a))
             self._vals[a.key] = {a.payload: bufs}
-            return [tr.recv(b, a.peers[0], name=name) for b in bufs], ()
+            return [tr.recv(b, peer, name=name) for b in bufs], ()
         return self._reduce(a)
+
+    def _buffers(self, payload: Payload, rows: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
+                     for b in payload.buffers(self.spec, rows))
+
+    def _post_open(self, peer: int) -> None:
+        """Post the rows of `peer`'s open sized receive: wait (host) for its count, allocate,
+        post. Done lazily (before the next receive from that peer, or when a consumer needs
+        it) so the host blocks as late as the message order allows."""
+        key = self._open.pop(peer, None)
+        if key is None:
+            return
+        p = self._pending[key]
+        complete(p.handles, self.timeout_s)
+        rows = _host_int(p.keep_alive[0], self._side)
+        bufs = self._buffers(p.action.payload, rows)
+        self._vals[key] = {p.action.payload: bufs}
+        if rows:
+            p.handles += [self.transport.recv(b, peer, name=p.action.id) for b in bufs]
 
     def _reduce(self, a: Action) -> tuple[list, tuple]:
         (partial,) = self._vals[a.deps[0]][Payload.PARTIAL]
@@ -175,6 +213,8 @@ class RankRuntime:
         p = self._pending.get(key)
         if p is None or p.done_s is not None:
             return
+        if self._open.get(p.action.peers[0]) == key:
+            self._post_open(p.action.peers[0])
         for h in p.handles:
             try:
                 h.wait(self.timeout_s)
@@ -188,12 +228,15 @@ class RankRuntime:
         if self.cuda or not self._timed:
             return
         now = time.perf_counter()
-        for p in self._pending.values():
-            if p.done_s is None and all(h.is_completed() for h in p.handles):
+        waiting = set(self._open.values())
+        for key, p in self._pending.items():
+            if p.done_s is None and key not in waiting and all(h.is_completed() for h in p.handles):
                 p.done_s = now
 
     def _drain(self) -> None:
         """Every issued op must complete within the timeout: a stuck peer becomes an error, never a hang."""
+        for peer in list(self._open):
+            self._post_open(peer)
         self._poll()
         for key, p in self._pending.items():
             self._wait(key)
@@ -228,3 +271,12 @@ class RankRuntime:
             return (min(self._since0(e[0]) for e in evs), max(self._since0(e[1]) for e in evs))
         end = p.done_s if p.done_s is not None else time.perf_counter()
         return p.issued_s - self._t0, end - self._t0
+
+
+def _host_int(t: torch.Tensor, side_stream: Any) -> int:
+    """A received one-element count on the host. Its receive has completed (the caller waited on
+    the host), so a copy on a side stream reads it without waiting for the compute stream."""
+    if side_stream is None:
+        return int(t.item())
+    with torch.cuda.stream(side_stream):
+        return int(t.item())

@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pyengine.model.costs import KernelCost
 from pyengine.model.payloads import Payload
 
 if TYPE_CHECKING:
     from pyengine.core.spec import DeploymentSpec
+    from pyengine.model.stages.base import Stage
 
 Inputs = Mapping[Payload, Sequence[tuple[Any, ...]]]
 """A compute's inputs: per payload, the received (or locally produced) tensors in dep order."""
@@ -42,6 +44,15 @@ class Boundary:
         """The partial sums (each [tokens, H]) that the output stage adds to the residual."""
         return [v[0] for v in inputs[self.payload]]
 
+    def incoming_bytes(self, experts: Stage, tokens: int) -> float:
+        """Bytes of the experts' results the output stage holds for one micro-batch."""
+        m = experts.spec.model
+        return self.output_reads(len(experts.ranks)) * tokens * m.hidden_size * experts.elem
+
+    def output_kernels(self, experts: Stage, tokens: int) -> list[KernelCost]:
+        """Kernels the output stage runs on what it received before the residual + norm."""
+        return []
+
 
 class _AllReduce(Boundary):
     def senders(self, group: Sequence[int], output: int) -> tuple[int, ...]:
@@ -62,6 +73,35 @@ class _Partials(Boundary):
         return group_size  # summed in the output's first kernel, no collective
 
 
+class _Combine(Boundary):
+    """Expert parallel: every expert GPU returns one row per token it received; the output
+    stage scatter-adds them (fp32, expert GPUs in stage order: deterministic) into one partial."""
+
+    def gather(self, inputs: Inputs, tokens: int) -> list[Any]:
+        import torch
+
+        received = inputs[self.payload]
+        rows0 = received[0][0]
+        y = torch.zeros(tokens, rows0.shape[1], dtype=torch.float32, device=rows0.device)
+        for rows, token in received:  # a token appears once per sender: no colliding adds
+            y.index_add_(0, token.view(-1).long(), rows.float())
+        return [y]
+
+    def incoming_bytes(self, experts: Stage, tokens: int) -> float:
+        m = experts.spec.model
+        rows = sum(experts.rows_for(r, tokens) for r in experts.ranks)
+        return Payload.COMBINE.nbytes(experts.spec, 1) * rows + tokens * m.hidden_size * 4
+
+    def output_kernels(self, experts: Stage, tokens: int) -> list[KernelCost]:
+        h = experts.spec.model.hidden_size
+        rows = sum(experts.rows_for(r, tokens) for r in experts.ranks)
+        return [KernelCost("scatter_add_combine", 0.0,
+                           rows * (h * experts.elem + 4) + 2 * tokens * h * 4)]
+
+
+COMBINE = _Combine("combine", Payload.COMBINE, reduces=False)
+"""The hand-off of the expert-parallel layout (comm.boundary applies to tensor parallelism)."""
+
 BOUNDARIES: dict[str, Boundary] = {
     "all_reduce": _AllReduce("all_reduce", Payload.SUM, reduces=True),
     "reduce_scatter": _ReduceScatter("reduce_scatter", Payload.HALF, reduces=True),
@@ -70,4 +110,4 @@ BOUNDARIES: dict[str, Boundary] = {
 
 
 def boundary_of(spec: DeploymentSpec) -> Boundary:
-    return BOUNDARIES[spec.comm.boundary]
+    return COMBINE if spec.expert_parallel else BOUNDARIES[spec.comm.boundary]

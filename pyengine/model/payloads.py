@@ -43,6 +43,23 @@ class Payload(str, enum.Enum):
     padded to equal size because NCCL's reduce-scatter takes equal counts)."""
     LOGITS = "logits"
     """The output stage's result [T, V]; handed to the caller, never sent between stages."""
+    DISPATCH = "dispatch"
+    """Expert parallel, router -> one expert GPU: the n tokens with at least one expert there:
+    u rows [n, H], [token index, local expert id per slot (-1: not here)] [n, 1+k] int32,
+    router weights per slot [n, k] fp32 (0 where not here). n depends on the routing."""
+    COMBINE = "combine"
+    """Expert parallel, one expert GPU -> output: the weighted sum of its experts' outputs for
+    each token it received, rows [n, H], and the token indices [n, 1] int32."""
+
+    @property
+    def sized(self) -> bool:
+        """Its row count depends on the routing: a count message goes first (two-phase)."""
+        return self in (Payload.DISPATCH, Payload.COMBINE)
+
+    @property
+    def sized_by_receiver(self) -> bool:
+        """The expert GPU whose rows size the message is its receiver (dispatch) or sender."""
+        return self is Payload.DISPATCH
 
     @property
     def collective(self) -> Collective | None:
@@ -60,6 +77,11 @@ class Payload(str, enum.Enum):
             return (Buffer(chunk_rows(tokens, experts_group_size(spec)), m.hidden_size, act),)
         if self is Payload.LOGITS:
             return (Buffer(tokens, m.vocab_size, act),)
+        if self is Payload.DISPATCH:  # `tokens` = rows routed to the receiving GPU
+            return (Buffer(tokens, m.hidden_size, act), Buffer(tokens, 1 + m.top_k, ROUTING_IDS_DTYPE),
+                    Buffer(tokens, m.top_k, ROUTING_WEIGHTS_DTYPE))
+        if self is Payload.COMBINE:  # `tokens` = rows the sending GPU received
+            return (Buffer(tokens, m.hidden_size, act), Buffer(tokens, 1, ROUTING_IDS_DTYPE))
         return (Buffer(tokens, m.hidden_size, act),)
 
     def nbytes(self, spec: DeploymentSpec, tokens: int) -> int:
@@ -72,6 +94,15 @@ class Payload(str, enum.Enum):
         if self is Payload.HALF:  # the input holds every member's (padded) chunk
             return self.nbytes(spec, tokens) * experts_group_size(spec)
         return self.nbytes(spec, tokens)
+
+
+COUNT = Buffer(1, 1, "int64")
+"""The row count that goes ahead of a sized payload."""
+
+
+class PerRank(dict):
+    """A payload value that differs per destination rank ({rank: tensors}): the router's
+    dispatch holds one slice per expert GPU; each consumer takes its own."""
 
 
 def chunk_rows(tokens: int, members: int) -> int:

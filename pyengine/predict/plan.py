@@ -65,6 +65,17 @@ class Verdict:
 
 
 @dataclass(slots=True)
+class LayoutOption:
+    """One experts-stage layout predicted at this spec's micro-batches and schedule."""
+
+    label: str
+    latency_s: float
+    throughput_tokens_per_s: float
+    this: bool
+    """True for the spec's own layout."""
+
+
+@dataclass(slots=True)
 class Plan:
     spec: DeploymentSpec
     device: DeviceProfile
@@ -76,6 +87,10 @@ class Plan:
     balanced_fractions: dict[int, float] | None
     """F fractions for experts on every GPU that equalise predicted busy time (None if infeasible)."""
     timeline: Timeline = field(repr=False)
+    layouts: list[LayoutOption] = field(default_factory=list)
+    """The spec's experts layout and its alternatives (TP vs EP, the router's GPU included)."""
+    routing: dict = field(default_factory=dict)
+    """What expert-parallel costs assumed: source (uniform | measured), per-expert loads, imbalance."""
 
     @property
     def load_balance(self) -> dict:
@@ -103,6 +118,8 @@ class Plan:
             "verdicts": [asdict(v) for v in self.verdicts],
             "balanced_fractions": (None if self.balanced_fractions is None
                                    else {str(r): f for r, f in self.balanced_fractions.items()}),
+            "layouts": [asdict(o) for o in self.layouts],
+            "routing": self.routing,
         }
 
 

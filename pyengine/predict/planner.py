@@ -5,9 +5,11 @@ note's claims. Every figure is defined in the module that computes it (predictio
 from __future__ import annotations
 
 from pyengine.core.spec import DeploymentSpec
+from pyengine.model.routing import Routing, imbalance, uniform
 from pyengine.model.stages import rank_flops, stages_of
 from pyengine.predict.balance import balanced_fractions
 from pyengine.predict.devices import DeviceProfile, load_profile
+from pyengine.predict.layouts import layout_options
 from pyengine.predict.plan import GpuPlan, Plan, StagePlan
 from pyengine.predict.prediction import baselines, predict, predict_busy
 from pyengine.predict.resources import activation_bytes, parts, traffic, weight_bytes
@@ -16,22 +18,30 @@ from pyengine.predict.verdicts import verdicts
 from pyengine.schedule import Kind, Table, build
 
 
-def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None) -> Plan:
+def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
+         routing: Routing | None = None) -> Plan:
+    """`routing` (default: uniform) is what expert-parallel costs assume."""
     dev = load_profile(device)
     table = build(spec)
-    pred, tl = predict(spec, dev, table)
+    pred, tl = predict(spec, dev, table, routing=routing)
     bal = balanced_fractions(spec, dev) if spec.hardware.num_gpus > 1 else None
-    out = Plan(spec=spec, device=dev, gpus=_gpus(spec, dev, table), stages=_stages(spec, dev, table),
-               predicted=pred, baselines=baselines(spec, dev), verdicts=[], balanced_fractions=bal,
-               timeline=tl)
+    out = Plan(spec=spec, device=dev, gpus=_gpus(spec, dev, table, routing),
+               stages=_stages(spec, dev, table, routing), predicted=pred,
+               baselines=baselines(spec, dev, routing), verdicts=[], balanced_fractions=bal, timeline=tl,
+               layouts=layout_options(spec, dev, pred, routing), routing=_routing(spec, routing))
     out.verdicts = verdicts(out)
     return out
 
 
-def _gpus(spec: DeploymentSpec, dev: DeviceProfile, table: Table) -> list[GpuPlan]:
-    cost = op_costs(spec, dev)
-    flops, weights, acts = rank_flops(spec), weight_bytes(spec), activation_bytes(spec)
-    sent, recv = traffic(spec, table)
+def _routing(spec: DeploymentSpec, routing: Routing | None) -> dict:
+    r = routing or uniform(spec)
+    return {"source": r.source, "expert_loads": list(r.expert_loads()), "imbalance": imbalance(r)}
+
+
+def _gpus(spec: DeploymentSpec, dev: DeviceProfile, table: Table, routing: Routing | None) -> list[GpuPlan]:
+    cost = op_costs(spec, dev, routing)
+    flops, weights, acts = rank_flops(spec, routing=routing), weight_bytes(spec), activation_bytes(spec, routing)
+    sent, recv = traffic(spec, table, routing)
     busy = {r: sum(cost(a) for a in table[r] if a.kind is Kind.COMPUTE) for r in table}
     comm = {r: sum(cost(a) for a in table[r] if a.kind is not Kind.COMPUTE) for r in table}
     cap = spec.hardware.gpu_memory_gb * 1e9
@@ -54,17 +64,17 @@ def _gpus(spec: DeploymentSpec, dev: DeviceProfile, table: Table) -> list[GpuPla
     return out
 
 
-def _stages(spec: DeploymentSpec, dev: DeviceProfile, table: Table) -> list[StagePlan]:
-    per_stage = predict_busy(spec, dev, by_stage=True)
+def _stages(spec: DeploymentSpec, dev: DeviceProfile, table: Table, routing: Routing | None) -> list[StagePlan]:
+    per_stage = predict_busy(spec, dev, by_stage=True, routing=routing)
     t_max, tokens = max(spec.micro_batch_sizes()), spec.model.tokens
     out = []
-    for st in stages_of(spec):
-        sent = sum(sum(message_bytes(spec, a) for a in table[g] if a.kind is Kind.SEND and a.stage == st.kind)
-                   for g in st.ranks)
+    for st in stages_of(spec, routing):
+        sent = sum(sum(message_bytes(spec, a, routing) for a in table[g]
+                       if a.kind is Kind.SEND and a.stage == st.kind) for g in st.ranks)
         out.append(StagePlan(
             index=int(st.kind), name=st.name, gpus=list(st.ranks),
             flops=sum(st.flops(tokens, g) for g in st.ranks),
             weight_bytes=sum(sum(st.weight_bytes(g).values()) for g in st.ranks),
             activation_bytes=sum(st.working_set(t_max, g)[0] for g in st.ranks),
-            sent_bytes=sent, busy_s=max(per_stage[(g, st.kind)] for g in st.ranks)))
+            sent_bytes=int(sent), busy_s=max(per_stage[(g, st.kind)] for g in st.ranks)))
     return out

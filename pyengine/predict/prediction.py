@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Timeline
+from pyengine.model.routing import Routing
 from pyengine.model.stages import rank_flops, stages_of
 from pyengine.predict.devices import DeviceProfile
 from pyengine.predict.resources import memory_bytes
@@ -53,11 +54,12 @@ class Baseline:
 
 
 def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = None,
-            cost: Callable[[Action], float] | None = None) -> tuple[Predicted, Timeline]:
+            cost: Callable[[Action], float] | None = None,
+            routing: Routing | None = None) -> tuple[Predicted, Timeline]:
     """Figures from one simulated batch. `cost` overrides the roofline op costs (e.g. with op
-    times measured on a real GPU)."""
+    times measured on a real GPU); `routing` is what expert-parallel costs assume."""
     table = table if table is not None else build(spec)
-    cost = cost or op_costs(spec, device)
+    cost = cost or op_costs(spec, device, routing)
     tl = simulate(spec, table, cost)
     lane = {}
     for r, actions in table.items():
@@ -66,7 +68,7 @@ def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = N
         lane[r] = max(comp, comm) if spec.comm.overlap else comp + comm
     period = max(lane.values())
     busy = {r: sum(cost(a) for a in acts if a.kind is Kind.COMPUTE) for r, acts in table.items()}
-    total_flops = sum(rank_flops(spec).values())
+    total_flops = sum(rank_flops(spec, routing=routing).values())
     peak = device.flops_per_s(spec.model.dtype) / device.gemm_efficiency
     pred = Predicted(
         latency_s=tl.makespan_s,
@@ -88,9 +90,10 @@ def compute_actions(spec: DeploymentSpec) -> list[Action]:
             for mb in range(spec.schedule.micro_batches)]
 
 
-def predict_busy(spec: DeploymentSpec, device: DeviceProfile, by_stage: bool = False) -> dict:
+def predict_busy(spec: DeploymentSpec, device: DeviceProfile, by_stage: bool = False,
+                 routing: Routing | None = None) -> dict:
     """Predicted compute seconds per batch: {rank: s}, or {(rank, stage): s} with by_stage."""
-    cost = op_costs(spec, device)
+    cost = op_costs(spec, device, routing)
     out: dict = {}
     for a in compute_actions(spec):
         key = (a.rank, a.stage) if by_stage else a.rank
@@ -108,7 +111,7 @@ def single_gpu_spec(spec: DeploymentSpec) -> DeploymentSpec:
         comm={"boundary": "partials"})
 
 
-def baselines(spec: DeploymentSpec, device: DeviceProfile) -> list[Baseline]:
+def baselines(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None) -> list[Baseline]:
     """The seed's implied baselines, predicted with the same model."""
     cap = spec.hardware.gpu_memory_gb * 1e9
     single = single_gpu_spec(spec)
@@ -121,8 +124,8 @@ def baselines(spec: DeploymentSpec, device: DeviceProfile) -> list[Baseline]:
         "" if fits else f"does not fit: needs {mem / 1e9:.1f} GB of {spec.hardware.gpu_memory_gb:g} GB; "
                         "figures are what it would take if it did")]
     m1 = spec.replace(schedule={"micro_batches": 1}, comm={"overlap": False})
-    pred, _ = predict(m1, device)
-    mems = memory_bytes(m1, device)
+    pred, _ = predict(m1, device, routing=routing)
+    mems = memory_bytes(m1, device, routing)
     out.append(Baseline(
         "pipeline_m1_no_overlap", "this stage map, m=1, comm serialised with compute",
         pred.latency_s, pred.throughput_tokens_per_s, all(v <= cap for v in mems.values()),

@@ -14,6 +14,7 @@ traffic     bytes per batch by peer; a ring collective counts bus factor x buffe
 from __future__ import annotations
 
 from pyengine.core.spec import DeploymentSpec
+from pyengine.model.routing import Routing
 from pyengine.model.stages import stages_on
 from pyengine.predict.devices import DeviceProfile
 from pyengine.predict.roofline import message_bytes
@@ -35,32 +36,34 @@ def weight_bytes(spec: DeploymentSpec) -> dict[int, dict[str, int]]:
     return out
 
 
-def activation_bytes(spec: DeploymentSpec) -> dict[int, int]:
+def activation_bytes(spec: DeploymentSpec, routing: Routing | None = None) -> dict[int, int]:
     t = max(spec.micro_batch_sizes())
     waiting = spec.schedule.micro_batches - 1
     out = {}
     for r in spec.ranks:
         total = 0
-        for st in stages_on(spec, r):
+        for st in stages_on(spec, r, routing):
             work, held = st.working_set(t, r)
             total += work + waiting * held
         out[r] = total
     return out
 
 
-def memory_bytes(spec: DeploymentSpec, device: DeviceProfile) -> dict[int, int]:
+def memory_bytes(spec: DeploymentSpec, device: DeviceProfile,
+                 routing: Routing | None = None) -> dict[int, int]:
     """Weights + activations + reserved bytes per GPU."""
     w = weight_bytes(spec)
-    act = activation_bytes(spec)
+    act = activation_bytes(spec, routing)
     return {r: sum(w[r].values()) + act[r] + int(device.reserved_gb * 1e9) for r in spec.ranks}
 
 
-def fits(spec: DeploymentSpec, device: DeviceProfile) -> bool:
+def fits(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None) -> bool:
     cap = spec.hardware.gpu_memory_gb * 1e9
-    return all(v <= cap for v in memory_bytes(spec, device).values())
+    return all(v <= cap for v in memory_bytes(spec, device, routing).values())
 
 
-def traffic(spec: DeploymentSpec, table: Table) -> tuple[dict[int, dict[int, float]], dict[int, dict[int, float]]]:
+def traffic(spec: DeploymentSpec, table: Table, routing: Routing | None = None
+            ) -> tuple[dict[int, dict[int, float]], dict[int, dict[int, float]]]:
     """Bytes per batch: sent[rank][peer], recv[rank][peer]."""
     sent: dict[int, dict[int, float]] = {r: {} for r in table}
     recv: dict[int, dict[int, float]] = {r: {} for r in table}
@@ -71,9 +74,9 @@ def traffic(spec: DeploymentSpec, table: Table) -> tuple[dict[int, dict[int, flo
     for r, actions in table.items():
         for a in actions:
             if a.kind is Kind.SEND:
-                add(sent[r], a.peers[0], message_bytes(spec, a))
+                add(sent[r], a.peers[0], message_bytes(spec, a, routing))
             elif a.kind is Kind.RECV:
-                add(recv[r], a.peers[0], message_bytes(spec, a))
+                add(recv[r], a.peers[0], message_bytes(spec, a, routing))
             elif a.kind is Kind.REDUCE and len(a.peers) > 1:
                 n, i = len(a.peers), a.peers.index(r)
                 moved = a.payload.collective.bus_factor(n) * message_bytes(spec, a)

@@ -8,13 +8,25 @@ from dataclasses import dataclass
 from pyengine.core.spec import DeploymentSpec, SpecError
 from pyengine.core.timeline import Timeline
 from pyengine.core.units import fmt_signed_pct
+from pyengine.model.routing import Routing
 from pyengine.predict.balance import balanced_fractions, latency_fractions, with_experts
 from pyengine.predict.devices import DeviceProfile, load_profile
-from pyengine.predict.prediction import predict
+from pyengine.predict.ep_layouts import ep_specs
+from pyengine.predict.prediction import predict, predict_busy
 from pyengine.predict.resources import fits
 
 
 MICRO_BATCHES = (1, 2, 3, 4, 6, 8, 16)
+EP_KEEP = 3
+"""Expert-count vectors per stage map fully evaluated (best by predicted bottleneck busy time)."""
+
+
+class SearchResult(list):
+    """The ranked candidates, plus how many layouts the search considered of each kind."""
+
+    def __init__(self, cands: list, considered: dict[str, int]):
+        super().__init__(cands)
+        self.considered = considered
 
 
 @dataclass(slots=True)
@@ -67,18 +79,33 @@ def stage_maps(spec: DeploymentSpec) -> list[tuple[list[int], int]]:
 def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
            micro_batches: tuple[int, ...] = MICRO_BATCHES,
            boundaries: tuple[str, ...] = ("all_reduce", "reduce_scatter", "partials"),
-           kinds: tuple[str, ...] = ("gpipe", "asready"), rank_by: str = "latency") -> list[Candidate]:
+           kinds: tuple[str, ...] = ("gpipe", "asready"), rank_by: str = "latency",
+           routing: Routing | None = None, modes: tuple[str, ...] = ("tensor", "expert")) -> SearchResult:
     """Enumerate valid deployments, predict each, rank by latency (or throughput).
 
-    Space: stage maps (stage_maps) x micro-batch counts x F split (even, and the split that
-    equalises predicted busy time for that map and m: uneven TP, possibly giving GPU 0 a
-    slice of the expert FFN) x boundary pattern x schedule kind. Every candidate is built
-    through spec.replace, so the spec's validation applies."""
+    Space: stage maps (stage_maps) x micro-batch counts x schedule kind x, for tensor
+    parallelism, the F split (even, and the splits that balance busy time or minimise latency:
+    uneven TP, possibly giving GPU 0 a slice of the expert FFN) x boundary pattern, and for
+    expert parallelism the expert counts around the balanced optimum (pyengine.predict.ep_layouts).
+    Every candidate is built through spec.replace, so the spec's validation applies."""
     dev = load_profile(device)
     seen: set[str] = set()
     cands: list[Candidate] = []
     seed_key = spec.to_json()
+    considered = {"tensor": 0, "expert_count_vectors": 0, "expert": 0}
+
+    def add(c: DeploymentSpec, label: str, mode: str) -> None:
+        key = c.to_json()
+        if key not in seen:
+            seen.add(key)
+            considered[mode] += 1
+            cands.append(_evaluate(c, dev, label, key == seed_key, routing))
+
     for grp, o in stage_maps(spec):
+        if "expert" in modes:
+            _expert_candidates(spec, dev, grp, o, micro_batches, kinds, routing, add, considered)
+        if "tensor" not in modes:
+            continue
         for m in micro_batches:
             if m > spec.model.tokens:
                 continue
@@ -100,24 +127,37 @@ def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
                 label = f"experts[{','.join(map(str, grp))}] F {f_txt} out{o} m={m}"
                 for boundary in boundaries:
                     for kind in kinds:
-                        c = base.replace(schedule={"kind": kind}, comm={"boundary": boundary})
-                        key = c.to_json()
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        cands.append(_evaluate(c, dev, f"{label} {boundary} {kind}", key == seed_key))
+                        add(base.replace(schedule={"kind": kind}, comm={"boundary": boundary}),
+                            f"{label} {boundary} {kind}", "tensor")
     if seed_key not in seen:  # the seed itself is always in the table, for reference
-        cands.append(_evaluate(spec, dev, "seed config", True))
+        cands.append(_evaluate(spec, dev, "seed config", True, routing))
     _rank(cands, rank_by)
-    return cands
+    return SearchResult(cands, considered)
 
 
-def _evaluate(spec: DeploymentSpec, dev: DeviceProfile, label: str, is_seed: bool) -> Candidate:
-    pred, tl = predict(spec, dev)
+def _expert_candidates(spec, dev, grp, o, micro_batches, kinds, routing, add, considered) -> None:
+    """EP layouts on `grp` with the output on `o`: the EP_KEEP count vectors with the lowest
+    predicted bottleneck busy time, each at every micro-batch count and schedule kind."""
+    scored = []
+    for counts, c in ep_specs(spec, dev, grp, o, routing):
+        considered["expert_count_vectors"] += 1
+        scored.append((max(predict_busy(c, dev, routing=routing).values()), counts, c))
+    for _, counts, c in sorted(scored, key=lambda x: (x[0], x[1]))[:EP_KEEP]:
+        label = f"EP experts[{','.join(map(str, grp))}] counts {'/'.join(map(str, counts))} out{o}"
+        for m in micro_batches:
+            if m > spec.model.tokens:
+                continue
+            for kind in kinds:
+                add(c.replace(schedule={"micro_batches": m, "kind": kind}), f"{label} m={m} {kind}", "expert")
+
+
+def _evaluate(spec: DeploymentSpec, dev: DeviceProfile, label: str, is_seed: bool,
+              routing: Routing | None = None) -> Candidate:
+    pred, tl = predict(spec, dev, routing=routing)
     return Candidate(spec=spec, label=label, latency_s=pred.latency_s,
                      throughput_tokens_per_s=pred.throughput_tokens_per_s,
-                     bubble_fraction=pred.bubble_fraction, fits=fits(spec, dev), terms=latency_terms(tl),
-                     is_seed=is_seed)
+                     bubble_fraction=pred.bubble_fraction, fits=fits(spec, dev, routing),
+                     terms=latency_terms(tl), is_seed=is_seed)
 
 
 def _rank(cands: list[Candidate], rank_by: str) -> None:

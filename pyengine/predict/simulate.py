@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import COMM_LANE, COMPUTE_LANE, Span, Timeline
+from pyengine.model.routing import Routing
 from pyengine.predict.devices import DeviceProfile
 from pyengine.predict.roofline import op_costs as roofline_costs
 from pyengine.schedule import Action, Kind, ScheduleError, Table, build, check
@@ -26,7 +27,8 @@ SHARED_LANE = "shared"
 
 
 def simulate(spec: DeploymentSpec | None, table: Table | None = None, op_costs: OpCosts | None = None,
-             device: DeviceProfile | str | None = None, *, overlap: bool | None = None) -> Timeline:
+             device: DeviceProfile | str | None = None, *, overlap: bool | None = None,
+             routing: Routing | None = None) -> Timeline:
     """Replay `table` (default: schedule.build(spec)) with `op_costs` (default: the roofline
     model of `device`) and return the timeline. `overlap` defaults to spec.comm.overlap
     (True without a spec). A table that cannot run raises ScheduleError."""
@@ -39,7 +41,7 @@ def simulate(spec: DeploymentSpec | None, table: Table | None = None, op_costs: 
     if op_costs is None:
         if spec is None:
             raise ValueError("simulate needs op_costs when no spec is given")
-        cost = roofline_costs(spec, device)
+        cost = roofline_costs(spec, device, routing)
     else:
         cost = _cost_fn(op_costs)
     if overlap is None:

@@ -127,8 +127,27 @@ def _vs_baselines(claim: Claim, got: dict[str, float], text: str) -> Verdict:
     return Verdict(claim.label, figure, holds, f"{text} -- {_state(holds)}{extra}.")
 
 
+def _layout(p: Plan) -> Verdict:
+    """Was the spec's experts layout the right one for its own model? Against the alternatives
+    at the same micro-batches and schedule (TP vs EP, EP with the router's GPU holding experts)."""
+    this, *alts = p.layouts
+    beats = [o for o in alts if o.latency_s < this.latency_s and o.throughput_tokens_per_s > this.throughput_tokens_per_s]
+    mixed = [o for o in alts if o not in beats and (o.latency_s < this.latency_s
+                                                   or o.throughput_tokens_per_s > this.throughput_tokens_per_s)]
+    holds: bool | None = False if beats else (None if mixed else True)
+    rows = "; ".join(f"{o.label}: {fmt_s(o.latency_s)}, {o.throughput_tokens_per_s:,.0f} tok/s" for o in alts)
+    state = {True: "the right choice among these", False: f"not the right choice ({beats[0].label if beats else ''} "
+             "is faster and has more throughput)", None: "faster on one figure, slower on the other"}[holds]
+    return Verdict(
+        f"layout: {this.label}", f"{fmt_s(this.latency_s)}, {this.throughput_tokens_per_s:,.0f} tok/s", holds,
+        f"Layout '{this.label}' predicts {fmt_s(this.latency_s)} and {this.throughput_tokens_per_s:,.0f} "
+        f"tokens/s on {p.device.name}, routing {p.routing.get('source', 'uniform')}; at the same m and "
+        f"schedule: {rows or 'no alternative'} -- {state}.")
+
+
 CHECKS: tuple[Callable[[Plan], Verdict], ...] = (
-    _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut)
+    _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut,
+    _layout)
 """One check per claim, in the order `plan` prints them."""
 
 

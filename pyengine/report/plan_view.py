@@ -24,8 +24,14 @@ def print_plan(p: Plan, device_note: str = "", out: Console | None = None) -> No
               f"{dev.hbm_gb_s:g} GB/s HBM, {spec.hardware.interconnect} {link:g} GB/s/dir; "
               f"efficiency {dev.gemm_efficiency:g} GEMM, {dev.bandwidth_efficiency:g} bandwidth",
               soft_wrap=True)
-    out.print(f"config: {spec.schedule.kind}, m={spec.schedule.micro_batches}, boundary {spec.comm.boundary}, "
+    boundary = "combine (expert parallel)" if spec.expert_parallel else spec.comm.boundary
+    out.print(f"config: {spec.schedule.kind}, m={spec.schedule.micro_batches}, boundary {boundary}, "
               f"overlap {'on' if spec.comm.overlap else 'off'}, T={spec.model.tokens} tokens, {spec.model.dtype}")
+    r = p.routing
+    if r and (spec.expert_parallel or r["source"] != "uniform"):
+        loads = "/".join(f"{100 * x:.1f}" for x in r["expert_loads"])
+        out.print(f"routing: {r['source']}; per-expert share of pairs {loads}% "
+                  f"(busiest expert {r['imbalance']:.2f}x the mean)", soft_wrap=True)
     print_table(
         "Per GPU (per batch; comm per micro-batch by peer)",
         [("GPU", "right"), ("parts", "left"), "FLOPs", "share", "weights", "activations", "memory",
@@ -65,8 +71,11 @@ def print_candidates(cands: Sequence[Candidate], top: int = 10, out: Console | N
     seed = next((c for c in cands if c.is_seed), None)
     if seed is not None and seed not in shown:
         shown.append(seed)
+    tried = getattr(cands, "considered", None)
+    how = (f" ({tried['tensor']} tensor-parallel, {tried['expert']} expert-parallel from "
+           f"{tried['expert_count_vectors']} expert-count vectors)" if tried else "")
     print_table(
-        f"Plan search: {len(cands)} valid candidates, top {min(top, len(cands))} "
+        f"Plan search: {len(cands)} valid candidates{how}, top {min(top, len(cands))} "
         f"(+ the seed for reference); '*' = Pareto-optimal in latency and throughput",
         ["#lat", "#thr", ("candidate", "left"), "latency", "tok/s", "bubble", ("why (vs seed)", "left")],
         [[c.rank_latency, c.rank_throughput, ("* " if c.pareto else "") + c.label + ("" if c.fits else " (no fit)"),

@@ -14,6 +14,8 @@ from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Span, Timeline
 from pyengine.execute.check import LogitsCheck, check_logits
 from pyengine.execute.results import RankMeasurement
+from pyengine.model.routing import uniform
+from pyengine.model.stages import StageKind, stages_of
 from pyengine.predict.measured import measured_op_costs
 from pyengine.predict.simulate import simulate
 from pyengine.schedule import build
@@ -48,6 +50,20 @@ class ClaimResult:
 
 
 @dataclass(slots=True)
+class RoutingSummary:
+    """The router's real choices in this run, beside what the planner assumed (uniform)."""
+
+    expert_pairs: list[list[int]]
+    """Per micro-batch, pairs routed to each expert."""
+    gpu_pairs: dict[str, list[int]]
+    """Per experts-stage GPU, per micro-batch: the pairs it computed (all of them under TP)."""
+    gpu_pairs_predicted: dict[str, list[float]]
+    """The same under the planner's uniform routing."""
+    imbalance: float
+    """Busiest expert's pairs over the mean, over the batch (1.0 = even)."""
+
+
+@dataclass(slots=True)
 class RunSummary:
     backend: str
     device: str
@@ -57,6 +73,7 @@ class RunSummary:
     single: SingleSummary
     check: LogitsCheck
     claims: list[ClaimResult]
+    routing: RoutingSummary | None = None
 
     def to_dict(self) -> dict:
         """Plain data (timelines become their spans and metrics)."""
@@ -69,6 +86,7 @@ class RunSummary:
         out["single"] = asdict(self.single)
         out["check"] = asdict(self.check)
         out["claims"] = [asdict(c) for c in self.claims]
+        out["routing"] = None if self.routing is None else asdict(self.routing)
         return out
 
 
@@ -107,8 +125,24 @@ def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
     single = out_rank.single_latency_s
     single_summary = SingleSummary(_pct(single, 50), _pct(single, 99), tokens / _pct(single, 50))
     check = check_logits(spec.model.dtype, out_rank.logits, out_rank.reference_logits)
+    router = results[spec.stage("embed").gpus[0]]
     return RunSummary(backend, out_rank.device, scaled, tokens, variants, single_summary, check,
-                      headline_claims(variants["pipeline"], single_summary))
+                      headline_claims(variants["pipeline"], single_summary),
+                      routing_summary(spec, router.expert_counts) if router.expert_counts else None)
+
+
+def routing_summary(spec: DeploymentSpec, counts: list[list[int]]) -> RoutingSummary:
+    """Measured per-expert and per-GPU load against the planner's uniform assumption."""
+    experts = stages_of(spec)[StageKind.EXPERTS]
+    sizes = spec.micro_batch_sizes()
+    gpu, predicted = {}, {}
+    for rank, held in zip(experts.ranks, spec.expert_placement()):
+        gpu[str(rank)] = [sum(c[e] for e in held) for c in counts]
+        share = uniform(spec).pair_share(held)
+        predicted[str(rank)] = [t * spec.model.top_k * share for t in sizes]
+    total = [sum(c[e] for c in counts) for e in range(spec.model.num_experts)]
+    mean = sum(total) / len(total)
+    return RoutingSummary(counts, gpu, predicted, max(total) / mean if mean else 1.0)
 
 
 def headline_claims(p: VariantSummary, s: SingleSummary) -> list[ClaimResult]:

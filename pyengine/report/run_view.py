@@ -30,6 +30,12 @@ def print_summary(summary: RunSummary) -> None:
     out.print(f"busy per rank: {busy}")
     out.print(f"measured compute shares: {shares} (max difference "
               f"{p.load_balance['max_diff_pct']:.1f} points; the seed claims 33/33/34, 1 point)")
+    r = summary.routing
+    if r is not None:
+        per_gpu = ", ".join(f"GPU {g}: {sum(v)} pairs (uniform {sum(r.gpu_pairs_predicted[g]):.0f})"
+                            for g, v in r.gpu_pairs.items())
+        out.print(f"routing: busiest expert {r.imbalance:.2f}x the mean; expert-stage load {per_gpu}",
+                  soft_wrap=True)
     for c in summary.claims:
         verdict = "holds" if c.holds else "does not hold"
         out.print(f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {c.measured:+.1%} "

@@ -148,3 +148,5 @@ def complete(handles: list[Handle], timeout_s: float) -> None:
         sync = getattr(h, "synchronize", None)
         if sync is not None:
             sync(timeout_s)
+        elif getattr(h, "events", None) is not None:  # a GPU op already issued: its end event
+            h.events[1].synchronize()

@@ -14,32 +14,37 @@ from typing import TYPE_CHECKING
 
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
 from pyengine.model.stages.embed import EmbedStage
+from pyengine.model.stages.expert_parallel import ExpertParallelStage
 from pyengine.model.stages.experts import ExpertsStage
 from pyengine.model.stages.output import OutputStage
 
 if TYPE_CHECKING:
     from pyengine.core.spec import DeploymentSpec
+    from pyengine.model.routing import Routing
 
-__all__ = ["EmbedStage", "ExpertsStage", "Inputs", "KernelCost", "OutputStage", "Shard", "Stage",
-           "StageKind", "rank_flops", "stages_of", "stages_on"]
+__all__ = ["EmbedStage", "ExpertParallelStage", "ExpertsStage", "Inputs", "KernelCost", "OutputStage",
+           "Shard", "Stage", "StageKind", "rank_flops", "stages_of", "stages_on"]
 
 
 @functools.lru_cache(maxsize=256)
-def stages_of(spec: DeploymentSpec) -> tuple[Stage, ...]:
-    """The spec's stages in pipeline order, indexable by StageKind."""
-    return (EmbedStage(spec), ExpertsStage(spec), OutputStage(spec))
+def stages_of(spec: DeploymentSpec, routing: Routing | None = None) -> tuple[Stage, ...]:
+    """The spec's stages in pipeline order, indexable by StageKind. `routing` (default: uniform)
+    is what expert-parallel costs assume; it never changes what a stage computes."""
+    experts = ExpertParallelStage(spec, routing) if spec.expert_parallel else ExpertsStage(spec)
+    return (EmbedStage(spec, experts), experts, OutputStage(spec, experts))
 
 
-def stages_on(spec: DeploymentSpec, rank: int) -> list[Stage]:
+def stages_on(spec: DeploymentSpec, rank: int, routing: Routing | None = None) -> list[Stage]:
     """The stages `rank` runs, in pipeline order."""
-    return [s for s in stages_of(spec) if rank in s.ranks]
+    return [s for s in stages_of(spec, routing) if rank in s.ranks]
 
 
-def rank_flops(spec: DeploymentSpec, tokens: int | None = None) -> dict[int, float]:
+def rank_flops(spec: DeploymentSpec, tokens: int | None = None,
+               routing: Routing | None = None) -> dict[int, float]:
     """FLOPs per rank for `tokens` tokens (default: one whole batch)."""
     t = spec.model.tokens if tokens is None else tokens
     out = {r: 0.0 for r in spec.ranks}
-    for stage in stages_of(spec):
+    for stage in stages_of(spec, routing):
         for r in stage.ranks:
             out[r] += stage.flops(t, r)
     return out

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyengine.core import dtypes
+from pyengine.model.costs import KernelCost
 from pyengine.model.payloads import Payload
 
 if TYPE_CHECKING:
@@ -19,12 +20,6 @@ class StageKind(enum.IntEnum):
     EMBED = 0
     EXPERTS = 1
     OUTPUT = 2
-
-
-class KernelCost(NamedTuple):
-    name: str
-    flops: float
-    hbm_bytes: float
 
 
 class Shard(NamedTuple):
@@ -80,6 +75,11 @@ class Stage:
 
     def part(self, rank: int) -> str:
         """The model part this rank holds for this stage (the module-division verdict)."""
+        raise NotImplementedError
+
+    def from_router(self, u: Any, top_ids: Any, top_w: Any) -> dict[Payload, Any]:
+        """Experts stages only: the router's output (u, top-k ids, top-k weights) packaged as
+        the payload(s) this stage consumes."""
         raise NotImplementedError
 
     def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:

@@ -13,6 +13,11 @@ class EmbedStage(Stage):
     kind = StageKind.EMBED
     weight_names = ("embed", "norm_in", "router")
 
+    def __init__(self, spec, consumer: Stage):
+        super().__init__(spec)
+        self.consumer = consumer
+        """The experts stage: it says how the router's output is packaged for it."""
+
     def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
         m, es, t = self.spec.model, self.elem, tokens
         h, e, k = m.hidden_size, m.num_experts, m.top_k
@@ -39,7 +44,7 @@ class EmbedStage(Stage):
 
     def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
         x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
-        return {Payload.ACT: (u, top_ids, top_w), Payload.RESID: (x,)}
+        return {**self.consumer.from_router(u, top_ids, top_w), Payload.RESID: (x,)}
 
 
 def embed_and_route(spec, w: Mapping[str, Any], ids):

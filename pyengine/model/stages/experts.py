@@ -61,6 +61,10 @@ class ExpertsStage(Stage):
         a, b = self._cols[rank]
         return f"experts F[{a}:{b}]"
 
+    def from_router(self, u, top_ids, top_w) -> dict[Payload, Any]:
+        """The router's output packaged for this stage: every shard needs every token."""
+        return {Payload.ACT: (u, top_ids, top_w)}
+
     def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
         (u, top_ids, top_w), = inputs[Payload.ACT]
         return {Payload.PARTIAL: (expert_ffn(weights, u, top_ids, top_w),)}

@@ -18,17 +18,18 @@ class OutputStage(Stage):
     weight_names = ("norm_out", "out")
     inputs = ((Payload.RESID, StageKind.EMBED),)
 
-    def __init__(self, spec):
+    def __init__(self, spec, experts: Stage):
         super().__init__(spec)
         self.boundary = boundary_of(spec)
+        self.experts = experts
 
     def _partials_read(self) -> int:
-        return self.boundary.output_reads(len(self.spec.stage("experts").gpus))
+        return self.boundary.output_reads(len(self.experts.ranks))
 
     def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
         m, es, t = self.spec.model, self.elem, tokens
         h, v = m.hidden_size, m.vocab_size
-        return [
+        return self.boundary.output_kernels(self.experts, t) + [
             KernelCost("residual_sum_rmsnorm", 0.0, (2 + self._partials_read()) * t * h * es + h * es),
             KernelCost("out_head_gemm", 2.0 * t * h * v, h * v * es + t * h * es + t * v * es),
         ]
@@ -40,7 +41,8 @@ class OutputStage(Stage):
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
         row = t * m.hidden_size * es
-        incoming = self._partials_read() * row + (row if rank not in self.spec.stage("embed").gpus else 0)
+        incoming = int(self.boundary.incoming_bytes(self.experts, t))
+        incoming += row if rank not in self.spec.stage("embed").gpus else 0  # x for the residual
         work = incoming + 2 * row + t * m.vocab_size * es  # h, normed h, logits
         return work, incoming + t * m.vocab_size * es  # queued inputs, logits of finished micro-batches
 

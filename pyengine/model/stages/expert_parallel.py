@@ -1,0 +1,130 @@
+"""Stage 1, expert parallel: each GPU holds whole experts and computes only the tokens routed to them.
+
+The router's GPU knows where every token goes, so it sends each expert GPU only its tokens
+(`Payload.DISPATCH`: the tokens with at least one chosen expert there, once each, with the
+local expert id and router weight of every slot); an expert GPU computes the (token, expert)
+pairs it received with the same Triton kernels as tensor parallelism (top-1 form, one pair per
+row), sums each token's pairs in a fixed order, and returns one row per token
+(`Payload.COMBINE`), which the output stage scatter-adds into the residual. Experts on the
+router's own GPU read the router's tensors directly: no copy, no message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pyengine.model.payloads import Payload, PerRank
+from pyengine.model.routing import Routing, uniform
+from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
+from pyengine.model.stages.experts import EXPERT_WEIGHTS, expert_ffn
+
+
+class ExpertParallelStage(Stage):
+    kind = StageKind.EXPERTS
+    weight_names = EXPERT_WEIGHTS
+    inputs = ((Payload.DISPATCH, StageKind.EMBED),)
+
+    def __init__(self, spec, routing: Routing | None = None):
+        super().__init__(spec)
+        self.routing = routing or uniform(spec)
+        self.placement: dict[int, tuple[int, ...]] = dict(zip(self.ranks, spec.expert_placement()))
+        self._luts: dict[Any, dict[int, Any]] = {}
+
+    # ---- costs (expected values under self.routing) --------------------------------------
+    def rows_for(self, rank: int, tokens: int) -> float:
+        """Tokens sent to `rank` (those with at least one chosen expert there)."""
+        return tokens * self.routing.token_share(self.placement[rank])
+
+    def pairs_for(self, rank: int, tokens: int) -> float:
+        """(token, expert) pairs `rank` computes."""
+        return tokens * self.spec.model.top_k * self.routing.pair_share(self.placement[rank])
+
+    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+        m, es = self.spec.model, self.elem
+        h, f, k = m.hidden_size, m.ffn_hidden_size, m.top_k
+        rows, pairs = self.rows_for(rank, tokens), self.pairs_for(rank, tokens)
+        hit = min(len(self.placement[rank]), pairs)  # experts touched stream their weights once
+        return [
+            KernelCost("gather_pairs", 0.0, 2 * pairs * h * es),
+            KernelCost("gate_up_swiglu", 4.0 * pairs * h * f, 2 * hit * h * f * es + pairs * h * es + pairs * f * es),
+            KernelCost("down_rows", 2.0 * pairs * f * h, hit * f * h * es + pairs * f * es + pairs * h * 4),
+            KernelCost("sum_slots", 0.0, pairs * h * 4 + rows * k * h * 4 + rows * h * es),
+        ]
+
+    def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
+        m, e = self.spec.model, len(self.placement[rank])
+        h, f = m.hidden_size, m.ffn_hidden_size
+        return {"w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h)}
+
+    def shard(self, rank: int) -> Shard:
+        return Shard(experts=self.placement[rank])
+
+    def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
+        m, es = self.spec.model, self.elem
+        h, f, k = m.hidden_size, m.ffn_hidden_size, m.top_k
+        rows, pairs = self.rows_for(rank, tokens), self.pairs_for(rank, tokens)
+        received = rank not in self.spec.stage("embed").gpus
+        act_in = Payload.DISPATCH.nbytes(self.spec, round(rows)) if received else 0
+        out_rows = Payload.COMBINE.nbytes(self.spec, round(rows))
+        work = act_in + pairs * h * es + pairs * f * es + pairs * h * 4 + rows * k * h * 4 + out_rows
+        return int(work), int(act_in + out_rows)
+
+    def part(self, rank: int) -> str:
+        return f"experts {_ranges(self.placement[rank])}"
+
+    # ---- compute ---------------------------------------------------------------------------
+    def from_router(self, u, top_ids, top_w) -> dict[Payload, Any]:
+        """The router's output packaged for each expert GPU: its tokens only (the router's own
+        GPU keeps the full u and reads its rows by token index, without a copy)."""
+        import torch
+
+        embed_rank = self.spec.stage("embed").gpus[0]
+        out = PerRank()
+        for rank, lut in self._lut(u.device).items():
+            local = lut[top_ids.long()]  # [t, k] local expert id, -1 where the expert is elsewhere
+            here = local >= 0
+            idx = torch.nonzero(here.any(dim=1)).squeeze(1)  # the one host sync of the dispatch
+            meta = torch.cat([idx.to(torch.int32).unsqueeze(1), local[idx]], dim=1).contiguous()
+            w = torch.where(here[idx], top_w[idx], torch.zeros((), dtype=top_w.dtype, device=u.device))
+            out[rank] = (u if rank == embed_rank else u[idx], meta, w.contiguous())
+        return {Payload.DISPATCH: out}
+
+    def _lut(self, device) -> dict[int, Any]:
+        """Per expert GPU: global expert id -> local index there (or -1), on `device`."""
+        if device not in self._luts:
+            import torch
+
+            luts = {}
+            for rank, held in self.placement.items():
+                lut = torch.full((self.spec.model.num_experts,), -1, dtype=torch.int32)
+                lut[list(held)] = torch.arange(len(held), dtype=torch.int32)
+                luts[rank] = lut.to(device)
+            self._luts[device] = luts
+        return self._luts[device]
+
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
+        import torch
+
+        (rows, meta, w), = inputs[Payload.DISPATCH]
+        n, k = meta.shape[0], meta.shape[1] - 1
+        token, local = meta[:, 0], meta[:, 1:]
+        pr, slot = torch.nonzero(local >= 0, as_tuple=True)  # row-major: a fixed order
+        # A full u (the router's own GPU) is read by token index; received rows are compact.
+        src_rows = token[pr].long() if rows.shape[0] != n else pr
+        y = expert_ffn(weights, rows[src_rows], local[pr, slot].unsqueeze(1), w[pr, slot].unsqueeze(1))
+        slots = torch.zeros(n, k, rows.shape[1], dtype=torch.float32, device=rows.device)
+        slots[pr, slot] = y.float()
+        return {Payload.COMBINE: (slots.sum(dim=1).to(rows.dtype), meta[:, :1].contiguous())}
+
+
+def _ranges(ids: tuple[int, ...]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (the module division of an expert GPU)."""
+    out, start = [], None
+    for i, x in enumerate(ids):
+        if start is None:
+            start = x
+        if i + 1 == len(ids) or ids[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)

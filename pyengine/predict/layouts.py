@@ -1,0 +1,53 @@
+"""The experts layout a spec chose, against its alternatives at the same micro-batches and
+schedule: tensor vs expert parallelism on the same GPUs, and expert parallelism that also
+puts experts on the router's GPU. `plan`'s layout verdict reads these."""
+
+from __future__ import annotations
+
+from pyengine.core.spec import DeploymentSpec, SpecError
+from pyengine.model.routing import Routing
+from pyengine.predict.balance import with_experts
+from pyengine.predict.devices import DeviceProfile
+from pyengine.predict.ep_layouts import ep_specs
+from pyengine.predict.plan import LayoutOption
+from pyengine.predict.prediction import Predicted, predict, predict_busy
+
+
+def describe(spec: DeploymentSpec) -> str:
+    st = spec.stage("experts")
+    gpus = ",".join(map(str, st.gpus))
+    if spec.expert_parallel:
+        counts = "/".join(str(len(p)) for p in spec.expert_placement())
+        return f"EP on GPUs {gpus} ({counts} experts)"
+    return f"TP={len(st.gpus)} on GPUs {gpus}"
+
+
+def best_ep(spec: DeploymentSpec, dev: DeviceProfile, gpus: list[int], output: int,
+            routing: Routing | None) -> DeploymentSpec | None:
+    """The EP layout on `gpus` with the lowest predicted bottleneck busy time, or None."""
+    scored = [(max(predict_busy(c, dev, routing=routing).values()), counts, c)
+              for counts, c in ep_specs(spec, dev, gpus, output, routing)]
+    return min(scored, key=lambda x: (x[0], x[1]))[2] if scored else None
+
+
+def layout_options(spec: DeploymentSpec, dev: DeviceProfile, pred: Predicted,
+                   routing: Routing | None) -> list[LayoutOption]:
+    st, out = spec.stage("experts"), spec.stage("output").gpus[0]
+    gpus = list(st.gpus)
+    every = list(range(spec.hardware.num_gpus))
+    options = [LayoutOption(describe(spec), pred.latency_s, pred.throughput_tokens_per_s, True)]
+    others: list[DeploymentSpec | None] = []
+    if spec.expert_parallel:
+        try:
+            others.append(with_experts(spec, gpus, None, out))
+        except SpecError:  # F narrower than the group
+            pass
+    else:
+        others.append(best_ep(spec, dev, gpus, out, routing))
+    if sorted(gpus) != every:
+        others.append(best_ep(spec, dev, every, out, routing))
+    for alt in others:
+        if alt is not None:
+            p, _ = predict(alt, dev, routing=routing)
+            options.append(LayoutOption(describe(alt), p.latency_s, p.throughput_tokens_per_s, False))
+    return options
