@@ -201,3 +201,50 @@ def test_echoed_value_is_cut_short():
     with pytest.raises(SpecError) as e:
         _spec(_set("model.dtype", "x" * 50_000_000))
     assert len(str(e.value)) < 300 and "characters" in str(e.value)
+
+
+def _experts(**stage):
+    def mutate(d):
+        d["parallel"]["stages"][1] = {"name": "experts", **stage}
+    return mutate
+
+
+@pytest.mark.parametrize("stage,field,words", [
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2], [3, 4, 5, 6]]},
+     "expert_ids", "experts [7] are placed on no GPU"),  # a missing expert
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [3, 4, 5, 6, 7]]},
+     "expert_ids", "expert 3 is placed twice"),  # a duplicate
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, 8]]},
+     "expert_ids", "expert 8 does not exist"),  # an id >= E
+    ({"gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, 7]]},
+     "expert_ids", "one list per GPU"),  # list count != GPU count
+    ({"gpus": [1, 2], "parallel_mode": "expert", "tensor_parallel_size": 2},
+     "tensor_parallel_size", "must be 1"),
+    ({"gpus": [1, 2], "parallel_mode": "expert", "shard_fractions": [0.5, 0.5]},
+     "shard_fractions", "tensor mode only"),
+    ({"gpus": [1, 2], "tensor_parallel_size": 2, "expert_ids": [[0], [1]]},
+     "expert_ids", "parallel_mode"),  # expert_ids without expert mode
+    ({"gpus": [1, 2], "parallel_mode": "data"}, "parallel_mode", "must be one of"),
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], []]},
+     "expert_ids", "non-empty"),  # a GPU holding nothing
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, "7"]]},
+     "expert_ids", "lists of ints"),
+])
+def test_expert_parallel_rules_name_the_field(stage, field, words):
+    with pytest.raises(SpecError) as e:
+        _spec(_experts(**stage))
+    assert e.value.field.startswith(f"parallel.stages[1].{field}") and words in str(e.value)
+
+
+def test_expert_parallel_default_placement_and_mode_on_other_stages():
+    spec = _spec(_experts(gpus=[0, 1, 2], parallel_mode="expert"))
+    assert spec.expert_placement() == ((0, 1, 2), (3, 4, 5), (6, 7))  # near-even, contiguous
+    assert spec.ffn_shards() == [(0, 0, 14336), (1, 0, 14336), (2, 0, 14336)]
+    with pytest.raises(SpecError) as e:
+        _spec(_set("parallel.stages[0].parallel_mode", "expert"))
+    assert e.value.field == "parallel.stages[0].parallel_mode"
+    with pytest.raises(SpecError) as e:  # more GPUs than experts
+        _spec(lambda d: (d["model"].update(num_experts=2, top_k=1), _experts(
+            gpus=[0, 1, 2], parallel_mode="expert")(d)))
+    assert "more GPUs than experts" in str(e.value)
+    assert DeploymentSpec.from_json(spec.to_json()) == spec  # round trip keeps the placement

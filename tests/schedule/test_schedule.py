@@ -16,7 +16,15 @@ UNEVEN = SEED.replace(parallel={"stages": [
     {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.4, 0.4]},
     {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})
 
-SPECS = {"seed": SEED, "tiny": TINY, "uneven": UNEVEN,
+EP_GPU0 = SEED.replace(parallel={"stages": [
+    {"name": "embed", "gpus": [0]},
+    {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[7], [0, 1, 2], [3, 4, 5, 6]]},
+    {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})
+EP_12 = TINY.replace(parallel={"stages": [
+    {"name": "embed", "gpus": [0]}, {"name": "experts", "gpus": [1, 2], "parallel_mode": "expert"},
+    {"name": "output", "gpus": [0]}]})
+
+SPECS = {"seed": SEED, "tiny": TINY, "uneven": UNEVEN, "ep_gpu0": EP_GPU0, "ep_12": EP_12,
          "seed_m1": SEED.replace(schedule={"micro_batches": 1}),
          "seed_m7": SEED.replace(schedule={"micro_batches": 7})}
 
@@ -110,3 +118,18 @@ def test_action_in_wrong_table_rejected():
 def test_unknown_kind_rejected():
     with pytest.raises(ScheduleError, match=r"must be one of \['gpipe', 'asready'\]"):
         build(SEED, "1f1b")
+
+
+def test_expert_parallel_tables_move_only_routed_payloads():
+    for spec in (EP_GPU0, EP_12):
+        for kind in ("gpipe", "asready"):
+            table = build(spec, kind)
+            moved = {a.payload for acts in table.values() for a in acts if a.kind is not Kind.COMPUTE}
+            assert moved <= {Payload.DISPATCH, Payload.COMBINE, Payload.RESID}
+            assert not any(a.kind is Kind.REDUCE for acts in table.values() for a in acts)
+    # the router's own experts take their rows without a message: no dispatch 0 -> 0
+    table = build(EP_GPU0)
+    assert not any(a.kind is Kind.SEND and a.peers == (0,) for a in table[0])
+    assert {a.id for a in table[1] if a.kind is Kind.RECV and a.micro_batch == 0} == {
+        "s1.mb0.RECV.dispatch<-0", "s2.mb0.RECV.resid<-0", "s2.mb0.RECV.combine<-0",
+        "s2.mb0.RECV.combine<-2"}  # GPU 1's own combine is its compute's value, not a message

@@ -80,13 +80,16 @@ class ExpertParallelStage(Stage):
         import torch
 
         embed_rank = self.spec.stage("embed").gpus[0]
+        luts = self._lut(u.device)
+        local = {rank: lut[top_ids.long()] for rank, lut in luts.items()}  # [t, k]; -1: elsewhere
+        sent = torch.stack([(loc >= 0).any(dim=1) for loc in local.values()])  # [ranks, t]
+        counts = sent.sum(dim=1).tolist()  # the dispatch's one host sync: every GPU's row count
+        order = torch.argsort((~sent).to(torch.int8), dim=1, stable=True)  # sent tokens first, in order
         out = PerRank()
-        for rank, lut in self._lut(u.device).items():
-            local = lut[top_ids.long()]  # [t, k] local expert id, -1 where the expert is elsewhere
-            here = local >= 0
-            idx = torch.nonzero(here.any(dim=1)).squeeze(1)  # the one host sync of the dispatch
-            meta = torch.cat([idx.to(torch.int32).unsqueeze(1), local[idx]], dim=1).contiguous()
-            w = torch.where(here[idx], top_w[idx], torch.zeros((), dtype=top_w.dtype, device=u.device))
+        for i, (rank, loc) in enumerate(local.items()):
+            idx = order[i, :counts[i]]
+            meta = torch.cat([idx.to(torch.int32).unsqueeze(1), loc[idx]], dim=1).contiguous()
+            w = torch.where(loc[idx] >= 0, top_w[idx], torch.zeros((), dtype=top_w.dtype, device=u.device))
             out[rank] = (u if rank == embed_rank else u[idx], meta, w.contiguous())
         return {Payload.DISPATCH: out}
 
