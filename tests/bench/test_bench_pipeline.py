@@ -7,6 +7,9 @@ import sys
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_pipeline.py")
 from helpers import TINY_CONFIG as CONFIG  # noqa: E402
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here spawns processes
 
 
 def test_bench_pipeline_json():

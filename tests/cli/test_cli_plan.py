@@ -34,6 +34,7 @@ def test_plan_search(capsys):
     assert "Plan search" in out and "Winner by latency" in out and "vs seed" in out
 
 
+@pytest.mark.slow  # a subprocess
 def test_bad_config_exit_2_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"hardware": {"num_gpus": 3, "gpu_memory_gb": 32},\n "model": }')

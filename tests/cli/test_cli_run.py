@@ -13,6 +13,8 @@ import torch
 
 from helpers import TINY_CONFIG as CONFIG  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here spawns processes
+
 
 def pyengine(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyengine", *args], capture_output=True, text=True,

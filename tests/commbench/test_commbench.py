@@ -127,6 +127,7 @@ def test_bad_flags_are_refused_before_anything_runs(flags, flag):
     assert e.value.field == flag
 
 
+@pytest.mark.slow  # a subprocess
 def test_bad_flag_through_the_cli_exits_2_with_one_line():
     proc = subprocess.run([sys.executable, "-m", "pyengine", "bench", "comm", "-b", "4K", "-e", "1K"],
                           capture_output=True, text=True, timeout=60)

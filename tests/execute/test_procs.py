@@ -10,6 +10,8 @@ import pytest
 
 from pyengine.execute.procs import RankFailure, spawn_ranks
 
+pytestmark = pytest.mark.slow  # every test here spawns processes
+
 
 def _ok(rank, nranks, port, scale):
     return {"rank": rank, "nranks": nranks, "port": port, "value": rank * scale,
