@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "check.hpp"
+#include "poll.hpp"
 #include "stream.hpp"
 
 namespace py = pybind11;
@@ -17,8 +18,6 @@ namespace py = pybind11;
 namespace pyengine {
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 // One NVTX range per communication call, named by the caller (fallback: the op).
 class NvtxRange {
@@ -28,22 +27,6 @@ class NvtxRange {
   NvtxRange(const NvtxRange&) = delete;
   NvtxRange& operator=(const NvtxRange&) = delete;
 };
-
-// Sleeps a little longer each time, up to 1 ms, so short waits stay cheap.
-class Backoff {
- public:
-  void pause() {
-    std::this_thread::sleep_for(std::chrono::microseconds(us_));
-    us_ = us_ < 1000 ? us_ * 2 : 1000;
-  }
-
- private:
-  int us_ = 10;
-};
-
-Clock::time_point deadline_after(double seconds) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-}
 
 std::string nccl_text(ncclResult_t res, ncclComm_t comm) {
   std::string text = ncclGetErrorString(res);
@@ -178,20 +161,17 @@ bool Communicator::alive() {
 }
 
 ncclResult_t Communicator::poll_ready_locked(double timeout_s, bool* timed_out) {
-  *timed_out = false;
-  const auto deadline = deadline_after(timeout_s);
-  Backoff backoff;
-  for (;;) {
-    ncclResult_t state = ncclSuccess;
-    ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
-    if (res != ncclSuccess) return res;
-    if (state != ncclInProgress) return state;
-    if (Clock::now() > deadline) {
-      *timed_out = true;
-      return ncclInProgress;
-    }
-    backoff.pause();
-  }
+  ncclResult_t state = ncclInProgress;
+  ncclResult_t failed = ncclSuccess;
+  const bool settled = poll_until(
+      [&] {
+        failed = ncclCommGetAsyncError(comm_, &state);
+        return failed != ncclSuccess || state != ncclInProgress;
+      },
+      deadline_after(timeout_s));
+  *timed_out = !settled;
+  if (failed != ncclSuccess) return failed;
+  return settled ? state : ncclInProgress;
 }
 
 void Communicator::abort_locked() {
@@ -314,38 +294,36 @@ std::optional<std::string> Communicator::async_error() {
 
 void Communicator::wait_event(cudaEvent_t event, double timeout_s, const std::string& what, int peer) {
   py::gil_scoped_release nogil;
-  const auto deadline = deadline_after(timeout_s);
-  Backoff backoff;
-  for (;;) {
-    cudaError_t err = cudaEventQuery(event);
-    if (err == cudaSuccess) return;
-    if (err != cudaErrorNotReady) {
-      PYENGINE_CHECK_CUDA(err);
-    }
-    (void)cudaGetLastError();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (comm_ != nullptr) {
-        ncclResult_t state = ncclSuccess;
-        ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
-        if (res != ncclSuccess) state = res;
-        if (state != ncclSuccess && state != ncclInProgress) {
-          std::string text = nccl_text(state, comm_);
-          abort_locked();
-          PYENGINE_CHECK(false, describe("wait", what, peer) << " failed: " << text
-                                                              << "; communicator aborted");
+  cudaError_t query = cudaSuccess;
+  std::optional<std::string> failure;
+  const bool finished = poll_until(
+      [&] {
+        query = cudaEventQuery(event);
+        if (query != cudaErrorNotReady) return true;  // done, or a CUDA error
+        (void)cudaGetLastError();  // NotReady is a status, not an error: keep the next call clean
+        std::lock_guard<std::mutex> lock(mu_);
+        if (comm_ != nullptr) {
+          ncclResult_t state = ncclSuccess;
+          const ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
+          if (res != ncclSuccess) state = res;
+          if (state != ncclSuccess && state != ncclInProgress) failure = nccl_text(state, comm_);
         }
-      }
-      if (Clock::now() > deadline) {
-        abort_locked();
-        PYENGINE_CHECK(false, describe("wait", what, peer)
-                                  << " timed out after " << timeout_s
-                                  << " s (peer missing, stalled or mismatched op order); "
-                                  << "communicator aborted");
-      }
-    }
-    backoff.pause();
+        return failure.has_value();
+      },
+      deadline_after(timeout_s));
+  if (finished && !failure) {
+    PYENGINE_CHECK_CUDA(query);
+    return;
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  abort_locked();
+  if (failure) {
+    PYENGINE_CHECK(false, describe("wait", what, peer) << " failed: " << *failure << "; communicator aborted");
+  }
+  PYENGINE_CHECK(false, describe("wait", what, peer)
+                            << " timed out after " << timeout_s
+                            << " s (peer missing, stalled or mismatched op order); "
+                            << "communicator aborted");
 }
 
 void Communicator::wait_stream(cudaStream_t stream, double timeout_s, const std::string& what, int peer) {

@@ -141,3 +141,16 @@ class Communicator:
     def timeout_s(self) -> float: ...
     @property
     def alive(self) -> bool: ...
+
+# -- the wait loop (csrc/poll.hpp, csrc/poll.cpp) ------------------------------------------
+def _poll_overhead(ready_after_us: float, iters: int, policy: str = "fast",
+                   spin_us: float | None = None, yield_us: float | None = None,
+                   first_sleep_us: float | None = None, max_sleep_us: float | None = None,
+                   timer_slack_ns: int | None = None) -> dict[str, float | int | str]:
+    """Benchmark of the wait loop every NCCL/CUDA wait uses (no GPU needed; GIL released):
+    `iters` waits for a condition that becomes true ready_after_us after each wait starts,
+    under policy "fast" (spin, then yield, then growing sleeps under 1 us timer slack) or
+    "legacy" (the sleep-first loop it replaced), with optional parameter overrides.
+    Returns policy, ready_after_us, iters, late_us_{mean,p50,p99,max} (how long after the
+    condition the loop returned), wall_us_mean, cpu_us_mean (thread CPU time per wait) and
+    probes_mean."""

@@ -1,6 +1,7 @@
 """pyengine._C: import, versions, clear errors without a driver (CPU); streams, events and a
 1-rank NCCL communicator (GPU)."""
 
+import threading
 import time
 
 import pytest
@@ -15,7 +16,8 @@ no_driver = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-
 
 def test_module_imports_and_registers_everything():
     for name in ("Error", "Stream", "Event", "Communicator", "DType", "RedOp", "dtype_size",
-                 "nccl_version", "cuda_runtime_version", "driver_version", "device_count"):
+                 "nccl_version", "cuda_runtime_version", "driver_version", "device_count",
+                 "_poll_overhead"):
         assert hasattr(C, name), name
     assert issubclass(C.Error, RuntimeError)
 
@@ -49,6 +51,33 @@ def test_communicator_rejects_bad_arguments_before_touching_cuda():
         C.Communicator(C.Communicator.unique_id(), 2, 3, 0, 1.0)
     with pytest.raises(C.Error, match="timeout_s must be > 0"):
         C.Communicator(C.Communicator.unique_id(), 1, 0, 0, 0.0)
+
+
+def test_poll_loop_notices_a_short_wait_without_sleeping():
+    """The fast policy spins first: a condition true after 5 us is noticed within
+    microseconds (the old sleep-first loop took ~77 us). Bounds are loose for shared CI
+    machines; bench/bench_poll.py reports the real figures."""
+    fast = C._poll_overhead(5.0, 200, "fast")
+    assert fast["policy"] == "fast" and fast["iters"] == 200
+    assert fast["late_us_p50"] < 10.0, fast
+    assert fast["wall_us_mean"] >= 5.0
+    legacy = C._poll_overhead(5.0, 20, "legacy")
+    assert legacy["probes_mean"] <= 3  # it slept instead of probing
+    long = C._poll_overhead(2000.0, 3, "fast")  # spins, yields, then sleeps: still returns
+    assert long["late_us_max"] < 5000.0, long
+    with pytest.raises(C.Error, match="unknown poll policy 'nope'"):
+        C._poll_overhead(1.0, 1, "nope")
+
+
+def test_poll_benchmark_releases_the_gil():
+    progress = []
+    worker = threading.Thread(target=lambda: C._poll_overhead(300_000.0, 1, "fast"))
+    worker.start()
+    while worker.is_alive():
+        progress.append(1)  # runs only while the worker does not hold the GIL
+        time.sleep(0.001)
+    worker.join()
+    assert len(progress) > 50
 
 
 @no_driver
