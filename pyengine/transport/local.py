@@ -15,13 +15,20 @@ On CPU the same code runs with events as no-ops, so CI exercises the logic.
 ``Handle.wait`` blocks the host until the peer(s) have *issued* the matching op
 (up to the timeout, then TransportError naming the missing peer(s)); on CUDA it
 then makes the caller's current stream wait on the completion event.
+``Handle.synchronize`` also waits (host, bounded) for that event.
+
+``abort()`` on a virtual rank fails every pending op that involves it, on every
+rank (their waits raise at once, naming the aborted rank), and every later op
+that involves it. ``group()`` issues ops at once (nothing to fuse), for parity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +96,31 @@ class _Hub:
         self.recvs: dict[tuple[int, int], deque[tuple[_Pending, _Completion]]] = {}
         self.rendezvous: dict[tuple[tuple[int, ...], int], _Rendezvous] = {}
         self.calls: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.aborted: set[int] = set()  # virtual ranks whose transport was aborted
+
+    @staticmethod
+    def aborted_error(ranks: set[int]) -> str:
+        return f"rank(s) {sorted(ranks)} aborted their transport"
+
+    def abort(self, rank: int) -> None:
+        """Fails every pending op involving ``rank`` (on every rank) and, from now on, every
+        new one."""
+        error = self.aborted_error({rank})
+        doomed: list[_Completion] = []
+        with self.lock:
+            self.aborted.add(rank)
+            for table in (self.sends, self.recvs):
+                for (src, dst), queue in table.items():
+                    if rank in (src, dst):
+                        doomed.extend(done for _, done in queue)
+                        queue.clear()
+            for key, rv in list(self.rendezvous.items()):
+                if rank in rv.group:
+                    doomed.append(rv.done)
+                    del self.rendezvous[key]
+        for done in doomed:
+            if not done.flag.is_set():
+                done.finish(error=error)
 
     # -- events ----------------------------------------------------------------------------
     def record(self, stream: Any) -> Any:
@@ -107,6 +139,10 @@ class _Hub:
         done = _Completion()
         key = (src, dst)
         with self.lock:
+            gone = self.aborted & {src, dst}
+            if gone:
+                done.finish(error=self.aborted_error(gone))
+                return done
             mine, theirs = (self.sends, self.recvs) if kind == "send" else (self.recvs, self.sends)
             waiting = theirs.get(key)
             if not waiting:
@@ -152,6 +188,11 @@ class _Hub:
         with self.lock:
             seq = self.calls.get((part.rank, group), 0)
             self.calls[(part.rank, group)] = seq + 1
+            gone = self.aborted & set(group)
+            if gone:
+                rv = _Rendezvous(op, group)
+                rv.done.finish(error=self.aborted_error(gone))
+                return rv
             key = (group, seq)
             rv = self.rendezvous.setdefault(key, _Rendezvous(op, group))
             if rv.op != op:
@@ -209,8 +250,24 @@ class _LocalHandle:
         if self._done.event is not None:
             torch.cuda.current_stream(self._hub.device).wait_event(self._done.event)
 
+    def synchronize(self, timeout_s: float | None = None) -> None:
+        """Blocks the host until the peer(s) issued the op and its copy/sum has run; the
+        same bound covers both."""
+        limit = self._hub.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        if not self._done.flag.wait(limit):
+            raise TransportError(f"{self._what} timed out after {limit:g} s: {self._pending()}")
+        if self._done.error is not None:
+            raise TransportError(f"{self._what} failed: {self._done.error}")
+        event = self._done.event
+        while event is not None and not event.query():
+            if time.monotonic() > deadline:
+                raise TransportError(f"{self._what} timed out after {limit:g} s: its copy/sum "
+                                     "was issued but did not finish on the device")
+            time.sleep(50e-6)
+
     def is_completed(self) -> bool:
-        if not self._done.flag.is_set():
+        if not self._done.flag.is_set() or self._done.error is not None:
             return False
         return self._done.event is None or self._done.event.query()
 
@@ -288,11 +345,13 @@ class LocalTransport:
         self.timeout_s = hub.timeout_s
         self.stream = torch.cuda.Stream(hub.device) if hub.cuda else None
         self._closed = False
+        self.aborted = False
 
     # -- helpers ---------------------------------------------------------------------------
     def _tensor(self, obj: Any, what: str) -> torch.Tensor:
         if self._closed:
-            raise TransportError(f"{what}: the transport is closed")
+            raise TransportError(f"{what}: the transport is "
+                                 f"{'aborted' if self.aborted else 'closed'}")
         tensor = as_tensor(obj)
         if tensor.device != self.device:
             raise TransportError(f"{what}: tensor on {tensor.device}, transport on {self.device}")
@@ -353,6 +412,18 @@ class LocalTransport:
         if self._closed:
             raise TransportError(f"local barrier (rank {self.rank}): the transport is closed")
         self._collective("barrier", tuple(range(self.world_size)), "", _exec_barrier, None).wait()
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Ops inside are issued at once, as outside (nothing to fuse in one process)."""
+        yield
+
+    def abort(self, timeout_s: float | None = None) -> None:
+        """Closes this virtual rank and fails every pending and future op that involves it, on
+        every rank: no wait on it hangs. Never blocks; idempotent."""
+        self._closed = True
+        self.aborted = True
+        self._hub.abort(self.rank)
 
     def close(self) -> None:
         """Marks this virtual rank closed; pending ops of its peers still time out normally."""
