@@ -4,6 +4,7 @@ NCCL groups (CPU); streams, events and 1-rank NCCL communicators (GPU)."""
 import threading
 import time
 
+import gpu_sleep
 import pytest
 import torch
 
@@ -220,24 +221,6 @@ def _one_rank_comm(ranks=None, comm_set=None):
     return C.Communicator(C.Communicator.unique_id(), 1, 0, 0, 30.0, ranks=ranks, comm_set=comm_set)
 
 
-def _sleep_cycles_per_s():
-    """torch.cuda._sleep spins for a number of GPU clock cycles; its duration depends on the
-    SM clock (about 1 s per 2e9 cycles on an H100), so tests derive it from a measurement."""
-    torch.cuda._sleep(1000)  # warm-up (module load)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(100_000_000)
-    end.record()
-    end.synchronize()
-    return 100_000_000 / (start.elapsed_time(end) / 1e3)
-
-
-def _sleep_on(stream, seconds, rate):
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(int(seconds * rate))
-
-
 @pytest.mark.gpu
 def test_one_rank_all_reduce_and_collectives():
     comm = _one_rank_comm()
@@ -316,13 +299,13 @@ def test_wait_timeout_names_global_ranks_and_aborts_the_whole_set():
     global ranks (here rank 5 of group (5,)), NCCL's own text and what was aborted. The abort
     may have to wait for the device (NCCL frees device memory), so the bound is relative to
     the measured duration of the sleeping kernel, not a fixed second (issue 12)."""
-    rate = _sleep_cycles_per_s()
+    rate = gpu_sleep.cycles_per_s()
     cset = C.CommSet()
     a = _one_rank_comm(ranks=[5], comm_set=cset)
     b = _one_rank_comm(ranks=[5], comm_set=cset)
     stream = torch.cuda.Stream()
     sleep_s = 1.5
-    _sleep_on(stream, sleep_s, rate)
+    gpu_sleep.sleep_on(stream, sleep_s, rate)
     start = time.monotonic()
     with pytest.raises(C.Error) as info:
         a.wait(stream.cuda_stream, 0.2, "recv", "slow op", 0)
@@ -341,11 +324,11 @@ def test_wait_timeout_names_global_ranks_and_aborts_the_whole_set():
 
 @pytest.mark.gpu
 def test_wait_releases_the_gil():
-    rate = _sleep_cycles_per_s()
+    rate = gpu_sleep.cycles_per_s()
     comm = _one_rank_comm()
     try:
         stream = torch.cuda.Stream()
-        _sleep_on(stream, 0.5, rate)
+        gpu_sleep.sleep_on(stream, 0.5, rate)
         progress = []
         worker = threading.Thread(target=comm.wait, args=(stream.cuda_stream, 30.0, "sleep"))
         worker.start()
@@ -360,10 +343,10 @@ def test_wait_releases_the_gil():
 
 @pytest.mark.gpu
 def test_abort_from_another_thread_interrupts_a_wait():
-    rate = _sleep_cycles_per_s()
+    rate = gpu_sleep.cycles_per_s()
     comm = _one_rank_comm()
     stream = torch.cuda.Stream()
-    _sleep_on(stream, 3.0, rate)
+    gpu_sleep.sleep_on(stream, 3.0, rate)
     threading.Timer(0.2, comm.abort).start()
     start = time.monotonic()
     with pytest.raises(C.Error, match=r"NCCL wait 'w' \(rank 0, group \(0,\), device 0\) "

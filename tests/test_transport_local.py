@@ -4,6 +4,7 @@ marker. Same ops and references as the gloo tests."""
 import threading
 import time
 
+import gpu_sleep
 import pytest
 import torch
 
@@ -274,6 +275,33 @@ def test_gpu_wait_orders_the_current_stream():
         return float(z.min().item()), float(z.max().item())
 
     assert run_ranks(ts, body)[1] == (6.0, 6.0)
+
+
+@pytest.mark.gpu
+def test_gpu_synchronize_waits_for_the_device_copy_within_its_bound():
+    """The copy runs after the sender's current stream (busy ~1 s): synchronize with a short
+    bound names the op; with a long one it returns once the copy ran."""
+    rate = gpu_sleep.cycles_per_s()
+    ts = LocalTransport.create(2, "cuda", timeout_s=30)
+
+    def body(t):
+        if t.rank == 0:
+            x = torch.full((1024,), 7.0, device="cuda")
+            gpu_sleep.sleep_on(None, 1.0, rate)  # the producer is still running at send()
+            t.send(x, 1, name="act").synchronize(20)
+            return None
+        y = torch.zeros(1024, device="cuda")
+        h = t.recv(y, 0, name="act")
+        h.wait(20)  # both sides issued: the copy is queued behind rank 0's kernel
+        with pytest.raises(TransportError, match=r"local recv 'act' \(rank 1, peer 0\) timed out "
+                                                 r"after 0.2 s: its copy/sum was issued but did "
+                                                 r"not finish on the device"):
+            h.synchronize(0.2)
+        h.synchronize(20)
+        assert h.is_completed()
+        return float(y.min())
+
+    assert run_ranks(ts, body)[1] == 7.0
 
 
 @pytest.mark.gpu

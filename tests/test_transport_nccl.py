@@ -4,6 +4,7 @@
 import datetime
 import time
 
+import gpu_sleep
 import pytest
 import torch
 import torch.distributed as dist
@@ -102,27 +103,15 @@ def test_group_body_error_still_closes_the_nccl_group():
         tr.all_reduce(x, (0,), name="after").synchronize(10)
 
 
-def _sleep_cycles_per_s():
-    """torch.cuda._sleep counts GPU clock cycles; measure how many make a second here."""
-    torch.cuda._sleep(1000)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(100_000_000)
-    end.record()
-    end.synchronize()
-    return 100_000_000 / (start.elapsed_time(end) / 1e3)
-
-
 @pytest.mark.gpu
 def test_synchronize_times_out_names_the_op_and_aborts_every_communicator():
     """The op cannot start (its comm stream waits for a long kernel on the caller's stream):
     synchronize raises after its timeout with the op, action name, global rank and NCCL's
     text, having aborted the rank's communicators; later ops fail fast."""
-    rate = _sleep_cycles_per_s()
+    rate = gpu_sleep.cycles_per_s()
     tr = _one_rank()
     x = torch.ones(1024, device="cuda")
-    torch.cuda._sleep(int(1.5 * rate))  # on the current stream, before the op
+    gpu_sleep.sleep_on(None, 1.5, rate)  # on the current stream, before the op
     h = tr.all_reduce(x, (0,), name="mb2.tp")
     start = time.monotonic()
     with pytest.raises(TransportError) as info:

@@ -5,6 +5,9 @@ from torchrun's MASTER_ADDR/MASTER_PORT). A world communicator plus one per
 group in ``groups`` (e.g. ``[(0, 1, 2), (1, 2)]``) are created eagerly, in the
 same order on every rank; ranks outside a group skip it. send/recv use the
 world communicator with global ranks. Every error text names global ranks.
+Init also connects every pair of ranks and every communicator (``connect=True``):
+NCCL would otherwise connect inside the first op, which then cannot return until
+the peer reaches its matching op.
 
 Streams: each communicator has its own comm stream. An op makes its
 communicator's stream wait on an event recorded on the caller's current torch
@@ -180,7 +183,8 @@ class NcclTransport:
 
     def __init__(self, *, rank: int, world_size: int, device: torch.device | int | str,
                  groups: Sequence[Sequence[int]] = (), store: Any = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, prefix: str = "pyengine/nccl"):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, prefix: str = "pyengine/nccl",
+                 connect: bool = True):
         C = native()
         device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         if device.type != "cuda":
@@ -205,6 +209,8 @@ class NcclTransport:
                     continue
                 self._comms[group] = self._connect(C, f"{prefix}/{index}", group)
                 self.streams[group] = torch.cuda.Stream(device)
+            if connect:
+                self._connect_peers()
         except BaseException:
             self.close(abort=True)
             raise
@@ -223,6 +229,31 @@ class NcclTransport:
                                   self.timeout_s, ranks=list(group), comm_set=self._set)
         except C.Error as exc:
             raise TransportError(f"nccl transport init (rank {self.rank}), group {group}: {exc}") from exc
+
+    def _connect_peers(self) -> None:
+        """NCCL connects peers lazily, inside the first op that needs a connection, and a
+        non-blocking op is not enqueued (so send()/all_reduce() do not return: its completion
+        event cannot be recorded before) until the peer reaches its matching op. A rank could
+        then stall, or two ranks issuing in different orders deadlock, on the first batch.
+        Connect here, while every rank is in init anyway: one element sent to and received
+        from every other rank in one group (NCCL connects all of a peer's p2p channels on first
+        use), then one all_reduce per communicator, in creation order (the same on every rank).
+        Collective algorithms first chosen later (another message size) still connect on first
+        use unless NCCL_RUNTIME_CONNECT=0 (docs/nccl.md)."""
+        handles = []
+        peers = [p for p in range(self.world_size) if p != self.rank]
+        if peers:
+            one = torch.ones(len(peers), device=self.device)
+            got = torch.zeros(len(peers), device=self.device)
+            with self.group():
+                for i, peer in enumerate(peers):
+                    handles.append(self.send(one[i:i + 1], peer, name="connect"))
+                    handles.append(self.recv(got[i:i + 1], peer, name="connect"))
+        for group in self._comms:
+            handles.append(self.all_reduce(torch.zeros(1, device=self.device), group,
+                                           name="connect"))
+        for h in handles:
+            h.synchronize()
 
     # -- helpers ---------------------------------------------------------------------------
     def _tensor(self, obj: Any, what: str) -> torch.Tensor:
