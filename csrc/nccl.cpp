@@ -79,16 +79,28 @@ std::string abort_summary(const std::vector<std::shared_ptr<Communicator>>& comm
 
 // -- thread-wide NCCL groups ------------------------------------------------------------------
 
+// While a thread has an NCCL group open, NCCL's thread-local group state refers to every
+// communicator an op was issued on; aborting one of them then (on another thread, as
+// abort_together does) would free it under the group. So failures and aborts inside a group
+// are deferred: group_end() first lets NCCL close the group, then aborts.
 struct GroupState {
   int depth = 0;
-  std::vector<std::shared_ptr<Communicator>> touched;  // kept alive until the group ends
+  std::vector<std::shared_ptr<Communicator>> touched;      // kept alive until the group ends
+  std::vector<std::shared_ptr<Communicator>> abort_at_end;  // deferred aborts
+  std::vector<std::string> failures;                        // deferred failures, reported at end
 };
 
 thread_local GroupState t_group;
 
-void group_touch(const std::shared_ptr<Communicator>& comm) {
-  auto& touched = t_group.touched;
-  if (std::find(touched.begin(), touched.end(), comm) == touched.end()) touched.push_back(comm);
+void add_unique(std::vector<std::shared_ptr<Communicator>>& comms,
+                const std::shared_ptr<Communicator>& comm) {
+  if (std::find(comms.begin(), comms.end(), comm) == comms.end()) comms.push_back(comm);
+}
+
+void group_touch(const std::shared_ptr<Communicator>& comm) { add_unique(t_group.touched, comm); }
+
+void defer_abort(const std::vector<std::shared_ptr<Communicator>>& comms) {
+  for (const auto& comm : comms) add_unique(t_group.abort_at_end, comm);
 }
 
 }  // namespace
@@ -157,6 +169,8 @@ std::optional<std::string> CommSet::first_error(const Communicator* except) {
 
 std::vector<std::string> abort_together(const std::vector<std::shared_ptr<Communicator>>& comms,
                                         double timeout_s) {
+  // Each abort runs on a fresh thread: concurrently with the others, and never inside an NCCL
+  // group the calling thread may have open (ncclCommAbort opens a group internally).
   // Shared with the abort threads, which may outlive this call (detached when stuck).
   struct Progress {
     std::mutex mu;
@@ -354,7 +368,22 @@ void Communicator::abort() {
 }
 
 void Communicator::fail(const char* file, int line, const std::string& what) {
+  if (t_group.depth > 0) {
+    defer_abort(set_->members());
+    t_group.failures.push_back(what);
+    throw_error(file, line, what + "; every NCCL communicator of rank " + std::to_string(global_rank()) +
+                                " is aborted when this thread's NCCL group ends");
+  }
   throw_error(file, line, what + "; " + abort_summary(set_->members(), timeout_s_));
+}
+
+std::vector<std::string> abort_now_or_at_group_end(
+    const std::vector<std::shared_ptr<Communicator>>& comms, double timeout_s) {
+  if (t_group.depth > 0) {
+    defer_abort(comms);
+    return {};
+  }
+  return abort_together(comms, timeout_s);
 }
 
 template <typename Fn>
@@ -549,8 +578,11 @@ void group_end() {
   const ncclResult_t res = ncclGroupEnd();
   const bool ok = res == ncclSuccess || res == ncclInProgress;
   if (ok && t_group.depth > 0) return;  // nested: the outermost group_end enqueues everything
-  std::vector<std::shared_ptr<Communicator>> touched;
+  std::vector<std::shared_ptr<Communicator>> touched, to_abort;
+  std::vector<std::string> failures;
   touched.swap(t_group.touched);
+  to_abort.swap(t_group.abort_at_end);
+  failures.swap(t_group.failures);
   std::optional<std::string> failure;
   if (!ok) {
     std::vector<std::string> states;
@@ -559,26 +591,31 @@ void group_end() {
     }
     failure = std::string("NCCL group_end failed: ") + ncclGetErrorString(res) + " (" +
               (states.empty() ? "no communicator touched" : join(states, "; ")) + ")";
-  } else {
+  } else if (to_abort.empty()) {
     // NCCL enqueues a non-blocking group asynchronously: every communicator touched by it
     // (not only one of them) must be ready before its streams are used or it is called again.
+    // (Not when aborts are pending: ncclCommAbort joins NCCL's group job itself.)
     for (const auto& comm : touched) {
       failure = comm->wait_group_ready();
       if (failure) break;
     }
   }
-  if (!failure) return;
-  std::vector<std::shared_ptr<Communicator>> to_abort;
-  double timeout_s = 0.0;
-  for (const auto& comm : touched) {
-    timeout_s = std::max(timeout_s, comm->timeout_s());
-    for (auto& member : comm->set()->members()) {
-      if (std::find(to_abort.begin(), to_abort.end(), member) == to_abort.end()) {
-        to_abort.push_back(std::move(member));
-      }
-    }
+  if (!failures.empty()) {
+    failure = "inside the NCCL group: " + join(failures, "; ") + (failure ? "; then " + *failure : "");
   }
-  throw_error(__FILE__, __LINE__, *failure + "; " + abort_summary(to_abort, timeout_s));
+  double timeout_s = 0.0;
+  for (const auto& comm : touched) timeout_s = std::max(timeout_s, comm->timeout_s());
+  for (const auto& comm : to_abort) timeout_s = std::max(timeout_s, comm->timeout_s());
+  if (failure) {
+    for (const auto& comm : touched) {
+      for (const auto& member : comm->set()->members()) add_unique(to_abort, member);
+    }
+    throw_error(__FILE__, __LINE__, *failure + "; " + abort_summary(to_abort, timeout_s));
+  }
+  if (!to_abort.empty()) {  // aborts requested inside the group, no failure: report only problems
+    const std::vector<std::string> problems = abort_together(to_abort, timeout_s);
+    PYENGINE_CHECK(problems.empty(), "NCCL group_end: deferred abort: " << join(problems, "; "));
+  }
 }
 
 // -- bindings -----------------------------------------------------------------------------------
@@ -605,9 +642,16 @@ void register_nccl(py::module_& m) {
       m, "CommSet",
       "The communicators of one rank: a failure on any member aborts all of them together.")
       .def(py::init<>())
-      .def("abort", &CommSet::abort, py::arg("timeout_s"), nogil(),
-           "Abort every member, each on its own thread, waiting at most timeout_s; returns one "
-           "line per member whose abort did not return in time or failed (empty: all aborted).")
+      .def(
+          "abort",
+          [](CommSet& s, double timeout_s) {
+            py::gil_scoped_release release;
+            return abort_now_or_at_group_end(s.members(), timeout_s);
+          },
+          py::arg("timeout_s"),
+          "Abort every member, each on its own thread, waiting at most timeout_s; returns one "
+          "line per member whose abort did not return in time or failed (empty: all aborted). "
+          "Inside an open NCCL group on this thread the abort happens when the group ends.")
       .def("__len__", [](CommSet& s) {
         py::gil_scoped_release release;
         return s.members().size();
@@ -709,8 +753,21 @@ void register_nccl(py::module_& m) {
           "queued work is awaited) completes, polling the async errors of every communicator of "
           "this rank's set. On an error, an abort, or after timeout_s the whole set is aborted "
           "and Error names op, name, this rank and the local `peer` as global ranks.")
-      .def("abort", &Communicator::abort, nogil(),
-           "Abort this communicator only (idempotent; never waits for peers).")
+      .def(
+          "abort",
+          [](Communicator& c) {
+            // On a thread of its own: ncclCommAbort opens an NCCL group internally, which would
+            // nest into a group the caller has open on this thread and be deferred to its end.
+            std::vector<std::string> problems;
+            {
+              py::gil_scoped_release release;
+              problems = abort_now_or_at_group_end({c.shared_from_this()}, c.timeout_s());
+            }
+            PYENGINE_CHECK(problems.empty(), join(problems, "; "));
+          },
+          "Abort this communicator only, on a helper thread, waiting at most timeout_s "
+          "(idempotent; never waits for peers). Error if ncclCommAbort failed or did not return. "
+          "Inside an open NCCL group on this thread the abort happens when the group ends.")
       .def("destroy", &Communicator::destroy, nogil(),
            "Flush outstanding work (bounded by timeout_s, else the set is aborted and Error "
            "raised), then free; idempotent.")

@@ -59,6 +59,10 @@ class CommSet {
 // Aborts `comms` together (one thread each), bounded by timeout_s; see CommSet::abort.
 std::vector<std::string> abort_together(const std::vector<std::shared_ptr<Communicator>>& comms,
                                         double timeout_s);
+// abort_together, or, while the calling thread has an NCCL group open (NCCL's group state
+// still refers to the communicators), recorded for that group's end (returns no problems).
+std::vector<std::string> abort_now_or_at_group_end(
+    const std::vector<std::shared_ptr<Communicator>>& comms, double timeout_s);
 
 class Communicator : public std::enable_shared_from_this<Communicator> {
  public:
@@ -109,7 +113,10 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   void wait_stream(cudaStream_t stream, double timeout_s, const std::string& op,
                    const std::string& name, int peer);
 
-  void abort();    // this communicator only; idempotent; never waits for peers
+  // This communicator only; idempotent; never waits for peers. Runs ncclCommAbort on the
+  // calling thread: call it through abort_together (the bindings do) unless the thread has
+  // no NCCL group open.
+  void abort();
   void destroy();  // finalize (flush, polled with the timeout) then destroy; idempotent
 
   int rank() const { return rank_; }  // local (NCCL) index
@@ -163,7 +170,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 // group state is thread-local: group_start() opens (or nests) a group; ops issued inside on
 // any communicator are recorded as touched; the outermost group_end() calls ncclGroupEnd
 // and polls EVERY touched communicator until ready (NCCL enqueues a non-blocking group
-// asynchronously). A failure aborts the sets of all touched communicators.
+// asynchronously). A failure aborts the sets of all touched communicators. Failures and
+// aborts that happen while the group is open are deferred to its end (see GroupState).
 void group_start();
 void group_end();
 int group_depth();

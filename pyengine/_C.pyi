@@ -164,7 +164,9 @@ class Communicator:
         (...); NCCL reports: no error; aborted every NCCL communicator of rank 1
         (group (0, 1, 2), group (1, 2)) (nccl.cpp:NNN)"."""
     def abort(self) -> None:
-        """Abort this communicator only, without waiting for peers (idempotent)."""
+        """Abort this communicator only, without waiting for peers (idempotent). Runs on a
+        helper thread (ncclCommAbort must not nest into a group open on the caller's thread),
+        waiting at most timeout_s; Error when it failed or did not return in time."""
     def destroy(self) -> None:
         """Flush outstanding work (bounded by timeout_s, else the set is aborted and Error
         raised), then free; idempotent."""

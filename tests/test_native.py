@@ -79,6 +79,9 @@ def test_empty_comm_set_aborts_nothing():
     s = C.CommSet()
     assert len(s) == 0
     assert s.abort(1.0) == []
+    C.group_start()  # inside a group the abort is deferred to the group's end
+    assert s.abort(1.0) == []
+    C.group_end()
 
 
 def test_poll_loop_notices_a_short_wait_without_sleeping():
@@ -320,6 +323,45 @@ def test_wait_timeout_names_global_ranks_and_aborts_the_whole_set():
     assert a.async_error() == "communicator aborted"
     a.destroy()  # no-op after abort
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_failed_op_aborts_the_set_naming_global_ranks():
+    comm = _one_rank_comm(ranks=[3])
+    stream = C.Stream(0, 0)
+    with pytest.raises(C.Error) as info:  # NCCL refuses null buffers with count > 0
+        comm.all_reduce(0, 0, 16, C.DType.float32, C.RedOp.sum, stream, "null")
+    text = str(info.value)
+    assert "NCCL all_reduce 'null' (rank 3, group (3,), device 0)" in text
+    assert "invalid argument" in text and "aborted every NCCL communicator of rank 3" in text
+    assert not comm.alive
+
+
+@pytest.mark.gpu
+def test_failure_inside_a_group_aborts_when_the_group_ends():
+    """NCCL's open group still refers to the communicator: it is aborted only after
+    ncclGroupEnd (aborting it from another thread meanwhile would free it under the group)."""
+    comm = _one_rank_comm(ranks=[3])
+    stream = C.Stream(0, 0)
+    C.group_start()
+    try:
+        comm.all_reduce(0, 0, 16, C.DType.float32, C.RedOp.sum, stream, "null")
+    except C.Error as exc:  # NCCL may report it at the call or only at group end
+        assert "is aborted when this thread's NCCL group ends" in str(exc)
+    assert comm.alive
+    with pytest.raises(C.Error, match="aborted every NCCL communicator of rank 3"):
+        C.group_end()
+    assert C.group_depth() == 0 and not comm.alive
+
+
+@pytest.mark.gpu
+def test_abort_inside_a_group_happens_at_its_end():
+    comm = _one_rank_comm()
+    C.group_start()
+    comm.abort()
+    assert comm.alive  # deferred
+    C.group_end()
+    assert not comm.alive
 
 
 @pytest.mark.gpu

@@ -129,6 +129,21 @@ def test_synchronize_times_out_names_the_op_and_aborts_every_communicator():
 
 
 @pytest.mark.gpu
+def test_abort_inside_a_group_block_happens_when_it_ends():
+    tr = _one_rank()
+    x = torch.ones(8, device="cuda")
+    with tr.group():
+        tr.all_reduce(x, (0,), name="g")
+        tr.abort()
+        assert tr._comms[(0,)].alive  # NCCL's open group still refers to it
+    assert not tr._comms[(0,)].alive
+    with pytest.raises(TransportError, match="the communicator was aborted"):
+        tr.all_reduce(x, (0,), name="after")
+    tr.close()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
 def test_abort_then_ops_fail_fast():
     tr = _one_rank()
     tr.abort(5.0)
