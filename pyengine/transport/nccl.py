@@ -142,7 +142,8 @@ class _NcclHandle:
 
     def _check_issued(self, call: str) -> None:
         if self._error is not None:
-            raise TransportError(f"{self._what} was never issued: {self._error}")
+            raise TransportError(f"{self._what} failed with the group that issued it: "
+                                 f"{self._error}")
         if not self._recorded:
             raise TransportError(f"{self._what}: {call}() inside the transport.group() block that "
                                  "issued it; NCCL launches the group when the block ends, so wait "
