@@ -68,8 +68,9 @@ def machine() -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{platform.machine()} {model or platform.processor()}, {os.cpu_count()} cores, " \
-           f"Linux {platform.release()}"
+           f"Linux {platform.release()}, load average {load} (other work shares the cores)"
 
 
 def main(argv=None) -> int:
