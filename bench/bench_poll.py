@@ -84,7 +84,10 @@ def main(argv=None) -> int:
             iters = max(20, min(args.iters, int(2e6 / max(ready, 1.0))))  # <= ~2 s per row
             C._poll_overhead(ready, min(iters, 50), policy)  # warm-up (page-in, frequency)
             r = C._poll_overhead(ready, iters, policy)
-            r["meets_target"] = r["late_us_mean"] <= TARGET_US
+            # mean: what an op costs on average here, preemptions by other work included;
+            # p50: the typical op, which preemptions of this shared machine do not move.
+            r["meets_target_mean"] = r["late_us_mean"] <= TARGET_US
+            r["meets_target_p50"] = r["late_us_p50"] <= TARGET_US
             rows.append(r)
     env = {**provenance(), "machine": machine()}
     out = {"env": env, "target_late_us": TARGET_US, "rows": rows}
@@ -94,11 +97,12 @@ def main(argv=None) -> int:
     for key, value in env.items():
         print(f"# {key}: {value}")
     header = ["ready after (us)", "policy", "iters", "late mean", "late p50", "late p99",
-              "late max", "cpu/wait (us)", "probes", f"late <= {TARGET_US:g} us"]
+              "late max", "cpu/wait (us)", "probes", f"<= {TARGET_US:g} us (mean / p50)"]
     table = [[f"{r['ready_after_us']:g}", r["policy"], str(r["iters"]),
               f"{r['late_us_mean']:.2f}", f"{r['late_us_p50']:.2f}", f"{r['late_us_p99']:.2f}",
               f"{r['late_us_max']:.2f}", f"{r['cpu_us_mean']:.2f}", f"{r['probes_mean']:.1f}",
-              "yes" if r["meets_target"] else "no"] for r in rows]
+              ("yes" if r["meets_target_mean"] else "no") + " / " +
+              ("yes" if r["meets_target_p50"] else "no")] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
