@@ -3,6 +3,7 @@
 
 #include "check.hpp"
 #include "nccl.hpp"
+#include "poll.hpp"
 #include "stream.hpp"
 #include "version.hpp"
 
@@ -14,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
   pyengine::register_version(m);
   pyengine::register_streams(m);
   pyengine::register_nccl(m);
+  pyengine::register_poll(m);
 }

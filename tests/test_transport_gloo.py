@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyengine.execute.procs import RankFailure, spawn_ranks
+from pyengine.transport import TransportError, create_transport
 from pyengine.transport.store import connect_store
-from pyengine.transport import create_transport
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32)
 COUNTS = (1, 1023)  # a single element; an odd count that fits no vector width
@@ -132,3 +132,57 @@ def test_stalled_peer_is_named_within_timeout():
     assert "timed out" in str(info.value)
     assert time.monotonic() - start < 20
     assert multiprocessing.active_children() == []
+
+
+def _synchronize_on_silent_peer(rank: int, nranks: int, port: int) -> None:
+    store = connect_store(rank, nranks, port, timeout_s=10)
+    tr = create_transport("gloo", rank=rank, world_size=nranks, device="cpu", groups=[],
+                          store=store, timeout_s=30)
+    if rank == 1:
+        time.sleep(3600)  # joined, never sends
+    h = tr.recv(torch.empty(3), 1, name="mb9")
+    assert not h.is_completed()
+    h.synchronize(1.0)  # well below the transport's 30 s
+
+
+@pytest.mark.slow
+def test_synchronize_names_the_silent_peer_within_its_timeout():
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        spawn_ranks(_synchronize_on_silent_peer, 2, timeout_s=60)
+    text = str(info.value)
+    assert info.value.rank == 0
+    assert "TransportError" in text and "gloo recv 'mb9' (rank 0, peer 1) timed out" in text
+    assert "limit 1 s" in text and "gloo:" in text  # gloo's own message is kept
+    assert time.monotonic() - start < 25
+    assert multiprocessing.active_children() == []
+
+
+def _abort_then_wait(rank: int, nranks: int, port: int) -> tuple[str, float, str]:
+    store = connect_store(rank, nranks, port, timeout_s=10)
+    tr = create_transport("gloo", rank=rank, world_size=nranks, device="cpu", groups=[],
+                          store=store, timeout_s=30)
+    if rank == 1:
+        store.wait(["aborted"])  # stay alive until rank 0 is done: it is the peer never sending
+        return "", 0.0, ""
+    h = tr.recv(torch.empty(3), 1, name="mb4")
+    with tr.group():  # gloo issues at once; the block exists for parity
+        pass
+    tr.abort()
+    tr.abort()  # idempotent
+    start = time.monotonic()
+    with pytest.raises(TransportError) as pending:
+        h.synchronize()
+    elapsed = time.monotonic() - start
+    with pytest.raises(TransportError) as late:
+        tr.send(torch.ones(1), 1, name="late")
+    store.set("aborted", b"1")
+    return str(pending.value), elapsed, str(late.value)
+
+
+@pytest.mark.slow
+def test_abort_fails_pending_waits_at_once():
+    pending, elapsed, late = spawn_ranks(_abort_then_wait, 2, timeout_s=60)[0]
+    assert pending == "gloo recv 'mb4' (rank 0, peer 1) failed: the transport was aborted before it completed"
+    assert elapsed < 1.0
+    assert late == "gloo send 'late' (rank 0, peer 1): the transport is aborted"

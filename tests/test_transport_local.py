@@ -4,6 +4,7 @@ marker. Same ops and references as the gloo tests."""
 import threading
 import time
 
+import gpu_sleep
 import pytest
 import torch
 
@@ -160,6 +161,81 @@ def test_size_mismatch_is_reported_to_both_sides():
             h.wait()
 
 
+def test_protocol_includes_synchronize_abort_and_group():
+    from pyengine.transport import Handle, Transport
+
+    ts = LocalTransport.create(2, "cpu", timeout_s=2)
+    assert isinstance(ts[0], Transport)
+    h = ts[0].send(torch.ones(2), 1)
+    assert isinstance(h, Handle)
+    ts[1].recv(torch.empty(2), 0).synchronize()
+    h.synchronize()
+    assert h.is_completed()
+
+
+def test_synchronize_names_a_peer_that_never_sends_within_the_timeout():
+    ts = LocalTransport.create(3, "cpu", timeout_s=30)
+    h = ts[0].recv(torch.empty(4), 2, name="mb3")
+    start = time.monotonic()
+    with pytest.raises(TransportError, match=r"local recv 'mb3' \(rank 0, peer 2\) timed out after "
+                                             r"0.3 s: peer 2 never issued the matching send"):
+        h.synchronize(0.3)
+    assert 0.3 <= time.monotonic() - start < 2
+    assert not h.is_completed()
+
+
+def test_synchronize_names_the_missing_member_of_a_collective():
+    ts = LocalTransport.create(3, "cpu", timeout_s=30)
+    hs = [t.all_reduce(torch.ones(2), (0, 1, 2), name="tp") for t in ts[:2]]
+    with pytest.raises(TransportError, match=r"local all_reduce 'tp' \(rank 1, group \(0, 1, 2\)\) "
+                                             r"timed out.*rank\(s\) \[2\] never issued it"):
+        hs[1].synchronize(0.2)
+
+
+def test_abort_fails_the_peers_pending_waits_at_once():
+    """rank 0 blocks in wait() on a recv from rank 2; rank 2 aborts: rank 0's wait raises
+    naming it immediately instead of after the 30 s timeout."""
+    ts = LocalTransport.create(3, "cpu", timeout_s=30)
+    h = ts[0].recv(torch.empty(4), 2, name="mb5")
+    coll = ts[1].all_reduce(torch.ones(2), (1, 2), name="tp")
+    timer = threading.Timer(0.2, ts[2].abort)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(TransportError, match=r"local recv 'mb5' \(rank 0, peer 2\) failed: "
+                                             r"rank\(s\) \[2\] aborted their transport"):
+        h.wait()
+    assert time.monotonic() - start < 5
+    with pytest.raises(TransportError, match=r"all_reduce 'tp'.*failed: rank\(s\) \[2\] aborted"):
+        coll.synchronize()
+    assert not coll.is_completed()
+    # ops issued later that involve the aborted rank fail at once, on every rank
+    with pytest.raises(TransportError, match=r"aborted their transport"):
+        ts[1].send(torch.ones(1), 2, name="late").synchronize(10)
+    with pytest.raises(TransportError, match="aborted"):
+        ts[2].send(torch.ones(1), 0)
+    ts[2].abort()  # idempotent
+    # ranks that did not abort still talk to each other
+    a, b = ts[0].send(torch.ones(3), 1), ts[1].recv(torch.zeros(3), 0)
+    a.synchronize(5)
+    b.synchronize(5)
+
+
+def test_group_block_issues_ops_and_handles_complete_after_it():
+    ts = LocalTransport.create(2, "cpu", timeout_s=5)
+
+    def body(t):
+        bufs = [torch.full((3,), float(t.rank + i)) for i in range(3)]
+        out = [torch.empty(3) for _ in range(3)]
+        with t.group():
+            hs = [t.send(b, 1 - t.rank, name=f"act{i}") for i, b in enumerate(bufs)]
+            hs += [t.recv(o, 1 - t.rank, name=f"act{i}") for i, o in enumerate(out)]
+        for h in hs:
+            h.synchronize()
+        return [float(o[0]) for o in out]
+
+    assert run_ranks(ts, body) == [[1.0, 2.0, 3.0], [0.0, 1.0, 2.0]]
+
+
 def test_bad_arguments():
     t = LocalTransport.create(3, "cpu")[0]
     with pytest.raises(TransportError, match="not a member"):
@@ -199,6 +275,33 @@ def test_gpu_wait_orders_the_current_stream():
         return float(z.min().item()), float(z.max().item())
 
     assert run_ranks(ts, body)[1] == (6.0, 6.0)
+
+
+@pytest.mark.gpu
+def test_gpu_synchronize_waits_for_the_device_copy_within_its_bound():
+    """The copy runs after the sender's current stream (busy ~1 s): synchronize with a short
+    bound names the op; with a long one it returns once the copy ran."""
+    rate = gpu_sleep.cycles_per_s()
+    ts = LocalTransport.create(2, "cuda", timeout_s=30)
+
+    def body(t):
+        if t.rank == 0:
+            x = torch.full((1024,), 7.0, device="cuda")
+            gpu_sleep.sleep_on(None, 1.0, rate)  # the producer is still running at send()
+            t.send(x, 1, name="act").synchronize(20)
+            return None
+        y = torch.zeros(1024, device="cuda")
+        h = t.recv(y, 0, name="act")
+        h.wait(20)  # both sides issued: the copy is queued behind rank 0's kernel
+        with pytest.raises(TransportError, match=r"local recv 'act' \(rank 1, peer 0\) timed out "
+                                                 r"after 0.2 s: its copy/sum was issued but did "
+                                                 r"not finish on the device"):
+            h.synchronize(0.2)
+        h.synchronize(20)
+        assert h.is_completed()
+        return float(y.min())
+
+    assert run_ranks(ts, body)[1] == 7.0
 
 
 @pytest.mark.gpu

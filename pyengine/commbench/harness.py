@@ -56,7 +56,7 @@ def sizes(minbytes: int, maxbytes: int, factor: int) -> tuple[int, ...]:
 def bench_rank(ctx: RankContext, opts: BenchOptions) -> list[RankRow]:
     """Runs every size on this rank; returns its time and #wrong per size."""
     test = TESTS[Collective(opts.op)]
-    tr, n, rank = ctx.transport, ctx.world_size, ctx.rank
+    tr, n = ctx.transport, ctx.world_size
     dtype = dtypes.torch_dtype(opts.dtype)
     group = tuple(range(n))
     elt = dtypes.nbytes(opts.dtype)

@@ -5,15 +5,30 @@ Messages between one pair of ranks match in issue order (NCCL has no tags), and
 collectives on a group match in issue order on every member. ``name`` labels
 NVTX ranges and error messages; it does not affect matching.
 
-GPU backends order work with events: an op first makes the transport's comm
-stream wait on an event recorded on the caller's *current* stream (so data
-produced before the call is ready), runs on the comm stream and records a
-completion event; ``Handle.wait()`` makes the caller's current stream wait on
-that event. CPU backends block in ``Handle.wait()`` instead.
+GPU backends order work with events: an op first makes a comm stream wait on an
+event recorded on the caller's *current* stream (so data produced before the call
+is ready), runs on the comm stream and records a completion event;
+``Handle.wait()`` makes the caller's current stream wait on that event. CPU
+backends block in ``Handle.wait()`` instead.
+
+Completion and failure (every backend):
+
+* ``Handle.synchronize(timeout_s)`` blocks the host until the op has completed.
+  On a failure or timeout it raises :class:`TransportError` naming the backend,
+  op, action name, this rank and the peer / group (global ranks) plus the
+  backend's own error text; the NCCL backend aborts all of the rank's
+  communicators before raising.
+* ``Transport.abort()`` aborts everything, bounded: afterwards no wait or
+  synchronize on this transport hangs (NCCL: every communicator of the rank,
+  together; gloo/local: pending ops fail).
+* ``Transport.group()`` fuses the ops issued inside it (NCCL: one NCCL group over
+  every communicator touched; gloo/local: ops are issued at once, the block only
+  exists for parity). Handles from inside a group complete only after the block.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -34,7 +49,15 @@ class Handle(Protocol):
         TransportError naming op and peer after ``timeout_s`` (default: the transport's)."""
 
     def is_completed(self) -> bool:
-        """True once the op has finished (never blocks)."""
+        """True once the op has finished (never blocks). False while the group that issued
+        it is still open, and for an op that failed."""
+
+    def synchronize(self, timeout_s: float | None = None) -> None:
+        """Block the host until the op has completed (default bound: the transport's
+        timeout). On failure or timeout raise TransportError naming backend, op, action name,
+        this rank and the peer / group in global ranks, with the backend's own error text
+        (NCCL: ncclGetErrorString and ncclGetLastError); the NCCL backend aborts all of the
+        rank's communicators first. Calling it inside the group that issued the op raises."""
 
 
 @runtime_checkable
@@ -57,6 +80,15 @@ class Transport(Protocol):
     def broadcast(self, tensor: Any, root: int, group: tuple[int, ...], *, name: str = "") -> Handle: ...
 
     def barrier(self) -> None: ...
+
+    def group(self) -> contextlib.AbstractContextManager[None]:
+        """Fuse the ops issued inside (see the module docstring); wait on their handles after
+        the block."""
+
+    def abort(self, timeout_s: float | None = None) -> None:
+        """Abort everything without waiting for peers, bounded by timeout_s (default: the
+        transport's timeout); idempotent. Raises TransportError only when some part could
+        not be aborted within the bound (NCCL: an ncclCommAbort that did not return)."""
 
     def close(self) -> None: ...
 

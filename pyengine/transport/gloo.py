@@ -6,13 +6,21 @@ live in one process. The world group and every group in ``groups`` are created
 eagerly, in the same order on every rank (each over a prefixed view of the
 store). A gloo timeout closes the underlying TCP pairs: after a TransportError
 the transport is unusable and should be closed.
+
+``Handle.wait`` and ``Handle.synchronize`` both block the host (CPU backend).
+``abort()`` marks the transport aborted and asks gloo to abort its process
+groups: every later op, wait or synchronize raises at once. A wait already
+blocked inside gloo is not woken by it (torch's gloo abort does not interrupt a
+pending recv); it still ends at its own timeout. ``group()`` issues each op at
+once (gloo has no launch to fuse); it exists so callers can use one code path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,17 +41,22 @@ __all__ = ["GlooTransport"]
 
 
 class _GlooHandle:
-    def __init__(self, work: Any, what: str, timeout_s: float,
+    def __init__(self, work: Any, what: str, timeout_s: float, transport: GlooTransport,
                  finish: Callable[[], None] | None = None):
         self._work = work
         self._what = what
         self._timeout_s = timeout_s
+        self._transport = transport
         self._finish = finish
         self._done = False
 
     def wait(self, timeout_s: float | None = None) -> None:
+        """Blocks until done; TransportError naming the op and peer after the timeout."""
         if self._done:
             return
+        if self._transport.aborted:
+            raise TransportError(f"{self._what} failed: the transport was aborted before it "
+                                 "completed")
         limit = self._timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         try:
@@ -53,13 +66,17 @@ class _GlooHandle:
             timed_out = "timed out" in str(exc).lower() or elapsed >= 0.9 * limit
             verb = "timed out" if timed_out else "failed"
             raise TransportError(f"{self._what} {verb} after {elapsed:.1f} s "
-                                 f"(limit {limit:g} s): {exc}") from exc
+                                 f"(limit {limit:g} s): gloo: {exc}") from exc
         if self._finish is not None:
             self._finish()
         self._done = True
 
+    def synchronize(self, timeout_s: float | None = None) -> None:
+        """The same as wait() on CPU: the host blocks until the op is done."""
+        self.wait(timeout_s)
+
     def is_completed(self) -> bool:
-        return self._done or self._work.is_completed()
+        return self._done or (not self._transport.aborted and self._work.is_completed())
 
 
 class GlooTransport:
@@ -78,6 +95,7 @@ class GlooTransport:
         self.device = torch.device("cpu")
         self.timeout_s = float(timeout_s)
         self._closed = False
+        self.aborted = False
         self._wait_for_all(store, prefix)
         timeout = datetime.timedelta(seconds=self.timeout_s)
         world = tuple(range(world_size))
@@ -117,7 +135,8 @@ class GlooTransport:
     # -- helpers ---------------------------------------------------------------------------
     def _check_open(self, what: str) -> None:
         if self._closed:
-            raise TransportError(f"{what}: the transport is closed")
+            raise TransportError(f"{what}: the transport is "
+                                 f"{'aborted' if self.aborted else 'closed'}")
 
     def _tensor(self, obj: Any, what: str) -> torch.Tensor:
         tensor = as_tensor(obj)
@@ -135,14 +154,14 @@ class GlooTransport:
         self._check_open(what)
         check_peer(peer, self.world_size, what)
         work = self._world.send([self._tensor(tensor, what)], peer, 0)
-        return _GlooHandle(work, what, self.timeout_s)
+        return _GlooHandle(work, what, self.timeout_s, self)
 
     def recv(self, tensor: Any, peer: int, *, name: str = "") -> _GlooHandle:
         what = describe("gloo", "recv", name, self.rank, peer=peer)
         self._check_open(what)
         check_peer(peer, self.world_size, what)
         work = self._world.recv([self._tensor(tensor, what)], peer, 0)
-        return _GlooHandle(work, what, self.timeout_s)
+        return _GlooHandle(work, what, self.timeout_s, self)
 
     def all_reduce(self, tensor: Any, group: tuple[int, ...], *, name: str = "") -> _GlooHandle:
         what = describe("gloo", "all_reduce", name, self.rank, group=group)
@@ -151,7 +170,7 @@ class GlooTransport:
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
         work = pg.allreduce([self._tensor(tensor, what)], opts)
-        return _GlooHandle(work, what, self.timeout_s)
+        return _GlooHandle(work, what, self.timeout_s, self)
 
     def reduce_scatter(self, out: Any, tensor: Any, group: tuple[int, ...], *,
                        name: str = "") -> _GlooHandle:
@@ -164,7 +183,7 @@ class GlooTransport:
         opts = dist.ReduceScatterOptions()
         opts.reduceOp = dist.ReduceOp.SUM
         work = pg.reduce_scatter([out_t], [chunks], opts)
-        return _GlooHandle(work, what, self.timeout_s)
+        return _GlooHandle(work, what, self.timeout_s, self)
 
     def broadcast(self, tensor: Any, root: int, group: tuple[int, ...], *,
                   name: str = "") -> _GlooHandle:
@@ -177,7 +196,7 @@ class GlooTransport:
         opts.rootRank = group.index(root)
         opts.rootTensor = 0
         work = pg.broadcast([self._tensor(tensor, what)], opts)
-        return _GlooHandle(work, what, self.timeout_s)
+        return _GlooHandle(work, what, self.timeout_s, self)
 
     def barrier(self) -> None:
         what = describe("gloo", "barrier", "", self.rank, group=tuple(range(self.world_size)))
@@ -186,6 +205,23 @@ class GlooTransport:
             self._world.monitored_barrier(datetime.timedelta(seconds=self.timeout_s), True)
         except RuntimeError as exc:
             raise TransportError(f"{what} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Ops inside are issued at once, as outside (gloo has no launch to fuse)."""
+        yield
+
+    def abort(self, timeout_s: float | None = None) -> None:
+        """Marks the transport aborted (later ops, waits and synchronizes raise at once) and
+        aborts gloo's process groups; never waits on peers. A wait already blocked inside
+        gloo ends at its own timeout."""
+        if self.aborted:
+            return
+        self.aborted = True
+        groups = list(self._groups.values())
+        self.close()
+        for pg in groups:
+            pg.abort()
 
     def close(self) -> None:
         """Drops the process groups (no collective shutdown, so it never waits on peers)."""
