@@ -94,15 +94,11 @@ class RankRuntime:
         ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         self._mark0 = self.timer.mark()
         with ctx:
-            for a in self.actions:
-                try:
-                    with _nvtx_range(a.id, self.cuda):
-                        self._run(a, flat)
-                except RankError:
-                    raise
-                except Exception as e:  # name the rank and action, keep the cause chained
-                    raise RankError(self.rank, a.id, f"{type(e).__name__}: {e}") from e
-            self._drain()
+            try:
+                self._run_all(flat)
+            except BaseException:
+                self.transport.abort()  # fail this rank's pending ops everywhere: nobody waits on it
+                raise
         logits = None
         if self.is_output:
             m = self.spec.model
@@ -112,6 +108,17 @@ class RankRuntime:
         return BatchResult(logits, times, self._t0)
 
     # ---- actions --------------------------------------------------------------------------
+    def _run_all(self, flat: torch.Tensor) -> None:
+        for a in self.actions:
+            try:
+                with _nvtx_range(a.id, self.cuda):
+                    self._run(a, flat)
+            except RankError:
+                raise
+            except Exception as e:  # name the rank and action, keep the cause chained
+                raise RankError(self.rank, a.id, f"{type(e).__name__}: {e}") from e
+        self._drain()
+
     def _run(self, a: Action, flat: torch.Tensor) -> None:
         if self.fault is not None and self.fault.action == a.id:
             self.fault.trigger()
@@ -157,11 +164,11 @@ class RankRuntime:
             value = self._vals[a.deps[0]][a.payload]
             tensors = value[peer] if isinstance(value, PerRank) else value
             if not a.payload.sized:
-                return [tr.send(t, peer, name=name) for t in tensors], ()
+                return self._grouped(tr.send, tensors, peer, name), ()
             rows = tensors[0].shape[0]  # two-phase: the count first, then the rows (if any)
             count = torch.tensor([rows], dtype=torch.int64, device=self.device)
             handles = [tr.send(count, peer, name=f"{name}.count")]
-            handles += [tr.send(t, peer, name=name) for t in tensors] if rows else []
+            handles += self._grouped(tr.send, tensors, peer, name) if rows else []
             return handles, (count,)
         if a.kind is Kind.RECV:
             self._post_open(peer)  # messages from one peer are received in the order sent
@@ -171,8 +178,16 @@ class RankRuntime:
                 return [tr.recv(count, peer, name=f"{name}.count")], (count,)
             bufs = self._buffers(a.payload, self._tokens(a))
             self._vals[a.key] = {a.payload: bufs}
-            return [tr.recv(b, peer, name=name) for b in bufs], ()
+            return self._grouped(tr.recv, bufs, peer, name), ()
         return self._reduce(a)
+
+    def _grouped(self, op, tensors, peer: int, name: str) -> list:
+        """The tensors of one message as one transport group (NCCL: one fused launch, not one
+        launch and one wait-loop entry per tensor)."""
+        if len(tensors) == 1:
+            return [op(tensors[0], peer, name=name)]
+        with self.transport.group():
+            return [op(t, peer, name=name) for t in tensors]
 
     def _buffers(self, payload: Payload, rows: int) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
@@ -191,7 +206,7 @@ class RankRuntime:
         bufs = self._buffers(p.action.payload, rows)
         self._vals[key] = {p.action.payload: bufs}
         if rows:
-            p.handles += [self.transport.recv(b, peer, name=p.action.id) for b in bufs]
+            p.handles += self._grouped(self.transport.recv, bufs, peer, p.action.id)
 
     def _reduce(self, a: Action) -> tuple[list, tuple]:
         (partial,) = self._vals[a.deps[0]][Payload.PARTIAL]
@@ -240,12 +255,11 @@ class RankRuntime:
         self._poll()
         for key, p in self._pending.items():
             self._wait(key)
-            deadline = time.monotonic() + self.timeout_s
-            while not all(h.is_completed() for h in p.handles):
-                if time.monotonic() > deadline:
-                    raise RankError(self.rank, str(key), f"did not complete within {self.timeout_s:g} s "
-                                                         f"(peer(s) {list(p.action.peers)} stuck or dead)")
-                time.sleep(1e-4)
+            try:  # host-side completion with the backend's own error (NCCL: aborts the rank's comms)
+                complete(p.handles, self.timeout_s)
+            except Exception as e:
+                raise RankError(self.rank, str(key), f"did not complete (peer(s) {list(p.action.peers)}): "
+                                                     f"{type(e).__name__}: {e}") from e
         if self.cuda:
             self.stream.synchronize()
 
