@@ -49,6 +49,20 @@ def test_rmsnorm_fp16_computes_in_fp32():
     torch.testing.assert_close(got, torch.ones(1, 4, dtype=torch.float16), **TOLERANCES[torch.float16])
 
 
+def test_rmsnorm_fp16_rounds_once():
+    # "computed in fp32, returned in x.dtype": one rounding of the fp32 value, so each element
+    # is within half an fp16 ulp of the exact result (plus the fp32 computation's few 2^-24).
+    # Rounding the normalised x to fp16 before applying the gain rounds twice and misses this.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 37, generator=g).half()
+    w = (1 + 0.3 * torch.randn(37, generator=g)).half()
+    exact = ref.rmsnorm(x, w, 1e-5)
+    got = rmsnorm(x, w, 1e-5)
+    a = exact.abs().half()
+    half_ulp = (torch.nextafter(a, torch.full_like(a, float("inf"))).double() - a.double()) / 2
+    assert bool(((got.double() - exact).abs() <= half_ulp + 8 * 2.0**-24 * exact.abs()).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,H,eps", [
     (1, 1, 1e-5),  # a single element: x / sqrt(x^2 + eps)

@@ -28,6 +28,13 @@ UNEVEN = SEED.replace(parallel={"stages": [
     {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.4, 0.4]},
     {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})
 
+# GPU 1 holds a small slice and the output: its output waits for GPU 2's large slice, while its
+# next expert slice is ready much sooner.
+SKEWED = UNEVEN.replace(parallel={"stages": [
+    {"name": "embed", "gpus": [0]},
+    {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.2, 0.6]},
+    {"name": "output", "gpus": [1]}]})
+
 
 def ids(table):
     return {r: [a.id for a in acts] for r, acts in table.items()}
@@ -120,7 +127,7 @@ def test_compute_order_where_the_kinds_differ(kind):
 
 # ---- properties, every variant ------------------------------------------------------------------
 def _variants():
-    specs = {"seed": SEED, "tiny": TINY, "uneven": UNEVEN,
+    specs = {"seed": SEED, "tiny": TINY, "uneven": UNEVEN, "skewed": SKEWED,
              "seed_m1": SEED.replace(schedule={"micro_batches": 1}),
              "seed_m7": SEED.replace(schedule={"micro_batches": 7}),
              "tiny_m5": TINY.replace(schedule={"micro_batches": 5})}
@@ -198,6 +205,9 @@ def test_asready_runs_the_oldest_ready_micro_batch(spec, kind):
             if ready_now:  # something is ready when the rank frees up: no idling, oldest first
                 assert at <= free, f"rank {r} waits for s{s}.mb{mb} while {ready_now} are ready"
                 assert (mb, -s) == min(ready_now), f"rank {r} runs s{s}.mb{mb}, not the oldest of {ready_now}"
+            else:  # nothing is: it idles only until the first one is ready
+                first = min(at2 for _, _, _, at2 in rows[i:])
+                assert at == first, f"rank {r} idles until s{s}.mb{mb} at {at}; work was ready at {first}"
 
 
 @pytest.mark.parametrize("spec,kind", VARIANTS)
