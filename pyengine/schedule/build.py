@@ -132,7 +132,7 @@ class _Flow:
 
         while heap:
             now, rank = heapq.heappop(heap)
-            pick = self._pick(todo[rank], rank, have[rank], kind)
+            pick = self._pick(todo[rank], rank, have[rank], kind, ready_at, now)
             if pick is None:
                 stalled.add(rank)
                 continue
@@ -158,14 +158,23 @@ class _Flow:
             raise ScheduleError(f"internal: could not place computes {left}")
         return table
 
-    def _pick(self, work: list[tuple[int, int]], rank: int, have: set[ActionId], kind: str):
+    def _pick(self, work: list[tuple[int, int]], rank: int, have: set[ActionId], kind: str,
+              ready_at: dict, now: float):
+        """gpipe: the next item of the list, once its inputs are placed. asready: the oldest
+        item whose inputs exist by `now`; if none does, the one whose inputs exist first."""
+        waiting = None
         for s, mb in work:
             deps = self.compute_deps(StageKind(s), mb, rank, have)
-            if deps is not None:
+            if deps is None:
+                if kind == "gpipe":
+                    return None  # gpipe runs its list strictly in order
+                continue
+            at = max((ready_at[(rank, d)] for d in deps), default=0.0)
+            if kind == "gpipe" or at <= now:
                 return s, mb, deps
-            if kind == "gpipe":
-                return None  # gpipe runs its list strictly in order
-        return None
+            if waiting is None or at < waiting[0]:
+                waiting = (at, (s, mb, deps))
+        return None if waiting is None else waiting[1]
 
 
 def _recv_id(stage: int, mb: int, payload, src: int) -> ActionId:

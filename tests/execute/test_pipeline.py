@@ -1,4 +1,6 @@
-"""The pipeline end to end against the single-device reference (loop over experts, full F).
+"""The pipeline end to end against a reference written in the tests (tests/references.py: one
+token and one chosen expert at a time, every F column, float64), which shares no code with the
+stages, and against transformers' MixtralSparseMoeBlock + MixtralRMSNorm (tests/hf_mixtral.py).
 
 The gloo cases run 3 real processes; one spawn runs the whole matrix of layouts so the
 suite stays fast. The local-transport cases run the same matrix with 3 threads on CPU.
@@ -6,15 +8,18 @@ suite stays fast. The local-transport cases run the same matrix with 3 threads o
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+
+import references
 
 from pyengine.core.spec import DeploymentSpec, load_spec
 from pyengine.execute.engine import Engine
 from pyengine.execute.procs import spawn_ranks
 from pyengine.model import weights as model
-from pyengine.model.reference import reference_forward
 from pyengine.model.stages import Shard
 from pyengine.transport.store import connect_store
 
@@ -56,9 +61,12 @@ def _specs() -> list[tuple[str, DeploymentSpec]]:
 CASES = _specs()
 
 
+@functools.lru_cache(maxsize=None)
 def _reference(spec: DeploymentSpec) -> np.ndarray:
+    m = spec.model
     w = model.init_weights(spec, seed=3)
-    return reference_forward(spec, w, model.make_tokens(spec, seed=3)).numpy()
+    logits = references.moe_block(w, model.make_tokens(spec, seed=3), m.top_k, m.norm_eps)
+    return logits.reshape(m.batch_size, m.seq_len, m.vocab_size).numpy()
 
 
 def _gloo_rank(rank: int, world: int, port: int, spec_jsons: list[str]) -> list:
@@ -90,8 +98,9 @@ def test_gloo_pipeline_matches_reference(gloo_results, i):
     np.testing.assert_allclose(got, _reference(spec), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[n for n, _ in CASES])
-def test_local_transport_threads_match_reference(i):
+@functools.lru_cache(maxsize=None)
+def _local_run(i: int) -> list:
+    """Logits of case i from 3 virtual ranks (threads) on the local transport, per rank."""
     import threading
 
     from pyengine.transport.local import LocalTransport
@@ -113,19 +122,39 @@ def test_local_transport_threads_match_reference(i):
         t.join(60)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "a virtual rank hung"
-    np.testing.assert_allclose(out[0].numpy(), _reference(spec), atol=FP32_ATOL, rtol=FP32_RTOL)
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[n for n, _ in CASES])
+def test_local_transport_threads_match_reference(i):
+    out = _local_run(i)
+    np.testing.assert_allclose(out[0].numpy(), _reference(CASES[i][1]), atol=FP32_ATOL, rtol=FP32_RTOL)
     assert out[1] is None and out[2] is None  # logits live on the output rank only
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[n for n, _ in CASES])
+def test_local_transport_threads_match_transformers(i):
+    pytest.importorskip("transformers")
+    from hf_mixtral import hf_forward
+
+    spec = CASES[i][1]
+    m = spec.model
+    w = model.init_weights(spec, seed=3)
+    want = hf_forward(w, model.make_tokens(spec, seed=3), m.top_k, m.norm_eps)
+    got = _local_run(i)[0].reshape(want.shape)
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
 def test_reference_is_not_trivially_equal_to_a_wrong_pipeline():
     # Guard against a test that cannot fail: dropping one TP shard must change the logits.
     spec = CASES[0][1]
+    m = spec.model
     w = model.init_weights(spec, seed=3)
     ids = model.make_tokens(spec, seed=3)
-    full = reference_forward(spec, w, ids)
+    full = references.moe_block(w, ids, m.top_k, m.norm_eps)
     w_half = dict(w, w_down=w["w_down"].clone())
     w_half["w_down"][:, 15:, :] = 0
-    assert (reference_forward(spec, w_half, ids) - full).abs().max() > 1e-2
+    assert (references.moe_block(w_half, ids, m.top_k, m.norm_eps) - full).abs().max() > 1e-2
 
 
 def test_engine_rejects_wrong_token_shape():
