@@ -44,3 +44,7 @@ class RankMeasurement:
     """The independent single-device reference (output rank only)."""
     single_latency_s: list[float] | None = None
     """The single-device sequential baseline (output rank only)."""
+    read_bytes: int = 0
+    """Bytes of weights this rank read from a checkpoint for its own slices (0: seeded)."""
+    check_read_bytes: int = 0
+    """Bytes the output rank read for the output check's full weights (0: seeded)."""
