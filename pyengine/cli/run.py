@@ -110,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
     from pyengine.execute.launch import Backend, LaunchError, bind, pick_backend, run_ranks
     from pyengine.execute.measure import RunOptions, measure_rank, variants
     from pyengine.execute.scaling import scale_for_cpu
+    from pyengine.model.stages import rank_flops
     from pyengine.report.run_summary import summarize
     from pyengine.report.run_view import print_summary
     from pyengine.schedule import build
 
     backend = pick_backend(spec.world_size, args.backend)
     note = ""
-    if backend is Backend.GLOO and not args.no_scale and source is None:  # a checkpoint's sizes are its own
+    if backend is Backend.GLOO and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
     if tokens is not None:
         from pyengine.model.tokens import check_ids
@@ -126,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     table = build(spec)  # prove the tables before anything runs
     fault = _fault(args.inject_fault, table) if args.inject_fault else None
     iters, baselines = args.iters, not args.no_baselines
+    if backend is Backend.GLOO and source is not None:  # a checkpoint's sizes are its own
+        gflop = sum(rank_flops(spec).values()) / 1e9
+        print(f"CPU backend: the checkpoint runs at its own size ({gflop:.3g} GFLOP per batch), never "
+              f"scaled; a layer too big for this CPU is slow or runs out of memory", file=sys.stderr)
     if args.profile:  # a short, steady-state-only capture: no baseline variants in the trace
         iters, baselines = min(iters, PROFILE_ITERS), False
         print(f"--profile: {iters} timed iterations of the pipeline only, bracketed by "
