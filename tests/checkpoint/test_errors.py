@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY_CONFIG
 from pyengine.cli.main import main
 from pyengine.core.errors import InputError
 from pyengine.model.checkpoint import open_checkpoint
@@ -162,7 +163,7 @@ def test_dense_layer_of_qwen3_is_refused(checkpoint, capsys, no_ranks):
 
 
 def test_config_that_disagrees_with_the_checkpoint(checkpoint, tmp_path, capsys, no_ranks):
-    cfg = json.loads(open(__import__("helpers").TINY_CONFIG).read())  # hidden_size 48; the checkpoint's is 22
+    cfg = json.loads(open(TINY_CONFIG).read())  # hidden_size 48; the checkpoint's is 22
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     line = run_cli(capsys, "--weights", str(checkpoint("mixtral")[0]), "--config", str(tmp_path / "c.json"))
     assert "model.hidden_size = 48" in line and "hidden_size gives 22" in line

@@ -7,6 +7,7 @@ from importlib import resources
 
 import pytest
 
+from helpers import TINY_CONFIG
 from pyengine.cli.main import main
 from pyengine.core.errors import InputError, SpecError
 from pyengine.core.spec import load_spec
@@ -82,7 +83,7 @@ def test_family_defaults_and_aliases():
 
 
 def test_spec_from_config_without_sizes(tmp_path):
-    cfg = json.loads(open(__import__("helpers").TINY_CONFIG).read())
+    cfg = json.loads(open(TINY_CONFIG).read())
     for key in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype"):
         del cfg["model"][key]
     (tmp_path / "c.json").write_text(json.dumps(cfg))
