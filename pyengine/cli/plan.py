@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="F", default=None, help="deployment JSON (default: the packaged seed)")
+    p.add_argument("--hf-config", metavar="PATH", default=None,
+                   help="Hugging Face config.json (or its model folder) of a Mixtral / Qwen3-MoE / OLMoE "
+                        "model: sizes, top-k, eps, routing and dtype from it, the rest from --config")
     p.add_argument("--device", metavar="NAME|FILE", default=None,
                    help=f"device profile: {'|'.join(PRESETS)} or a JSON file with the same fields "
                         f"(default {DEFAULT_PRESET}: the seed's 32 GB GPUs)")
@@ -44,11 +47,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights and tokens seed for --routing measured")
 
 
-def _load(args: argparse.Namespace):
+def _spec(args: argparse.Namespace):
+    """(spec, one line on where the model came from: '' for the config's own model)."""
     from pyengine.core.spec import load_spec
+
+    if args.hf_config is None:
+        return load_spec(args.config), ""
+    from pyengine.core.units import fmt_bytes
+    from pyengine.model.hf_config import deployment_spec, read_hf_config
+
+    hf = read_hf_config(args.hf_config)
+    spec = deployment_spec(hf, args.config)
+    moe_layers = hf.num_layers - len(hf.dense_layers)
+    return spec, (f"model: {hf.name} ({hf.family}, {hf.source}): H {hf.hidden_size}, F {hf.ffn_hidden_size}, "
+                  f"{hf.num_experts} experts, top-{hf.top_k}, V {hf.vocab_size}, {hf.dtype}, "
+                  f"renormalize {str(hf.renormalize).lower()}, eps {hf.norm_eps:g}. The plan is for one "
+                  f"MoE layer with the embedding and head (no attention); all {moe_layers} MoE layers' "
+                  f"experts alone hold {fmt_bytes(hf.all_experts_bytes())}")
+
+
+def _load(args: argparse.Namespace):
     from pyengine.predict.devices import load_profile
 
-    spec = load_spec(args.config)
+    spec, model_note = _spec(args)
     dev = load_profile(args.device)
     if args.device is None:
         note = f" (default profile: the seed config's {spec.hardware.gpu_memory_gb:g} GB GPUs; datasheet-style assumptions)"
@@ -57,7 +78,7 @@ def _load(args: argparse.Namespace):
     if abs(dev.memory_gb - spec.hardware.gpu_memory_gb) > 0.5:
         note += (f"; note: profile memory {dev.memory_gb:g} GB, config hardware.gpu_memory_gb "
                  f"{spec.hardware.gpu_memory_gb:g} GB -- the fit check uses the config")
-    return spec, dev, note, _routing(args, spec)
+    return spec, dev, note, model_note, _routing(args, spec)
 
 
 def _routing(args: argparse.Namespace, spec):
@@ -76,12 +97,14 @@ def _plan(args: argparse.Namespace) -> int:
     if args.top < 1:
         print("pyengine plan: --top must be >= 1", file=sys.stderr)
         return 2
-    spec, dev, note, routing = _load(args)
+    spec, dev, note, model_note, routing = _load(args)
     p = planner.plan(spec, dev, routing)
     cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing) if args.search else None
     if args.json:
         data = jsonable.to_jsonable(p)
         data["device_note"] = note.strip()
+        if model_note:
+            data["model_note"] = model_note
         if cands is not None:
             data["candidates"] = [jsonable.to_jsonable(c) for c in cands[:args.top]]
             data["candidates_total"] = len(cands)
@@ -89,6 +112,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(jsonable.to_json(data))
         return 0
     out = tables.console()
+    if model_note:
+        out.print(model_note, soft_wrap=True)
     plan_view.print_plan(p, note, out)
     if cands is not None:
         plan_view.print_candidates(cands, args.top, out)
@@ -102,7 +127,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from pyengine.predict.simulate import simulate
     from pyengine.report import gantt, jsonable, plan_view, tables, trace
 
-    spec, dev, note, routing = _load(args)
+    spec, dev, note, model_note, routing = _load(args)
     if args.schedule is not None:
         spec = spec.replace(schedule={"kind": args.schedule})
     tl = simulate(spec, device=dev, routing=routing)
@@ -119,6 +144,8 @@ def _simulate(args: argparse.Namespace) -> int:
         print(jsonable.to_json(data))
         return 0
     out = tables.console()
+    if model_note:
+        out.print(model_note, soft_wrap=True)
     out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
     plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
     for path, what in ((args.trace, "trace"), (args.png, "Gantt chart")):

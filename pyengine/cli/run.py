@@ -14,7 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the 3-stage pipeline end to end and report measurements",
                        description="Runs the deployment on the best backend (>= 3 GPUs: nccl; "
                                    "1 GPU: local transport with virtual ranks; no GPU: gloo on CPU).")
-    p.add_argument("--config", help="deployment JSON (default: the packaged seed_3gpu.json)")
+    p.add_argument("--config", help="deployment JSON (default: the packaged seed_3gpu.json); with "
+                                    "--weights its model sizes may be left out (they are the checkpoint's)")
+    p.add_argument("--weights", metavar="DIR", help="Hugging Face model folder (config.json + safetensors): "
+                                                    "run decoder layer --layer's MoE block from it (no attention)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer of --weights to run (default 0)")
+    p.add_argument("--tokens", metavar="FILE", help="token ids [B, S] or [T] (.pt or .npy) instead of seeded ones")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"])
     p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -43,13 +48,38 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SpecError(f"--{name}", v, "must be >= 1" if name == "iters" else "must be >= 0")
     if args.dump and os.path.exists(args.dump) and not os.path.isdir(args.dump):
         raise SpecError("--dump", args.dump, "exists and is not a directory")
+    if args.layer is not None and not args.weights:
+        raise SpecError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
 
 
-def resolve_spec(args: argparse.Namespace):
+def open_inputs(args: argparse.Namespace):
+    """(checkpoint weight source or None, token ids or None), each validated before any rank starts."""
+    source = tokens = None
+    if args.weights:
+        from pyengine.model.checkpoint import open_checkpoint
+
+        source = open_checkpoint(args.weights, 0 if args.layer is None else args.layer)
+    if args.tokens:
+        from pyengine.model.tokens import load_tokens
+
+        tokens = load_tokens(args.tokens)
+    return source, tokens
+
+
+def resolve_spec(args: argparse.Namespace, source=None, tokens=None):
+    """The config (or, with a checkpoint, the config's layout around the checkpoint's model
+    sizes), the command-line overrides, and the batch shape of a --tokens file."""
     from pyengine.core.spec import load_spec
 
-    spec = load_spec(args.config)
+    if source is None:
+        spec = load_spec(args.config)
+    else:
+        from pyengine.model.hf_config import deployment_spec
+
+        spec = deployment_spec(source.hf, args.config)
     changes: dict = {}
+    if tokens is not None:
+        changes["model"] = {"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]}
     if args.schedule:
         changes.setdefault("schedule", {})["kind"] = args.schedule
     if args.micro_batches is not None:
@@ -75,27 +105,38 @@ def _fault(text: str, table):
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    spec = resolve_spec(args)  # every config error surfaces here, before any process starts
+    source, tokens = open_inputs(args)
+    spec = resolve_spec(args, source, tokens)  # every config error surfaces here, before any process starts
     from pyengine.execute.launch import Backend, LaunchError, bind, pick_backend, run_ranks
     from pyengine.execute.measure import RunOptions, measure_rank, variants
     from pyengine.execute.scaling import scale_for_cpu
+    from pyengine.model.stages import rank_flops
     from pyengine.report.run_summary import summarize
     from pyengine.report.run_view import print_summary
     from pyengine.schedule import build
 
     backend = pick_backend(spec.world_size, args.backend)
     note = ""
-    if backend is Backend.GLOO and not args.no_scale:
+    if backend is Backend.GLOO and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
+    if tokens is not None:
+        from pyengine.model.tokens import check_ids
+
+        check_ids(tokens, spec.model.vocab_size, " (the model was scaled for CPU: --no-scale keeps it)"
+                  if note else "")
     table = build(spec)  # prove the tables before anything runs
     fault = _fault(args.inject_fault, table) if args.inject_fault else None
     iters, baselines = args.iters, not args.no_baselines
+    if backend is Backend.GLOO and source is not None:  # a checkpoint's sizes are its own
+        gflop = sum(rank_flops(spec).values()) / 1e9
+        print(f"CPU backend: the checkpoint runs at its own size ({gflop:.3g} GFLOP per batch), never "
+              f"scaled; a layer too big for this CPU is slow or runs out of memory", file=sys.stderr)
     if args.profile:  # a short, steady-state-only capture: no baseline variants in the trace
         iters, baselines = min(iters, PROFILE_ITERS), False
         print(f"--profile: {iters} timed iterations of the pipeline only, bracketed by "
               f"cudaProfilerStart/Stop", file=sys.stderr)
     opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
-                      profile=args.profile, fault=fault)
+                      profile=args.profile, fault=fault, source=source, tokens=tokens)
     groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
@@ -106,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
         return 0
-    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note)
-    _write_artifacts(args, summary, spec, results, backend)
+    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note,
+                        weights=opts.weights().describe())
+    _write_artifacts(args, summary, spec, results, backend, opts.ids(spec))
     if args.json:
         from pyengine.report.jsonable import to_jsonable
 
@@ -117,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.check.ok else 1
 
 
-def _write_artifacts(args, summary, spec, results, backend) -> None:
+def _write_artifacts(args, summary, spec, results, backend, ids) -> None:
     tl = summary.variants["pipeline"].timeline
     if args.trace:
         from pyengine.report.trace import write_trace
@@ -129,17 +171,15 @@ def _write_artifacts(args, summary, spec, results, backend) -> None:
         write_gantt(tl, args.png, title=f"pyengine run ({backend.value}, measured)",
                     unit="GPU" if backend.value == "nccl" else "rank")
     if args.dump:
-        _dump(args.dump, spec, results, args.seed)
+        _dump(args.dump, spec, results, ids)
 
 
-def _dump(path: str, spec, results, seed: int) -> None:
+def _dump(path: str, spec, results, ids) -> None:
     import torch
-
-    from pyengine.model.weights import make_tokens
 
     os.makedirs(path, exist_ok=True)
     out = results[spec.stage("output").gpus[0]]
-    torch.save(make_tokens(spec, seed), os.path.join(path, "tokens.pt"))
+    torch.save(ids, os.path.join(path, "tokens.pt"))
     m = spec.model
     logits = torch.from_numpy(out.logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
     torch.save(logits, os.path.join(path, "logits.pt"))

@@ -51,7 +51,10 @@ class ModelSpec:
     dtype: str = "bfloat16"
     """Weights and activations: one of pyengine.core.dtypes.MODEL_DTYPES."""
     norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
+    """RMSNorm epsilon (a checkpoint's rms_norm_eps)."""
+    renormalize: bool = True
+    """Top-k routing weights rescaled to sum to 1 (a checkpoint's norm_topk_prob; Mixtral always
+    does); False keeps the raw softmax probabilities of the chosen experts (OLMoE)."""
 
     @property
     def tokens(self) -> int:

@@ -12,13 +12,16 @@ import torch
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.runtime import BatchResult, RankRuntime
-from pyengine.model.weights import rank_weights
+from pyengine.model.weights import WeightSource, rank_weights
 from pyengine.schedule import build
 
 
 class Engine:
     def __init__(self, spec: DeploymentSpec, transport, *, seed: int = 0,
-                 weights: dict[str, torch.Tensor] | None = None, device: torch.device | None = None):
+                 weights: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
+                 source: WeightSource | None = None):
+        """`source` (e.g. pyengine.model.checkpoint.open_checkpoint(...)) gives this rank's weight
+        slices; without it they are seeded by `seed`; `weights` passes them ready-made."""
         if transport.world_size < spec.world_size:
             raise ValueError(f"transport.world_size = {transport.world_size}: the spec needs "
                              f"{spec.world_size} ranks")
@@ -26,7 +29,9 @@ class Engine:
         self.rank = transport.rank
         self.device = torch.device(device) if device is not None else transport.device
         self.table = build(spec)  # checked before anything runs
-        self.weights = weights if weights is not None else rank_weights(spec, seed, self.rank, self.device)
+        if weights is None:
+            weights = rank_weights(spec, source if source is not None else seed, self.rank, self.device)
+        self.weights = weights
         self._runtime = RankRuntime(spec, self.rank, transport, self.weights, self.device,
                                     table=self.table)
         self.last: BatchResult | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ from pyengine.execute.runtime import RankRuntime
 from pyengine.model.forward import single_device
 from pyengine.model.stages.embed import embed_and_route
 from pyengine.model.reference import reference_forward
-from pyengine.model.weights import init_weights, make_tokens, rank_weights
+from pyengine.model.weights import (SeededWeights, full_read_bytes, full_weights, make_tokens,
+                                    rank_read_bytes, rank_weights)
 
 STREAM_BATCHES = 4
 
@@ -39,6 +41,19 @@ class RunOptions:
     profile: bool = False
     fault: Fault | None = None
     """Testing hook: kill or stall one rank at one action (pipeline variant only)."""
+    source: Any = None
+    """A pyengine.model.weights.WeightSource (e.g. a checkpoint); None: seeded by `seed`."""
+    tokens: Any = None
+    """Token ids [B, S] (int64 tensor); None: seeded by `seed`."""
+
+    def weights(self):
+        return self.source if self.source is not None else SeededWeights(self.seed)
+
+    def ids(self, spec: DeploymentSpec) -> torch.Tensor:
+        """This batch's ids; a stream spec of n batches repeats the given ids n times."""
+        if self.tokens is None:
+            return make_tokens(spec, self.seed)
+        return self.tokens.repeat(spec.model.batch_size // self.tokens.shape[0], 1)
 
 
 def variants(spec: DeploymentSpec, baselines: bool) -> dict[str, DeploymentSpec]:
@@ -60,9 +75,10 @@ def stream_spec(spec: DeploymentSpec, batches: int) -> DeploymentSpec:
 
 def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> RankMeasurement:
     device = ctx.device
-    weights = rank_weights(spec, opts.seed, ctx.rank, device)
-    ids = make_tokens(spec, opts.seed)
-    out = RankMeasurement(rank=ctx.rank, device=provenance.device_name(device))
+    weights = rank_weights(spec, opts.weights(), ctx.rank, device)
+    ids = opts.ids(spec)
+    out = RankMeasurement(rank=ctx.rank, device=provenance.device_name(device),
+                          read_bytes=rank_read_bytes(spec, opts.weights(), ctx.rank))
     for name, vspec in variants(spec, opts.baselines).items():
         rt = RankRuntime(vspec, ctx.rank, ctx.transport, weights, device,
                          fault=opts.fault if name == "pipeline" else None)
@@ -104,7 +120,7 @@ def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOpti
     """(tokens, seconds) of a stream of STREAM_BATCHES batches after one untimed pass."""
     sspec = stream_spec(spec, STREAM_BATCHES)
     rt = RankRuntime(sspec, ctx.rank, ctx.transport, weights, ctx.device)
-    ids = make_tokens(sspec, opts.seed)
+    ids = opts.ids(sspec)
     rt.forward(ids, timed=False)
     ctx.barrier()
     t0 = time.perf_counter()
@@ -114,8 +130,11 @@ def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOpti
 
 def _single_device(out: RankMeasurement, spec: DeploymentSpec, opts: RunOptions, ids: torch.Tensor,
                    device: torch.device) -> None:
-    """The independent reference logits and the single-device sequential baseline."""
-    w = init_weights(spec, opts.seed, device=device)
+    """The independent reference logits and the single-device sequential baseline, from the full
+    weights of the same source (a checkpoint is read whole here, on this rank only: the check's
+    cost, not the engine's)."""
+    w = full_weights(spec, opts.weights(), device)
+    out.check_read_bytes = full_read_bytes(spec, opts.weights())
     flat = ids.reshape(-1).to(device)
     out.reference_logits = reference_forward(spec, w, ids.to(device)).float().cpu().numpy()
     for _ in range(opts.warmup):

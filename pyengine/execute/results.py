@@ -46,3 +46,7 @@ class RankMeasurement:
     """The single-device sequential baseline (output rank only)."""
     expert_counts: list[list[int]] | None = None
     """Per micro-batch, the (token, expert) pairs the router sent to each expert (router rank only)."""
+    read_bytes: int = 0
+    """Bytes of weights this rank read from a checkpoint for its own slices (0: seeded)."""
+    check_read_bytes: int = 0
+    """Bytes the output rank read for the output check's full weights (0: seeded)."""

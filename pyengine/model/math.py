@@ -15,8 +15,11 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
 
 
-def route(u: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts (fp32), top-k, renormalised: (ids int32 [T,k], weights fp32 [T,k])."""
+def route(u: torch.Tensor, router: torch.Tensor, k: int,
+          renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (fp32), top-k, renormalised to sum to 1 unless `renormalize` is
+    False (norm_topk_prob = false keeps the chosen experts' raw probabilities):
+    (ids int32 [T,k], weights fp32 [T,k])."""
     probs = torch.softmax((u @ router).float(), dim=-1)
     w, ids = torch.topk(probs, k, dim=-1)
-    return ids.to(torch.int32), w / w.sum(-1, keepdim=True)
+    return ids.to(torch.int32), (w / w.sum(-1, keepdim=True) if renormalize else w)

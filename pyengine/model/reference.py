@@ -20,14 +20,15 @@ def _norm(t: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     return (tf * scale * gain.to(torch.float32)).to(t.dtype)
 
 
-def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax in fp32 by hand, then the k largest by a full sort, renormalised to sum to 1."""
+def _top_k(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in fp32 by hand, then the k largest by a full sort, renormalised to sum to 1 when
+    `renormalize` (else the raw probabilities of the chosen experts)."""
     z = logits.to(torch.float32)
     e = torch.exp(z - z.max(dim=-1, keepdim=True).values)
     probs = e / e.sum(dim=-1, keepdim=True)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     w = sorted_p[:, :k]
-    return order[:, :k], w / w.sum(dim=-1, keepdim=True)
+    return order[:, :k], (w / w.sum(dim=-1, keepdim=True) if renormalize else w)
 
 
 def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: 
     m = spec.model
     x = w["embed"][ids.reshape(-1)]
     u = _norm(x, w["norm_in"], m.norm_eps)
-    top_ids, top_w = _top_k(u @ w["router"], m.top_k)
+    top_ids, top_w = _top_k(u @ w["router"], m.top_k, m.renormalize)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(m.num_experts):
         tok, slot = torch.where(top_ids == e)

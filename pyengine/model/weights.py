@@ -1,14 +1,19 @@
-"""Seeded weights and tokens: the same values on every backend, and each rank makes only its part.
+"""Where weights come from (a WeightSource: seeded, or a checkpoint), seeded weights and tokens.
 
-`init_weights(spec, seed)` returns the full, unsharded weights under WEIGHT_NAMES;
-`rank_weights(spec, seed, rank)` returns only what `rank` holds (its stages' tensors, its
-slice of the experts). Values are generated per (tensor, expert) on the CPU from seeded
-generators, so a shard never needs the whole tensor and every device sees the same numbers.
+`rank_weights(spec, source, rank)` returns only what `rank` holds (its stages' tensors, each
+sliced as the stage's `shard(rank)` says), from any WeightSource: `SeededWeights(seed)` (or a
+plain int seed) or `pyengine.model.checkpoint.CheckpointWeights`. `full_weights` returns the
+full, unsharded weights under WEIGHT_NAMES (the single-device reference and baseline).
+
+Seeded values are generated per (tensor, expert) on the CPU from seeded generators, so a shard
+never needs the whole tensor and every device sees the same numbers.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -87,14 +92,86 @@ def init_weights(spec: DeploymentSpec, seed: int = 0, *, device: torch.device | 
     return {name: weight(spec, seed, name, device=device, dtype=dtype) for name in WEIGHT_NAMES}
 
 
-def rank_weights(spec: DeploymentSpec, seed: int, rank: int,
+@runtime_checkable
+class WeightSource(Protocol):
+    """Where the engine's weights come from. Names are WEIGHT_NAMES in the engine's [in, out]
+    layout (w_gate/w_up [E, H, F], w_down [E, F, H], router [H, E], out [H, V]), in the spec's
+    dtype; `shard` picks experts and F columns. Sources must pickle (ranks may be processes)."""
+
+    def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """One weight, or the slice `shard` of it, on `device`."""
+        ...
+
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard()) -> int:
+        """Bytes `weight(spec, name, shard)` reads from storage (0 for generated weights)."""
+        ...
+
+    def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        """Embedding rows of `ids` [n] -> [n, H] (a checkpoint reads only those rows)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for reports: what the weights are."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SeededWeights:
+    """Seeded random weights: same seed, same values on any backend; nothing is read."""
+
+    seed: int = 0
+
+    def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        return weight(spec, self.seed, name, device=device, shard=shard)
+
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard()) -> int:
+        return 0
+
+    def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        return weight(spec, self.seed, "embed", device=device)[ids.to(device)]
+
+    def describe(self) -> str:
+        return f"seeded random weights (seed {self.seed})"
+
+
+def as_source(source: WeightSource | int) -> WeightSource:
+    """A WeightSource from a source or a plain seed (the seeded weights of that seed)."""
+    return SeededWeights(source) if isinstance(source, int) else source
+
+
+def rank_weights(spec: DeploymentSpec, source: WeightSource | int, rank: int,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Only what `rank` holds: the weights of the stages it runs, each sliced as the stage says."""
+    """Only what `rank` holds: the weights of the stages it runs, each sliced as the stage says.
+    `source` is a WeightSource or a seed."""
+    src = as_source(source)
     out: dict[str, torch.Tensor] = {}
     for stage in stages_on(spec, rank):
         for name in stage.weight_names:
-            out[name] = weight(spec, seed, name, device=device, shard=stage.shard(rank))
+            out[name] = src.weight(spec, name, stage.shard(rank), device)
     return out
+
+
+def rank_read_bytes(spec: DeploymentSpec, source: WeightSource | int, rank: int) -> int:
+    """Bytes `rank_weights(spec, source, rank)` reads from storage: its slices only."""
+    src = as_source(source)
+    return sum(src.read_bytes(spec, name, stage.shard(rank))
+               for stage in stages_on(spec, rank) for name in stage.weight_names)
+
+
+def full_weights(spec: DeploymentSpec, source: WeightSource | int,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every weight, unsharded, under WEIGHT_NAMES (the single-device reference and baseline)."""
+    src = as_source(source)
+    return {name: src.weight(spec, name, Shard(), device) for name in WEIGHT_NAMES}
+
+
+def full_read_bytes(spec: DeploymentSpec, source: WeightSource | int) -> int:
+    src = as_source(source)
+    return sum(src.read_bytes(spec, name, Shard()) for name in WEIGHT_NAMES)
 
 
 def make_tokens(spec: DeploymentSpec, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,7 @@ baseline, and the output check. Every figure comes from this run."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -73,6 +73,12 @@ class RunSummary:
     single: SingleSummary
     check: LogitsCheck
     claims: list[ClaimResult]
+    weights: str = ""
+    """What the weights were (seeded, or which checkpoint and layer)."""
+    read_bytes: dict[int, int] = field(default_factory=dict)
+    """Checkpoint bytes each rank read for its own slices (all 0 for seeded weights)."""
+    check_read_bytes: int = 0
+    """Checkpoint bytes the output rank read again, whole, for the output check."""
     routing: RoutingSummary | None = None
 
     def to_dict(self) -> dict:
@@ -86,6 +92,8 @@ class RunSummary:
         out["single"] = asdict(self.single)
         out["check"] = asdict(self.check)
         out["claims"] = [asdict(c) for c in self.claims]
+        out["weights"] = {"source": self.weights, "read_bytes_per_rank": dict(self.read_bytes),
+                          "check_read_bytes": self.check_read_bytes}
         out["routing"] = None if self.routing is None else asdict(self.routing)
         return out
 
@@ -118,7 +126,8 @@ def _variant(spec: DeploymentSpec, results: list[RankMeasurement], name: str) ->
 
 
 def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
-              results: list[RankMeasurement], *, backend: str, scaled: str = "") -> RunSummary:
+              results: list[RankMeasurement], *, backend: str, scaled: str = "",
+              weights: str = "") -> RunSummary:
     out_rank = results[spec.stage("output").gpus[0]]
     tokens = spec.model.tokens
     variants = {name: _variant(vspec, results, name) for name, vspec in variant_specs.items()}
@@ -127,7 +136,8 @@ def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
     check = check_logits(spec.model.dtype, out_rank.logits, out_rank.reference_logits)
     router = results[spec.stage("embed").gpus[0]]
     return RunSummary(backend, out_rank.device, scaled, tokens, variants, single_summary, check,
-                      headline_claims(variants["pipeline"], single_summary),
+                      headline_claims(variants["pipeline"], single_summary), weights,
+                      {r.rank: r.read_bytes for r in results}, out_rank.check_read_bytes,
                       routing_summary(spec, router.expert_counts) if router.expert_counts else None)
 
 

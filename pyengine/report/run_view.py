@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pyengine.core.units import fmt_bytes
 from pyengine.report.run_summary import RunSummary
 from pyengine.report.tables import console, print_table
 
@@ -43,6 +44,11 @@ def print_summary(summary: RunSummary) -> None:
     if summary.backend != "nccl":
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, "
                   "not a 3-GPU speed-up; see `pyengine plan` for the 3-GPU prediction.[/dim]")
+    if any(summary.read_bytes.values()):
+        per_rank = ", ".join(f"rank {r}: {fmt_bytes(b)}" for r, b in summary.read_bytes.items())
+        out.print(f"weights: {summary.weights}; read per rank (its slices only): {per_rank}; the output "
+                  f"check read the whole block once more on the output rank "
+                  f"({fmt_bytes(summary.check_read_bytes)})", soft_wrap=True)
     ck = summary.check
     colour = "green" if ck.ok else "red"
     out.print(f"[{colour}]output check vs single-device reference: max |err| {ck.max_abs_err:.3g}, "

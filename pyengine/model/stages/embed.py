@@ -53,5 +53,5 @@ def embed_and_route(spec, w: Mapping[str, Any], ids):
 
     x = w["embed"][ids]
     u = rmsnorm(x, w["norm_in"], spec.model.norm_eps)
-    top_ids, top_w = route(u, w["router"], spec.model.top_k)
+    top_ids, top_w = route(u, w["router"], spec.model.top_k, spec.model.renormalize)
     return x, u, top_ids, top_w

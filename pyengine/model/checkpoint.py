@@ -1,0 +1,241 @@
+"""A Hugging Face safetensors checkpoint as a WeightSource: one decoder layer's MoE block, with
+each rank reading only the bytes it holds.
+
+`open_checkpoint(folder, layer)` validates everything before any rank starts -- config.json
+(a supported family), the layer index, the index file and every safetensors header the layer
+needs (corrupt or truncated files), each tensor's presence, shape and dtype -- and returns a
+picklable `CheckpointWeights`. Its `weight(spec, name, shard, device)` reads with
+`safe_open(...).get_slice`: a rank's F columns of each expert it holds (rows of the stored
+[F, H] gate/up projections, columns of the stored [H, F] down projection), sliced in the file
+BEFORE the transpose to the engine's [in, out] layout, so only those bytes are copied out of
+the file, and each slice goes straight to `device`. `read_bytes` counts them from the slices'
+shapes and the stored dtype. Nothing ever holds the whole checkpoint in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from pyengine.core.errors import InputError
+from pyengine.core.spec import DeploymentSpec
+from pyengine.model.hf_config import HFModel, read_hf_config
+from pyengine.model.stages import Shard
+from pyengine.model.weights import PER_EXPERT, model_dtype
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""safetensors dtype codes the loader accepts, and the torch dtype of each."""
+TRANSPOSED = ("router", "out", *PER_EXPERT)
+"""Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    file: str
+    """File name inside the checkpoint folder."""
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors dtype code (F32, BF16, F16)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """One slice of one stored tensor: `index` is one slice per stored dimension."""
+
+    key: str
+    index: tuple[slice, ...]
+
+
+class CheckpointWeights:
+    """Decoder layer `layer` of a checkpoint as the engine's block weights (see module doc)."""
+
+    def __init__(self, folder: str, hf: HFModel, layer: int, tensors: dict[str, TensorInfo]):
+        self.folder, self.hf, self.layer, self.tensors = folder, hf, layer, tensors
+        self.names = hf.tensor_names(layer)
+
+    # ---- the WeightSource protocol ---------------------------------------------------
+    def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        self._check_spec(spec)
+        dtype = model_dtype(spec)
+        parts = [t.to(dtype) for t in self._read(self._reads(name, shard), device)]  # cast there
+        if name in TRANSPOSED:
+            parts = [t.T for t in parts]
+        return torch.stack(parts) if name in PER_EXPERT else parts[0].contiguous()
+
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard()) -> int:
+        return sum(self._nbytes(r) for r in self._reads(name, shard))
+
+    def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows of the embedding for `ids`, reading only the distinct rows asked for."""
+        self._check_spec(spec)
+        uniq, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        reads = [_Read(self.names["embed"], (slice(a, b), slice(None))) for a, b in _runs(uniq.tolist())]
+        rows = torch.cat(self._read(reads, device)).to(model_dtype(spec))
+        return rows[inverse.to(rows.device)]
+
+    def describe(self) -> str:
+        return f"checkpoint {self.folder} ({self.hf.family}), layer {self.layer}"
+
+    # ---- slices ----------------------------------------------------------------------
+    def _reads(self, name: str, shard: Shard) -> list[_Read]:
+        """The stored slices behind engine weight `name` restricted to `shard`."""
+        if name not in PER_EXPERT:
+            key = self.names[name]
+            return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
+        experts = shard.experts if shard.experts is not None else range(self.hf.num_experts)
+        a, b = shard.f_cols if shard.f_cols is not None else (0, self.hf.ffn_hidden_size)
+        f_axis = 1 if name == "w_down" else 0  # down_proj is [H, F]; gate/up are [F, H]
+        index = tuple(slice(a, b) if axis == f_axis else slice(None) for axis in range(2))
+        return [_Read(self.hf.expert_names(self.layer, e)[name], index) for e in experts]
+
+    def _nbytes(self, r: _Read) -> int:
+        info = self.tensors[r.key]
+        n = STORED_DTYPES[info.dtype].itemsize
+        for dim, s in zip(info.shape, r.index):
+            n *= len(range(*s.indices(dim)))
+        return n
+
+    def _read(self, reads: list[_Read], device) -> list[torch.Tensor]:
+        """Each slice, read from its file (each file opened once) and moved to `device` at once:
+        host memory holds one slice at a time, never a whole tensor of another rank's part."""
+        from safetensors import safe_open
+
+        out: list[torch.Tensor | None] = [None] * len(reads)
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(reads):
+            by_file[self.tensors[r.key].file].append(i)
+        for file, positions in by_file.items():
+            with safe_open(os.path.join(self.folder, file), framework="pt") as f:
+                for i in positions:
+                    out[i] = f.get_slice(reads[i].key)[reads[i].index].to(device)
+        return out  # type: ignore[return-value]
+
+    def _check_spec(self, spec: DeploymentSpec) -> None:
+        m, hf = spec.model, self.hf
+        for key in ("hidden_size", "ffn_hidden_size", "num_experts", "vocab_size"):
+            if getattr(m, key) != getattr(hf, key):
+                raise ValueError(f"spec model.{key} = {getattr(m, key)} but the checkpoint has "
+                                 f"{getattr(hf, key)}: build the spec with hf_config.deployment_spec")
+
+
+def _runs(sorted_ids: list[int]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive ids: one slice per run instead of one per row."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted_ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+# ---- opening and validating ---------------------------------------------------------------
+
+def open_checkpoint(folder: str | os.PathLike, layer: int) -> CheckpointWeights:
+    """Validate `folder` for decoder layer `layer` and return its weight source. Every problem
+    is one InputError naming the file, tensor or option, raised before any rank starts."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise InputError("--weights", folder, "is not a directory (a Hugging Face model folder)")
+    hf = read_hf_config(folder)
+    hf.check_layer(layer)
+    weight_map = _weight_map(folder)
+    expected = _expected_shapes(hf, layer)
+    missing = [k for k in expected if k not in weight_map]
+    if missing:
+        where = INDEX_FILE if os.path.exists(os.path.join(folder, INDEX_FILE)) else SINGLE_FILE
+        raise InputError("tensor", missing[0], f"missing from {os.path.join(folder, where)} "
+                                               f"(layer {layer}'s block needs it; {len(missing)} missing)")
+    tensors = _headers(folder, {k: weight_map[k] for k in expected})
+    for key, shape in expected.items():
+        info = tensors[key]
+        if info.shape != shape:
+            raise InputError("tensor", key, f"has shape {list(info.shape)} in {info.file}; config.json "
+                                            f"({hf.family}) implies {list(shape)}")
+        if info.dtype not in STORED_DTYPES:
+            raise InputError("tensor", key, f"is stored as {info.dtype} in {info.file}; the loader reads "
+                                            f"{sorted(STORED_DTYPES)}")
+    return CheckpointWeights(folder, hf, layer, tensors)
+
+
+def _expected_shapes(hf: HFModel, layer: int) -> dict[str, tuple[int, ...]]:
+    """HF name -> stored shape ([out, in] for linears) of every tensor the block reads."""
+    h, f, e, v = hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.vocab_size
+    names = hf.tensor_names(layer)
+    out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["router"]: (e, h),
+           names["norm_out"]: (h,), names["out"]: (v, h)}
+    for i in range(e):
+        en = hf.expert_names(layer, i)
+        out.update({en["w_gate"]: (f, h), en["w_up"]: (f, h), en["w_down"]: (h, f)})
+    return out
+
+
+def _weight_map(folder: str) -> dict[str, str]:
+    """Tensor name -> file, from the index of a sharded checkpoint or the single file's header."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index, "rb") as fh:
+                data = json.loads(fh.read())
+        except (OSError, ValueError) as e:
+            raise InputError(index, "", f"cannot be read as JSON: {e}") from None
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise InputError(index, "weight_map", "must map tensor names to file names")
+        for file in set(wm.values()):
+            if os.path.basename(file) != file:
+                raise InputError(index, file, "a shard must be a file name inside the model folder")
+        return wm
+    single = os.path.join(folder, SINGLE_FILE)
+    if not os.path.exists(single):
+        found = sorted(os.listdir(folder))[:6]
+        raise InputError("--weights", folder, f"has neither {SINGLE_FILE} nor {INDEX_FILE} "
+                                              f"(only safetensors checkpoints are read; found {found})")
+    return {k: SINGLE_FILE for k in _open(single, lambda f: list(f.keys()))}
+
+
+def _headers(folder: str, files_of: dict[str, str]) -> dict[str, TensorInfo]:
+    """Shape and dtype of each wanted tensor from its file's header (no tensor data is read)."""
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for key, file in files_of.items():
+        by_file[file].append(key)
+    out: dict[str, TensorInfo] = {}
+    for file, keys in sorted(by_file.items()):
+        path = os.path.join(folder, file)
+
+        def info(f, keys=keys, file=file, path=path):
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise InputError("tensor", key, f"missing from {path} (the index names that file)")
+                sl = f.get_slice(key)
+                out[key] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype())
+
+        _open(path, info)
+    return out
+
+
+def _open(path: str, body):
+    """Run body(f) on an opened safetensors file; a missing, corrupt or truncated file is one
+    InputError naming it (safetensors checks the header and that it covers the whole file)."""
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise InputError("checkpoint file", name, f"does not exist in {os.path.dirname(path)}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return body(f)
+    except SafetensorError as e:
+        raise InputError("checkpoint file", name, f"is not a valid safetensors file, corrupt or truncated "
+                                                  f"({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise InputError("checkpoint file", name, f"cannot be read: {e.strerror}") from None

@@ -1,0 +1,276 @@
+"""A Hugging Face `config.json` read as one of the MoE families the engine runs (Mixtral,
+Qwen3-MoE, OLMoE), and the deployment spec that follows from it.
+
+The families differ in key names (experts: `num_local_experts` / `num_experts`; F:
+`intermediate_size` / `moe_intermediate_size`), in tensor names (`block_sparse_moe.experts.{e}.w1`
+vs `mlp.experts.{e}.gate_proj`) and in routing (`norm_topk_prob`; Mixtral always renormalises).
+Everything else of the block is the same math. Families with shared experts (Qwen2-MoE,
+DeepSeek) are refused in one line: the block has no place for an always-on expert yet.
+Nothing here reads a tensor; `pyengine.model.checkpoint` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from pyengine.core.dtypes import MODEL_DTYPES, nbytes
+from pyengine.core.errors import InputError, SpecError
+from pyengine.core.spec import DeploymentSpec
+from pyengine.core.spec_parse import parse_json
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """How one model_type names its MoE sizes and tensors."""
+
+    experts_key: str
+    """Its config key for E (transformers maps num_experts <-> num_local_experts, so a saved
+    config may carry the other one: both are read, see EXPERT_KEYS)."""
+    ffn_key: str
+    moe_module: str
+    """The MoE block under `model.layers.{N}.`: block_sparse_moe (Mixtral) or mlp."""
+    projections: tuple[str, str, str]
+    """Per-expert linear names for (gate, up, down)."""
+    eps_default: float
+    """transformers' rms_norm_eps default for the family (used when config.json omits it)."""
+    always_renormalize: bool = False
+    """Mixtral has no norm_topk_prob: it always renormalises the top-k weights."""
+
+
+FAMILIES = {
+    "mixtral": Family("num_local_experts", "intermediate_size", "block_sparse_moe",
+                      ("w1", "w3", "w2"), 1e-5, always_renormalize=True),
+    "qwen3_moe": Family("num_experts", "moe_intermediate_size", "mlp",
+                        ("gate_proj", "up_proj", "down_proj"), 1e-6),
+    "olmoe": Family("num_experts", "intermediate_size", "mlp",
+                    ("gate_proj", "up_proj", "down_proj"), 1e-5),
+}
+
+REFUSED = {
+    "qwen2_moe": "has a shared expert beside the routed ones (shared_expert_intermediate_size); "
+                 "not supported yet",
+    "deepseek_v2": "has shared experts (n_shared_experts) and group-limited routing; not supported yet",
+    "deepseek_v3": "has shared experts (n_shared_experts) and group-limited routing; not supported yet",
+}
+EXPERT_KEYS = ("num_local_experts", "num_experts")
+SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
+
+SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype",
+               "norm_eps", "renormalize")
+"""The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HFModel:
+    """One config.json, read: the sizes the spec takes and what the loader needs to find tensors."""
+
+    source: str
+    """The config.json it came from (named in errors)."""
+    family: str
+    name: str
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int
+    vocab_size: int
+    dtype: str
+    norm_eps: float
+    renormalize: bool
+    num_layers: int
+    tie_word_embeddings: bool
+    dense_layers: tuple[int, ...] = ()
+    """Layers whose MLP is dense, not MoE (Qwen3-MoE's mlp_only_layers / decoder_sparse_step)."""
+
+    def model_fields(self) -> dict[str, Any]:
+        """The spec's model-section values this config fixes."""
+        return {k: getattr(self, k) for k in SPEC_FIELDS}
+
+    def all_experts_bytes(self) -> int:
+        """Weight bytes of the routed experts of every MoE layer (the bulk of the model)."""
+        moe_layers = self.num_layers - len(self.dense_layers)
+        return moe_layers * self.num_experts * 3 * self.hidden_size * self.ffn_hidden_size * nbytes(self.dtype)
+
+    def config_key(self, spec_field: str) -> str:
+        """The config.json key behind a spec field (for error messages)."""
+        fam = FAMILIES[self.family]
+        return {"ffn_hidden_size": fam.ffn_key, "num_experts": fam.experts_key,
+                "top_k": "num_experts_per_tok", "norm_eps": "rms_norm_eps",
+                "renormalize": "norm_topk_prob", "dtype": "dtype"}.get(spec_field, spec_field)
+
+    def check_layer(self, layer: int) -> None:
+        """Refuse a layer index that does not exist or whose MLP is dense."""
+        if not 0 <= layer < self.num_layers:
+            raise InputError("--layer", layer, f"out of range: {self.source} has num_hidden_layers = "
+                                               f"{self.num_layers} (layers 0..{self.num_layers - 1})")
+        if layer in self.dense_layers:
+            raise InputError("--layer", layer, "is a dense MLP layer in this model (mlp_only_layers / "
+                                               "decoder_sparse_step), not an MoE layer")
+
+    def tensor_names(self, layer: int) -> dict[str, str]:
+        """HF tensor names of the block's non-expert weights: embed, norm_in, router, norm_out, out."""
+        moe = f"model.layers.{layer}.{FAMILIES[self.family].moe_module}"
+        embed = "model.embed_tokens.weight"
+        return {"embed": embed, "norm_in": f"model.layers.{layer}.post_attention_layernorm.weight",
+                "router": f"{moe}.gate.weight", "norm_out": "model.norm.weight",
+                "out": embed if self.tie_word_embeddings else "lm_head.weight"}
+
+    def expert_names(self, layer: int, expert: int) -> dict[str, str]:
+        """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
+        moe = f"model.layers.{layer}.{FAMILIES[self.family].moe_module}"
+        gate, up, down = FAMILIES[self.family].projections
+        return {"w_gate": f"{moe}.experts.{expert}.{gate}.weight",
+                "w_up": f"{moe}.experts.{expert}.{up}.weight",
+                "w_down": f"{moe}.experts.{expert}.{down}.weight"}
+
+
+def config_path(path: str | os.PathLike) -> str:
+    """`path` itself if it is a file, else `path/config.json`."""
+    path = os.fspath(path)
+    return os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+
+
+def read_hf_config(path: str | os.PathLike) -> HFModel:
+    """Read a config.json (or a model folder holding one) as a supported MoE family."""
+    src = config_path(path)
+    try:
+        with open(src, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise InputError("hf config", src, f"cannot be read: {e.strerror}") from None
+    data = parse_json(raw, src)
+    if not isinstance(data, dict):
+        raise InputError(src, data, "must be a JSON object (a Hugging Face config.json)")
+    return from_dict(data, src)
+
+
+def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
+    family = _family(cfg, src)
+    fam = FAMILIES[family]
+    get = _Getter(cfg, src)
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise InputError(f"{src}: hidden_act", act, "the expert FFN is SwiGLU: only 'silu' is supported")
+    num_layers = get.integer("num_hidden_layers")
+    renorm = True if fam.always_renormalize else get.flag("norm_topk_prob", False)
+    return HFModel(
+        source=src, family=family, name=_name(cfg, src),
+        hidden_size=get.integer("hidden_size"), ffn_hidden_size=get.integer(fam.ffn_key),
+        num_experts=_num_experts(cfg, fam, get), top_k=get.integer("num_experts_per_tok"),
+        vocab_size=get.integer("vocab_size"), dtype=_dtype(cfg, src),
+        norm_eps=get.number("rms_norm_eps", fam.eps_default), renormalize=renorm,
+        num_layers=num_layers, tie_word_embeddings=get.flag("tie_word_embeddings", False),
+        dense_layers=_dense_layers(cfg, family, num_layers, get))
+
+
+def _family(cfg: dict[str, Any], src: str) -> str:
+    mt = cfg.get("model_type")
+    if mt in REFUSED:
+        raise InputError(f"{src}: model_type", mt, REFUSED[mt])
+    if mt not in FAMILIES:
+        raise InputError(f"{src}: model_type", mt, f"not a supported MoE family (one of {sorted(FAMILIES)})")
+    for key in SHARED_EXPERT_KEYS:
+        if cfg.get(key):
+            raise InputError(f"{src}: {key}", cfg[key], "shared experts are not supported yet")
+    return mt
+
+
+def _name(cfg: dict[str, Any], src: str) -> str:
+    name = cfg.get("_name_or_path") or ""
+    if isinstance(name, str) and name:
+        return name
+    return os.path.basename(os.path.dirname(os.path.abspath(src))) or cfg["model_type"]
+
+
+def _dtype(cfg: dict[str, Any], src: str) -> str:
+    """transformers 5 writes `dtype`, 4.x `torch_dtype`; absent means float32 (its default)."""
+    key = "dtype" if cfg.get("dtype") is not None else "torch_dtype"
+    value = cfg.get(key) or "float32"
+    if value not in MODEL_DTYPES:
+        raise InputError(f"{src}: {key}", value, f"must be one of {list(MODEL_DTYPES)}")
+    return value
+
+
+def _num_experts(cfg: dict[str, Any], fam: Family, get: _Getter) -> int:
+    keys = [fam.experts_key, *(k for k in EXPERT_KEYS if k != fam.experts_key)]
+    present = [k for k in keys if cfg.get(k) is not None]
+    values = {k: get.integer(k) for k in present}
+    if len(set(values.values())) > 1:
+        raise InputError(f"{get.src}: {present[1]}", values[present[1]],
+                         f"disagrees with {present[0]} = {values[present[0]]}")
+    return values[present[0]] if present else get.integer(fam.experts_key)
+
+
+def _dense_layers(cfg: dict[str, Any], family: str, num_layers: int, get: _Getter) -> tuple[int, ...]:
+    if family != "qwen3_moe":
+        return ()
+    step = get.integer("decoder_sparse_step", 1)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+        raise InputError(f"{get.src}: mlp_only_layers", only, "must be a list of layer indices")
+    return tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
+
+
+class _Getter:
+    """Typed reads of config keys: a missing or ill-typed key is one InputError naming it."""
+
+    def __init__(self, cfg: dict[str, Any], src: str):
+        self.cfg, self.src = cfg, src
+
+    def _value(self, key: str, default: Any) -> Any:
+        if key in self.cfg and self.cfg[key] is not None:
+            return self.cfg[key]
+        if default is None:
+            raise InputError(f"{self.src}: {key}", None, "is required")
+        return default
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        v = self._value(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InputError(f"{self.src}: {key}", v, "must be a positive integer")
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self._value(key, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise InputError(f"{self.src}: {key}", v, "must be a positive number")
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self._value(key, default)
+        if not isinstance(v, bool):
+            raise InputError(f"{self.src}: {key}", v, "must be true or false")
+        return v
+
+
+def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None) -> DeploymentSpec:
+    """The spec: model sizes, dtype, eps and routing from `hf`; layout, schedule and tokens per
+    batch from `config` (default: the packaged seed). A `config` model field that disagrees
+    with the checkpoint is a SpecError naming it; leaving those fields out is the usual way."""
+    if config is None:
+        data = parse_json(resources.files("pyengine").joinpath("configs/seed_3gpu.json").read_text(),
+                          "seed_3gpu.json")
+    else:
+        data = _read_config(os.fspath(config))
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise SpecError("model", model, "must be a JSON object (batch_size, seq_len, ...)")
+    for key, value in hf.model_fields().items():
+        if config is not None and key in model and model[key] != value:
+            raise SpecError(f"model.{key}", model[key],
+                            f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "
+                            f"{value!r}); leave it out of the config or set it to {value!r}")
+        model[key] = value
+    return DeploymentSpec.from_dict(data)
+
+
+def _read_config(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return parse_json(f.read(), path)
+    except OSError as e:
+        raise SpecError("config", path, f"cannot be read: {e.strerror}") from None

@@ -1,0 +1,61 @@
+"""Token ids from a file (`pyengine run --tokens FILE`): a `.pt` tensor or a `.npy` array of
+integer ids, [B, S] or [T] (read as one sequence). Every id must be inside the vocabulary: an
+id out of range would index past the embedding on one rank and fail mid-pipeline, so it is
+refused here, in one line, before any rank starts."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pyengine.core.errors import InputError
+
+FIELD = "--tokens"
+
+
+def load_tokens(path: str | os.PathLike) -> torch.Tensor:
+    """int64 ids [B, S] from `path` (.pt or .npy); [T] becomes [1, T]."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".pt", ".npy"):
+        raise InputError(FIELD, path, "must be a .pt (torch tensor) or .npy (numpy array) file of ids")
+    if not os.path.isfile(path):
+        raise InputError(FIELD, path, "does not exist")
+    ids = _read_pt(path) if ext == ".pt" else _read_npy(path)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(FIELD, path, f"holds {ids.dtype}: token ids must be integers")
+    if ids.dim() not in (1, 2) or ids.numel() == 0:
+        raise InputError(FIELD, path, f"has shape {list(ids.shape)}: must be a non-empty [B, S] or [T]")
+    return (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64).contiguous()
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "") -> None:
+    """Refuse ids outside [0, vocab_size), naming the first offending one and where it is."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise InputError(FIELD, int(ids[pos]), f"id at position {list(pos)} is outside the vocabulary "
+                                               f"[0, {vocab_size}){why}")
+
+
+def _read_pt(path: str) -> torch.Tensor:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a bad file; all mean "not readable"
+        raise InputError(FIELD, path, f"cannot be read as a torch file: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, torch.Tensor):
+        raise InputError(FIELD, path, f"holds a {type(obj).__name__}, not a tensor of ids")
+    return obj
+
+
+def _read_npy(path: str) -> torch.Tensor:
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(FIELD, path, f"cannot be read as a .npy array: {str(e).splitlines()[0]}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+        raise InputError(FIELD, path, f"holds {getattr(arr, 'dtype', type(arr).__name__)}: token ids must be integers")
+    return torch.from_numpy(arr.astype(np.int64))

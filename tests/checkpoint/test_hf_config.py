@@ -1,0 +1,119 @@
+"""config.json -> family -> spec, and `pyengine plan --hf-config` on the shipped example configs."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from helpers import TINY_CONFIG
+from pyengine.cli.main import main
+from pyengine.core.errors import InputError, SpecError
+from pyengine.core.spec import load_spec
+from pyengine.model.hf_config import deployment_spec, from_dict, read_hf_config
+
+HF = resources.files("pyengine").joinpath("configs", "hf")
+
+# From the model cards (H, F per expert, E, top-k, V, eps, renormalize, layers)
+SHIPPED = {
+    "mixtral-8x7b": ("mixtral", 4096, 14336, 8, 2, 32000, 1e-5, True, 32),
+    "mixtral-8x22b": ("mixtral", 6144, 16384, 8, 2, 32000, 1e-5, True, 56),
+    "qwen3-30b-a3b": ("qwen3_moe", 2048, 768, 128, 8, 151936, 1e-6, True, 48),
+    "olmoe-1b-7b": ("olmoe", 2048, 1024, 64, 8, 50304, 1e-5, False, 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs(name):
+    hf = read_hf_config(str(HF.joinpath(name)))
+    got = (hf.family, hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.top_k, hf.vocab_size,
+           hf.norm_eps, hf.renormalize, hf.num_layers)
+    assert got == SHIPPED[name] and hf.dtype == "bfloat16" and not hf.dense_layers
+
+
+def test_mixtral_8x7b_is_the_seed_model():
+    # the seed's dimensions are exactly Mixtral-8x7B's MoE layer: same spec, field for field
+    hf = read_hf_config(str(HF.joinpath("mixtral-8x7b", "config.json")))
+    assert deployment_spec(hf) == load_spec(None)
+
+
+def base(**over):
+    cfg = {"model_type": "olmoe", "hidden_size": 8, "intermediate_size": 6, "num_experts": 4,
+           "num_experts_per_tok": 2, "vocab_size": 11, "num_hidden_layers": 2}
+    cfg.update(over)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"model_type": "qwen2_moe"}, "shared expert"),
+    ({"model_type": "deepseek_v3"}, "shared experts"),
+    ({"model_type": "llama"}, "not a supported MoE family"),
+    ({"model_type": None}, "not a supported MoE family"),
+    ({"shared_expert_intermediate_size": 64}, "shared experts are not supported"),
+    ({"hidden_act": "gelu"}, "only 'silu'"),
+    ({"num_experts": None}, "num_experts = None: is required"),
+    ({"hidden_size": True}, "hidden_size = True: must be a positive integer"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps = 0: must be a positive number"),
+    ({"norm_topk_prob": 1}, "norm_topk_prob = 1: must be true or false"),
+    ({"num_local_experts": 5}, "num_local_experts = 5: disagrees with num_experts = 4"),
+    ({"dtype": "float64"}, "must be one of"),
+    ({"model_type": "qwen3_moe", "moe_intermediate_size": 3, "mlp_only_layers": "0"}, "must be a list"),
+])
+def test_refusals_name_the_key(over, words):
+    with pytest.raises(InputError) as e:
+        from_dict(base(**over), "x/config.json")
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_family_defaults_and_aliases():
+    assert from_dict(base(num_experts=None, num_local_experts=4)).num_experts == 4  # transformers' alias
+    assert from_dict(base()).dtype == "float32"  # no dtype: transformers' default
+    assert from_dict(base(torch_dtype="float16")).dtype == "float16"  # transformers 4.x key
+    assert from_dict(base(dtype="bfloat16", torch_dtype="float16")).dtype == "bfloat16"  # 5.x key wins
+    mixtral = from_dict(base(model_type="mixtral", num_experts=None, num_local_experts=4, norm_topk_prob=False))
+    assert mixtral.renormalize is True and mixtral.norm_eps == 1e-5  # Mixtral always renormalises
+    qwen = from_dict(base(model_type="qwen3_moe", moe_intermediate_size=3, num_hidden_layers=6,
+                          decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert qwen.ffn_hidden_size == 3 and qwen.norm_eps == 1e-6 and not qwen.renormalize
+    assert qwen.dense_layers == (0, 2, 3, 4)  # (i + 1) % 2 != 0, or listed
+    with pytest.raises(InputError, match="dense MLP layer"):
+        qwen.check_layer(2)
+    qwen.check_layer(5)
+
+
+def test_spec_from_config_without_sizes(tmp_path):
+    cfg = json.loads(open(TINY_CONFIG).read())
+    for key in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype"):
+        del cfg["model"][key]
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    hf = from_dict(base())
+    spec = deployment_spec(hf, tmp_path / "c.json")
+    assert (spec.model.hidden_size, spec.model.ffn_hidden_size, spec.model.num_experts) == (8, 6, 4)
+    assert spec.model.renormalize is False and spec.stage("experts").shard_fractions == (0.4, 0.6)
+    cfg["model"]["vocab_size"] = 11  # agreeing is fine
+    cfg["model"]["renormalize"] = True  # disagreeing is not
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpecError, match="model.renormalize = True: disagrees with the checkpoint"):
+        deployment_spec(hf, tmp_path / "c.json")
+
+
+def test_plan_hf_config_text(capsys):
+    assert main(["plan", "--hf-config", str(HF.joinpath("qwen3-30b-a3b"))]) == 0
+    out = capsys.readouterr().out
+    assert "model: Qwen/Qwen3-30B-A3B (qwen3_moe" in out and "128 experts, top-8" in out
+    assert "Per GPU" in out and "Verdicts" in out
+
+
+def test_plan_hf_config_json(capsys):
+    assert main(["plan", "--json", "--hf-config", str(HF.joinpath("olmoe-1b-7b", "config.json"))]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "OLMoE-1B-7B" in data["model_note"]
+    assert sum(g["flops"] for g in data["gpus"]) > 0 and all(g["fits"] for g in data["gpus"])
+
+
+def test_plan_refused_family_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(base(model_type="qwen2_moe")))
+    assert main(["plan", "--hf-config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qwen2_moe" in err[0] and "not supported yet" in err[0]

@@ -1,0 +1,144 @@
+"""Checkpoint runs against transformers: the engine's logits for decoder layer N of a tiny random
+Mixtral / Qwen3-MoE / OLMoE checkpoint (float32 and bfloat16, one file and sharded) against
+transformers' own embedding, RMSNorms, sparse MoE block and lm_head composed as the block is.
+
+The in-process cases run the engine over the local transport (3 CPU threads); the CLI cases run
+`pyengine run --weights` as a user does (3 gloo processes) and compare its dumped logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_hf
+from pyengine.execute.engine import Engine
+from pyengine.model.checkpoint import open_checkpoint
+from pyengine.model.hf_config import deployment_spec
+from pyengine.model.weights import rank_read_bytes
+from pyengine.transport.local import LocalTransport
+
+LAYER = 1  # the middle of 3 layers: a loader reading the wrong layer gets other random weights
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+"""max |engine - transformers| / max |transformers|: fp32 differs only in summation order; bf16
+also in where each implementation rounds (transformers rounds the norm before its gain, the
+routing weight to bf16 for Qwen3/OLMoE, and accumulates experts in bf16; the engine in fp32)."""
+
+LAYOUTS = {
+    "uneven-tp": ({"stages": [{"name": "embed", "gpus": [0]},
+                              {"name": "experts", "gpus": [1, 2], "tensor_parallel_size": 2,
+                               "shard_fractions": [0.3, 0.7]},
+                              {"name": "output", "gpus": [0]}]}, "partials"),
+    "output-on-gpu2": ({"stages": [{"name": "embed", "gpus": [0]},
+                                   {"name": "experts", "gpus": [0, 1], "tensor_parallel_size": 2,
+                                    "shard_fractions": [0.6, 0.4]},
+                                   {"name": "output", "gpus": [2]}]}, "all_reduce"),
+}
+
+
+def write_config(path, layout: str, batch: int = 2, seq: int = 11) -> str:
+    """A deployment config without model sizes (they come from the checkpoint)."""
+    parallel, boundary = LAYOUTS[layout]
+    cfg = {"hardware": {"num_gpus": 3, "gpu_memory_gb": 32},
+           "model": {"batch_size": batch, "seq_len": seq},
+           "parallel": parallel, "schedule": {"kind": "gpipe", "micro_batches": 3},
+           "comm": {"boundary": boundary, "timeout_s": 30}}
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def run_engine(spec, source, ids) -> torch.Tensor:
+    """Logits from 3 virtual ranks (threads) over the local transport, each loading its slices."""
+    transports = LocalTransport.create(3, "cpu", 30)
+    out, errors = [None] * 3, []
+
+    def body(r):
+        try:
+            out[r] = Engine(spec, transports[r], source=source).forward(ids)
+        except BaseException as e:  # surfaced below, with its rank
+            errors.append((r, e))
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a virtual rank hung"
+    return out[spec.stage("output").gpus[0]]
+
+
+CASES = [(fam, dtype, sharded, layout)
+         for fam in ("mixtral", "qwen3_moe", "olmoe")
+         for dtype, sharded in (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True))
+         for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("family,dtype,sharded,layout", CASES,
+                         ids=[f"{f}-{d}-{'sharded' if s else 'single'}-{lay}" for f, d, s, lay in CASES])
+def test_engine_matches_transformers(checkpoint, tmp_path, family, dtype, sharded, layout):
+    folder, model = checkpoint(family, dtype, sharded, norm_topk_prob=family == "qwen3_moe")
+    source = open_checkpoint(folder, LAYER)
+    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", layout))
+    assert spec.model.dtype == dtype and spec.model.renormalize == (family != "olmoe")
+    ids = torch.randint(0, spec.model.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    got = run_engine(spec, source, ids)
+    ref = tiny_hf.reference_logits(model, LAYER, ids)
+    assert got.shape == ref.shape == (2, 11, spec.model.vocab_size)
+    assert rel_err(got, ref) <= TOLERANCE[dtype], rel_err(got, ref)
+
+
+def test_tied_embeddings_use_the_embedding_as_the_head(checkpoint, tmp_path):
+    folder, model = checkpoint("olmoe", tie=True)
+    source = open_checkpoint(folder, LAYER)
+    assert source.names["out"] == "model.embed_tokens.weight"
+    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", "uneven-tp"))
+    ids = torch.arange(22).reshape(2, 11) % spec.model.vocab_size
+    assert rel_err(run_engine(spec, source, ids), tiny_hf.reference_logits(model, LAYER, ids)) <= 1e-5
+
+
+def test_a_different_layer_gives_different_logits(checkpoint, tmp_path):
+    # guards the comparison itself: layers differ, so reading the wrong one cannot pass
+    folder, model = checkpoint("mixtral")
+    ids = torch.arange(22).reshape(2, 11) % 37
+    assert rel_err(tiny_hf.reference_logits(model, 0, ids), tiny_hf.reference_logits(model, LAYER, ids)) > 1e-2
+
+
+# ---- the command line, as a user runs it ------------------------------------------------------
+
+def pyengine(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyengine", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,dtype,layout", [("mixtral", "float32", "uneven-tp"),
+                                                 ("olmoe", "bfloat16", "output-on-gpu2")])
+def test_cli_run_weights_matches_transformers(checkpoint, tmp_path, family, dtype, layout):
+    folder, model = checkpoint(family, dtype, sharded=True)
+    ids = np.random.default_rng(3).integers(0, 37, size=(3, 7))
+    np.save(tmp_path / "ids.npy", ids)
+    cfg = write_config(tmp_path / "c.json", layout)
+    r = pyengine("run", "--weights", str(folder), "--layer", str(LAYER), "--config", cfg,
+                 "--tokens", str(tmp_path / "ids.npy"), "--iters", "1", "--warmup", "0", "--no-baselines",
+                 "--json", "--dump", str(tmp_path / "dump"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["scaled"] == "" and out["check"]["ok"] and out["tokens_per_batch"] == 21
+    logits = torch.load(tmp_path / "dump" / "logits.pt")
+    assert torch.equal(torch.load(tmp_path / "dump" / "tokens.pt"), torch.from_numpy(ids))
+    assert rel_err(logits, tiny_hf.reference_logits(model, LAYER, torch.from_numpy(ids))) <= TOLERANCE[dtype]
+    source = open_checkpoint(folder, LAYER)
+    spec = deployment_spec(source.hf, cfg).replace(model={"batch_size": 3, "seq_len": 7})
+    reads = out["weights"]["read_bytes_per_rank"]
+    assert reads == {str(r): rank_read_bytes(spec, source, r) for r in range(3)}
+    assert all(b > 0 for b in reads.values()) and out["weights"]["source"].startswith("checkpoint ")
