@@ -41,22 +41,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="NAME|FILE", default=None,
                    help=f"device profile: {'|'.join(PRESETS)} or a JSON file with the same fields "
                         f"(default {DEFAULT_PRESET}: the seed's 32 GB GPUs)")
+    p.add_argument("--weights", metavar="DIR", default=None,
+                   help="Hugging Face model folder: plan its decoder layer --layer (sizes from config.json; "
+                        "with --routing measured, its router's real choices)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer of --weights (default 0)")
+    p.add_argument("--tokens", metavar="FILE", default=None,
+                   help="token ids [B, S] (.pt or .npy) for --routing measured (default: seeded tokens)")
     p.add_argument("--routing", choices=("uniform", "measured"), default="uniform",
                    help="what expert-parallel costs assume: uniform (T*k/E pairs per expert) or the "
-                        "router's real choices on the seeded weights and tokens (runs the router on CPU)")
+                        "router's real choices (seeded weights, or --weights) on the batch's tokens; "
+                        "runs only the router, on CPU")
     p.add_argument("--seed", type=int, default=0, help="weights and tokens seed for --routing measured")
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace, source=None):
     """(spec, one line on where the model came from: '' for the config's own model)."""
     from pyengine.core.spec import load_spec
 
-    if args.hf_config is None:
+    if args.hf_config is None and source is None:
         return load_spec(args.config), ""
     from pyengine.core.units import fmt_bytes
     from pyengine.model.hf_config import deployment_spec, read_hf_config
 
-    hf = read_hf_config(args.hf_config)
+    hf = source.hf if source is not None else read_hf_config(args.hf_config)
     spec = deployment_spec(hf, args.config)
     moe_layers = hf.num_layers - len(hf.dense_layers)
     return spec, (f"model: {hf.name} ({hf.family}, {hf.source}): H {hf.hidden_size}, F {hf.ffn_hidden_size}, "
@@ -66,10 +73,38 @@ def _spec(args: argparse.Namespace):
                   f"experts alone hold {fmt_bytes(hf.all_experts_bytes())}")
 
 
+def _inputs(args: argparse.Namespace):
+    """(checkpoint source or None, token ids or None), every input checked before planning."""
+    from pyengine.core.errors import UsageError
+
+    if args.layer is not None and args.weights is None:
+        raise UsageError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
+    if args.routing == "measured" and args.hf_config is not None and args.weights is None:
+        raise UsageError("--routing", "measured", "needs router weights: --weights DIR (a config.json has none)")
+    if args.tokens is not None and args.routing != "measured":
+        raise UsageError("--tokens", args.tokens, "only feeds --routing measured")
+    source = tokens = None
+    if args.weights is not None:
+        from pyengine.model.checkpoint import open_checkpoint
+
+        source = open_checkpoint(args.weights, 0 if args.layer is None else args.layer)
+    if args.tokens is not None:
+        from pyengine.model.tokens import load_tokens
+
+        tokens = load_tokens(args.tokens)
+    return source, tokens
+
+
 def _load(args: argparse.Namespace):
     from pyengine.predict.devices import load_profile
 
-    spec, model_note = _spec(args)
+    source, tokens = _inputs(args)
+    spec, model_note = _spec(args, source)
+    if tokens is not None:
+        from pyengine.model.tokens import check_ids
+
+        spec = spec.replace(model={"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]})
+        check_ids(tokens, spec.model.vocab_size)
     dev = load_profile(args.device)
     if args.device is None:
         note = f" (default profile: the seed config's {spec.hardware.gpu_memory_gb:g} GB GPUs; datasheet-style assumptions)"
@@ -78,16 +113,18 @@ def _load(args: argparse.Namespace):
     if abs(dev.memory_gb - spec.hardware.gpu_memory_gb) > 0.5:
         note += (f"; note: profile memory {dev.memory_gb:g} GB, config hardware.gpu_memory_gb "
                  f"{spec.hardware.gpu_memory_gb:g} GB -- the fit check uses the config")
-    return spec, dev, note, model_note, _routing(args, spec)
+    return spec, dev, note, model_note, _routing(args, spec, source, tokens)
 
 
-def _routing(args: argparse.Namespace, spec):
+def _routing(args: argparse.Namespace, spec, source, tokens):
     """None (uniform) or the router's measured choices: torch is imported only for these."""
     if args.routing != "measured":
         return None
     from pyengine.model.measured_routing import measure_routing
+    from pyengine.model.weights import make_tokens
 
-    return measure_routing(spec, args.seed)
+    ids = tokens if tokens is not None else make_tokens(spec, args.seed)
+    return measure_routing(spec, source if source is not None else args.seed, ids)
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import tiny_hf
 from pyengine.core.spec import DeploymentSpec
 from pyengine.model.checkpoint import open_checkpoint
 from pyengine.model.hf_config import deployment_spec
-from pyengine.model.router_load import expert_token_counts
+from pyengine.model.measured_routing import expert_token_counts
 from pyengine.model.stages import Shard, stages_of
 from pyengine.model.weights import (full_read_bytes, full_weights, rank_read_bytes, rank_weights,
                                     take)
@@ -204,3 +204,23 @@ def test_source_pickles_for_rank_processes(checkpoint):
     spec = tiny_spec(src)
     assert torch.equal(again.weight(spec, "w_up", Shard(f_cols=(1, 3))), src.weight(spec, "w_up", Shard(f_cols=(1, 3))))
     assert json.loads(json.dumps(again.describe()))
+
+
+def test_plan_prices_the_checkpoint_router(checkpoint, capsys):
+    """`plan --weights DIR --routing measured`: the router of that checkpoint on those tokens."""
+    import json
+
+    from pyengine.cli.main import main
+
+    folder, model = checkpoint("olmoe")
+    ids = torch.tensor([[3, 4, 5, 9, 3, 36, 0, 7, 8, 9, 10, 4]])
+    path = folder / "ids.pt"
+    torch.save(ids, path)
+    assert main(["plan", "--weights", str(folder), "--layer", str(LAYER), "--routing", "measured",
+                 "--tokens", str(path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    counts = tiny_hf.reference_expert_counts(model, LAYER, ids)
+    assert plan["routing"]["source"] == "measured"
+    assert plan["routing"]["expert_loads"] == pytest.approx([c / sum(counts) for c in counts])
+    assert main(["plan", "--hf-config", str(folder), "--routing", "measured"]) == 2
+    assert "needs router weights" in capsys.readouterr().err
