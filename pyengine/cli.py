@@ -18,6 +18,7 @@ _COMMANDS = {
     "simulate": "pyengine.plan_cli",
     "bench": "pyengine.bench_cli",
     "tune": "pyengine.tune_cli",
+    "kernels": "pyengine.kernels_cli",
 }
 
 
