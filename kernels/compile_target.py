@@ -160,6 +160,11 @@ def _ptxas(arch: int) -> str:
     return nv_compiler.get_ptxas(arch).path
 
 
+def ptxas_version(arch: int) -> str:
+    """CUDA release of the ptxas Triton uses for sm_<arch> (e.g. '12.9')."""
+    return nv_compiler.get_ptxas(arch).version
+
+
 def _sm_name(arch: int) -> str:
     return nv_compiler.sm_arch_from_capability(arch)
 

@@ -83,9 +83,10 @@ def _meta(args, gpu: str, dtypes: list[str]) -> dict:
 
     from pyengine import provenance
     from pyengine.kernels import smem
+    from pyengine.kernels.compile_target import ptxas_version
 
     return {**provenance.record(torch.device("cpu")), "triton": triton.__version__,
-            "arch": args.arch, "shared_limit_bytes": smem.shared_limit(args.arch), "gpu": gpu,
+            "ptxas": ptxas_version(args.arch), "arch": args.arch, "shared_limit_bytes": smem.shared_limit(args.arch), "gpu": gpu,
             "config": args.config or "seed_3gpu.json", "dtypes": dtypes,
             "all_configs": args.all_configs}
 
