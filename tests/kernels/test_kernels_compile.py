@@ -25,6 +25,9 @@ from pyengine.kernels import compile_check, compile_jobs, smem, tuning
 from pyengine.kernels.compile_jobs import Shapes, build_jobs
 from pyengine.kernels.compile_target import stand_in_driver
 
+# Compiling is slow on a loaded 2-core machine (the fast_rows fixture: ~50-90 s cold).
+pytestmark = pytest.mark.timeout(900)
+
 ARCH = 90
 SEED = Shapes(E=8, H=4096, top_k=2, ffn_shards=(7168, 7168), tokens=(256,) * 4, num_partials=1)
 ODD = [  # the shapes tests/kernels runs in the interpreter: non-multiples of 16, k=3, T=1
