@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.config)  # SpecError -> exit 2 in cli.main
     dtypes = args.dtype or [DTYPE_NAMES[spec.model.dtype]]
     gpu = args.gpu or compile_jobs.REFERENCE_GPU.get(args.arch, f"sm_{args.arch}")
-    jobs = compile_jobs.build_jobs(shapes_from_spec(spec), dtypes, args.arch, gpu, args.all_configs)
+    try:  # a malformed PYENGINE_MOE_*_CONFIG pin is a ValueError naming it
+        jobs = compile_jobs.build_jobs(shapes_from_spec(spec), dtypes, args.arch, gpu, args.all_configs)
+    except ValueError as e:
+        return _usage(str(e))
     try:
         rows = compile_check.run_jobs(jobs, args.arch, args.workers)
     except compile_check.ArchUnsupported as e:
@@ -96,8 +99,8 @@ def _print(rows: list[dict], arch: int, gpu: str, failed: list[dict]) -> None:
     from pyengine.kernels import smem
 
     cols = [("kernel", "left"), ("variant", "left"), "dtype", ("config", "left"), ("source", "left"),
-            "shared", "regs", "spill", "mma", "ok", ("reason / notes", "left")]
-    table = [(r["kernel"], r["variant"], r["dtype"], config_text(r["config"]), r["source"],
+            ("shapes", "left"), "shared", "regs", "spill", "mma", "ok", ("reason / notes", "left")]
+    table = [(r["kernel"].strip("_").removesuffix("_kernel"), r["variant"], r["dtype"], config_text(r["config"]), r["source"], "; ".join(r["shapes"]),
               _n(r["shared_bytes"]), _n(r["registers"]), _n(r["spill_bytes"]), r["mma"] or "-",
               "yes" if r["ok"] else ("pruned" if r["pruned"] else "NO"),
               r["reason"] or r["notes"]) for r in rows]
@@ -105,6 +108,8 @@ def _print(rows: list[dict], arch: int, gpu: str, failed: list[dict]) -> None:
                        f"{smem.shared_limit(arch)} B per block", cols, table)
     print(f"{len(rows)} compiled, {len(failed)} failing" + ("" if not failed else
           ": " + "; ".join(f"{r['kernel']} {r['dtype']} {config_text(r['config'])}" for r in failed)))
+    print("kernel = _<name>_kernel in pyengine.kernels; shared = static + dynamic bytes per block; "
+          "regs per thread; spill = spill-store bytes per thread")
 
 
 def config_text(cfg: dict) -> str:

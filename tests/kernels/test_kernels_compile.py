@@ -151,6 +151,22 @@ def test_cli_unknown_arch_exit_2():
     assert r.returncode == 2 and "--arch 75: must be one of" in r.stderr
 
 
+def test_cli_bad_pin_exit_2():
+    r = kernels_compile("--arch", "90", env={"PYENGINE_MOE_CONFIG": "BLOCK_M=48"})
+    assert r.returncode == 2 and "'BLOCK_M=48': keys" in r.stderr, r.stderr
+
+
+def test_shapes_from_spec():
+    from pyengine.kernels_cli import shapes_from_spec
+    from pyengine.spec import load_spec
+
+    assert shapes_from_spec(load_spec()) == SEED
+    tiny = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "tiny_cpu.json"))
+    # F=40 split 0.4/0.6, 48 tokens in 3 micro-batches, "partials": the output stage sums 2
+    assert shapes_from_spec(tiny) == Shapes(E=5, H=48, top_k=2, ffn_shards=(16, 24), tokens=(16, 16, 16),
+                                            num_partials=2)
+
+
 def test_worker_failure_is_raised():
     job = build_jobs(ODD[2], ["fp32"], ARCH)[0]
     job.kernel = "_no_such_kernel"
