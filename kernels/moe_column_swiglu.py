@@ -79,9 +79,9 @@ def _moe_column_kernel(
 
 
 def _prune(configs, named_args, **kwargs):
-    # Autotune candidates must tile the alignment block exactly.
-    align_m = kwargs["ALIGN_M"]
-    return [c for c in configs if align_m % c.kwargs["BLOCK_M"] == 0]
+    # Candidates must tile the alignment block exactly and fit the device's shared memory.
+    u = named_args["u_ptr"]
+    return tuning.prune_configs("column", configs, kwargs["ALIGN_M"], u.dtype, tuning.launch_arch(u))
 
 
 _autotuned = {}

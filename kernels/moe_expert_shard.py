@@ -42,7 +42,7 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
     shape = dict(device=u.device, dtype=u.dtype, E=E, H=H, F=F, num_tokens=T)
     col_cfg = tuning.select_config("column", **shape)
     row_cfg = tuning.select_config("row", **shape)
-    block_m = tuning.align_block_m(col_cfg, row_cfg, u.device)
+    block_m = tuning.align_block_m(col_cfg, row_cfg, u.device, u.dtype)
     align = _moe_align_block_size(topk_ids, E, block_m, empty_alignment(T * k, E, block_m, u.device))
     a = moe_column_swiglu(u, w_gate, w_up, align, k, activation=activation, config=col_cfg)
     y = moe_row_down(a, w_down, topk_weights, align, k, deterministic=deterministic, config=row_cfg)

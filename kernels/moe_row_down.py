@@ -73,8 +73,9 @@ def _moe_row_kernel(
 
 
 def _prune(configs, named_args, **kwargs):
-    align_m = kwargs["ALIGN_M"]
-    return [c for c in configs if align_m % c.kwargs["BLOCK_M"] == 0]
+    # Candidates must tile the alignment block exactly and fit the device's shared memory.
+    a = named_args["a_ptr"]
+    return tuning.prune_configs("row", configs, kwargs["ALIGN_M"], a.dtype, tuning.launch_arch(a))
 
 
 _autotuned = {}

@@ -14,8 +14,8 @@ from pyengine.core.provenance import git_commit
 from pyengine.kernels.moe_align import moe_align_block_size
 from pyengine.kernels.moe_column_swiglu import _moe_column_swiglu, column_rows
 from pyengine.kernels.moe_row_down import _moe_row_down
-from pyengine.kernels.tuning import (CONFIG_DIR, DTYPE_NAMES, OPS, config_path, config_to_dict,
-                                     m_bucket, moe_configs)
+from pyengine.kernels.tuning import (CONFIG_DIR, OPS, config_path, config_to_dict,
+                                     m_bucket, moe_configs, short_dtype)
 
 
 def tune(*, dtype: torch.dtype, E: int, H: int, F: int, top_k: int, tokens: list[int],
@@ -42,7 +42,7 @@ def tune(*, dtype: torch.dtype, E: int, H: int, F: int, top_k: int, tokens: list
         weights = torch.full((T, top_k), 1.0 / top_k, device=dev, dtype=torch.float32)
         for op in ops:
             timings = []
-            for cfg in moe_configs(op, dev):
+            for cfg in moe_configs(op, dev, dtype):  # only those that fit shared memory
                 align = moe_align_block_size(ids, E, cfg.kwargs["BLOCK_M"])
                 a = torch.randn(column_rows(T * top_k, E, cfg.kwargs["BLOCK_M"]), F,
                                 device=dev, dtype=dtype, generator=gen)
@@ -67,7 +67,7 @@ def tune(*, dtype: torch.dtype, E: int, H: int, F: int, top_k: int, tokens: list
     for op in ops:
         path = config_path(op, gpu, dtype, E, H, F, out_dir)
         old = json.loads(path.read_text())["configs"] if path.is_file() else {}
-        meta = {"op": op, "gpu": gpu, "dtype": DTYPE_NAMES[dtype], "E": E, "H": H, "F": F,
+        meta = {"op": op, "gpu": gpu, "dtype": short_dtype(dtype), "E": E, "H": H, "F": F,
                 "top_k": top_k, "triton": triton.__version__, "torch": torch.__version__,
                 "date": datetime.date.today().isoformat(), "commit": git_commit()}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ _COMMANDS = {
     "simulate": "pyengine.cli.plan",
     "bench": "pyengine.cli.bench",
     "tune": "pyengine.cli.tune",
+    "kernels": "pyengine.cli.kernels",
 }
 
 

@@ -14,7 +14,6 @@ import threading
 from collections import defaultdict
 
 import pytest
-import torch
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.engine import Engine
