@@ -35,6 +35,8 @@ step kernels 300 $PY bench/bench_kernels.py --json
 step overlap 120 $PY bench/bench_overlap.py --json
 step pipeline 300 $PY bench/bench_pipeline.py --json
 step run 300 $PY -m pyengine run --json --iters 10 --trace "$OUT/run_trace.json"
+step run_ep 300 $PY -m pyengine run --config pyengine/configs/seed_ep_3gpu.json --json --iters 10
+step compile 300 $PY -m pyengine kernels compile --arch 90 --json
 step poll 60 $PY bench/bench_poll.py --json
 step comm 120 $PY -m pyengine bench comm --backend local --nranks 3 --op all_reduce -b 8K -e 64M -f 4 --json
 
