@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session needs, in one device call (DEVICE.md: few, batched calls).
-#   STEPS="env build test sanitize kernels overlap pipeline run comm poll" bash bench/gpu_suite.sh
+#   STEPS="env build test sanitize kernels overlap pipeline run run_ep compile poll comm" bash bench/gpu_suite.sh
 # Each step logs to $OUT/<step>.* and has its own time limit; a failing step does not stop the
 # others (the summary at the end says which failed). JSON outputs need no rich/matplotlib.
 set -u
 OUT=${OUT:-gpu_out}
-STEPS=${STEPS:-env build test sanitize kernels overlap pipeline run comm poll}
+STEPS=${STEPS:-env build test sanitize kernels overlap pipeline run run_ep compile poll comm}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
