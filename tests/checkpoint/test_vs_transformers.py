@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from pyengine.model.checkpoint import open_checkpoint
 from pyengine.model.hf_config import deployment_spec
 from pyengine.model.weights import rank_read_bytes
 from pyengine.transport.local import LocalTransport
+from helpers import on_threads
 
 LAYER = 1  # the middle of 3 layers: a loader reading the wrong layer gets other random weights
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -59,22 +59,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 def run_engine(spec, source, ids) -> torch.Tensor:
     """Logits from 3 virtual ranks (threads) over the local transport, each loading its slices."""
     transports = LocalTransport.create(3, "cpu", 30)
-    out, errors = [None] * 3, []
-
-    def body(r):
-        try:
-            out[r] = Engine(spec, transports[r], source=source).forward(ids)
-        except BaseException as e:  # surfaced below, with its rank
-            errors.append((r, e))
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a virtual rank hung"
-    return out[spec.stage("output").gpus[0]]
+    return on_threads(lambda r: Engine(spec, transports[r], source=source).forward(ids), timeout_s=120)[spec.stage("output").gpus[0]]
 
 
 CASES = [(fam, dtype, sharded, layout)

@@ -10,7 +10,6 @@ chunks and sends only each member's chunk.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 import pytest
@@ -21,6 +20,7 @@ from pyengine.model.weights import make_tokens
 from pyengine.predict.roofline import message_bytes
 from pyengine.schedule import Kind, build
 from pyengine.transport.local import LocalTransport
+from helpers import on_threads
 
 BASE = {  # T = 25 (odd), H 24, F 29, E 5, k 2, V 37, fp32
     "hardware": {"num_gpus": 3, "gpu_memory_gb": 32, "interconnect": "nvlink"},
@@ -78,21 +78,7 @@ class Recording:
 
 def _run(spec: DeploymentSpec) -> list[Recording]:
     recs = [Recording(t) for t in LocalTransport.create(3, "cpu", 20)]
-    errors = []
-
-    def body(r):
-        try:
-            Engine(spec, recs[r], seed=5).forward(make_tokens(spec, seed=5))
-        except BaseException as e:  # surfaced below
-            errors.append((r, e))
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a virtual rank hung"
-    assert not errors, errors
+    on_threads(lambda r: Engine(spec, recs[r], seed=5).forward(make_tokens(spec, seed=5)))
     return recs
 
 

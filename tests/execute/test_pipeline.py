@@ -22,6 +22,7 @@ from pyengine.execute.procs import spawn_ranks
 from pyengine.model import weights as model
 from pyengine.model.stages import Shard
 from pyengine.transport.store import connect_store
+from helpers import on_threads
 
 TINY = {
     "hardware": {"num_gpus": 3, "gpu_memory_gb": 32, "interconnect": "nvlink"},
@@ -101,28 +102,12 @@ def test_gloo_pipeline_matches_reference(gloo_results, i):
 @functools.lru_cache(maxsize=None)
 def _local_run(i: int) -> list:
     """Logits of case i from 3 virtual ranks (threads) on the local transport, per rank."""
-    import threading
 
     from pyengine.transport.local import LocalTransport
 
     spec = CASES[i][1]
     transports = LocalTransport.create(3, "cpu", 20)
-    out, errors = [None] * 3, []
-
-    def body(r):
-        try:
-            out[r] = Engine(spec, transports[r], seed=3).forward(model.make_tokens(spec, seed=3))
-        except BaseException as e:  # surfaced below
-            errors.append((r, e))
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a virtual rank hung"
-    return out
+    return on_threads(lambda r: Engine(spec, transports[r], seed=3).forward(model.make_tokens(spec, seed=3)))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[n for n, _ in CASES])

@@ -4,7 +4,6 @@ reference written here (a loop over experts, the obvious way, no engine code).""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from pyengine.execute.procs import spawn_ranks
 from pyengine.model.weights import init_weights, make_tokens
 from pyengine.transport.local import LocalTransport
 from pyengine.transport.store import connect_store
+from helpers import on_threads
 
 BASE = {
     "hardware": {"num_gpus": 3, "gpu_memory_gb": 32, "interconnect": "nvlink"},
@@ -108,22 +108,7 @@ def test_gloo_expert_parallel_matches_reference(gloo_results, i):
 
 def _threads(spec: DeploymentSpec):
     transports = LocalTransport.create(3, "cpu", 20)
-    out, errors = [None] * 3, []
-
-    def body(r):
-        try:
-            out[r] = Engine(spec, transports[r], seed=5).forward(make_tokens(spec, seed=5))
-        except BaseException as e:  # surfaced below
-            errors.append((r, e))
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a virtual rank hung"
-    return out
+    return on_threads(lambda r: Engine(spec, transports[r], seed=5).forward(make_tokens(spec, seed=5)))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[n for n, _ in CASES])
