@@ -22,9 +22,12 @@ _COMMANDS = {
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from pyengine import __version__
+
     parser = argparse.ArgumentParser(
         prog="pyengine",
         description="3-GPU hybrid tensor+pipeline parallel MoE engine: run, plan, simulate, benchmark.")
+    parser.add_argument("--version", action="version", version=f"pyengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     first = next((a for a in (argv or []) if not a.startswith("-")), None)
     modules = [_COMMANDS[first]] if first in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))

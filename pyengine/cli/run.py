@@ -30,19 +30,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dump", help="write tokens.pt, logits.pt and spec.json of the last iteration here")
     p.add_argument("--profile", action="store_true",
                    help="bracket the timed iterations with cudaProfilerStart/Stop (for nsys)")
-    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:exit|hang
+    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:exit|hang|nan
     p.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from pyengine.core.spec import SpecError
+    """Every flag, before the config is read: numbers in range, output paths writable."""
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.core.errors import UsageError
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
-    for name in ("iters", "warmup"):
-        v = getattr(args, name)
-        if v < (1 if name == "iters" else 0):
-            raise SpecError(f"--{name}", v, "must be >= 1" if name == "iters" else "must be >= 0")
-    if args.dump and os.path.exists(args.dump) and not os.path.isdir(args.dump):
-        raise SpecError("--dump", args.dump, "exists and is not a directory")
+    check_number("--iters", args.iters, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
+    check_number("--warmup", args.warmup, lo=0, hi=MAX_ITERS, integer=True, error=UsageError)
+    check_number("--seed", args.seed, lo=0, hi=MAX_SEED, integer=True, error=UsageError)
+    if args.timeout is not None:
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+    check_file("--trace", args.trace, TRACE_EXTENSIONS)
+    check_file("--png", args.png, PNG_EXTENSIONS)
+    check_dir("--dump", args.dump)
 
 
 def resolve_spec(args: argparse.Namespace):
@@ -60,30 +65,32 @@ def resolve_spec(args: argparse.Namespace):
 
 
 def _fault(text: str, table):
-    from pyengine.core.spec import SpecError
-    from pyengine.execute.faults import Fault
+    from pyengine.core.errors import UsageError
+    from pyengine.execute.faults import MODES, Fault
 
     try:
         fault = Fault.parse(text)
     except ValueError:
         fault = None
     if fault is None or not any(a.id == fault.action for a in table.get(fault.rank, [])):
-        raise SpecError("--inject-fault", text, "must be RANK:ACTION_ID:exit|hang naming an action "
-                                                "in that rank's table")
+        raise UsageError("--inject-fault", text, f"must be RANK:ACTION_ID:{'|'.join(MODES)} naming "
+                                                 "an action in that rank's table")
     return fault
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     spec = resolve_spec(args)  # every config error surfaces here, before any process starts
-    from pyengine.execute.launch import Backend, LaunchError, bind, pick_backend, run_ranks
-    from pyengine.execute.measure import RunOptions, measure_rank, variants
+    from pyengine.cli.fit import check_run_fits
+    from pyengine.execute.launch import Backend, LaunchError, bind, check_backend, pick_backend, run_ranks
+    from pyengine.execute.measure import STREAM_BATCHES, RunOptions, measure_rank, stream_spec, variants
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.report.run_summary import summarize
     from pyengine.report.run_view import print_summary
     from pyengine.schedule import build
 
     backend = pick_backend(spec.world_size, args.backend)
+    check_backend(backend, spec.world_size)
     note = ""
     if backend is Backend.GLOO and not args.no_scale:
         spec, note = scale_for_cpu(spec)
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
               f"cudaProfilerStart/Stop", file=sys.stderr)
     opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
                       profile=args.profile, fault=fault)
+    runs = list(variants(spec, baselines).values())
+    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value)
     groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
@@ -107,29 +116,40 @@ def run(args: argparse.Namespace) -> int:
     if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
         return 0
     summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note)
-    _write_artifacts(args, summary, spec, results, backend)
     if args.json:
         from pyengine.report.jsonable import to_jsonable
 
         print(json.dumps(to_jsonable(summary), indent=2))
     else:
         print_summary(summary)
-    return 0 if summary.check.ok else 1
+    sys.stdout.flush()  # the results stand even if writing a file below fails
+    written = _write_artifacts(args, summary, spec, results, backend)
+    if not summary.check.ok:
+        print(f"pyengine run: output check failed: {summary.check.wrong} of {summary.check.elements} "
+              f"logits wrong or not finite", file=sys.stderr)
+    return 0 if summary.check.ok and written else 1
 
 
-def _write_artifacts(args, summary, spec, results, backend) -> None:
+def _write_artifacts(args, summary, spec, results, backend) -> bool:
+    from pyengine.cli.paths import write_outputs
+
     tl = summary.variants["pipeline"].timeline
-    if args.trace:
+
+    def trace() -> None:
         from pyengine.report.trace import write_trace
 
         write_trace(tl, args.trace)
-    if args.png:
+
+    def png() -> None:
         from pyengine.report.gantt import write_gantt
 
         write_gantt(tl, args.png, title=f"pyengine run ({backend.value}, measured)",
                     unit="GPU" if backend.value == "nccl" else "rank")
-    if args.dump:
-        _dump(args.dump, spec, results, args.seed)
+
+    writes = [(flag, path, fn) for flag, path, fn in (
+        ("--trace", args.trace, trace), ("--png", args.png, png),
+        ("--dump", args.dump, lambda: _dump(args.dump, spec, results, args.seed))) if path]
+    return len(write_outputs("run", writes)) == len(writes)
 
 
 def _dump(path: str, spec, results, seed: int) -> None:

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from pyengine.core.errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -62,12 +64,29 @@ def pick_backend(world_size: int, requested: str = "auto") -> Backend:
         raise ValueError(f"backend = {requested!r}: must be one of {list(BACKEND_CHOICES)}")
     if requested != "auto":
         return Backend(requested)
+    n = _gpus()
     if under_torchrun():
-        return Backend.NCCL
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Backend.NCCL if n >= 1 else Backend.GLOO
     if n >= world_size:
         return Backend.NCCL
     return Backend.LOCAL if n >= 1 else Backend.GLOO
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_backend(backend: Backend, world_size: int) -> None:
+    """UsageError, before anything starts, when `backend` cannot run here: nccl needs a CUDA
+    GPU per rank (under torchrun: this process's LOCAL_RANK GPU)."""
+    if backend is not Backend.NCCL:
+        return
+    n = _gpus()
+    need = int(os.environ.get("LOCAL_RANK", 0)) + 1 if under_torchrun() else world_size
+    if n < need:
+        seen = "no CUDA GPU is visible" if n == 0 else f"{n} CUDA GPU(s) are visible"
+        raise UsageError("--backend", "nccl", f"needs one CUDA GPU per rank ({need}); {seen} here "
+                                              "(use --backend gloo or local)")
 
 
 def run_ranks(body: Callable[[RankContext], T], world_size: int, *, backend: Backend,

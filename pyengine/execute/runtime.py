@@ -111,7 +111,7 @@ class RankRuntime:
     # ---- actions --------------------------------------------------------------------------
     def _run(self, a: Action, flat: torch.Tensor) -> None:
         if self.fault is not None and self.fault.action == a.id:
-            self.fault.trigger()
+            self.fault.trigger(self.w)
         self._poll()
         if a.kind is Kind.COMPUTE:
             for d in a.deps:

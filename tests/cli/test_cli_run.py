@@ -71,4 +71,4 @@ def test_bad_config_exits_2_before_any_rank_starts(tmp_path):
 
 def test_bad_iters_is_a_clear_error():
     r = pyengine("run", "--config", CONFIG, "--iters", "0")
-    assert r.returncode == 2 and "--iters = 0" in r.stderr
+    assert r.returncode == 2 and "--iters = 0" in r.stderr and len(r.stderr.splitlines()) == 1

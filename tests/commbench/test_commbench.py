@@ -120,11 +120,20 @@ def test_gloo_corruption_through_spawned_ranks(capsys):
 @pytest.mark.parametrize("flags,flag", [
     (("-b", "0"), "-b"), (("-b", "4K", "-e", "1K"), "-e"), (("-n", "0"), "-n"),
     (("--nranks", "0"), "--nranks"), (("--timeout", "0"), "--timeout"), (("-w", "-1"), "-w"),
-    (("-r", "3", "--nranks", "3"), "-r")])
-def test_bad_flags_are_refused_before_anything_runs(flags, flag):
+    (("-r", "3", "--nranks", "3"), "-r"),
+    (("--timeout", "nan"), "--timeout"), (("--timeout", "inf"), "--timeout"),
+    (("--timeout", "1e-9"), "--timeout"), (("--timeout", "1e12"), "--timeout"),
+    (("-n", str(10**12)), "-n"), (("-w", str(10**9)), "-w"), (("--nranks", "100000"), "--nranks"),
+    (("-f", "0"), "-f"), (("-b", "1", "-e", "1G", "-f", "1"), "-f"),  # a billion rows
+    (("-b", "1K", "-e", "60000G"), "-e"),  # buffers no host can allocate
+])
+def test_bad_flags_are_refused_before_anything_runs(flags, flag, monkeypatch):
+    import pyengine.execute.launch as launch
+
+    monkeypatch.setattr(launch, "run_ranks", lambda *a, **k: pytest.fail("ranks were started"))
     with pytest.raises(UsageError) as e:
         commbench.run(parse("--backend", "local", *flags))
-    assert e.value.field == flag
+    assert e.value.field == flag and len(str(e.value)) < 200
 
 
 def test_bad_flag_through_the_cli_exits_2_with_one_line():
