@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
                             groups=groups, timeout_s=spec.comm.timeout_s,
-                            job_timeout_s=spec.comm.timeout_s * 4 + 120)  # start-up and all variants
+                            job_timeout_s=spec.comm.timeout_s * 4 + 120)  # no rank progressing
+        # for this long (start-up included) ends the job; a long healthy run is never cut short
     except LaunchError as e:
         print(f"pyengine run: {e}", file=sys.stderr)
         return 1

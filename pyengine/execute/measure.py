@@ -64,7 +64,7 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
     out = RankMeasurement(rank=ctx.rank, device=provenance.device_name(device))
     for name, vspec in variants(spec, opts.baselines).items():
         rt = RankRuntime(vspec, ctx.rank, ctx.transport, weights, device,
-                         fault=opts.fault if name == "pipeline" else None)
+                         fault=opts.fault if name == "pipeline" else None, on_action=ctx.on_action)
         for _ in range(opts.warmup):
             rt.forward(ids, timed=False)
         latencies, last = [], None
@@ -84,14 +84,14 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
             out.logits = last.logits.float().cpu().numpy()  # numpy: pickles by value across processes
         ctx.barrier()
     if ctx.rank in spec.stage("output").gpus:
-        _single_device(out, spec, opts, ids, device)
+        _single_device(out, spec, opts, ids, device, ctx.on_action)
     return out
 
 
 def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOptions) -> tuple[int, float]:
     """(tokens, seconds) of a stream of STREAM_BATCHES batches after one untimed pass."""
     sspec = stream_spec(spec, STREAM_BATCHES)
-    rt = RankRuntime(sspec, ctx.rank, ctx.transport, weights, ctx.device)
+    rt = RankRuntime(sspec, ctx.rank, ctx.transport, weights, ctx.device, on_action=ctx.on_action)
     ids = make_tokens(sspec, opts.seed)
     rt.forward(ids, timed=False)
     ctx.barrier()
@@ -101,8 +101,10 @@ def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOpti
 
 
 def _single_device(out: RankMeasurement, spec: DeploymentSpec, opts: RunOptions, ids: torch.Tensor,
-                   device: torch.device) -> None:
-    """The independent reference logits and the single-device sequential baseline."""
+                   device: torch.device, on_action) -> None:
+    """The independent reference logits and the single-device sequential baseline (each step
+    reported to on_action: a long baseline is progress, not a stall)."""
+    on_action("single-device reference", False)
     w = init_weights(spec, opts.seed, device=device)
     flat = ids.reshape(-1).to(device)
     out.reference_logits = reference_forward(spec, w, ids.to(device)).float().cpu().numpy()
@@ -110,7 +112,8 @@ def _single_device(out: RankMeasurement, spec: DeploymentSpec, opts: RunOptions,
         single_device(spec, w, flat)
     _sync(device)
     lat = []
-    for _ in range(opts.iters):  # wall time, like the pipeline's latency: host overhead included
+    for i in range(opts.iters):  # wall time, like the pipeline's latency: host overhead included
+        on_action(f"single-device iteration {i}", False)
         t0 = time.perf_counter()
         single_device(spec, w, flat)
         _sync(device)

@@ -136,6 +136,18 @@ def test_bad_flags_are_refused_before_anything_runs(flags, flag, monkeypatch):
     assert e.value.field == flag and len(str(e.value)) < 200
 
 
+@pytest.mark.slow
+def test_a_tiny_timeout_is_one_line_without_cpp_frames():
+    proc = subprocess.run([sys.executable, "-m", "pyengine", "bench", "comm", "--backend", "gloo",
+                           "--nranks", "3", "--timeout", "0.001", "-b", "1K", "-e", "64K", "-f", "4",
+                           "-n", "3", "-w", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr  # on an idle machine 1 ms may even suffice
+    assert "frame #" not in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 1, proc.stderr
+    if proc.returncode == 1:  # a collective or the barrier between sizes ran out of time
+        assert proc.stderr.startswith("pyengine bench comm: rank ") and "TransportError" in proc.stderr
+
+
 def test_bad_flag_through_the_cli_exits_2_with_one_line():
     proc = subprocess.run([sys.executable, "-m", "pyengine", "bench", "comm", "-b", "4K", "-e", "1K"],
                           capture_output=True, text=True, timeout=60)
