@@ -168,3 +168,21 @@ def test_bad_flags_from_the_shell_are_one_line_without_starting_anything():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == "pyengine run: bad option: --timeout = nan: must be a finite number (NaN and Infinity are refused)\n"
+
+
+def _seed_json_with(raw: bytes) -> bytes:
+    return json.dumps(load_spec(None).to_dict()).encode().replace(b'"bfloat16"', raw)
+
+
+@pytest.mark.parametrize("text,words", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 32 levels"),
+    (_seed_json_with(b'"\xff\xfe"'), "is not UTF-8"),
+    (b'{"hardware": {"num_gpus": 3, "num_gpus": 3}}', "a key appears twice"),
+    (_seed_json_with(b"NaN"), "NaN and Infinity are not numbers"),
+    (_seed_json_with(b'"' + b"x" * 50_000_000 + b'"'), "model.dtype"),  # a 50 MB value
+])
+def test_bad_json_through_the_cli_is_one_short_line(capsys, no_ranks, tmp_path, text, words):
+    cfg = tmp_path / "c.json"
+    cfg.write_bytes(text)
+    line = _refused(capsys, "run", "--config", str(cfg))
+    assert line.startswith("pyengine run: invalid config: ") and words in line and len(line) < 300
