@@ -131,9 +131,10 @@ def _plan(args: argparse.Namespace) -> int:
     from pyengine.predict import planner, search
     from pyengine.report import jsonable, plan_view, tables
 
-    if args.top < 1:
-        print("pyengine plan: --top must be >= 1", file=sys.stderr)
-        return 2
+    from pyengine.core.errors import UsageError
+    from pyengine.core.limits import MAX_INT, check_number
+
+    check_number("--top", args.top, lo=1, hi=MAX_INT, integer=True, error=UsageError)
     spec, dev, note, model_note, routing = _load(args)
     p = planner.plan(spec, dev, routing)
     cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing) if args.search else None
@@ -160,32 +161,37 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_file, write_outputs
     from pyengine.core.units import fmt_pct, fmt_s
     from pyengine.predict.simulate import simulate
     from pyengine.report import gantt, jsonable, plan_view, tables, trace
 
+    check_file("--trace", args.trace, TRACE_EXTENSIONS)  # before the work, not after it
+    check_file("--png", args.png, PNG_EXTENSIONS)
     spec, dev, note, model_note, routing = _load(args)
     if args.schedule is not None:
         spec = spec.replace(schedule={"kind": args.schedule})
     tl = simulate(spec, device=dev, routing=routing)
-    if args.trace:
-        trace.write_trace(tl, args.trace)
-    if args.png:
-        gantt.write_gantt(tl, args.png, f"{spec.schedule.kind}, m={spec.schedule.micro_batches}, "
-                                        f"{spec.comm.boundary}, {dev.name}: makespan "
-                                        f"{fmt_s(tl.makespan_s)}, bubble {fmt_pct(tl.bubble_fraction)}")
+    title = (f"{spec.schedule.kind}, m={spec.schedule.micro_batches}, {spec.comm.boundary}, "
+             f"{dev.name}: makespan {fmt_s(tl.makespan_s)}, bubble {fmt_pct(tl.bubble_fraction)}")
+    writes = [(flag, path, fn) for flag, path, fn in (
+        ("--trace", args.trace, lambda: trace.write_trace(tl, args.trace)),
+        ("--png", args.png, lambda: gantt.write_gantt(tl, args.png, title))) if path]
     if args.json:
         data = tl.to_dict()
         data["device"] = dev.name
         data["schedule"] = spec.schedule.kind
         print(jsonable.to_json(data))
-        return 0
+        sys.stdout.flush()
+        return 0 if len(write_outputs("simulate", writes)) == len(writes) else 1
     out = tables.console()
     if model_note:
         out.print(model_note, soft_wrap=True)
     out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
     plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
-    for path, what in ((args.trace, "trace"), (args.png, "Gantt chart")):
-        if path:
-            out.print(f"wrote {what}: {path}")
-    return 0
+    sys.stdout.flush()
+    done = write_outputs("simulate", writes)
+    for flag, path, _ in writes:
+        if flag in done:
+            out.print(f"wrote {'trace' if flag == '--trace' else 'Gantt chart'}: {path}")
+    return 0 if len(done) == len(writes) else 1

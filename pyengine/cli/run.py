@@ -35,21 +35,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dump", help="write tokens.pt, logits.pt and spec.json of the last iteration here")
     p.add_argument("--profile", action="store_true",
                    help="bracket the timed iterations with cudaProfilerStart/Stop (for nsys)")
-    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:exit|hang
+    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:exit|hang|nan
     p.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from pyengine.core.spec import SpecError
+    """Every flag, before the config is read: numbers in range, output paths writable."""
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.core.errors import UsageError
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
-    for name in ("iters", "warmup"):
-        v = getattr(args, name)
-        if v < (1 if name == "iters" else 0):
-            raise SpecError(f"--{name}", v, "must be >= 1" if name == "iters" else "must be >= 0")
-    if args.dump and os.path.exists(args.dump) and not os.path.isdir(args.dump):
-        raise SpecError("--dump", args.dump, "exists and is not a directory")
+    check_number("--iters", args.iters, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
+    check_number("--warmup", args.warmup, lo=0, hi=MAX_ITERS, integer=True, error=UsageError)
+    check_number("--seed", args.seed, lo=0, hi=MAX_SEED, integer=True, error=UsageError)
+    if args.timeout is not None:
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+    check_file("--trace", args.trace, TRACE_EXTENSIONS)
+    check_file("--png", args.png, PNG_EXTENSIONS)
+    check_dir("--dump", args.dump)
     if args.layer is not None and not args.weights:
-        raise SpecError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
+        raise UsageError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
 
 
 def open_inputs(args: argparse.Namespace):
@@ -90,16 +95,16 @@ def resolve_spec(args: argparse.Namespace, source=None, tokens=None):
 
 
 def _fault(text: str, table):
-    from pyengine.core.spec import SpecError
-    from pyengine.execute.faults import Fault
+    from pyengine.core.errors import UsageError
+    from pyengine.execute.faults import MODES, Fault
 
     try:
         fault = Fault.parse(text)
     except ValueError:
         fault = None
     if fault is None or not any(a.id == fault.action for a in table.get(fault.rank, [])):
-        raise SpecError("--inject-fault", text, "must be RANK:ACTION_ID:exit|hang naming an action "
-                                                "in that rank's table")
+        raise UsageError("--inject-fault", text, f"must be RANK:ACTION_ID:{'|'.join(MODES)} naming "
+                                                 "an action in that rank's table")
     return fault
 
 
@@ -107,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     source, tokens = open_inputs(args)
     spec = resolve_spec(args, source, tokens)  # every config error surfaces here, before any process starts
-    from pyengine.execute.launch import Backend, LaunchError, bind, pick_backend, run_ranks
-    from pyengine.execute.measure import RunOptions, measure_rank, variants
+    from pyengine.cli.fit import check_run_fits
+    from pyengine.execute.launch import Backend, LaunchError, bind, check_backend, pick_backend, run_ranks
+    from pyengine.execute.measure import STREAM_BATCHES, RunOptions, measure_rank, stream_spec, variants
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.model.stages import rank_flops
     from pyengine.report.run_summary import summarize
@@ -116,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from pyengine.schedule import build
 
     backend = pick_backend(spec.world_size, args.backend)
+    check_backend(backend, spec.world_size)
     note = ""
     if backend is Backend.GLOO and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
@@ -137,11 +144,14 @@ def run(args: argparse.Namespace) -> int:
               f"cudaProfilerStart/Stop", file=sys.stderr)
     opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
                       profile=args.profile, fault=fault, source=source, tokens=tokens)
+    runs = list(variants(spec, baselines).values())
+    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value)
     groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
                             groups=groups, timeout_s=spec.comm.timeout_s,
-                            job_timeout_s=spec.comm.timeout_s * 4 + 120)  # start-up and all variants
+                            job_timeout_s=spec.comm.timeout_s * 4 + 120)  # no rank progressing
+        # for this long (start-up included) ends the job; a long healthy run is never cut short
     except LaunchError as e:
         print(f"pyengine run: {e}", file=sys.stderr)
         return 1
@@ -149,29 +159,40 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note,
                         weights=opts.weights().describe())
-    _write_artifacts(args, summary, spec, results, backend, opts.ids(spec))
     if args.json:
         from pyengine.report.jsonable import to_jsonable
 
         print(json.dumps(to_jsonable(summary), indent=2))
     else:
         print_summary(summary)
-    return 0 if summary.check.ok else 1
+    sys.stdout.flush()  # the results stand even if writing a file below fails
+    written = _write_artifacts(args, summary, spec, results, backend, opts.ids(spec))
+    if not summary.check.ok:
+        print(f"pyengine run: output check failed: {summary.check.wrong} of {summary.check.elements} "
+              f"logits wrong or not finite", file=sys.stderr)
+    return 0 if summary.check.ok and written else 1
 
 
-def _write_artifacts(args, summary, spec, results, backend, ids) -> None:
+def _write_artifacts(args, summary, spec, results, backend, ids) -> bool:
+    from pyengine.cli.paths import write_outputs
+
     tl = summary.variants["pipeline"].timeline
-    if args.trace:
+
+    def trace() -> None:
         from pyengine.report.trace import write_trace
 
         write_trace(tl, args.trace)
-    if args.png:
+
+    def png() -> None:
         from pyengine.report.gantt import write_gantt
 
         write_gantt(tl, args.png, title=f"pyengine run ({backend.value}, measured)",
                     unit="GPU" if backend.value == "nccl" else "rank")
-    if args.dump:
-        _dump(args.dump, spec, results, ids)
+
+    writes = [(flag, path, fn) for flag, path, fn in (
+        ("--trace", args.trace, trace), ("--png", args.png, png),
+        ("--dump", args.dump, lambda: _dump(args.dump, spec, results, ids))) if path]
+    return len(write_outputs("run", writes)) == len(writes)
 
 
 def _dump(path: str, spec, results, ids) -> None:

@@ -37,12 +37,16 @@ def shard_sizes(spec) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from pyengine.cli.paths import check_dir
+    from pyengine.core.errors import UsageError
+    from pyengine.core.limits import MAX_INT, check_number
+
+    for t in args.tokens:  # flags first: bad input is refused the same way on any machine
+        check_number("--tokens", t, lo=1, hi=MAX_INT, integer=True, error=UsageError)
+    check_dir("--out", args.out)
     if not torch.cuda.is_available():
         print("pyengine tune: no CUDA device visible; tuning times kernels on the GPU they "
               "will run on (run it on that machine)", file=sys.stderr)
-        return 2
-    if any(t < 1 for t in args.tokens):
-        print(f"pyengine tune: --tokens {args.tokens}: each must be >= 1", file=sys.stderr)
         return 2
     from pyengine.core.dtypes import canonical, torch_dtype
     from pyengine.core.spec import load_spec

@@ -29,6 +29,7 @@ import sys
 from pyengine.commbench.collectives import OPS
 from pyengine.core import dtypes
 from pyengine.core.errors import UsageError
+from pyengine.core.limits import MAX_ITERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
 DEFAULT_NRANKS = 3
 DATATYPES = sorted({*dtypes.BYTES, *dtypes.ALIASES})
@@ -65,37 +66,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corrupt-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+MAX_ROWS = 1000
+"""Most sizes one sweep may hold (-f 1 adds -b each row: -b 1 -e 1G would be 10**9 rows)."""
+MAX_NRANKS = 1024
+
+
 def options(args: argparse.Namespace, nranks: int):
     """Checked options, or UsageError naming the flag: nothing runs on bad flags."""
     from pyengine.commbench.harness import BenchOptions, sizes
 
-    rules = [("-b", args.minbytes, args.minbytes > 0, "must be > 0"),
-             ("-e", args.maxbytes, args.maxbytes >= args.minbytes, f"must be >= -b ({args.minbytes})"),
-             ("-n", args.iters, args.iters >= 1, "must be >= 1"),
-             ("-w", args.warmup_iters, args.warmup_iters >= 0, "must be >= 0"),
-             ("--nranks", nranks, nranks >= 1, "must be >= 1"),
-             ("--timeout", args.timeout, args.timeout > 0 and args.timeout == args.timeout, "must be > 0"),
-             ("-r", args.root, 0 <= args.root < nranks, f"must be in [0, nranks={nranks})")]
-    for flag, value, ok, rule in rules:
-        if not ok:
-            raise UsageError(flag, value, rule)
+    def number(flag: str, value, **bounds) -> None:
+        check_number(flag, value, error=UsageError, **bounds)
+
+    number("--nranks", nranks, lo=1, hi=MAX_NRANKS, integer=True)
+    number("-b", args.minbytes, lo=1, integer=True)
+    if args.maxbytes < args.minbytes:
+        raise UsageError("-e", args.maxbytes, f"must be >= -b ({args.minbytes})")
+    number("-f", args.stepfactor, lo=1, integer=True)
+    number("-n", args.iters, lo=1, hi=MAX_ITERS, integer=True)
+    number("-w", args.warmup_iters, lo=0, hi=MAX_ITERS, integer=True)
+    number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S)
+    if not 0 <= args.root < nranks:
+        raise UsageError("-r", args.root, f"must be in [0, nranks={nranks})")
+    rows = _row_count(args.minbytes, args.maxbytes, args.stepfactor)
+    if rows > MAX_ROWS:
+        raise UsageError("-f", args.stepfactor, f"makes {rows} sizes from -b {args.minbytes} to -e "
+                                                f"{args.maxbytes}; at most {MAX_ROWS}")
     return BenchOptions(op=args.op, sizes=sizes(args.minbytes, args.maxbytes, args.stepfactor),
                         dtype=dtypes.canonical(args.datatype), iters=args.iters,
                         warmup=args.warmup_iters, check=bool(args.check), root=args.root,
                         timeout_s=args.timeout, corrupt_rank=args.corrupt_rank)
 
 
+def _row_count(lo: int, hi: int, factor: int) -> int:
+    if factor < 2:
+        return hi // lo
+    rows, size = 0, lo
+    while size <= hi:
+        rows, size = rows + 1, size * factor
+    return rows
+
+
+def check_memory(opts, backend: str, nranks: int) -> None:
+    """-e (the largest buffers) must fit this machine's memory for `backend` (exit 2 otherwise)."""
+    from pyengine.core.units import fmt_bytes
+    from pyengine.execute.memory import budget
+
+    b = budget(backend, nranks)
+    if b is None:
+        return
+    size = max(opts.sizes)
+    count = size // dtypes.nbytes(opts.dtype)
+    per_rank = 2 * size + (48 * count if opts.check else 0)  # in + out; int64/float64 check copies
+    need = per_rank * nranks + b.per_rank_overhead * nranks if b.shared else per_rank
+    if need > b.bytes:
+        what = f"{nranks} ranks x {fmt_bytes(per_rank)}" if b.shared else f"{fmt_bytes(per_rank)} per rank"
+        raise UsageError("-e", size, f"buffers need {fmt_bytes(need)} ({what}); {fmt_bytes(b.bytes)} "
+                                     f"of {b.what} is available")
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark described by ``args``; prints; returns the exit status."""
     from pyengine.commbench.harness import bench_rank, combine
     from pyengine.core import provenance
-    from pyengine.execute.launch import LaunchError, bind, pick_backend, run_ranks, under_torchrun
+    from pyengine.execute.launch import (LaunchError, bind, check_backend, pick_backend, run_ranks,
+                                         under_torchrun)
     from pyengine.report.comm_table import format_table
 
     nranks = (int(os.environ["WORLD_SIZE"]) if under_torchrun()
               else args.nranks if args.nranks is not None else DEFAULT_NRANKS)
     opts = options(args, nranks)
     backend = pick_backend(nranks, args.backend)
+    check_backend(backend, nranks)
+    check_memory(opts, backend.value, nranks)
     try:
         per_rank = run_ranks(bind(bench_rank, opts), nranks, backend=backend,
                              groups=[tuple(range(nranks))], timeout_s=opts.timeout_s,

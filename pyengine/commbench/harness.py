@@ -69,6 +69,8 @@ def bench_rank(ctx: RankContext, opts: BenchOptions) -> list[RankRow]:
         inp = torch.empty(count_in, dtype=dtype, device=ctx.device)
         out = inp if test.inplace else torch.empty(count_out, dtype=dtype, device=ctx.device)
         name = f"{opts.op}_{size}B"
+        ctx.on_action(name, True)  # progress for the launcher's liveness board; a bench rank
+        # mostly waits on its peers' side of the collective, so it never counts as stalled
 
         def call(tag: str = "", host_sync: bool = False) -> None:
             handles = test.issue(tr, inp, out, opts.root, group, name + tag)

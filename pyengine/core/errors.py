@@ -10,7 +10,13 @@ ECHO_LIMIT = 80
 
 
 def echo(value: Any) -> str:
-    text = repr(value)
+    if isinstance(value, (str, bytes)) and len(value) > ECHO_LIMIT:
+        text = repr(value[:ECHO_LIMIT])[:ECHO_LIMIT]  # cut before repr: no 50 MB copy first
+        return f"{text}... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
     if len(text) > ECHO_LIMIT:
         text = f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
     return text.replace("\n", "\\n")
@@ -36,3 +42,13 @@ class SpecError(InputError):
     """A deployment spec breaks a rule. `field` is the dotted path of the offending key."""
 
     kind = "invalid config"
+
+
+class ResourceError(InputError):
+    """A job needs more memory than it has: names the rank and stage, the need and the budget."""
+
+    kind = "does not fit"
+
+    def __init__(self, where: str, need: str, budget: str):
+        self.field, self.value, self.rule = where, need, budget
+        ValueError.__init__(self, f"{where} needs {need}; {budget}")

@@ -1,9 +1,11 @@
 """Plain JSON -> spec dataclasses, strictly, driven by the dataclasses' own annotations.
 
-Strict JSON: bytes must be UTF-8; NaN and Infinity literals, duplicate keys and absurdly deep
-nesting are refused. Strict types: unknown keys (with a did-you-mean), missing required keys,
-a bool where an int is expected, a string where a number is expected: each is one SpecError
-naming the dotted path. Adding a field to a spec dataclass needs no change here.
+Strict JSON: bytes must be UTF-8; NaN and Infinity literals, duplicate keys, absurdly deep
+nesting and integer literals too long to be a count are refused (1e400, which JSON reads as
+Infinity, is refused by spec_rules with the field's path). Strict types: unknown keys (with a
+did-you-mean), missing required keys, a bool where an int is expected, a string where a number
+is expected: each is one SpecError naming the dotted path. Adding a field to a spec dataclass
+needs no change here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import typing
 from typing import Any
 
 from pyengine.core.errors import SpecError
+from pyengine.core.limits import MAX_INT_DIGITS
 
 MAX_DEPTH = 32
 """Deepest JSON nesting accepted (a spec needs 5)."""
@@ -30,7 +33,8 @@ def parse_json(text: str | bytes, source: str) -> Any:
             raise SpecError(source, text[max(0, e.start - 10): e.start + 10],
                             f"is not UTF-8 (byte {e.start}: {e.reason})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                          parse_int=_short_int)
     except _Rejected as e:
         raise SpecError(source, e.value, e.rule) from None
     except json.JSONDecodeError as e:
@@ -62,6 +66,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
 
 def _no_constants(name: str) -> Any:
     raise _Rejected(name, "NaN and Infinity are not numbers (JSON has no such literals)")
+
+
+def _short_int(literal: str) -> int:
+    # int() of a 5000-digit literal raises ValueError outside json's error type; refuse it here.
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Rejected(literal, f"an integer literal of {len(literal)} digits is out of range")
+    return int(literal)
 
 
 def _depth(v: Any, level: int = 1) -> int:
@@ -112,8 +123,16 @@ def convert(hint: Any, value: Any, path: str) -> Any:
     if typing.get_origin(hint) is tuple:
         return _tuple(args[0], value, path)
     if _matches(hint, value):
-        return float(value) if hint is float else value
+        return _as_float(value, path) if hint is float else value
     return _fail(path, value, hint, False)
+
+
+def _as_float(value: int | float, path: str) -> float:
+    """Finiteness and ranges are spec_rules' job; an int too big for a float fails here."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise SpecError(path, value, "is out of range for a number") from None
 
 
 def _tuple(item: Any, value: Any, path: str) -> tuple:

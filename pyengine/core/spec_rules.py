@@ -5,10 +5,13 @@ Each rule raises SpecError naming the dotted field path, the value and the rule.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
 
 from pyengine.core.dtypes import MODEL_DTYPES
 from pyengine.core.errors import SpecError
+from pyengine.core.limits import MAX_INT, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
 if TYPE_CHECKING:
     from pyengine.core.spec import DeploymentSpec
@@ -21,8 +24,31 @@ PARALLEL_MODES = ("tensor", "expert")
 
 
 def _positive(path: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # `not >` so that a NaN (from Python code) is refused too
         raise SpecError(path, value, "must be > 0")
+
+
+def _numbers(obj: Any, path: str):
+    """(dotted path, value) of every number in a spec, nested sections and lists included:
+    a field added later (by any rule's author) is bounded without a line here."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _numbers(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, (tuple, list)):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield path, obj
+
+
+def _sane_numbers(spec: DeploymentSpec) -> None:
+    """Every float finite (1e400 in JSON reads as Infinity), every int a 32-bit count."""
+    for path, v in _numbers(spec, ""):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SpecError(path, v, "must be a finite number (NaN and Infinity are refused)")
+        if isinstance(v, int) and not -MAX_INT <= v <= MAX_INT:
+            raise SpecError(path, v, f"is out of range: integers in a spec are within ±{MAX_INT} "
+                                     "(32-bit counts)")
 
 
 def _one_of(path: str, value: str, choices: tuple[str, ...]) -> None:
@@ -31,6 +57,7 @@ def _one_of(path: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def validate(spec: DeploymentSpec) -> None:
+    _sane_numbers(spec)
     hw, m = spec.hardware, spec.model
     _positive("hardware.num_gpus", hw.num_gpus)
     _positive("hardware.gpu_memory_gb", hw.gpu_memory_gb)
@@ -52,6 +79,11 @@ def validate(spec: DeploymentSpec) -> None:
                         "every micro-batch needs at least one token")
     _one_of("comm.boundary", spec.comm.boundary, BOUNDARIES)
     _positive("comm.timeout_s", spec.comm.timeout_s)
+    check_number("comm.timeout_s", spec.comm.timeout_s, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S,
+                 error=SpecError)
+    if m.tokens > MAX_INT:
+        raise SpecError("model.batch_size", m.batch_size,
+                        f"batch_size*seq_len = {m.tokens} tokens is beyond a 32-bit index ({MAX_INT})")
 
 
 def _validate_stages(spec: DeploymentSpec) -> None:

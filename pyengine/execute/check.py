@@ -25,7 +25,9 @@ class LogitsCheck:
 def check_logits(dtype: str, got: np.ndarray, ref: np.ndarray) -> LogitsCheck:
     atol, rtol = TOLERANCES[dtype]
     err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    bad = ~(err <= atol + rtol * np.abs(ref))  # NaN/Inf compare False: they count as wrong
+    # NaN compares False, so it fails `<=`; an infinite reference would make the tolerance
+    # infinite and pass anything, so non-finite values on either side are wrong explicitly.
+    bad = ~(err <= atol + rtol * np.abs(ref)) | ~np.isfinite(got) | ~np.isfinite(ref)
     wrong = int(np.count_nonzero(bad))
     finite = err[np.isfinite(err)]
     max_err = float(finite.max()) if finite.size == err.size and err.size else float("nan")

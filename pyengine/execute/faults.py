@@ -1,5 +1,6 @@
 """Injected faults (a testing hook of `pyengine run`): kill or stall one rank at one action, so
-tests can prove a dead or stuck rank ends the job with an error naming it."""
+tests can prove a dead or stuck rank ends the job with an error naming it; or poison its weights
+with NaN, so tests can prove non-finite logits fail the output check end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-MODES = ("exit", "hang")
+MODES = ("exit", "hang", "nan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,17 +18,23 @@ class Fault:
     action: str
     """The action id (as printed in traces and NVTX ranges) at which the fault fires."""
     mode: str
-    """exit: the rank dies (a process exits at once; a thread raises); hang: it stalls forever."""
+    """exit: the rank dies (a process exits at once; a thread raises); hang: it stalls forever;
+    nan: its weights become NaN from this action on (the run goes on)."""
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         """'RANK:ACTION_ID:exit|hang' -> Fault (ValueError naming the rule otherwise)."""
         parts = text.split(":")
         if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in MODES:
-            raise ValueError(f"fault = {text!r}: expected RANK:ACTION_ID:exit|hang")
+            raise ValueError(f"fault = {text!r}: expected RANK:ACTION_ID:{'|'.join(MODES)}")
         return cls(int(parts[0]), parts[1], parts[2])
 
-    def trigger(self) -> None:
+    def trigger(self, weights: dict | None = None) -> None:
+        if self.mode == "nan":
+            for t in (weights or {}).values():
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+            return
         if self.mode == "hang":
             while True:  # a stalled rank: peers must time out and name it
                 time.sleep(3600)

@@ -8,7 +8,9 @@ results ordered by rank (under torchrun: on global rank 0, None on the others). 
   through the transport itself (the rendezvous store caps messages at a few MB);
 - nccl / gloo: one process per rank spawned here (pyengine.execute.procs), a GPU each for nccl;
 - local: one thread per virtual rank in this process, on one device (GPU or CPU).
-A rank that dies or stalls ends the whole job with a LaunchError naming the rank.
+A rank that dies or stalls ends the whole job with a LaunchError naming that rank and the action
+it was in, not the peer that noticed: every rank keeps its liveness and last action on a board
+(pyengine.execute.liveness) that pyengine.execute.blame reads when a failure surfaces.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import enum
 import functools
 import os
 import pickle
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+
+from pyengine.core.errors import UsageError
 
 T = TypeVar("T")
 
@@ -41,15 +43,22 @@ class LaunchError(RuntimeError):
     """The job could not run to the end; the message names the failing rank and action."""
 
 
+def _no_action(action: str, waiting: bool) -> None:
+    return None
+
+
 @dataclass(slots=True)
 class RankContext:
-    """What a rank's body gets: its rank, its transport and device, and a barrier over all ranks."""
+    """What a rank's body gets: its rank, its transport and device, a barrier over all ranks,
+    and `on_action(action_id, waiting)` to report progress (RankRuntime's hook; bodies that run
+    long outside the runtime call it too, so that a slow rank is not mistaken for a stalled one)."""
 
     rank: int
     world_size: int
     transport: Any
     device: torch.device
     barrier: Callable[[], None]
+    on_action: Callable[[str, bool], None] = _no_action
 
 
 def under_torchrun() -> bool:
@@ -62,31 +71,71 @@ def pick_backend(world_size: int, requested: str = "auto") -> Backend:
         raise ValueError(f"backend = {requested!r}: must be one of {list(BACKEND_CHOICES)}")
     if requested != "auto":
         return Backend(requested)
+    n = _gpus()
     if under_torchrun():
-        return Backend.NCCL
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Backend.NCCL if n >= 1 else Backend.GLOO
     if n >= world_size:
         return Backend.NCCL
     return Backend.LOCAL if n >= 1 else Backend.GLOO
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_backend(backend: Backend, world_size: int) -> None:
+    """UsageError, before anything starts, when `backend` cannot run here: nccl needs a CUDA
+    GPU per rank (under torchrun: this process's LOCAL_RANK GPU)."""
+    if backend is not Backend.NCCL:
+        return
+    n = _gpus()
+    need = int(os.environ.get("LOCAL_RANK", 0)) + 1 if under_torchrun() else world_size
+    if n < need:
+        seen = "no CUDA GPU is visible" if n == 0 else f"{n} CUDA GPU(s) are visible"
+        raise UsageError("--backend", "nccl", f"needs one CUDA GPU per rank ({need}); {seen} here "
+                                              "(use --backend gloo or local)")
 
 
 def run_ranks(body: Callable[[RankContext], T], world_size: int, *, backend: Backend,
               groups: Sequence[Sequence[int]], timeout_s: float, job_timeout_s: float,
               env: dict[str, str] | None = None) -> list[T] | None:
     """Run `body` on every rank (see the module docstring). `groups`: every collective group
-    the bodies use, identical on all ranks; `timeout_s` bounds each wait, `job_timeout_s` the job.
+    the bodies use, identical on all ranks; `timeout_s` bounds each wait; the job fails when no
+    rank has made progress for `job_timeout_s` (so a long healthy run is never cut short).
     For the process backends `body` must pickle (a module-level function or a partial of one)."""
     if backend is not Backend.LOCAL and under_torchrun():
         return _torchrun_rank(body, world_size, backend, groups, timeout_s)
     if backend is Backend.LOCAL:
-        return _run_threads(body, world_size, timeout_s, job_timeout_s)
-    from pyengine.execute.procs import RankFailure, spawn_ranks
+        from pyengine.execute.threads import ThreadFailure, run_threads
 
+        try:
+            return run_threads(body, world_size, timeout_s, job_timeout_s, RankContext)
+        except ThreadFailure as e:
+            raise LaunchError(str(e).splitlines()[0]) from None
+    return _spawn(body, world_size, backend, groups, timeout_s, job_timeout_s, env)
+
+
+def _spawn(body: Callable, world: int, backend: Backend, groups, timeout_s: float,
+           idle_s: float, env: dict[str, str] | None) -> list:
+    """nccl / gloo: a process per rank; the parent hosts the store (it outlives any rank) and
+    the liveness board the ranks write and the parent reads."""
+    import multiprocessing as mp
+
+    from pyengine.execute.blame import BoardWatch
+    from pyengine.execute.liveness import Board
+    from pyengine.execute.procs import RankFailure, spawn_ranks
+    from pyengine.transport.store import host_store
+
+    board = Board.for_processes(world, mp.get_context("spawn"))
+    store = host_store(world, timeout_s)
     extra = {"OMP_NUM_THREADS": "1"} if backend is Backend.GLOO else {}
+    quiet = {"TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "FATAL")}  # c10d's own
+    # error lines repeat, with C++ frames, what the one-line error below says
     try:
-        return spawn_ranks(_process_rank, world_size, args=(body, backend, tuple(map(tuple, groups)),
-                                                            timeout_s),
-                           timeout_s=job_timeout_s, env={**extra, **(env or {})})
+        return spawn_ranks(_process_rank, world, args=(body, backend, tuple(map(tuple, groups)),
+                                                        timeout_s, board),
+                           timeout_s=None, port=store.port, watch=BoardWatch(board, idle_s, timeout_s),
+                           env={"TORCHELASTIC_USE_AGENT_STORE": "True", **quiet, **extra, **(env or {})})
     except RankFailure as e:
         raise LaunchError(str(e).splitlines()[0]) from None  # the child's traceback tail is noise here
 
@@ -107,29 +156,46 @@ def _connect(backend: Backend, rank: int, world: int, store: Any, groups, timeou
 
 
 def _process_rank(rank: int, world: int, port: int, body: Callable, backend: Backend, groups,
-                  timeout_s: float) -> Any:
-    """One rank in its own process spawned here."""
-    from pyengine.transport.store import connect_store
+                  timeout_s: float, board: Any) -> Any:
+    """One rank in its own process spawned here, its record kept on the parent's board."""
+    from pyengine.execute.liveness import Beacon
+    from pyengine.transport.store import STARTUP_TIMEOUT_S, connect_store, wait_for_ranks
 
     if backend is Backend.GLOO:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    store = connect_store(rank, world, port, host=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          timeout_s=timeout_s)
-    with _connect(backend, rank, world, store, groups, timeout_s) as tr:
-        return body(RankContext(rank, world, tr, tr.device, tr.barrier))
+    with Beacon(board, rank, heartbeat=True) as beacon:
+        with beacon.waiting("store and peers"):  # waiting, so never "stalled" in start-up
+            startup_s = max(timeout_s, STARTUP_TIMEOUT_S)
+            store = connect_store(rank, world, port, host=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                  timeout_s=startup_s)
+            wait_for_ranks(store, rank, world, startup_s)
+            transport = _connect(backend, rank, world, store, groups, timeout_s)
+        with transport as tr:
+            def barrier() -> None:
+                with beacon.waiting("barrier"):
+                    tr.barrier()
+
+            return body(RankContext(rank, world, tr, tr.device, barrier, beacon.on_action))
 
 
 def _torchrun_rank(body: Callable, world_size: int, backend: Backend, groups, timeout_s: float):
     """This process is one rank started by torchrun; the results meet on rank 0."""
-    from pyengine.transport.store import store_from_env
+    from pyengine.transport.store import STARTUP_TIMEOUT_S, store_from_env
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world < world_size:
         raise LaunchError(f"torchrun started {world} ranks; the job needs {world_size}")
-    store = store_from_env(rank, world, timeout_s)
-    with _connect(backend, rank, world, store, groups, timeout_s) as tr:
-        result = body(RankContext(rank, world, tr, tr.device, tr.barrier))
-        return gather_to_rank0(tr, result, timeout_s)
+    try:
+        store = store_from_env(rank, world, max(timeout_s, STARTUP_TIMEOUT_S))
+        with _connect(backend, rank, world, store, groups, timeout_s) as tr:
+            result = body(RankContext(rank, world, tr, tr.device, tr.barrier))
+            return gather_to_rank0(tr, result, timeout_s)
+    except Exception as e:  # one line per rank; torchrun's summary names the rank that died
+        from pyengine.execute.liveness import waited_on_peer
+
+        what = "stopped waiting on a peer" if waited_on_peer(e) else "failed"
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise LaunchError(f"rank {rank} {what}: {type(e).__name__}: {first}") from None
 
 
 def gather_to_rank0(transport: Any, obj: Any, timeout_s: float) -> list[Any] | None:
@@ -152,52 +218,6 @@ def gather_to_rank0(transport: Any, obj: Any, timeout_s: float) -> list[Any] | N
         complete([transport.recv(data, r, name="result.data")], timeout_s)
         out.append(pickle.loads(data.cpu().numpy().tobytes()))
     return out
-
-
-def _run_threads(body: Callable, world: int, timeout_s: float, job_timeout_s: float) -> list:
-    """The local transport: all virtual ranks in this process, one thread (and stream set) each."""
-    from pyengine.transport.local import LocalTransport
-
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
-    transports = LocalTransport.create(world, device, timeout_s)
-    barrier = threading.Barrier(world, timeout=timeout_s)
-    results: list = [None] * world
-    errors: dict[int, BaseException] = {}
-
-    def run(r: int) -> None:
-        try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            results[r] = body(RankContext(r, world, transports[r], device, barrier.wait))
-        except BaseException as e:  # reported below with the rank named
-            errors[r] = e
-            barrier.abort()  # release peers blocked in a barrier
-
-    threads = [threading.Thread(target=run, args=(r,), name=f"pyengine-vrank{r}", daemon=True)
-               for r in range(world)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + job_timeout_s
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [r for r, t in enumerate(threads) if t.is_alive()]
-    for t in transports:
-        t.close()
-    if errors:
-        first = _root_cause(errors)
-        raise LaunchError(f"rank {first} failed: {errors[first]}")
-    if stuck:
-        raise LaunchError(f"ranks {stuck} still running after {job_timeout_s:g} s (stalled)")
-    return results
-
-
-def _root_cause(errors: dict[int, BaseException]) -> int:
-    """The rank whose failure came first in spirit: a real error beats peers' barrier/timeouts."""
-    for r, e in sorted(errors.items()):
-        if not isinstance(e, threading.BrokenBarrierError) and "timed out" not in str(e):
-            return r
-    return min(errors)
 
 
 def bind(fn: Callable[..., T], *args: Any) -> Callable[[RankContext], T]:

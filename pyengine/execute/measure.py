@@ -81,7 +81,7 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
                           read_bytes=rank_read_bytes(spec, opts.weights(), ctx.rank))
     for name, vspec in variants(spec, opts.baselines).items():
         rt = RankRuntime(vspec, ctx.rank, ctx.transport, weights, device,
-                         fault=opts.fault if name == "pipeline" else None)
+                         fault=opts.fault if name == "pipeline" else None, on_action=ctx.on_action)
         for _ in range(opts.warmup):
             rt.forward(ids, timed=False)
         latencies, last = [], None
@@ -101,7 +101,7 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
             out.logits = last.logits.float().cpu().numpy()  # numpy: pickles by value across processes
         ctx.barrier()
     if ctx.rank in spec.stage("output").gpus:
-        _single_device(out, spec, opts, ids, device)
+        _single_device(out, spec, opts, ids, device, ctx.on_action)
     if ctx.rank in spec.stage("embed").gpus:
         out.expert_counts = expert_counts(spec, weights, ids.reshape(-1).to(device))
     return out
@@ -119,7 +119,7 @@ def expert_counts(spec: DeploymentSpec, weights: dict, flat: torch.Tensor) -> li
 def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOptions) -> tuple[int, float]:
     """(tokens, seconds) of a stream of STREAM_BATCHES batches after one untimed pass."""
     sspec = stream_spec(spec, STREAM_BATCHES)
-    rt = RankRuntime(sspec, ctx.rank, ctx.transport, weights, ctx.device)
+    rt = RankRuntime(sspec, ctx.rank, ctx.transport, weights, ctx.device, on_action=ctx.on_action)
     ids = opts.ids(sspec)
     rt.forward(ids, timed=False)
     ctx.barrier()
@@ -129,10 +129,11 @@ def _stream(ctx: RankContext, spec: DeploymentSpec, weights: dict, opts: RunOpti
 
 
 def _single_device(out: RankMeasurement, spec: DeploymentSpec, opts: RunOptions, ids: torch.Tensor,
-                   device: torch.device) -> None:
+                   device: torch.device, on_action) -> None:
     """The independent reference logits and the single-device sequential baseline, from the full
     weights of the same source (a checkpoint is read whole here, on this rank only: the check's
-    cost, not the engine's)."""
+    cost, not the engine's). Each step is reported to on_action: a long baseline is progress."""
+    on_action("single-device reference", False)
     w = full_weights(spec, opts.weights(), device)
     out.check_read_bytes = full_read_bytes(spec, opts.weights())
     flat = ids.reshape(-1).to(device)
@@ -141,7 +142,8 @@ def _single_device(out: RankMeasurement, spec: DeploymentSpec, opts: RunOptions,
         single_device(spec, w, flat)
     _sync(device)
     lat = []
-    for _ in range(opts.iters):  # wall time, like the pipeline's latency: host overhead included
+    for i in range(opts.iters):  # wall time, like the pipeline's latency: host overhead included
+        on_action(f"single-device iteration {i}", False)
         t0 = time.perf_counter()
         single_device(spec, w, flat)
         _sync(device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +68,13 @@ class RankRuntime:
     """One rank of the pipeline. `forward(ids)` returns logits [B, S, V] on the output rank."""
 
     def __init__(self, spec: DeploymentSpec, rank: int, transport, weights: dict[str, torch.Tensor],
-                 device: torch.device, *, table: Table | None = None, fault: Fault | None = None):
+                 device: torch.device, *, table: Table | None = None, fault: Fault | None = None,
+                 on_action: Callable[[str, bool], None] | None = None):
         self.spec, self.rank, self.transport, self.w, self.device = spec, rank, transport, weights, device
+        # Liveness hook (pyengine.execute.liveness): on_action(id, False) as an action starts,
+        # on_action(id, True) while blocked on action `id`'s comm; it must cost ~nothing.
+        self.on_action = on_action or (lambda action, waiting: None)
+        self._current = ""
         self.fault = fault if fault is not None and fault.rank == rank else None
         self.actions = (table if table is not None else build(spec)).get(rank, [])
         self.stages = stages_of(spec)
@@ -110,6 +116,8 @@ class RankRuntime:
     # ---- actions --------------------------------------------------------------------------
     def _run_all(self, flat: torch.Tensor) -> None:
         for a in self.actions:
+            self._current = a.id
+            self.on_action(a.id, False)
             try:
                 with _nvtx_range(a.id, self.cuda):
                     self._run(a, flat)
@@ -121,7 +129,7 @@ class RankRuntime:
 
     def _run(self, a: Action, flat: torch.Tensor) -> None:
         if self.fault is not None and self.fault.action == a.id:
-            self.fault.trigger()
+            self.fault.trigger(self.w)
         self._poll()
         if a.kind is Kind.COMPUTE:
             for d in a.deps:
@@ -230,12 +238,14 @@ class RankRuntime:
             return
         if self._open.get(p.action.peers[0]) == key:
             self._post_open(p.action.peers[0])
+        self.on_action(str(key), True)
         for h in p.handles:
             try:
                 h.wait(self.timeout_s)
             except Exception as e:
                 raise RankError(self.rank, str(key), f"{type(e).__name__}: {e}") from e
         p.done_s = time.perf_counter()
+        self.on_action(self._current, False)
 
     def _poll(self) -> None:
         """Note ops seen complete: bounds a CPU comm action's end to the action grain. GPU comm

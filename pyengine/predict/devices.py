@@ -15,13 +15,14 @@ in `"base"` and override only some fields.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from pyengine.core.collectives import Collective
+from pyengine.core.limits import check_number
 from pyengine.core.spec import SpecError
+from pyengine.core.spec_parse import parse_json
 
 
 class DeviceProfileError(SpecError):
@@ -66,8 +67,7 @@ class DeviceProfile:
                 if not isinstance(v, str) or not v:
                     raise DeviceProfileError("device.name", v, "must be a non-empty string")
                 continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise DeviceProfileError(f"device.{f.name}", v, "must be a number")
+            check_number(f"device.{f.name}", v, error=DeviceProfileError)  # finite: no NaN/Inf
             if f.name == "reserved_gb":
                 if v < 0:
                     raise DeviceProfileError(f"device.{f.name}", v, "must be >= 0")
@@ -163,15 +163,14 @@ def load_profile(name_or_path: str | os.PathLike | DeviceProfile | None = None) 
         raise DeviceProfileError("device", key,
                                  f"neither a preset ({', '.join(PRESETS)}) nor an existing file")
     try:
-        with open(key, encoding="utf-8") as f:
+        with open(key, "rb") as f:
             text = f.read()
     except OSError as e:
         raise DeviceProfileError("device", key, f"cannot be read: {e.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DeviceProfileError("device", key,
-                                 f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    try:  # the spec's strict JSON: UTF-8 only, no NaN/Infinity, no duplicate keys, bounded depth
+        data = parse_json(text, key)
+    except SpecError as e:
+        raise DeviceProfileError(e.field, e.value, e.rule) from None
     return profile_from_dict(data, default_name=os.path.splitext(os.path.basename(key))[0])
 
 

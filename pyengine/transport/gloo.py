@@ -39,6 +39,9 @@ from pyengine.transport.base import (
 
 __all__ = ["GlooTransport"]
 
+CONNECT_FLOOR_S = 5.0
+"""Least time given to connecting a process group's pairs (see _make_group)."""
+
 
 class _GlooHandle:
     def __init__(self, work: Any, what: str, timeout_s: float, transport: GlooTransport,
@@ -109,9 +112,11 @@ class GlooTransport:
                                                    f"group {group}")
 
     def _wait_for_all(self, store: Any, prefix: str) -> None:
-        """Every rank announces itself; a rank that never shows up is named."""
+        """Every rank announces itself; a rank that never shows up is named (start-up gets at
+        least CONNECT_FLOOR_S, whatever the per-op timeout)."""
         store.set(f"{prefix}/joined/{self.rank}", b"1")
-        deadline = time.monotonic() + self.timeout_s
+        limit = max(self.timeout_s, CONNECT_FLOOR_S)
+        deadline = time.monotonic() + limit
         missing = list(range(self.world_size))
         while True:
             missing = [r for r in missing if not store.check([f"{prefix}/joined/{r}"])]
@@ -120,17 +125,24 @@ class GlooTransport:
             if time.monotonic() > deadline:
                 raise TransportError(
                     f"gloo transport init (rank {self.rank} of {self.world_size}): rank(s) "
-                    f"{missing} never joined within {self.timeout_s:g} s")
+                    f"{missing} never joined within {limit:g} s")
             time.sleep(0.02)
 
     def _make_group(self, store: Any, key: str, group: tuple[int, ...],
                     timeout: datetime.timedelta, label: str) -> Any:
+        # Connecting the TCP pairs gets at least CONNECT_FLOOR_S even when ops may wait only a
+        # few milliseconds: a tiny per-op timeout then fails an op cleanly instead of the
+        # connection (which gloo retries noisily on stderr); ops get `timeout` after it.
+        connect = max(timeout, datetime.timedelta(seconds=CONNECT_FLOOR_S))
         try:
-            return dist.ProcessGroupGloo(dist.PrefixStore(key, store), group.index(self.rank),
-                                         len(group), timeout)
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(key, store), group.index(self.rank),
+                                       len(group), connect)
         except RuntimeError as exc:
             raise TransportError(f"gloo transport init (rank {self.rank}): connecting {label} "
                                  f"failed: {exc}") from exc
+        if connect != timeout:
+            pg._set_default_timeout(timeout)
+        return pg
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_open(self, what: str) -> None:

@@ -8,12 +8,39 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any
 
 from pyengine.transport.base import TransportError
 
 PREFIX = "pyengine"
 """Our keys live under this prefix, apart from torchrun's own."""
+STARTUP_TIMEOUT_S = 60.0
+"""Bound on reaching the store and on every rank showing up: starting a process and importing
+torch takes seconds, whatever the per-action timeout (which may be a fraction of a second)."""
+
+
+def host_store(world_size: int, timeout_s: float) -> Any:
+    """A TCPStore hosted by this (launcher) process on a free port (`.port`): it outlives any
+    rank, so the ranks' rendezvous survives one of them dying. Children connect as clients
+    (TORCHELASTIC_USE_AGENT_STORE=True)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world_size, True,
+                         timeout=datetime.timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)),
+                         wait_for_workers=False)
+
+
+def wait_for_ranks(store: Any, rank: int, world_size: int, timeout_s: float) -> None:
+    """Every rank announces itself and waits for the others (start-up, not a per-action wait)."""
+    store.set(f"started/{rank}", b"1")
+    deadline = time.monotonic() + timeout_s
+    missing = list(range(world_size))
+    while missing:
+        missing = [r for r in missing if not store.check([f"started/{r}"])]
+        if missing and time.monotonic() > deadline:
+            raise TransportError(f"rank {rank}: rank(s) {missing} did not start within {timeout_s:g} s")
+        time.sleep(0.02 if missing else 0)
 
 
 def connect_store(rank: int, world_size: int, port: int, *, host: str = "127.0.0.1",

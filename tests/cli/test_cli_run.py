@@ -20,6 +20,7 @@ def pyengine(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_run_reports_and_writes_artifacts(tmp_path):
     trace, png, dump = tmp_path / "t.json", tmp_path / "g.png", tmp_path / "dump"
     r = pyengine("run", "--config", CONFIG, "--iters", "2", "--warmup", "1", "--json",
@@ -43,6 +44,7 @@ def test_run_reports_and_writes_artifacts(tmp_path):
     assert json.loads((dump / "spec.json").read_text())["model"]["vocab_size"] == 101
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exit", "hang"])
 def test_dead_or_stuck_rank_ends_the_job_naming_it(mode):
     start = time.monotonic()
@@ -50,11 +52,10 @@ def test_dead_or_stuck_rank_ends_the_job_naming_it(mode):
                  "--timeout", "4", "--inject-fault", f"1:s1.mb1.COMPUTE:{mode}", timeout=120)
     elapsed = time.monotonic() - start
     assert r.returncode == 1
-    if mode == "exit":  # the dead rank is named, not the peer that noticed it
-        assert "pyengine run: rank 1 failed: exited with code 17" in r.stderr, r.stderr
-    else:  # the stuck rank is named as the peer its partner timed out on
-        assert "peer 1" in r.stderr and "timed out" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    # the dead or stuck rank and its action are named, not the peer that noticed it
+    how = "exited with code 17" if mode == "exit" else "stalled: no progress"
+    assert r.stderr.startswith(f"pyengine run: rank 1 failed in action s1.mb1.COMPUTE: {how}"), r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s to notice a {mode} rank"
 
 
@@ -72,4 +73,4 @@ def test_bad_config_exits_2_before_any_rank_starts(tmp_path):
 
 def test_bad_iters_is_a_clear_error():
     r = pyengine("run", "--config", CONFIG, "--iters", "0")
-    assert r.returncode == 2 and "--iters = 0" in r.stderr
+    assert r.returncode == 2 and "--iters = 0" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -120,11 +120,32 @@ def test_gloo_corruption_through_spawned_ranks(capsys):
 @pytest.mark.parametrize("flags,flag", [
     (("-b", "0"), "-b"), (("-b", "4K", "-e", "1K"), "-e"), (("-n", "0"), "-n"),
     (("--nranks", "0"), "--nranks"), (("--timeout", "0"), "--timeout"), (("-w", "-1"), "-w"),
-    (("-r", "3", "--nranks", "3"), "-r")])
-def test_bad_flags_are_refused_before_anything_runs(flags, flag):
+    (("-r", "3", "--nranks", "3"), "-r"),
+    (("--timeout", "nan"), "--timeout"), (("--timeout", "inf"), "--timeout"),
+    (("--timeout", "1e-9"), "--timeout"), (("--timeout", "1e12"), "--timeout"),
+    (("-n", str(10**12)), "-n"), (("-w", str(10**9)), "-w"), (("--nranks", "100000"), "--nranks"),
+    (("-f", "0"), "-f"), (("-b", "1", "-e", "1G", "-f", "1"), "-f"),  # a billion rows
+    (("-b", "1K", "-e", "60000G"), "-e"),  # buffers no host can allocate
+])
+def test_bad_flags_are_refused_before_anything_runs(flags, flag, monkeypatch):
+    import pyengine.execute.launch as launch
+
+    monkeypatch.setattr(launch, "run_ranks", lambda *a, **k: pytest.fail("ranks were started"))
     with pytest.raises(UsageError) as e:
         commbench.run(parse("--backend", "local", *flags))
-    assert e.value.field == flag
+    assert e.value.field == flag and len(str(e.value)) < 200
+
+
+@pytest.mark.slow
+def test_a_tiny_timeout_is_one_line_without_cpp_frames():
+    proc = subprocess.run([sys.executable, "-m", "pyengine", "bench", "comm", "--backend", "gloo",
+                           "--nranks", "3", "--timeout", "0.001", "-b", "1K", "-e", "64K", "-f", "4",
+                           "-n", "3", "-w", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr  # on an idle machine 1 ms may even suffice
+    assert "frame #" not in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 1, proc.stderr
+    if proc.returncode == 1:  # a collective or the barrier between sizes ran out of time
+        assert proc.stderr.startswith("pyengine bench comm: rank ") and "TransportError" in proc.stderr
 
 
 @pytest.mark.slow  # a subprocess

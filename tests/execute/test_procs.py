@@ -37,6 +37,20 @@ def _killed_on_0(rank, nranks, port):
     time.sleep(60)
 
 
+def _peer_reports_then_killed_rank_shows(rank, nranks, port, flag):
+    """Rank 0's report reaches the parent a moment before rank 1's death does (as when a
+    killed process's sockets close before it can be reaped): rank 1 must still be named."""
+    if rank == 0:
+        while not os.path.exists(flag + ".ready"):  # rank 1 is up
+            time.sleep(0.01)
+        open(flag, "w").close()
+        raise ConnectionError("connection closed by peer 1")
+    open(flag + ".ready", "w").close()
+    while not os.path.exists(flag):
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _stalls_on_1(rank, nranks, port):
     if rank == 1:
         time.sleep(60)
@@ -73,6 +87,29 @@ def test_failure_is_named_fast_and_leaves_no_children(fn, rank, text):
     assert f"rank {rank} failed" in str(info.value) and text in str(info.value)
     assert time.monotonic() - start < 15  # not the 60 s the other ranks would sleep
     _assert_no_children()
+
+
+def test_a_killed_rank_is_named_not_the_peer_that_noticed(tmp_path):
+    """Killed from outside (SIGKILL, the OOM killer) is not 'stopped by the launcher'."""
+    with pytest.raises(RankFailure) as info:
+        spawn_ranks(_peer_reports_then_killed_rank_shows, 2, args=(str(tmp_path / "flag"),),
+                    timeout_s=60)
+    assert info.value.rank == 1, str(info.value)
+    assert str(info.value).startswith("rank 1 failed: killed by signal SIGKILL; then rank 0 raised "
+                                      "ConnectionError")
+    _assert_no_children()
+
+
+def test_env_is_in_place_when_the_child_starts():
+    """Settings read once at library load (TORCH_CPP_LOG_LEVEL) need the env at exec time."""
+    (result,) = spawn_ranks(_env_at_exec, 1, timeout_s=60, env={"PYENGINE_TEST_FLAG": "early"})
+    assert result == "PYENGINE_TEST_FLAG=early" and "PYENGINE_TEST_FLAG" not in os.environ
+
+
+def _env_at_exec(rank, nranks, port):
+    with open("/proc/self/environ", "rb") as f:  # the block the interpreter started with
+        entries = f.read().decode().split("\0")
+    return next((e for e in entries if e.startswith("PYENGINE_TEST_FLAG=")), None)
 
 
 def test_traceback_tail_is_included():

@@ -117,7 +117,7 @@ def test_missing_peer_is_named_within_timeout():
         spawn_ranks(_rank2_never_starts, 3, timeout_s=60)
     assert info.value.rank in (0, 1)
     assert "TransportError" in str(info.value)
-    assert "rank(s) [2] never joined within 2 s" in str(info.value)
+    assert "rank(s) [2] never joined within 5 s" in str(info.value)  # start-up: CONNECT_FLOOR_S
     assert time.monotonic() - start < 20
     assert multiprocessing.active_children() == []
 

@@ -1,0 +1,97 @@
+"""Will the job fit? The planner's memory estimate (pyengine.predict.resources.memory_bytes),
+applied by `pyengine run` and `pyengine bench comm` before any rank starts.
+
+Without it `plan` says "fits: NO" while `run` spawns ranks that fail 3-35 s later. A run holds
+more than one forward: its variants (no overlap, m=1) and the throughput stream (STREAM_BATCHES
+batches as one schedule) each have their own activations, so a rank needs the largest of them;
+the output rank also holds the single-device reference (all weights, one micro-batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from pyengine.core.errors import ResourceError
+from pyengine.core.spec import DeploymentSpec
+from pyengine.core.units import fmt_bytes
+from pyengine.execute.memory import Budget, budget
+from pyengine.model.stages import stages_on
+from pyengine.predict.devices import PRESETS, DeviceProfile
+from pyengine.predict.resources import activation_bytes, memory_bytes, weight_bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Need:
+    rank: int
+    stages: str
+    weights: int
+    activations: int
+    reserved: int
+    reference: int = 0
+    """The output rank's single-device reference: all weights and one whole-batch forward."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.reserved + self.reference
+
+    def parts(self) -> str:
+        items = [("weights", self.weights), ("activations", self.activations),
+                 ("reserved", self.reserved), ("reference", self.reference)]
+        return " + ".join(f"{name} {fmt_bytes(v)}" for name, v in items if v)
+
+
+def run_needs(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec],
+              device: DeviceProfile) -> list[Need]:
+    """Per rank: weights + the largest variant's activations + reserved (+ the reference)."""
+    worst = {r: max(memory_bytes(v, device)[r] for v in variant_specs) for r in spec.ranks}
+    weights = {r: sum(w.values()) for r, w in weight_bytes(spec).items()}
+    reserved = int(device.reserved_gb * 1e9)
+    one_mb = spec.replace(schedule={"micro_batches": 1})
+    reference = sum(weights.values()) + sum(activation_bytes(one_mb).values())
+    out_rank = spec.stage("output").gpus[0]
+    return [Need(r, ", ".join(st.name for st in stages_on(spec, r)), weights[r],
+                 worst[r] - weights[r] - reserved, reserved, reference if r == out_rank else 0)
+            for r in spec.ranks]
+
+
+def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], backend: str) -> None:
+    """ResourceError naming the rank, its stages, the need and the budget, or nothing."""
+    gpu = backend == "nccl" or (backend == "local" and _has_cuda())
+    device = PRESETS["seed32g"] if gpu else dataclasses.replace(PRESETS["seed32g"], reserved_gb=0.0)
+    needs = run_needs(spec, variant_specs, device)
+    b = budget(backend, spec.world_size)
+    if backend == "nccl":  # the spec's GPUs, or this machine's if smaller (the plan's fit check)
+        cap = int(spec.hardware.gpu_memory_gb * 1e9)
+        what = f"GPU memory per rank (hardware.gpu_memory_gb = {spec.hardware.gpu_memory_gb:g})"
+        if b is not None and b.bytes < cap:
+            cap, what = b.bytes, b.what
+        b = Budget(cap, False, what)
+    if b is not None:
+        check(needs, b)
+
+
+def check(needs: Sequence[Need], b: Budget) -> None:
+    if not b.shared:
+        for n in needs:
+            if n.total > b.bytes:
+                raise ResourceError(f"rank {n.rank} (stage {n.stages})",
+                                    f"{fmt_bytes(n.total)} = {n.parts()}",
+                                    f"the budget is {fmt_bytes(b.bytes)} of {b.what}")
+        return
+    total = sum(n.total + b.per_rank_overhead for n in needs)
+    if total <= b.bytes:
+        return
+    big = max(needs, key=lambda n: n.total)
+    overhead = (f" + {len(needs)} rank processes x {fmt_bytes(b.per_rank_overhead)}"
+                if b.per_rank_overhead else "")
+    raise ResourceError(f"ranks {', '.join(str(n.rank) for n in needs)}",
+                        f"{fmt_bytes(total)} together (the largest, rank {big.rank} (stage "
+                        f"{big.stages}): {fmt_bytes(big.total)} = {big.parts()}){overhead}",
+                        f"the budget is {fmt_bytes(b.bytes)} of {b.what}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

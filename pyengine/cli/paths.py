@@ -1,0 +1,73 @@
+"""Output paths, checked before anything runs, and written after, with one-line failures.
+
+A run that measures for minutes and then cannot write `--trace` into a missing folder has
+wasted the minutes: `check_file` / `check_dir` refuse such paths (UsageError: exit 2) before any
+rank starts. A write can still fail later (disk full, folder removed meanwhile): `write_outputs`
+then reports each failure in one line and goes on, so results already printed stay printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+
+from pyengine.core.errors import UsageError
+
+TRACE_EXTENSIONS = (".json",)
+"""Chrome/Perfetto trace: JSON."""
+PNG_EXTENSIONS = (".png",)
+"""Gantt chart: the flag is --png, so PNG only (matplotlib infers the format from the name)."""
+
+
+def check_file(flag: str, path: str | None, extensions: tuple[str, ...]) -> None:
+    """`path` can be written as a new or replaced file with one of `extensions`."""
+    if path is None:
+        return
+    if not path:
+        raise UsageError(flag, path, "needs a file name")
+    if os.path.isdir(path):
+        raise UsageError(flag, path, "is a folder; give a file name inside it")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise UsageError(flag, path, f"unsupported extension: use {' or '.join(extensions)}")
+    _check_parent(flag, path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(flag, path, "exists and is not writable")
+
+
+def check_dir(flag: str, path: str | None) -> None:
+    """`path` is a folder that exists, or one that can be created in an existing folder."""
+    if path is None:
+        return
+    if not path:
+        raise UsageError(flag, path, "needs a folder name")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(flag, path, "exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(flag, path, "is a folder that is not writable")
+        return
+    _check_parent(flag, path)
+
+
+def _check_parent(flag: str, path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a folder" if os.path.exists(parent) else "does not exist"
+        raise UsageError(flag, path, f"the folder {parent} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(flag, path, f"the folder {parent} is not writable")
+
+
+def write_outputs(command: str, writes: Iterable[tuple[str, str, Callable[[], None]]]) -> list[str]:
+    """Run each (flag, path, write); a failure is one line on stderr. Returns the flags whose
+    file was written."""
+    done = []
+    for flag, path, write in writes:
+        try:
+            write()
+            done.append(flag)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
+            print(f"pyengine {command}: could not write {flag} {path}: {reason}", file=sys.stderr)
+    return done
