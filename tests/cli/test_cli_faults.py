@@ -101,7 +101,8 @@ def test_ctrl_c_on_the_thread_backend_is_exit_130_and_one_line():
     assert p.poll() is None
     p.send_signal(signal.SIGINT)
     rc, err, elapsed = _finish(p, {}, limit_s=30)
-    assert (rc, err) == (130, "pyengine run: interrupted; every rank stopped\n")
+    # "; every rank stopped" once the virtual ranks run (a slow start may be interrupted earlier)
+    assert rc == 130 and err.startswith("pyengine run: interrupted") and err.count("\n") == 1, err
     assert elapsed < 10
 
 
