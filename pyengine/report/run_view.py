@@ -39,7 +39,8 @@ def print_summary(summary: RunSummary) -> None:
                   soft_wrap=True)
     for c in summary.claims:
         verdict = "holds" if c.holds else "does not hold"
-        out.print(f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {c.measured:+.1%} "
+        figure = f"{c.measured:.1%}" if c.claim == "utilization" else f"{c.measured:+.1%}"  # a level, or a change
+        out.print(f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {figure} "
                   f"→ {verdict} on this backend")
     if summary.backend != "nccl":
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, "
