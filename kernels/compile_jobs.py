@@ -39,8 +39,9 @@ class Shapes:
     H: int
     top_k: int
     ffn_shards: tuple[int, ...]  # F_r of each experts-stage rank
-    tokens: tuple[int, ...]  # tokens per micro-batch
+    tokens: tuple[int, ...]  # rows of the expert GEMMs per launch (tokens, or EP pair rows)
     num_partials: int  # tensors the output stage's residual+rmsnorm sums
+    norm_tokens: tuple[int, ...] = ()  # rows of the residual+rmsnorm (default: tokens)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def build_jobs(shapes: Shapes, dtypes: list[str], arch: int, gpu: str | None = N
             for t in sorted(set(shapes.tokens)):
                 for job in _moe_jobs(shapes, name, f_r, t, arch, gpu, all_configs):
                     _merge(jobs, job)
-        for t in sorted(set(shapes.tokens)):
+        for t in sorted(set(shapes.norm_tokens or shapes.tokens)):
             for job in _rmsnorm_jobs(shapes, name, t, all_configs):
                 _merge(jobs, job)
     return list(jobs.values())

@@ -54,7 +54,8 @@ def shapes_from_spec(spec):
     if spec.expert_parallel:  # whole local experts, one (token, expert) pair per row: top-1 form
         pairs = {max(1, round(experts.pairs_for(r, t))) for r in experts.ranks for t in spec.micro_batch_sizes()}
         return Shapes(E=max(len(p) for p in spec.expert_placement()), H=m.hidden_size, top_k=1,
-                      ffn_shards=(m.ffn_hidden_size,), tokens=tuple(sorted(pairs)), num_partials=partials)
+                      ffn_shards=(m.ffn_hidden_size,), tokens=tuple(sorted(pairs)), num_partials=partials,
+                      norm_tokens=tuple(spec.micro_batch_sizes()))  # the output stage sees every token
     return Shapes(E=m.num_experts, H=m.hidden_size, top_k=m.top_k,
                   ffn_shards=tuple(end - start for _, start, end in spec.ffn_shards()),
                   tokens=tuple(spec.micro_batch_sizes()), num_partials=partials)

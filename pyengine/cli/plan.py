@@ -77,6 +77,9 @@ def _inputs(args: argparse.Namespace):
     """(checkpoint source or None, token ids or None), every input checked before planning."""
     from pyengine.core.errors import UsageError
 
+    if args.hf_config is not None and args.weights is not None:
+        raise UsageError("--hf-config", args.hf_config, "give --hf-config or --weights, not both "
+                                                        "(--weights reads the folder's config.json)")
     if args.layer is not None and args.weights is None:
         raise UsageError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
     if args.routing == "measured" and args.hf_config is not None and args.weights is None:

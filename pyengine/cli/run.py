@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     from pyengine.cli.fit import check_run_fits
     from pyengine.execute.launch import Backend, LaunchError, bind, check_backend, pick_backend, run_ranks
     from pyengine.execute.measure import STREAM_BATCHES, RunOptions, measure_rank, stream_spec, variants
+    import torch
+
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.model.stages import rank_flops
     from pyengine.report.run_summary import summarize
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     backend = pick_backend(spec.world_size, args.backend)
     check_backend(backend, spec.world_size)
     note = ""
-    if backend is Backend.GLOO and not args.no_scale and source is None:
+    on_cpu = backend is Backend.GLOO or (backend is Backend.LOCAL and not torch.cuda.is_available())
+    if on_cpu and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
     if tokens is not None:
         from pyengine.model.tokens import check_ids
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     table = build(spec)  # prove the tables before anything runs
     fault = _fault(args.inject_fault, table) if args.inject_fault else None
     iters, baselines = args.iters, not args.no_baselines
-    if backend is Backend.GLOO and source is not None:  # a checkpoint's sizes are its own
+    if on_cpu and source is not None:  # a checkpoint's sizes are its own
         gflop = sum(rank_flops(spec).values()) / 1e9
         print(f"CPU backend: the checkpoint runs at its own size ({gflop:.3g} GFLOP per batch), never "
               f"scaled; a layer too big for this CPU is slow or runs out of memory", file=sys.stderr)

@@ -122,11 +122,11 @@ def _single_gpu_stage(p: str, st) -> None:
 
 
 def _tensor_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
+    if st.expert_ids is not None:  # first: the user meant expert mode, whatever the TP size says
+        raise SpecError(f"{p}.expert_ids", st.expert_ids, 'needs "parallel_mode": "expert"')
     if st.tensor_parallel_size != len(st.gpus):
         raise SpecError(f"{p}.tensor_parallel_size", st.tensor_parallel_size,
                         f"must equal the number of GPUs in the stage ({len(st.gpus)})")
-    if st.expert_ids is not None:
-        raise SpecError(f"{p}.expert_ids", st.expert_ids, 'needs "parallel_mode": "expert"')
     fr = st.shard_fractions
     if fr is None:
         if spec.model.ffn_hidden_size < len(st.gpus):

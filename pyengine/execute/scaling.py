@@ -24,8 +24,8 @@ def scale_for_cpu(spec: DeploymentSpec) -> tuple[DeploymentSpec, str]:
     if not changed:
         return spec, ""
     what = ", ".join(f"{k} {a}→{b}" for k, (a, b) in changed.items())
-    note = (f"CPU backend: scaled the model ({what}) because the full size needs "
-            f"{total / 1e9:.0f} GFLOP per batch and this run's budget is {CPU_FLOP_BUDGET / 1e9:.0f} "
-            f"(fp32: CPU bf16 GEMMs are emulated). Tokens, experts, top-k and the layout are unchanged; "
-            f"--no-scale runs full size.")
+    why = (f"the full size needs {total / 1e9:.3g} GFLOP per batch and this run's budget is "
+           f"{CPU_FLOP_BUDGET / 1e9:.3g} GFLOP" if d > 1 else "the sizes fit")
+    note = (f"CPU backend: changed the model ({what}): {why}; fp32 because CPU bf16/fp16 GEMMs are "
+            f"emulated. Tokens, experts, top-k and the layout are unchanged; --no-scale runs it as given.")
     return spec.replace(model=new), note

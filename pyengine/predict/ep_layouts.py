@@ -52,16 +52,38 @@ def place(counts: tuple[int, ...], routing: Routing) -> tuple[tuple[int, ...], .
 
 def balanced_counts(spec: DeploymentSpec, device: DeviceProfile, gpus: list[int], output: int,
                     routing: Routing | None = None) -> tuple[float, ...]:
-    """Continuous expert counts per GPU that equalise predicted busy time (fixed work + experts)."""
-    e, n = spec.model.num_experts, len(gpus)
+    """Continuous expert counts per GPU (each >= 1, summing to E) that equalise predicted busy
+    time (fixed work + experts): water-filling, so a GPU whose fixed work alone exceeds the level
+    keeps the minimum of one expert and the others share the rest."""
+    e = spec.model.num_experts
     routing = routing or uniform(spec)
-    even = tuple(near_even_split(e, n))
+    even = tuple(near_even_split(e, len(gpus)))
     trial = with_expert_parallel(spec, gpus, place(even, routing), output)
     per = predict_busy(trial, device, by_stage=True, routing=routing)
     fixed = [sum(v for (r, s), v in per.items() if r == g and s != StageKind.EXPERTS) for g in gpus]
     rate = [per[(g, StageKind.EXPERTS)] / c for g, c in zip(gpus, even)]  # seconds per expert
-    level = (e + sum(f / r for f, r in zip(fixed, rate))) / sum(1 / r for r in rate)
-    return tuple(max(0.0, (level - f) / r) for f, r in zip(fixed, rate))
+    floor = [False] * len(gpus)
+    while True:
+        free = [i for i in range(len(gpus)) if not floor[i]]
+        left = e - sum(floor)  # floored GPUs hold one expert each
+        level = (left + sum(fixed[i] / rate[i] for i in free)) / sum(1 / rate[i] for i in free)
+        counts = [1.0 if floor[i] else (level - fixed[i]) / rate[i] for i in range(len(gpus))]
+        low = [i for i in free if counts[i] < 1.0]
+        if not low:
+            return tuple(counts)
+        for i in low:
+            floor[i] = True
+
+
+def round_counts(ideal: tuple[float, ...], total: int) -> tuple[int, ...]:
+    """Integers >= 1 summing to `total`, nearest to `ideal` (largest remainders get the rest)."""
+    base = [max(1, int(x)) for x in ideal]
+    while sum(base) > total:
+        i = max((j for j in range(len(base)) if base[j] > 1), key=lambda j: base[j] - ideal[j])
+        base[i] -= 1
+    for i in sorted(range(len(base)), key=lambda j: base[j] - ideal[j])[:total - sum(base)]:
+        base[i] += 1
+    return tuple(base)
 
 
 def count_candidates(spec: DeploymentSpec, device: DeviceProfile, gpus: list[int], output: int,
@@ -71,14 +93,21 @@ def count_candidates(spec: DeploymentSpec, device: DeviceProfile, gpus: list[int
     e, n = spec.model.num_experts, len(gpus)
     if e < n:
         return []
-    ideal = balanced_counts(spec, device, gpus, output, routing)
-    base = [max(1, round(x)) for x in ideal]
+    base = round_counts(balanced_counts(spec, device, gpus, output, routing), e)
     out = {tuple(near_even_split(e, n))}
     for delta in itertools.product((-1, 0, 1), repeat=n):
         c = tuple(b + d for b, d in zip(base, delta))
         if min(c) >= 1 and sum(c) == e:
             out.add(c)
     return sorted(out)
+
+
+def score(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None) -> tuple[float, float]:
+    """How good an EP layout looks before simulating it: its bottleneck busy time, then (to
+    break ties when the router's GPU is the bottleneck) the spread of the others."""
+    busy = predict_busy(spec, device, routing=routing)
+    # to the microsecond: a GPU whose work no candidate changes must tie, not win by rounding noise
+    return round(max(busy.values()), 6), sum(b * b for b in busy.values())
 
 
 def ep_specs(spec: DeploymentSpec, device: DeviceProfile, gpus: list[int], output: int,

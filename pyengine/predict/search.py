@@ -11,8 +11,8 @@ from pyengine.core.units import fmt_signed_pct
 from pyengine.model.routing import Routing
 from pyengine.predict.balance import balanced_fractions, latency_fractions, with_experts
 from pyengine.predict.devices import DeviceProfile, load_profile
-from pyengine.predict.ep_layouts import ep_specs
-from pyengine.predict.prediction import predict, predict_busy
+from pyengine.predict.ep_layouts import ep_specs, score
+from pyengine.predict.prediction import predict
 from pyengine.predict.resources import fits
 
 
@@ -141,7 +141,7 @@ def _expert_candidates(spec, dev, grp, o, micro_batches, kinds, routing, add, co
     scored = []
     for counts, c in ep_specs(spec, dev, grp, o, routing):
         considered["expert_count_vectors"] += 1
-        scored.append((max(predict_busy(c, dev, routing=routing).values()), counts, c))
+        scored.append((score(c, dev, routing), counts, c))
     for _, counts, c in sorted(scored, key=lambda x: (x[0], x[1]))[:EP_KEEP]:
         label = f"EP experts[{','.join(map(str, grp))}] counts {'/'.join(map(str, counts))} out{o}"
         for m in micro_batches:

@@ -64,3 +64,12 @@ def test_a_failed_write_after_the_run_keeps_the_results(capsys, tmp_path, monkey
     assert captured.err.strip() == (f"pyengine run: could not write --trace {tmp_path / 't.json'}: "
                                     "No space left on device")
     assert (dump / "logits.pt").exists()  # the other outputs were still written
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU scaling")
+def test_the_local_backend_on_cpu_scales_the_seed_like_gloo(capsys):
+    assert main(["run", "--backend", "local", "--iters", "1", "--warmup", "0", "--no-baselines",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backend"] == "local" and "hidden_size 4096→256" in out["scaled"]

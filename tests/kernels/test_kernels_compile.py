@@ -165,6 +165,11 @@ def test_shapes_from_spec():
     # F=40 split 0.4/0.6, 48 tokens in 3 micro-batches, "partials": the output stage sums 2
     assert shapes_from_spec(tiny) == Shapes(E=5, H=48, top_k=2, ffn_shards=(16, 24), tokens=(16, 16, 16),
                                             num_partials=2)
+    ep = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "seed_ep_3gpu.json"))
+    # experts 2/3/3 of 8, top-2, 256 tokens a micro-batch: 128 and 192 (token, expert) rows per
+    # GEMM launch (top-1 form, whole F); the output stage's norm still sees all 256 tokens
+    assert shapes_from_spec(ep) == Shapes(E=3, H=4096, top_k=1, ffn_shards=(14336,), tokens=(128, 192),
+                                          num_partials=1, norm_tokens=(256, 256, 256, 256))
 
 
 def test_worker_failure_is_raised():

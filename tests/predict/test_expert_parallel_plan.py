@@ -120,3 +120,27 @@ def test_layout_verdict_compares_tp_and_ep():
     assert any(x.startswith("EP on GPUs 0,1,2") for x in labels)
     best = min(p.layouts, key=lambda o: o.latency_s)
     assert (v.holds is True) == best.this or v.holds is None
+
+
+def test_balanced_counts_keep_one_expert_on_an_overloaded_gpu():
+    """A large-vocabulary head makes GPU 0's fixed work exceed the balanced level: it keeps the
+    minimum of one expert and the rest is shared (the counts still sum to E)."""
+    from pyengine.model.hf_config import deployment_spec, read_hf_config
+    from pyengine.predict.devices import load_profile
+    from pyengine.predict.ep_layouts import balanced_counts, round_counts
+    from helpers import packaged_config
+
+    qwen = deployment_spec(read_hf_config(packaged_config("hf/qwen3-30b-a3b")), None)
+    ideal = balanced_counts(qwen, load_profile("seed32g"), [0, 1, 2], 0)
+    assert ideal[0] == 1.0 and sum(ideal) == pytest.approx(128) and abs(ideal[1] - ideal[2]) < 1
+    assert (1, 63, 64) in count_candidates(qwen, load_profile("seed32g"), [0, 1, 2], 0)
+    assert round_counts((0.3, 2.6, 5.1), 8) == (1, 2, 5) and round_counts((1.0, 3.5, 3.5), 8) in {(1, 4, 3), (1, 3, 4)}
+
+
+def test_layout_alternatives_tie_break_on_balance():
+    from pyengine.model.hf_config import deployment_spec, read_hf_config
+    from helpers import packaged_config
+
+    qwen = deployment_spec(read_hf_config(packaged_config("hf/qwen3-30b-a3b")), None)
+    labels = [o.label for o in plan(qwen, "seed32g").layouts]
+    assert "EP on GPUs 1,2 (64/64 experts)" in labels  # not 63/65: GPU 0 bottlenecks all of them
