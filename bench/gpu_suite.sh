@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session needs, in one device call (DEVICE.md: few, batched calls).
+# Everything a lent GPU session needs, in one device call (few, batched calls: each start costs minutes).
 #   STEPS="env build test sanitize kernels overlap pipeline run run_ep compile poll comm" bash bench/gpu_suite.sh
 # Each step logs to $OUT/<step>.* and has its own time limit; a failing step does not stop the
 # others (the summary at the end says which failed). JSON outputs need no rich/matplotlib.
