@@ -33,3 +33,14 @@ def on_threads(body, world: int = 3, timeout_s: float = 60) -> list:
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "a virtual rank hung"
     return out
+
+
+def uneven_seed():
+    """The seed with its experts tensor-parallel over all three GPUs (F 0.2/0.4/0.4, GPU 0 in the
+    group), the output head on GPU 1 and three micro-batches: a layout off the seed's V."""
+    from pyengine.core.spec import load_spec
+
+    return load_spec(None).replace(parallel={"stages": [
+        {"name": "embed", "gpus": [0]},
+        {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.4, 0.4]},
+        {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})

@@ -24,6 +24,7 @@ from pyengine.execute.launch import RankContext
 from pyengine.execute.results import RankMeasurement, VariantMeasurement
 from pyengine.execute.runtime import RankRuntime
 from pyengine.model.forward import single_device
+from pyengine.model.measured_routing import pairs_per_expert
 from pyengine.model.stages.embed import embed_and_route
 from pyengine.model.reference import reference_forward
 from pyengine.model.weights import (SeededWeights, full_read_bytes, full_weights, make_tokens,
@@ -112,7 +113,7 @@ def expert_counts(spec: DeploymentSpec, weights: dict, flat: torch.Tensor) -> li
     out = []
     for lo, hi in spec.micro_batch_bounds():
         _, _, top_ids, _ = embed_and_route(spec, weights, flat[lo:hi])
-        out.append(torch.bincount(top_ids.reshape(-1).long(), minlength=spec.model.num_experts).tolist())
+        out.append(pairs_per_expert(top_ids, spec.model.num_experts))
     return out
 
 

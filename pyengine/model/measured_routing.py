@@ -40,5 +40,9 @@ def measure_routing(spec: DeploymentSpec, source: WeightSource | int = 0,
 def expert_token_counts(spec: DeploymentSpec, source: WeightSource | int, ids: torch.Tensor,
                         device: torch.device | str = "cpu") -> list[int]:
     """Tokens routed to each expert [E] (top-k slots counted: they sum to tokens * top_k)."""
-    top_ids = router_choices(spec, source, ids, device)
-    return torch.bincount(top_ids.reshape(-1).long(), minlength=spec.model.num_experts).tolist()
+    return pairs_per_expert(router_choices(spec, source, ids, device), spec.model.num_experts)
+
+
+def pairs_per_expert(top_ids: torch.Tensor, num_experts: int) -> list[int]:
+    """(token, expert) pairs routed to each expert, from top-k ids [T, k]."""
+    return torch.bincount(top_ids.reshape(-1).long(), minlength=num_experts).tolist()

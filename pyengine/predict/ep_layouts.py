@@ -119,3 +119,11 @@ def ep_specs(spec: DeploymentSpec, device: DeviceProfile, gpus: list[int], outpu
             yield counts, with_expert_parallel(spec, gpus, place(counts, routing), output)
         except SpecError:
             continue
+
+
+def ranked_ep_specs(spec: DeploymentSpec, device: DeviceProfile, gpus: list[int], output: int,
+                    routing: Routing | None = None) -> list[tuple[tuple[int, ...], DeploymentSpec]]:
+    """ep_specs, best first by score (ties by counts): what the search and the layout verdict
+    both start from."""
+    scored = [(score(c, device, routing), counts, c) for counts, c in ep_specs(spec, device, gpus, output, routing)]
+    return [(counts, c) for _, counts, c in sorted(scored, key=lambda x: (x[0], x[1]))]

@@ -8,7 +8,7 @@ from pyengine.core.spec import DeploymentSpec, SpecError
 from pyengine.model.routing import Routing
 from pyengine.predict.balance import with_experts
 from pyengine.predict.devices import DeviceProfile
-from pyengine.predict.ep_layouts import ep_specs, score
+from pyengine.predict.ep_layouts import ranked_ep_specs
 from pyengine.predict.plan import LayoutOption
 from pyengine.predict.prediction import Predicted, predict
 
@@ -24,9 +24,9 @@ def describe(spec: DeploymentSpec) -> str:
 
 def best_ep(spec: DeploymentSpec, dev: DeviceProfile, gpus: list[int], output: int,
             routing: Routing | None) -> DeploymentSpec | None:
-    """The EP layout on `gpus` with the lowest predicted bottleneck busy time, or None."""
-    scored = [(score(c, dev, routing), counts, c) for counts, c in ep_specs(spec, dev, gpus, output, routing)]
-    return min(scored, key=lambda x: (x[0], x[1]))[2] if scored else None
+    """The EP layout on `gpus` with the best score (pyengine.predict.ep_layouts.score), or None."""
+    ranked = ranked_ep_specs(spec, dev, gpus, output, routing)
+    return ranked[0][1] if ranked else None
 
 
 def layout_options(spec: DeploymentSpec, dev: DeviceProfile, pred: Predicted,

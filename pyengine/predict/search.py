@@ -11,7 +11,7 @@ from pyengine.core.units import fmt_signed_pct
 from pyengine.model.routing import Routing
 from pyengine.predict.balance import balanced_fractions, latency_fractions, with_experts
 from pyengine.predict.devices import DeviceProfile, load_profile
-from pyengine.predict.ep_layouts import ep_specs, score
+from pyengine.predict.ep_layouts import ranked_ep_specs
 from pyengine.predict.prediction import predict
 from pyengine.predict.resources import fits
 
@@ -138,11 +138,9 @@ def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
 def _expert_candidates(spec, dev, grp, o, micro_batches, kinds, routing, add, considered) -> None:
     """EP layouts on `grp` with the output on `o`: the EP_KEEP count vectors with the lowest
     predicted bottleneck busy time, each at every micro-batch count and schedule kind."""
-    scored = []
-    for counts, c in ep_specs(spec, dev, grp, o, routing):
-        considered["expert_count_vectors"] += 1
-        scored.append((score(c, dev, routing), counts, c))
-    for _, counts, c in sorted(scored, key=lambda x: (x[0], x[1]))[:EP_KEEP]:
+    ranked = ranked_ep_specs(spec, dev, grp, o, routing)
+    considered["expert_count_vectors"] += len(ranked)
+    for counts, c in ranked[:EP_KEEP]:
         label = f"EP experts[{','.join(map(str, grp))}] counts {'/'.join(map(str, counts))} out{o}"
         for m in micro_batches:
             if m > spec.model.tokens:

@@ -4,17 +4,14 @@ from collections import Counter
 
 import pytest
 
-from helpers import TINY_CONFIG
+from helpers import TINY_CONFIG, uneven_seed
 from pyengine.core.spec import load_spec
 from pyengine.model.payloads import Payload
 from pyengine.schedule import Action, Kind, ScheduleError, build, check
 
 SEED = load_spec(None)
 TINY = load_spec(TINY_CONFIG)
-UNEVEN = SEED.replace(parallel={"stages": [
-    {"name": "embed", "gpus": [0]},
-    {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.4, 0.4]},
-    {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})
+UNEVEN = uneven_seed()
 
 EP_GPU0 = SEED.replace(parallel={"stages": [
     {"name": "embed", "gpus": [0]},

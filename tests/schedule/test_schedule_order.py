@@ -16,17 +16,14 @@ and reductions take no time. The replay that measures it is written here, not bo
 
 import pytest
 
-from helpers import TINY_CONFIG
+from helpers import TINY_CONFIG, uneven_seed
 from pyengine.core.spec import load_spec
 from pyengine.model.stages import stages_of
 from pyengine.schedule import Kind, build
 
 SEED = load_spec(None)
 TINY = load_spec(TINY_CONFIG)
-UNEVEN = SEED.replace(parallel={"stages": [
-    {"name": "embed", "gpus": [0]},
-    {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.4, 0.4]},
-    {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})
+UNEVEN = uneven_seed()
 
 # GPU 1 holds a small slice and the output: its output waits for GPU 2's large slice, while its
 # next expert slice is ready much sooner.
