@@ -55,10 +55,56 @@ class ModelSpec:
     renormalize: bool = True
     """Top-k routing weights rescaled to sum to 1 (a checkpoint's norm_topk_prob; Mixtral always
     does); False keeps the raw softmax probabilities of the chosen experts (OLMoE)."""
+    num_layers: int | None = None
+    """L decoder layers, each attention + router (on the embed stage's GPU) then the routed
+    experts (on the experts stage); None: the attention-free block (embedding, router, experts,
+    head), which is the one-layer case without attention of the same engine."""
+    num_attention_heads: int | None = None
+    """Query heads of every layer's attention (required with num_layers)."""
+    num_key_value_heads: int | None = None
+    """Key/value heads (GQA: each serves heads / kv_heads query heads); None = num_attention_heads."""
+    head_dim: int | None = None
+    """d of one head; None = hidden_size // num_attention_heads."""
+    rope_theta: float = 10000.0
+    """RoPE base (rotate-half convention, position = index in the sequence)."""
+    qk_norm: str = "none"
+    """RMSNorm on q and k before RoPE: none (Mixtral), per_head (over each head's d: Qwen3-MoE)
+    or full (over the whole q and k projections: OLMoE)."""
+    attention_bias: bool = False
+    """q, k, v and o projections carry a bias (a checkpoint's attention_bias)."""
+    max_positions: int | None = None
+    """Longest sequence the model supports (max_position_embeddings); None: no limit."""
+    eos_token_ids: tuple[int, ...] | None = None
+    """End-of-sequence ids that stop a sequence in `pyengine generate` (None: none)."""
 
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def layered(self) -> bool:
+        """True for a model of decoder layers with attention; False for the block."""
+        return self.num_layers is not None
+
+    @property
+    def layers(self) -> int:
+        """Layer trips through the experts: num_layers, or 1 for the block."""
+        return self.num_layers if self.num_layers is not None else 1
+
+    @property
+    def heads(self) -> int:
+        return self.num_attention_heads or 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.heads
+
+    @property
+    def head_size(self) -> int:
+        """d: head_dim, or hidden_size // num_attention_heads."""
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.hidden_size // self.heads if self.heads else 0
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

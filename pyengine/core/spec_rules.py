@@ -69,6 +69,7 @@ def validate(spec: DeploymentSpec) -> None:
     if m.top_k > m.num_experts:
         raise SpecError("model.top_k", m.top_k, f"must be <= model.num_experts ({m.num_experts})")
     _one_of("model.dtype", m.dtype, MODEL_DTYPES)
+    _validate_layers(m)
     _validate_stages(spec)
     s = spec.schedule
     _one_of("schedule.kind", s.kind, SCHEDULE_KINDS)
@@ -84,6 +85,46 @@ def validate(spec: DeploymentSpec) -> None:
     if m.tokens > MAX_INT:
         raise SpecError("model.batch_size", m.batch_size,
                         f"batch_size*seq_len = {m.tokens} tokens is beyond a 32-bit index ({MAX_INT})")
+
+
+QK_NORMS = ("none", "per_head", "full")
+ATTENTION_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_positions")
+
+
+def _validate_layers(m) -> None:
+    """A model of decoder layers needs its attention shape; the block takes none of it."""
+    _one_of("model.qk_norm", m.qk_norm, QK_NORMS)
+    if m.num_layers is None:
+        for key in ATTENTION_KEYS:
+            if getattr(m, key) is not None:
+                raise SpecError(f"model.{key}", getattr(m, key),
+                                "needs model.num_layers (the attention-free block has no attention)")
+        if m.qk_norm != "none" or m.attention_bias:
+            key = "qk_norm" if m.qk_norm != "none" else "attention_bias"
+            raise SpecError(f"model.{key}", getattr(m, key), "needs model.num_layers")
+    else:
+        _positive("model.num_layers", m.num_layers)
+        if m.num_attention_heads is None:
+            raise SpecError("model.num_attention_heads", None, "is required with model.num_layers")
+        _positive("model.num_attention_heads", m.num_attention_heads)
+        for key in ("num_key_value_heads", "head_dim", "max_positions"):
+            if getattr(m, key) is not None:
+                _positive(f"model.{key}", getattr(m, key))
+        if m.heads % m.kv_heads:
+            raise SpecError("model.num_key_value_heads", m.kv_heads,
+                            f"must divide model.num_attention_heads ({m.heads}): each kv head serves "
+                            "a whole group of query heads")
+        if m.head_size < 2 or m.head_size % 2:
+            key = "head_dim" if m.head_dim is not None else "num_attention_heads"
+            raise SpecError(f"model.{key}", getattr(m, key),
+                            f"gives head_dim {m.head_size}: RoPE rotates pairs, so it must be even and >= 2")
+        _positive("model.rope_theta", m.rope_theta)
+        if m.max_positions is not None and m.seq_len > m.max_positions:
+            raise SpecError("model.seq_len", m.seq_len,
+                            f"exceeds model.max_positions ({m.max_positions})")
+    for i, e in enumerate(m.eos_token_ids or ()):
+        if not 0 <= e < m.vocab_size:
+            raise SpecError(f"model.eos_token_ids[{i}]", e, f"is outside the vocabulary [0, {m.vocab_size})")
 
 
 def _validate_stages(spec: DeploymentSpec) -> None:

@@ -27,8 +27,10 @@ from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.faults import Fault
 from pyengine.execute.results import ActionTime
 from pyengine.execute.timer import Timer
+from pyengine.model.batch import Batch
 from pyengine.model.payloads import Payload, PerRank, chunk_rows
-from pyengine.model.stages import stages_of
+from pyengine.model.stages import Work, stages_of
+from pyengine.model.tensors import LayerWeights
 from pyengine.schedule import Action, ActionId, Kind, Table, build
 from pyengine.transport.base import complete
 
@@ -54,6 +56,7 @@ class _Pending:
 @dataclass
 class BatchResult:
     logits: torch.Tensor | None
+    """[B, S, V] for the spec's own batch; [rows, V] for another batch (its logit rows)."""
     times: list[ActionTime] = field(default_factory=list)
     t0: float = 0.0
     """perf_counter() at the batch start; times are relative to it."""
@@ -65,20 +68,27 @@ def _nvtx_range(name: str, cuda: bool):
 
 
 class RankRuntime:
-    """One rank of the pipeline. `forward(ids)` returns logits [B, S, V] on the output rank."""
+    """One rank of the pipeline. `forward(ids)` returns logits [B, S, V] on the output rank.
+
+    `batch` (default: the spec's own) fixes the micro-batch count and which chunks share a
+    sequence; forward() then takes any batch of that structure (a decode step of growing
+    positions, say). `cache` (sequences, capacity) sizes the attention rank's KV cache,
+    allocated once (default: the batch's sequences and lengths)."""
 
     def __init__(self, spec: DeploymentSpec, rank: int, transport, weights: dict[str, torch.Tensor],
                  device: torch.device, *, table: Table | None = None, fault: Fault | None = None,
-                 on_action: Callable[[str, bool], None] | None = None):
+                 on_action: Callable[[str, bool], None] | None = None, batch: Batch | None = None,
+                 cache: tuple[int, int] | None = None):
         self.spec, self.rank, self.transport, self.w, self.device = spec, rank, transport, weights, device
         # Liveness hook (pyengine.execute.liveness): on_action(id, False) as an action starts,
         # on_action(id, True) while blocked on action `id`'s comm; it must cost ~nothing.
         self.on_action = on_action or (lambda action, waiting: None)
         self._current = ""
         self.fault = fault if fault is not None and fault.rank == rank else None
-        self.actions = (table if table is not None else build(spec)).get(rank, [])
+        self.batch = batch or Batch.of_spec(spec)
+        self.actions = (table if table is not None else build(spec, batch=self.batch)).get(rank, [])
         self.stages = stages_of(spec)
-        self.bounds = spec.micro_batch_bounds()
+        self._layer_w = {}  # layer -> LayerWeights view (built once)
         self.timeout_s = spec.comm.timeout_s
         self.overlap = spec.comm.overlap
         self.cuda = device.type == "cuda"
@@ -86,32 +96,62 @@ class RankRuntime:
         self._side = torch.cuda.Stream(device) if self.cuda else None  # reads received counts
         self.timer = Timer(device, self.stream)
         self.is_output = rank in spec.stage("output").gpus
+        self.attends = any(st.attends and rank in st.ranks for st in self.stages)
+        self._cache_shape = cache or (self.batch.sequences, max(self.batch.lengths))
+        self.cache = None
+        self._pool: dict[ActionId, tuple[torch.Tensor, ...]] = {}  # receive buffers, reused
 
     # ---- public -----------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, *, timed: bool = True) -> BatchResult:
+    def forward(self, ids: torch.Tensor, *, timed: bool = True, batch: Batch | None = None) -> BatchResult:
+        """One forward of `batch` (default: the runtime's): ids hold its tokens, [B, S] or flat."""
+        batch = batch or self.batch
+        if batch.micro_batches != self.batch.micro_batches or batch.kv_order() != self.batch.kv_order():
+            raise ValueError(f"batch of {batch.micro_batches} micro-batches (chunk order "
+                             f"{batch.kv_order()}) does not fit the tables built for "
+                             f"{self.batch.micro_batches} ({self.batch.kv_order()})")
         flat = ids.reshape(-1).to(self.device)
+        self._batch = batch
         self._vals: dict[ActionId, dict[Payload, tuple]] = {}
         self._pending: dict[ActionId, _Pending] = {}
         self._open: dict[int, ActionId] = {}  # peer -> its sized receive still waiting for a count
         self._times: list = []
-        self._logits: list[torch.Tensor | None] = [None] * len(self.bounds)
+        self._logits: list[torch.Tensor | None] = [None] * batch.micro_batches
         self._t0 = time.perf_counter()
         self._timed = timed
         ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         self._mark0 = self.timer.mark()
         with ctx:
             try:
+                self._tables = self._prepare(batch)
                 self._run_all(flat)
             except BaseException:
                 self.transport.abort()  # fail this rank's pending ops everywhere: nobody waits on it
                 raise
         logits = None
         if self.is_output:
-            m = self.spec.model
-            logits = torch.cat(self._logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
+            logits = torch.cat(self._logits)
+            if batch is self.batch and batch.logits_all and self.batch == Batch.of_spec(self.spec):
+                m = self.spec.model
+                logits = logits.reshape(m.batch_size, m.seq_len, m.vocab_size)
         times = self._collect_times() if timed else []
         self._vals, self._pending = {}, {}
         return BatchResult(logits, times, self._t0)
+
+    def _prepare(self, batch: Batch) -> list:
+        """The attention rank's per-forward state: the KV cache (allocated once) and each
+        chunk's RoPE tables and masks, from one host-to-device copy of the positions."""
+        if not self.attends:
+            return []
+        from pyengine.model.attention import chunk_tables
+        from pyengine.model.kv_cache import KVCache
+
+        need = (batch.sequences, max(batch.lengths))
+        if self.cache is None or not self.cache.fits(*need):
+            shape = tuple(max(a, b) for a, b in zip(self._cache_shape, need))
+            self.cache = KVCache(self.spec, *shape, self.device, torch_dtype(self.spec.model.dtype))
+        pos = torch.tensor(batch.positions(), dtype=torch.int64).to(self.device, non_blocking=True)
+        return [chunk_tables(self.spec.model, c, pos[c.lo:c.hi], torch_dtype(self.spec.model.dtype))
+                for c in batch.chunks]
 
     # ---- actions --------------------------------------------------------------------------
     def _run_all(self, flat: torch.Tensor) -> None:
@@ -148,7 +188,7 @@ class RankRuntime:
             self._wait(a.key)
 
     def _compute(self, a: Action, flat: torch.Tensor) -> None:
-        lo, hi = self.bounds[a.micro_batch]
+        chunk = self._batch.chunks[a.micro_batch]
         inputs: dict[Payload, list[tuple]] = defaultdict(list)
         for d in a.deps:
             for payload, value in self._vals[d].items():
@@ -157,14 +197,21 @@ class RankRuntime:
                         continue
                     value = value[self.rank]
                 inputs[payload].append(value)
-        out = self.stages[a.stage].compute(self.w, flat[lo:hi], inputs)
+        stage = self.stages[a.stage]
+        work = Work(a.layer, chunk, self.cache, self._tables[a.micro_batch] if stage.attends else None,
+                    self._batch.logits_all)
+        out = stage.compute(self._weights(a.layer), flat[chunk.lo:chunk.hi], inputs, work)
         self._vals[a.key] = out
         if Payload.LOGITS in out:
             self._logits[a.micro_batch] = out[Payload.LOGITS][0]
 
+    def _weights(self, layer: int | None) -> LayerWeights:
+        if layer not in self._layer_w:
+            self._layer_w[layer] = LayerWeights(self.w, layer)
+        return self._layer_w[layer]
+
     def _tokens(self, a: Action) -> int:
-        lo, hi = self.bounds[a.micro_batch]
-        return hi - lo
+        return self._batch.chunks[a.micro_batch].tokens
 
     def _issue(self, a: Action) -> tuple[list, tuple]:
         tr, name, peer = self.transport, a.id, a.peers[0]
@@ -184,7 +231,7 @@ class RankRuntime:
                 count = torch.empty(1, dtype=torch.int64, device=self.device)
                 self._open[peer] = a.key
                 return [tr.recv(count, peer, name=f"{name}.count")], (count,)
-            bufs = self._buffers(a.payload, self._tokens(a))
+            bufs = self._buffers(a, self._tokens(a))
             self._vals[a.key] = {a.payload: bufs}
             return self._grouped(tr.recv, bufs, peer, name), ()
         return self._reduce(a)
@@ -197,9 +244,18 @@ class RankRuntime:
         with self.transport.group():
             return [op(t, peer, name=name) for t in tensors]
 
-    def _buffers(self, payload: Payload, rows: int) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
-                     for b in payload.buffers(self.spec, rows))
+    def _buffers(self, a: Action, rows: int) -> tuple[torch.Tensor, ...]:
+        """Receive buffers of `a` for `rows` rows: views of buffers kept from earlier forwards
+        (a sized payload's are allocated at its largest, the chunk's tokens), so the steady
+        state allocates nothing."""
+        full = [b for b in a.payload.buffers(self.spec, max(rows, self._tokens(a)))]
+        kept = self._pool.get(a.key)
+        if kept is None or any(k.shape[0] < b.rows or k.shape[1] != b.cols for k, b in zip(kept, full)):
+            kept = tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
+                         for b in full)
+            self._pool[a.key] = kept
+        want = a.payload.buffers(self.spec, rows)
+        return tuple(k[: w.rows] for k, w in zip(kept, want))
 
     def _post_open(self, peer: int) -> None:
         """Post the rows of `peer`'s open sized receive: wait (host) for its count, allocate,
@@ -211,7 +267,7 @@ class RankRuntime:
         p = self._pending[key]
         complete(p.handles, self.timeout_s)
         rows = _host_int(p.keep_alive[0], self._side)
-        bufs = self._buffers(p.action.payload, rows)
+        bufs = self._buffers(p.action, rows)
         self._vals[key] = {p.action.payload: bufs}
         if rows:
             p.handles += self._grouped(self.transport.recv, bufs, peer, p.action.id)

@@ -53,6 +53,16 @@ class Boundary:
         """Kernels the output stage runs on what it received before the residual + norm."""
         return []
 
+    def residual_kernels(self, experts: Stage, tokens: int, store_residual: bool) -> list[KernelCost]:
+        """What the consumer of the hand-off (the output head, or the next layer's attention)
+        runs first: output_kernels, then one fused residual + partial sums + RMSNorm that reads
+        x and every partial once and writes the normed rows (and the new residual, if stored)."""
+        m = experts.spec.model
+        row = tokens * m.hidden_size * experts.elem
+        moved = (2 + int(store_residual) + self.output_reads(len(experts.ranks))) * row
+        return self.output_kernels(experts, tokens) + [
+            KernelCost("residual_sum_rmsnorm", 0.0, moved + m.hidden_size * experts.elem)]
+
 
 class _AllReduce(Boundary):
     def senders(self, group: Sequence[int], output: int) -> tuple[int, ...]:

@@ -1,19 +1,62 @@
-"""The whole block on one device through the same stage code: the single-device baseline that
-`pyengine run` and the pipeline benchmark time against the pipeline."""
+"""The whole model on one device through the same stage code: the single-device baseline that
+`pyengine run` and the pipeline benchmark time against the pipeline.
+
+It runs the stage objects of the spec moved onto one GPU (experts unsharded, one micro-batch,
+partials handed straight on), layer after layer: the same compute the pipeline's ranks run,
+without communication. torch is imported on call (the planner asks single_device_spec)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from pyengine.core.spec import DeploymentSpec
-from pyengine.model.stages.embed import embed_and_route
-from pyengine.model.stages.experts import expert_ffn
-from pyengine.model.stages.output import output_head
+from pyengine.model.batch import Batch
+from pyengine.model.payloads import Payload
+from pyengine.model.stages import Work, stages_of
+from pyengine.model.tensors import LayerWeights
+
+if TYPE_CHECKING:
+    import torch
 
 
-def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """logits [T, V] for ids [T] with full weights, sequential, no communication."""
-    x, u, top_ids, top_w = embed_and_route(spec, w, ids)
-    return output_head(spec, w, x, [expert_ffn(w, u, top_ids, top_w)])
+def single_device_spec(spec: DeploymentSpec) -> DeploymentSpec:
+    """Everything on GPU 0, one micro-batch, no communication."""
+    return spec.replace(
+        parallel={"stages": [{"name": "embed", "gpus": [0]},
+                             {"name": "experts", "gpus": [0], "tensor_parallel_size": 1},
+                             {"name": "output", "gpus": [0]}]},
+        schedule={"micro_batches": 1, "kind": "gpipe"},
+        comm={"boundary": "partials"})
+
+
+def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torch.Tensor,
+                  batch: Batch | None = None) -> torch.Tensor:
+    """logits [T, V] for ids [T] with full weights, sequential, no communication. `batch`
+    (default: the spec's) says which sequences the ids hold."""
+    one = single_device_spec(spec)
+    embed, experts, output = stages_of(one)
+    batch = Batch.prefill(list((batch or Batch.of_spec(spec)).new), 1)
+    chunk = batch.chunks[0]
+    cache = tables = None
+    if spec.model.layered:
+        import torch
+
+        from pyengine.core.dtypes import torch_dtype
+        from pyengine.model.attention import chunk_tables
+        from pyengine.model.kv_cache import KVCache
+
+        dtype = torch_dtype(spec.model.dtype)
+        cache = KVCache(spec, batch.sequences, max(batch.lengths), ids.device, dtype)
+        positions = torch.tensor(batch.positions(), device=ids.device)
+        tables = chunk_tables(spec.model, chunk, positions, dtype)
+    inputs: dict = {}
+    for layer in embed.layers():
+        lw = LayerWeights(w, layer)
+        out = embed.compute(lw, ids, inputs, Work(layer, chunk, cache, tables))
+        moe = experts.compute(lw, ids, {Payload.ACT: [out[Payload.ACT]]}, Work(layer, chunk))
+        inputs = {Payload.RESID: [out[Payload.RESID]], Payload.PARTIAL: [moe[Payload.PARTIAL]]}
+    last = output.layers()[0]
+    logits = output.compute(LayerWeights(w, last), ids, inputs, Work(last, chunk))
+    return logits[Payload.LOGITS][0]
+

@@ -23,3 +23,19 @@ def route(u: torch.Tensor, router: torch.Tensor, k: int,
     probs = torch.softmax((u @ router).float(), dim=-1)
     w, ids = torch.topk(probs, k, dim=-1)
     return ids.to(torch.int32), (w / w.sum(-1, keepdim=True) if renormalize else w)
+
+
+def add_partials_and_norm(x: torch.Tensor, partials: list, w: torch.Tensor, eps: float,
+                          keep_residual: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(h, rmsnorm(h) * w) with h = x + sum(partials): the partials summed in fp32, in order,
+    rounded once to x.dtype. On CUDA one fused Triton kernel reads every input once; h is
+    written only when `keep_residual` (the next layer needs it; the output head does not)."""
+    if x.device.type == "cuda":
+        from pyengine.kernels import fused_residual_rmsnorm
+
+        if keep_residual:
+            return fused_residual_rmsnorm(x, partials, w, eps, return_residual=True)
+        return None, fused_residual_rmsnorm(x, partials, w, eps)
+    y = torch.stack([p.float() for p in partials]).sum(0)
+    h = x + y.to(x.dtype)
+    return (h if keep_residual else None), rmsnorm(h, w, eps)

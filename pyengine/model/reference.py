@@ -31,20 +31,70 @@ def _top_k(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tenso
     return order[:, :k], (w / w.sum(dim=-1, keepdim=True) if renormalize else w)
 
 
-def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """logits [B, S, V] for ids [B, S] with the full weights, one whole expert at a time."""
-    m = spec.model
-    x = w["embed"][ids.reshape(-1)]
-    u = _norm(x, w["norm_in"], m.norm_eps)
-    top_ids, top_w = _top_k(u @ w["router"], m.top_k, m.renormalize)
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torch.Tensor:
+    """The routed experts' weighted sum [T, H] (fp32) of normed rows u, one whole expert at a time."""
+    top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
+    y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     for e in range(m.num_experts):
         tok, slot = torch.where(top_ids == e)
         if tok.numel() == 0:
             continue
         ue = u[tok]
-        gate, up = ue @ w["w_gate"][e], ue @ w["w_up"][e]
+        gate, up = ue @ w[prefix + "w_gate"][e], ue @ w[prefix + "w_up"][e]
         act = gate * torch.sigmoid(gate) * up
-        y[tok] += (act @ w["w_down"][e]).to(torch.float32) * top_w[tok, slot].unsqueeze(1)
+        y[tok] += (act @ w[prefix + "w_down"][e]).to(torch.float32) * top_w[tok, slot].unsqueeze(1)
+    return y
+
+
+def _rope(t: torch.Tensor, theta: float) -> torch.Tensor:
+    """t [heads, S, d] rotated as complex pairs (t_i, t_{i+d/2}) by angle p * theta^(-2i/d)."""
+    s, d = t.shape[1], t.shape[2]
+    angle = torch.outer(torch.arange(s, dtype=torch.float64),
+                        theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d))
+    z = torch.complex(t[..., : d // 2].double(), t[..., d // 2:].double()) * torch.polar(
+        torch.ones_like(angle), angle).to(t.device)
+    return torch.cat([z.real, z.imag], dim=-1).to(t.dtype)
+
+
+def _attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of one sequence x [S, H]: explicit scores, a triangular mask, fp32 softmax."""
+    d, heads, kv = m.head_size, m.heads, m.kv_heads
+    a = _norm(x, w[prefix + "attn_norm"], m.norm_eps)
+    q, k, v = (a @ w[prefix + n] for n in ("wq", "wk", "wv"))
+    if m.attention_bias:
+        q, k, v = q + w[prefix + "bq"], k + w[prefix + "bk"], v + w[prefix + "bv"]
+    if m.qk_norm == "full":
+        q, k = _norm(q, w[prefix + "q_norm"], m.norm_eps), _norm(k, w[prefix + "k_norm"], m.norm_eps)
+    s = x.shape[0]
+    q, k, v = (t.reshape(s, n, d).transpose(0, 1) for t, n in ((q, heads), (k, kv), (v, kv)))
+    if m.qk_norm == "per_head":
+        q, k = _norm(q, w[prefix + "q_norm"], m.norm_eps), _norm(k, w[prefix + "k_norm"], m.norm_eps)
+    q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
+    group = heads // kv
+    out = torch.empty(heads, s, d, dtype=x.dtype, device=x.device)
+    future = torch.triu(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=1)
+    for h in range(heads):
+        scores = (q[h].float() @ k[h // group].float().T) / d**0.5
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        out[h] = (probs @ v[h // group].float()).to(x.dtype)
+    o = out.transpose(0, 1).reshape(s, heads * d) @ w[prefix + "wo"]
+    return o + w[prefix + "bo"] if m.attention_bias else o
+
+
+def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """logits [B, S, V] for ids [B, S] with the full weights: every layer's attention per sequence
+    (no cache, no chunks), then its experts one whole expert at a time."""
+    m = spec.model
+    x = w["embed"][ids.reshape(-1)]
+    if not m.layered:
+        y = _moe(m, w, "", _norm(x, w["norm_in"], m.norm_eps))
+    else:
+        b, s = ids.shape
+        for layer in range(m.layers):
+            p = f"layers.{layer}."
+            x = torch.cat([xs + _attention(m, w, p, xs) for xs in x.reshape(b, s, -1)])
+            y = _moe(m, w, p, _norm(x, w[p + "norm_in"], m.norm_eps))
+            if layer + 1 < m.layers:
+                x = x + y.to(x.dtype)
     h = x + y.to(x.dtype)
     return (_norm(h, w["norm_out"], m.norm_eps) @ w["out"]).reshape(*ids.shape, m.vocab_size)

@@ -19,53 +19,54 @@ import torch
 
 from pyengine.core.dtypes import torch_dtype
 from pyengine.core.spec import DeploymentSpec
-from pyengine.model.stages import Shard, stages_on
+from pyengine.model.stages import Shard, stages_of, stages_on
+from pyengine.model.tensors import PER_EXPERT, full_shape, weight_key
 
 WEIGHT_NAMES = ("embed", "norm_in", "router", "w_gate", "w_up", "w_down", "norm_out", "out")
-PER_EXPERT = ("w_gate", "w_up", "w_down")
+"""The block's tensors (a model with layers has these per layer, plus its attention's)."""
 
 
 def model_dtype(spec: DeploymentSpec) -> torch.dtype:
     return torch_dtype(spec.model.dtype)
 
 
-def _full_shapes(spec: DeploymentSpec) -> dict[str, tuple[int, ...]]:
-    m = spec.model
-    h, f, e, v = m.hidden_size, m.ffn_hidden_size, m.num_experts, m.vocab_size
-    return {"embed": (v, h), "norm_in": (h,), "router": (h, e), "w_gate": (e, h, f),
-            "w_up": (e, h, f), "w_down": (e, f, h), "norm_out": (h,), "out": (h, v)}
+def tensor_list(spec: DeploymentSpec) -> list[tuple[str, int | None]]:
+    """Every (name, layer) of the model, in stage order (what init_weights returns)."""
+    return [t for stage in stages_of(spec) for t in stage.tensors()]
 
 
-def _generator(seed: int, name: str, index: int = 0) -> torch.Generator:
+def _generator(seed: int, key: str, index: int = 0) -> torch.Generator:
     # One stream per (tensor, expert): a shard can be made without the whole tensor,
     # and CPU generation makes the values identical on every backend.
     g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}/{index}".encode())) % (2**63))
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{key}/{index}".encode())) % (2**63))
     return g
 
 
-def _make(spec: DeploymentSpec, seed: int, name: str, index: int = 0) -> torch.Tensor:
+def _make(spec: DeploymentSpec, seed: int, name: str, layer: int | None, index: int = 0) -> torch.Tensor:
     """fp32 values of one tensor (or of expert `index` of a per-expert tensor)."""
-    shape = _full_shapes(spec)[name]
+    shape = full_shape(spec.model, name)
     if name in PER_EXPERT:
         shape = shape[1:]
-    g = _generator(seed, name, index)
-    if name in ("norm_in", "norm_out"):
+    g = _generator(seed, weight_key(name, layer), index)
+    if name.endswith("norm") or name in ("norm_in", "norm_out"):
         return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) == 1:  # a bias
+        return 0.1 * torch.randn(shape, generator=g)
     fan_in = 1 if name == "embed" else shape[0]
     return torch.randn(shape, generator=g) / fan_in**0.5
 
 
 def weight(spec: DeploymentSpec, seed: int, name: str, *, device: torch.device | str = "cpu",
-           dtype: torch.dtype | None = None, shard: Shard = Shard()) -> torch.Tensor:
-    """One weight, or the slice `shard` of it (expert tensors: some experts, columns of F)."""
+           dtype: torch.dtype | None = None, shard: Shard = Shard(), layer: int | None = None) -> torch.Tensor:
+    """One weight of `layer`, or the slice `shard` of it (expert tensors: some experts, columns of F)."""
     dtype = dtype or model_dtype(spec)
     if name not in PER_EXPERT:
-        return _make(spec, seed, name).to(device=device, dtype=dtype)
+        return _make(spec, seed, name, layer).to(device=device, dtype=dtype)
     experts = shard.experts if shard.experts is not None else range(spec.model.num_experts)
     parts = []
     for e in experts:
-        t = _make(spec, seed, name, e)
+        t = _make(spec, seed, name, layer, e)
         if shard.f_cols is not None:
             a, b = shard.f_cols
             t = t[a:b, :] if name == "w_down" else t[:, a:b]
@@ -73,9 +74,9 @@ def weight(spec: DeploymentSpec, seed: int, name: str, *, device: torch.device |
     return torch.stack(parts).contiguous()
 
 
-def take(full: dict[str, torch.Tensor], name: str, shard: Shard) -> torch.Tensor:
+def take(full: dict[str, torch.Tensor], name: str, shard: Shard, layer: int | None = None) -> torch.Tensor:
     """The slice `shard` of a full tensor (the same slice `weight(..., shard=shard)` makes)."""
-    t = full[name]
+    t = full[weight_key(name, layer)]
     if name not in PER_EXPERT:
         return t
     if shard.experts is not None:
@@ -88,8 +89,10 @@ def take(full: dict[str, torch.Tensor], name: str, shard: Shard) -> torch.Tensor
 
 def init_weights(spec: DeploymentSpec, seed: int = 0, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Full, unsharded weights under WEIGHT_NAMES. Same seed, same values on any backend."""
-    return {name: weight(spec, seed, name, device=device, dtype=dtype) for name in WEIGHT_NAMES}
+    """Full, unsharded weights by key (the block: exactly WEIGHT_NAMES). Same seed, same values
+    on any backend."""
+    return {weight_key(n, l): weight(spec, seed, n, device=device, dtype=dtype, layer=l)
+            for n, l in tensor_list(spec)}
 
 
 @runtime_checkable
@@ -99,12 +102,14 @@ class WeightSource(Protocol):
     dtype; `shard` picks experts and F columns. Sources must pickle (ranks may be processes)."""
 
     def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
-               device: torch.device | str = "cpu") -> torch.Tensor:
-        """One weight, or the slice `shard` of it, on `device`."""
+               device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
+        """One weight of `layer` (None: a shared tensor, or the block's), or the slice `shard`
+        of it, on `device`."""
         ...
 
-    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard()) -> int:
-        """Bytes `weight(spec, name, shard)` reads from storage (0 for generated weights)."""
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+                   layer: int | None = None) -> int:
+        """Bytes `weight(spec, name, shard, layer=layer)` reads from storage (0 for generated weights)."""
         ...
 
     def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
@@ -124,10 +129,11 @@ class SeededWeights:
     seed: int = 0
 
     def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
-               device: torch.device | str = "cpu") -> torch.Tensor:
-        return weight(spec, self.seed, name, device=device, shard=shard)
+               device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
+        return weight(spec, self.seed, name, device=device, shard=shard, layer=layer)
 
-    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard()) -> int:
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+                   layer: int | None = None) -> int:
         return 0
 
     def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
@@ -145,33 +151,30 @@ def as_source(source: WeightSource | int) -> WeightSource:
 
 def rank_weights(spec: DeploymentSpec, source: WeightSource | int, rank: int,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Only what `rank` holds: the weights of the stages it runs, each sliced as the stage says.
-    `source` is a WeightSource or a seed."""
+    """Only what `rank` holds: the tensors of the stages it runs (every layer's), each sliced as
+    the stage says, keyed by weight_key. `source` is a WeightSource or a seed."""
     src = as_source(source)
-    out: dict[str, torch.Tensor] = {}
-    for stage in stages_on(spec, rank):
-        for name in stage.weight_names:
-            out[name] = src.weight(spec, name, stage.shard(rank), device)
-    return out
+    return {weight_key(name, layer): src.weight(spec, name, stage.shard(rank), device, layer=layer)
+            for stage in stages_on(spec, rank) for name, layer in stage.tensors()}
 
 
 def rank_read_bytes(spec: DeploymentSpec, source: WeightSource | int, rank: int) -> int:
     """Bytes `rank_weights(spec, source, rank)` reads from storage: its slices only."""
     src = as_source(source)
-    return sum(src.read_bytes(spec, name, stage.shard(rank))
-               for stage in stages_on(spec, rank) for name in stage.weight_names)
+    return sum(src.read_bytes(spec, name, stage.shard(rank), layer=layer)
+               for stage in stages_on(spec, rank) for name, layer in stage.tensors())
 
 
 def full_weights(spec: DeploymentSpec, source: WeightSource | int,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every weight, unsharded, under WEIGHT_NAMES (the single-device reference and baseline)."""
+    """Every weight, unsharded, by key (the single-device reference and baseline)."""
     src = as_source(source)
-    return {name: src.weight(spec, name, Shard(), device) for name in WEIGHT_NAMES}
+    return {weight_key(n, l): src.weight(spec, n, Shard(), device, layer=l) for n, l in tensor_list(spec)}
 
 
 def full_read_bytes(spec: DeploymentSpec, source: WeightSource | int) -> int:
     src = as_source(source)
-    return sum(src.read_bytes(spec, name, Shard()) for name in WEIGHT_NAMES)
+    return sum(src.read_bytes(spec, n, Shard(), layer=l) for n, l in tensor_list(spec))
 
 
 def make_tokens(spec: DeploymentSpec, seed: int = 0) -> torch.Tensor:

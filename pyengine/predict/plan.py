@@ -39,6 +39,8 @@ class GpuPlan:
     """Predicted comm-lane time per batch."""
     flop_share: float
     busy_share: float
+    kv_cache_bytes: int = 0
+    """Every layer's keys and values of the batch (the attention GPU; included in memory_bytes)."""
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from pyengine.predict.devices import DeviceProfile, load_profile
 from pyengine.predict.layouts import layout_options
 from pyengine.predict.plan import GpuPlan, Plan, StagePlan
 from pyengine.predict.prediction import baselines, predict, predict_busy
-from pyengine.predict.resources import activation_bytes, parts, traffic, weight_bytes
+from pyengine.predict.resources import activation_bytes, parts, state_bytes, traffic, weight_bytes
 from pyengine.predict.roofline import message_bytes, op_costs
 from pyengine.predict.verdicts import verdicts
 from pyengine.schedule import Kind, Table, build
@@ -46,7 +46,8 @@ def _gpus(spec: DeploymentSpec, dev: DeviceProfile, table: Table, routing: Routi
     comm = {r: sum(cost(a) for a in table[r] if a.kind is not Kind.COMPUTE) for r in table}
     cap = spec.hardware.gpu_memory_gb * 1e9
     reserved = int(dev.reserved_gb * 1e9)
-    used = {r: sum(weights[r].values()) + acts[r] for r in spec.ranks}
+    kv = state_bytes(spec)
+    used = {r: sum(weights[r].values()) + acts[r] + kv[r] for r in spec.ranks}
     m = spec.schedule.micro_batches
     division = parts(spec)
     out = []
@@ -60,7 +61,8 @@ def _gpus(spec: DeploymentSpec, dev: DeviceProfile, table: Table, routing: Routi
             sent_per_peer={p: b / m for p, b in sorted(sent[r].items())},
             recv_per_peer={p: b / m for p, b in sorted(recv[r].items())},
             busy_s=busy[r], comm_s=comm[r],
-            flop_share=flops[r] / sum(flops.values()), busy_share=busy[r] / sum(busy.values())))
+            flop_share=flops[r] / sum(flops.values()), busy_share=busy[r] / sum(busy.values()),
+            kv_cache_bytes=kv[r]))
     return out
 
 
@@ -73,7 +75,7 @@ def _stages(spec: DeploymentSpec, dev: DeviceProfile, table: Table, routing: Rou
                        if a.kind is Kind.SEND and a.stage == st.kind) for g in st.ranks)
         out.append(StagePlan(
             index=int(st.kind), name=st.name, gpus=list(st.ranks),
-            flops=sum(st.flops(tokens, g) for g in st.ranks),
+            flops=sum(st.flops(tokens, g, layer) for g in st.ranks for layer in st.layers()),
             weight_bytes=sum(sum(st.weight_bytes(g).values()) for g in st.ranks),
             activation_bytes=sum(st.working_set(t_max, g)[0] for g in st.ranks),
             sent_bytes=int(sent), busy_s=max(per_stage[(g, st.kind)] for g in st.ranks)))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Timeline
+from pyengine.model.forward import single_device_spec
 from pyengine.model.routing import Routing
 from pyengine.model.stages import rank_flops, stages_of
 from pyengine.predict.devices import DeviceProfile
@@ -86,8 +87,8 @@ def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = N
 
 def compute_actions(spec: DeploymentSpec) -> list[Action]:
     """Every COMPUTE action of one batch (what the schedule tables contain, without building them)."""
-    return [Action(r, Kind.COMPUTE, st.kind, mb) for st in stages_of(spec) for r in st.ranks
-            for mb in range(spec.schedule.micro_batches)]
+    return [Action(r, Kind.COMPUTE, st.kind, mb, layer=layer) for st in stages_of(spec)
+            for layer in st.layers() for r in st.ranks for mb in range(spec.schedule.micro_batches)]
 
 
 def predict_busy(spec: DeploymentSpec, device: DeviceProfile, by_stage: bool = False,
@@ -102,13 +103,8 @@ def predict_busy(spec: DeploymentSpec, device: DeviceProfile, by_stage: bool = F
 
 
 def single_gpu_spec(spec: DeploymentSpec) -> DeploymentSpec:
-    """Everything on GPU 0, one micro-batch, no communication."""
-    return spec.replace(
-        parallel={"stages": [{"name": "embed", "gpus": [0]},
-                             {"name": "experts", "gpus": [0], "tensor_parallel_size": 1},
-                             {"name": "output", "gpus": [0]}]},
-        schedule={"micro_batches": 1, "kind": "gpipe"},
-        comm={"boundary": "partials"})
+    """Everything on GPU 0, one micro-batch, no communication (the single-device baseline's spec)."""
+    return single_device_spec(spec)
 
 
 def baselines(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None) -> list[Baseline]:

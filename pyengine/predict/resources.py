@@ -5,7 +5,8 @@ activation  peak live activation bytes on a GPU: the working set of the largest 
             that wait across micro-batches under GPipe (received inputs, partial outputs
             awaiting their reduction, the residual x kept for stage 2, the logits of
             finished micro-batches). Forward only.
-memory      weights + activations + the profile's reserved_gb (context, NCCL, slack),
+kv cache    every layer's keys and values of the batch's sequences, on the attention GPU.
+memory      weights + activations + KV cache + the profile's reserved_gb (context, NCCL, slack),
             against hardware.gpu_memory_gb (1 GB = 1e9 bytes).
 traffic     bytes per batch by peer; a ring collective counts bus factor x buffer bytes to
             the ring successor and from its predecessor.
@@ -49,12 +50,25 @@ def activation_bytes(spec: DeploymentSpec, routing: Routing | None = None) -> di
     return out
 
 
-def memory_bytes(spec: DeploymentSpec, device: DeviceProfile,
-                 routing: Routing | None = None) -> dict[int, int]:
-    """Weights + activations + reserved bytes per GPU."""
+def state_bytes(spec: DeploymentSpec, capacity: int | None = None,
+                sequences: int | None = None) -> dict[int, int]:
+    """State kept across micro-batches and forwards per GPU: the KV cache of `sequences`
+    sequences (default batch_size) of up to `capacity` tokens (default seq_len; generation:
+    prompt + new tokens)."""
+    m = spec.model
+    seqs = m.batch_size if sequences is None else sequences
+    cap = m.seq_len if capacity is None else capacity
+    return {r: sum(st.state_bytes(r, seqs, cap) for st in stages_on(spec, r)) for r in spec.ranks}
+
+
+def memory_bytes(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None,
+                 capacity: int | None = None, sequences: int | None = None) -> dict[int, int]:
+    """Weights + activations + the KV cache + reserved bytes per GPU (the cache sized as
+    state_bytes says)."""
     w = weight_bytes(spec)
     act = activation_bytes(spec, routing)
-    return {r: sum(w[r].values()) + act[r] + int(device.reserved_gb * 1e9) for r in spec.ranks}
+    kv = state_bytes(spec, capacity, sequences)
+    return {r: sum(w[r].values()) + act[r] + kv[r] + int(device.reserved_gb * 1e9) for r in spec.ranks}
 
 
 def fits(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None) -> bool:

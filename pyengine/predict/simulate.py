@@ -104,10 +104,10 @@ class Simulator:
         return [a, h]
 
     def deps_done(self, a: Action) -> bool:
-        return all((a.rank, d) in self.end for d in a.deps)
+        return all((a.rank, d) in self.end for d in a.deps + a.after)
 
     def start_of(self, a: Action) -> float:
-        return max([self.free[self.lane(a.rank, a.kind)]] + [self.end[(a.rank, d)] for d in a.deps])
+        return max([self.free[self.lane(a.rank, a.kind)]] + [self.end[(a.rank, d)] for d in a.deps + a.after])
 
     def execute(self, group: list[Action]) -> None:
         duration = max(float(self.cost(g)) for g in group)

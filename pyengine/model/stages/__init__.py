@@ -1,6 +1,9 @@
-"""The three stages of the block, one object each (embed + router, experts, output head).
+"""The three stages of a layer's trip, one object each: the attention GPU's part (embedding,
+attention, router), the experts, and the output head after the last layer. A model of L layers
+runs the first two at every layer; the attention-free block is the one-layer case without
+attention (embed + router, experts, output head).
 
-Each stage answers, for a rank that runs it: its FLOPs and the kernels it launches (FLOPs and
+Each stage answers, at a layer, for a rank that runs it: its FLOPs and the kernels it launches (FLOPs and
 HBM bytes each, for the roofline), the weights it holds (names, slices, bytes), its activation
 working set, the model part it is, what it consumes from which stage, and `compute` itself
 (torch, imported on call). The schedule, the planner, the simulator and the runtime all ask
@@ -12,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
+from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
 from pyengine.model.stages.embed import EmbedStage
 from pyengine.model.stages.expert_parallel import ExpertParallelStage
 from pyengine.model.stages.experts import ExpertsStage
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from pyengine.model.routing import Routing
 
 __all__ = ["EmbedStage", "ExpertParallelStage", "ExpertsStage", "Inputs", "KernelCost", "OutputStage",
-           "Shard", "Stage", "StageKind", "rank_flops", "stages_of", "stages_on"]
+           "Shard", "Source", "Stage", "StageKind", "Work", "rank_flops", "stages_of", "stages_on"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -41,10 +44,11 @@ def stages_on(spec: DeploymentSpec, rank: int, routing: Routing | None = None) -
 
 def rank_flops(spec: DeploymentSpec, tokens: int | None = None,
                routing: Routing | None = None) -> dict[int, float]:
-    """FLOPs per rank for `tokens` tokens (default: one whole batch)."""
+    """FLOPs per rank for `tokens` tokens through every layer (default: one whole batch)."""
     t = spec.model.tokens if tokens is None else tokens
     out = {r: 0.0 for r in spec.ranks}
     for stage in stages_of(spec, routing):
-        for r in stage.ranks:
-            out[r] += stage.flops(t, r)
+        for layer in stage.layers():
+            for r in stage.ranks:
+                out[r] += stage.flops(t, r, layer)
     return out

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyengine.core import dtypes
+from pyengine.model.batch import Chunk
 from pyengine.model.costs import KernelCost
 from pyengine.model.payloads import Payload
+from pyengine.model.tensors import model_layers
 
 if TYPE_CHECKING:
     from pyengine.core.spec import DeploymentSpec
@@ -34,36 +37,102 @@ class Shard(NamedTuple):
 Inputs = Mapping[Payload, Sequence[tuple[Any, ...]]]
 
 
+class Source(NamedTuple):
+    """Where a stage's input comes from: `payload` produced by stage `stage` of layer `layer`."""
+
+    payload: Payload
+    stage: StageKind
+    layer: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """Where one compute sits: its layer (None: the block), its chunk of the batch's token axis,
+    and the attention rank's state (the KV cache and the chunk's RoPE tables; None elsewhere)."""
+
+    layer: int | None
+    chunk: Chunk
+    cache: Any = None
+    tables: Any = None
+    logits_all: bool = True
+    """False: the output head computes only the chunk's last-token rows (chunk.last_rows)."""
+
+
 class Stage:
     """Base class: what every stage answers. Subclasses fill in the model-specific parts."""
 
     kind: StageKind
-    weight_names: tuple[str, ...] = ()
-    inputs: tuple[tuple[Payload, StageKind], ...] = ()
-    """(payload, producing stage) pairs consumed from single-rank stages; the experts ->
-    output hand-off is the boundary's (pyengine.model.boundaries)."""
+    shared_weights: tuple[str, ...] = ()
+    """Tensors held once (embedding, final norm, head)."""
+    attends = False
+    """Its compute reads and writes the KV cache: within a layer, the chunks of one sequence
+    must run in order."""
 
     def __init__(self, spec: DeploymentSpec):
         self.spec = spec
         self.ranks: tuple[int, ...] = spec.parallel.stages[self.kind].gpus
         self.elem = dtypes.nbytes(spec.model.dtype)
+        self.layer_list = model_layers(spec.model)
+        """Layer indices per-layer tensors and actions carry ([None] for the block)."""
 
     @property
     def name(self) -> str:
         return self.spec.parallel.stages[self.kind].name
 
-    def flops(self, tokens: int, rank: int) -> float:
-        return sum(k.flops for k in self.kernels(tokens, rank))
+    # ---- where the stage runs and what it consumes ------------------------------------------
+    def layers(self) -> list[int | None]:
+        """The layers at which this stage computes (every layer, unless it closes the model)."""
+        return self.layer_list
 
-    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+    def inputs(self, layer: int | None) -> tuple[Source, ...]:
+        """What its compute at `layer` consumes from single-rank stages; the experts' hand-off
+        is the boundary's (pyengine.model.boundaries), see `hand_off_from`."""
+        return ()
+
+    def hand_off_from(self, layer: int | None) -> tuple[int | None, ...]:
+        """The layer(s) whose experts' hand-off its compute at `layer` consumes (none, or one)."""
+        return ()
+
+    # ---- costs --------------------------------------------------------------------------------
+    def flops(self, tokens: int, rank: int, layer: int | None = None, chunk: Chunk | None = None) -> float:
+        return sum(k.flops for k in self.kernels(tokens, rank, layer, chunk))
+
+    def kernels(self, tokens: int, rank: int, layer: int | None = None,
+                chunk: Chunk | None = None) -> list[KernelCost]:
+        """The kernels one compute of `tokens` tokens launches at `layer` (chunk: which tokens,
+        for attention; None: an average share of the spec's batch)."""
         raise NotImplementedError
 
+    # ---- weights ------------------------------------------------------------------------------
+    def layer_weights(self) -> tuple[str, ...]:
+        """Tensors held once per layer."""
+        return ()
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return self.shared_weights + self.layer_weights()
+
+    def tensors(self) -> list[tuple[str, int | None]]:
+        """Every (name, layer) this stage holds."""
+        return ([(n, None) for n in self.shared_weights]
+                + [(n, layer) for layer in self.layer_list for n in self.layer_weights()])
+
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the weights `rank` holds for this stage (its slices, not the full tensors)."""
+        """Shapes of the weights `rank` holds for this stage, one layer's worth (its slices, not
+        the full tensors)."""
         raise NotImplementedError
 
     def weight_bytes(self, rank: int) -> dict[str, int]:
-        return {n: _prod(s) * self.elem for n, s in self.weight_shapes(rank).items()}
+        """Bytes by tensor name, every layer's summed."""
+        per_layer = set(self.layer_weights())
+        count = len(self.layer_list)
+        return {n: _prod(s) * self.elem * (count if n in per_layer else 1)
+                for n, s in self.weight_shapes(rank).items()}
+
+    def state_bytes(self, rank: int, sequences: int, capacity: int) -> int:
+        """State that lives across micro-batches and forwards (the KV cache), for `sequences`
+        sequences of up to `capacity` tokens."""
+        return 0
 
     def shard(self, rank: int) -> Shard:
         """Which slice of this stage's weights `rank` holds (default: all of them)."""
@@ -82,8 +151,11 @@ class Stage:
         the payload(s) this stage consumes."""
         raise NotImplementedError
 
-    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
-        """Run the stage on one micro-batch: `ids` are its token ids, `inputs` what it consumed."""
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
+                work: Work | None = None) -> dict[Payload, tuple]:
+        """Run the stage on one micro-batch: `weights` as its layer sees them
+        (pyengine.model.tensors.LayerWeights), `ids` its token ids, `inputs` what it consumed,
+        `work` its layer and chunk (None: the block's micro-batch, no attention)."""
         raise NotImplementedError
 
 

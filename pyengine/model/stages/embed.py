@@ -1,50 +1,138 @@
-"""Stage 0 (embed + router): x = embed[ids]; u = rmsnorm(x) * norm_in; top-k routing of u."""
+"""Stage 0, on the attention GPU: per layer, the residual stream's attention and the router.
+
+The block (no layers): x = embed[ids]; u = rmsnorm(x) * norm_in; top-k routing of u.
+A model of L layers, at layer l: x = embed[ids] (l = 0) or x = x_{l-1} + the experts' sum of layer
+l-1 (the hand-off of the previous layer, added in one fused residual + norm kernel on CUDA);
+x = x + attention_l(x) over the KV cache; u = rmsnorm(x) * norm_in_l; top-k routing of u. It
+sends u (and the routing) to layer l's experts and keeps x for layer l+1 (or the output head).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from pyengine.model.batch import Batch, Chunk
+from pyengine.model.boundaries import boundary_of
+from pyengine.model.kv_cache import cache_bytes
 from pyengine.model.payloads import Payload
-from pyengine.model.stages.base import Inputs, KernelCost, Stage, StageKind
+from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
+from pyengine.model.tensors import attention_names
 
 
 class EmbedStage(Stage):
     kind = StageKind.EMBED
-    weight_names = ("embed", "norm_in", "router")
+    shared_weights = ("embed",)
 
     def __init__(self, spec, consumer: Stage):
         super().__init__(spec)
         self.consumer = consumer
         """The experts stage: it says how the router's output is packaged for it."""
+        self.boundary = boundary_of(spec)
+        self._batch = Batch.of_spec(spec)
+        self.attends = spec.model.layered
 
-    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+    def layer_weights(self) -> tuple[str, ...]:
+        return attention_names(self.spec.model) + ("norm_in", "router")
+
+    def _after_first(self, layer: int | None) -> bool:
+        return layer is not None and layer > 0
+
+    def inputs(self, layer: int | None) -> tuple[Source, ...]:
+        return (Source(Payload.RESID, StageKind.EMBED, layer - 1),) if self._after_first(layer) else ()
+
+    def hand_off_from(self, layer: int | None) -> tuple[int | None, ...]:
+        return (layer - 1,) if self._after_first(layer) else ()
+
+    # ---- costs ----------------------------------------------------------------------------------
+    def kernels(self, tokens: int, rank: int, layer: int | None = None,
+                chunk: Chunk | None = None) -> list[KernelCost]:
         m, es, t = self.spec.model, self.elem, tokens
         h, e, k = m.hidden_size, m.num_experts, m.top_k
-        return [
-            KernelCost("embed_gather", 0.0, t * 8 + 2 * t * h * es),
-            KernelCost("rmsnorm_in", 0.0, 2 * t * h * es + h * es),
+        if self._after_first(layer):
+            first = self.boundary.residual_kernels(self.consumer, t, store_residual=True)
+        else:
+            first = [KernelCost("embed_gather", 0.0, t * 8 + 2 * t * h * es)]
+            if m.layered:
+                first.append(KernelCost("rmsnorm_attn", 0.0, 2 * t * h * es + h * es))
+        attn = self._attention_kernels(t, chunk) if m.layered else []
+        norm = 3 * t * h * es if m.layered else 2 * t * h * es  # residual add (+ o) and the norm
+        return first + attn + [
+            KernelCost("rmsnorm_in", 0.0, norm + h * es),
             KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4),
             KernelCost("softmax_topk", 0.0, t * e * 4 + t * k * 8),
         ]
 
+    def _attention_kernels(self, t: int, chunk: Chunk | None) -> list[KernelCost]:
+        """QKV and O projections (dense GEMMs of t rows), q/k norms + RoPE and the KV-cache write
+        (memory-bound), and causal attention over the cached keys: 4*d FLOPs per query-key pair
+        and head (QK^T and PV), every cached key and value read once per segment."""
+        m, es = self.spec.model, self.elem
+        h, d = m.hidden_size, m.head_size
+        q, kv = m.heads * d, m.kv_heads * d
+        attended, keys = self._attention_work(t, chunk)
+        return [
+            KernelCost("qkv_gemm", 2.0 * t * h * (q + 2 * kv), h * (q + 2 * kv) * es + t * (h + q + 2 * kv) * es),
+            KernelCost("qk_norm_rope_kv_write", 0.0, 2 * t * (q + kv) * es + 2 * t * kv * es),
+            KernelCost("attention", 4.0 * m.heads * d * attended, 2 * t * q * es + 2 * keys * kv * es),
+            KernelCost("o_gemm", 2.0 * t * q * h, q * h * es + t * (q + h) * es),
+        ]
+
+    def _attention_work(self, t: int, chunk: Chunk | None) -> tuple[float, float]:
+        """(query-key pairs, cached key rows read) of a chunk; without one, t tokens' average
+        share of the spec's batch."""
+        if chunk is not None:
+            return chunk.attended, chunk.keys_read
+        b = self._batch
+        share = t / b.tokens
+        return (share * sum(c.attended for c in b.chunks), share * sum(c.keys_read for c in b.chunks))
+
+    # ---- memory ---------------------------------------------------------------------------------
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        m = self.spec.model
-        return {"embed": (m.vocab_size, m.hidden_size), "norm_in": (m.hidden_size,),
-                "router": (m.hidden_size, m.num_experts)}
+        from pyengine.model.tensors import full_shape
+
+        return {n: full_shape(self.spec.model, n) for n in self.weight_names}
 
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
         work = 2 * t * m.hidden_size * es + t * m.num_experts * 4 + t * m.top_k * 8  # x, u, logits, top-k
+        if m.layered:  # a, q, k, v, attention out, and the incoming partials
+            work += t * (m.hidden_size + 2 * (m.heads + m.kv_heads) * m.head_size) * es
+            work += int(self.boundary.incoming_bytes(self.consumer, t))
+            return work, t * m.hidden_size * es  # x waits here between layers
         keeps_x = rank in self.spec.stage("output").gpus  # x waits here for the residual add
         return work, (t * m.hidden_size * es if keeps_x else 0)
 
-    def part(self, rank: int) -> str:
-        return "embed+router"
+    def state_bytes(self, rank: int, sequences: int, capacity: int) -> int:
+        return cache_bytes(self.spec, sequences, capacity)
 
-    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
-        x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
+    def part(self, rank: int) -> str:
+        return "embed+attention+router" if self.spec.model.layered else "embed+router"
+
+    # ---- compute --------------------------------------------------------------------------------
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
+                work: Work | None = None) -> dict[Payload, tuple]:
+        if not self.spec.model.layered:
+            x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
+        else:
+            x, u, top_ids, top_w = self._layer(weights, ids, inputs, work)
         return {**self.consumer.from_router(u, top_ids, top_w), Payload.RESID: (x,)}
+
+    def _layer(self, w: Mapping[str, Any], ids, inputs: Inputs, work: Work):
+        from pyengine.model.attention import attention_block
+        from pyengine.model.math import add_partials_and_norm, rmsnorm, route
+
+        m = self.spec.model
+        a = None
+        if self._after_first(work.layer):
+            (x,), = inputs[Payload.RESID]
+            x, a = add_partials_and_norm(x, self.boundary.gather(inputs, x.shape[0]), w["attn_norm"], m.norm_eps)
+        else:
+            x = w["embed"][ids]
+        x = attention_block(m, w, x, work.cache, work.layer, work.chunk, work.tables, a)
+        u = rmsnorm(x, w["norm_in"], m.norm_eps)
+        top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize)
+        return x, u, top_ids, top_w
 
 
 def embed_and_route(spec, w: Mapping[str, Any], ids):

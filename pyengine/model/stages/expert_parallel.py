@@ -14,16 +14,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.routing import Routing, uniform
-from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
+from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
 from pyengine.model.stages.experts import EXPERT_WEIGHTS, expert_ffn
 
 
 class ExpertParallelStage(Stage):
     kind = StageKind.EXPERTS
-    weight_names = EXPERT_WEIGHTS
-    inputs = ((Payload.DISPATCH, StageKind.EMBED),)
+
+    def layer_weights(self) -> tuple[str, ...]:
+        return EXPERT_WEIGHTS
+
+    def inputs(self, layer: int | None) -> tuple[Source, ...]:
+        return (Source(Payload.DISPATCH, StageKind.EMBED, layer),)
 
     def __init__(self, spec, routing: Routing | None = None):
         super().__init__(spec)
@@ -40,7 +45,8 @@ class ExpertParallelStage(Stage):
         """(token, expert) pairs `rank` computes."""
         return tokens * self.spec.model.top_k * self.routing.pair_share(self.placement[rank])
 
-    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+    def kernels(self, tokens: int, rank: int, layer: int | None = None,
+                chunk: Chunk | None = None) -> list[KernelCost]:
         m, es = self.spec.model, self.elem
         h, f, k = m.hidden_size, m.ffn_hidden_size, m.top_k
         rows, pairs = self.rows_for(rank, tokens), self.pairs_for(rank, tokens)
@@ -106,7 +112,8 @@ class ExpertParallelStage(Stage):
             self._luts[device] = luts
         return self._luts[device]
 
-    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
+                work: Work | None = None) -> dict[Payload, tuple]:
         import torch
 
         (rows, meta, w), = inputs[Payload.DISPATCH]

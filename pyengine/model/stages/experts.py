@@ -9,16 +9,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload
-from pyengine.model.stages.base import Inputs, KernelCost, Shard, Stage, StageKind
+from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 class ExpertsStage(Stage):
     kind = StageKind.EXPERTS
-    weight_names = EXPERT_WEIGHTS
-    inputs = ((Payload.ACT, StageKind.EMBED),)
+
+    def layer_weights(self) -> tuple[str, ...]:
+        return EXPERT_WEIGHTS
+
+    def inputs(self, layer: int | None) -> tuple[Source, ...]:
+        return (Source(Payload.ACT, StageKind.EMBED, layer),)
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -28,7 +33,8 @@ class ExpertsStage(Stage):
         a, b = self._cols[rank]
         return b - a
 
-    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+    def kernels(self, tokens: int, rank: int, layer: int | None = None,
+                chunk: Chunk | None = None) -> list[KernelCost]:
         m, es = self.spec.model, self.elem
         h, e, f = m.hidden_size, m.num_experts, self.f_cols(rank)
         pairs = tokens * m.top_k
@@ -65,7 +71,8 @@ class ExpertsStage(Stage):
         """The router's output packaged for this stage: every shard needs every token."""
         return {Payload.ACT: (u, top_ids, top_w)}
 
-    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
+                work: Work | None = None) -> dict[Payload, tuple]:
         (u, top_ids, top_w), = inputs[Payload.ACT]
         return {Payload.PARTIAL: (expert_ffn(weights, u, top_ids, top_w),)}
 

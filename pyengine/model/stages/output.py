@@ -1,36 +1,45 @@
 """Stage 2 (output): h = x + sum of the experts' partial sums; logits = (rmsnorm(h) * norm_out) @ out.
 
 On CUDA the residual add, the partial sums and the norm run as one Triton kernel
-(pyengine.kernels.fused_residual_rmsnorm); the output head is one cuBLAS GEMM."""
+(pyengine.kernels.fused_residual_rmsnorm); the output head is one cuBLAS GEMM. In a model of
+layers it runs once, after the last layer, on that layer's x and hand-off."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from pyengine.model.batch import Chunk
 from pyengine.model.boundaries import boundary_of
 from pyengine.model.payloads import Payload
-from pyengine.model.stages.base import Inputs, KernelCost, Stage, StageKind
+from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
 
 
 class OutputStage(Stage):
+    """After the last layer (the block: its only one): the last hand-off, final norm and head."""
+
     kind = StageKind.OUTPUT
-    weight_names = ("norm_out", "out")
-    inputs = ((Payload.RESID, StageKind.EMBED),)
+    shared_weights = ("norm_out", "out")
 
     def __init__(self, spec, experts: Stage):
         super().__init__(spec)
         self.boundary = boundary_of(spec)
         self.experts = experts
 
-    def _partials_read(self) -> int:
-        return self.boundary.output_reads(len(self.experts.ranks))
+    def layers(self) -> list[int | None]:
+        return self.layer_list[-1:]
 
-    def kernels(self, tokens: int, rank: int) -> list[KernelCost]:
+    def inputs(self, layer: int | None) -> tuple[Source, ...]:
+        return (Source(Payload.RESID, StageKind.EMBED, layer),)
+
+    def hand_off_from(self, layer: int | None) -> tuple[int | None, ...]:
+        return (layer,)
+
+    def kernels(self, tokens: int, rank: int, layer: int | None = None,
+                chunk: Chunk | None = None) -> list[KernelCost]:
         m, es, t = self.spec.model, self.elem, tokens
         h, v = m.hidden_size, m.vocab_size
-        return self.boundary.output_kernels(self.experts, t) + [
-            KernelCost("residual_sum_rmsnorm", 0.0, (2 + self._partials_read()) * t * h * es + h * es),
+        return self.boundary.residual_kernels(self.experts, t, store_residual=False) + [
             KernelCost("out_head_gemm", 2.0 * t * h * v, h * v * es + t * h * es + t * v * es),
         ]
 
@@ -49,24 +58,22 @@ class OutputStage(Stage):
     def part(self, rank: int) -> str:
         return "output head"
 
-    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs) -> dict[Payload, tuple]:
+    def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
+                work: Work | None = None) -> dict[Payload, tuple]:
         (x,), = inputs[Payload.RESID]
         partials = self.boundary.gather(inputs, x.shape[0])
+        if work is not None and not work.logits_all:  # generation: each sequence's last token only
+            rows = list(work.chunk.last_rows)
+            if not rows:
+                return {Payload.LOGITS: (x.new_empty(0, self.spec.model.vocab_size),)}
+            if len(rows) < x.shape[0]:  # a decode group's rows are all last: no gather
+                x, partials = x[rows], [p[rows] for p in partials]
         return {Payload.LOGITS: (output_head(self.spec, weights, x, partials),)}
 
 
 def output_head(spec, w: Mapping[str, Any], x, partials: list):
     """logits [T, V] from the residual x and the experts' partial sums."""
-    eps = spec.model.norm_eps
-    if x.device.type == "cuda":
-        from pyengine.kernels import fused_residual_rmsnorm
+    from pyengine.model.math import add_partials_and_norm
 
-        normed = fused_residual_rmsnorm(x, partials, w["norm_out"], eps)
-    else:
-        import torch
-
-        from pyengine.model.math import rmsnorm
-
-        y = torch.stack([p.float() for p in partials]).sum(0)
-        normed = rmsnorm(x + y.to(x.dtype), w["norm_out"], eps)
+    _, normed = add_partials_and_norm(x, partials, w["norm_out"], spec.model.norm_eps, keep_residual=False)
     return normed @ w["out"]

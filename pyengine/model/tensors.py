@@ -1,0 +1,82 @@
+"""The model's tensors: their names, their full shapes, and the key each has in a weights dict.
+
+A tensor is a name and, for per-layer tensors of a model with layers, a layer. Its key in a
+weights dict is built by `weight_key` and never parsed back: the bare name for shared tensors and
+for the attention-free block (whose names are exactly embed, norm_in, router, w_gate, w_up,
+w_down, norm_out, out), `layers.<l>.<name>` for layer l's tensors. A stage computing layer l sees
+`LayerWeights(weights, l)`: per-layer names resolve to that layer's tensors, shared ones to
+themselves, so the stage code reads `w["router"]` whatever the layer.
+
+Layout is the engine's [in, out] (HF linears are [out, in]): w_gate/w_up [E, H, F], w_down
+[E, F, H], router [H, E], out [H, V], wq [H, heads*d], wk/wv [H, kv*d], wo [heads*d, H].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyengine.core.spec import ModelSpec
+
+SHARED = ("embed", "norm_out", "out")
+"""Tensors the model holds once, whatever its layer count."""
+PER_EXPERT = ("w_gate", "w_up", "w_down")
+ATTENTION = ("attn_norm", "wq", "wk", "wv", "wo")
+QK_NORMS = ("q_norm", "k_norm")
+BIASES = ("bq", "bk", "bv", "bo")
+
+
+def attention_names(model: ModelSpec) -> tuple[str, ...]:
+    """One layer's attention tensors for this model's options (none for the block)."""
+    if not model.layered:
+        return ()
+    return ATTENTION + (QK_NORMS if model.qk_norm != "none" else ()) + (BIASES if model.attention_bias else ())
+
+
+def weight_key(name: str, layer: int | None) -> str:
+    """The key of tensor `name` of `layer` (None: shared, or the block) in a weights dict."""
+    return name if layer is None or name in SHARED else f"layers.{layer}.{name}"
+
+
+def model_layers(model: ModelSpec) -> list[int | None]:
+    """The layer indices per-layer tensors carry: 0..L-1, or [None] for the block."""
+    return list(range(model.layers)) if model.layered else [None]
+
+
+def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
+    """The unsharded shape of tensor `name` in the engine's layout."""
+    h, f, e, v = model.hidden_size, model.ffn_hidden_size, model.num_experts, model.vocab_size
+    q, kv = model.heads * model.head_size, model.kv_heads * model.head_size
+    norm_width = {"per_head": model.head_size, "full": None}.get(model.qk_norm)
+    shapes = {"embed": (v, h), "norm_in": (h,), "router": (h, e), "w_gate": (e, h, f),
+              "w_up": (e, h, f), "w_down": (e, f, h), "norm_out": (h,), "out": (h, v),
+              "attn_norm": (h,), "wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h),
+              "q_norm": (norm_width or q,), "k_norm": (norm_width or kv,),
+              "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
+    return shapes[name]
+
+
+class LayerWeights(Mapping):
+    """A rank's weights as layer `layer` sees them (see the module docstring)."""
+
+    def __init__(self, weights: Mapping[str, Any], layer: int | None):
+        self.weights, self.layer = weights, layer
+
+    def __getitem__(self, name: str) -> Any:
+        return self.weights[weight_key(name, self.layer)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and weight_key(name, self.layer) in self.weights
+
+    def __iter__(self) -> Iterator[str]:
+        prefix = f"layers.{self.layer}."
+        for key in self.weights:
+            if key.startswith("layers."):
+                if key.startswith(prefix):
+                    yield key[len(prefix):]
+            else:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
