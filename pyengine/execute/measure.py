@@ -25,7 +25,6 @@ from pyengine.execute.results import RankMeasurement, VariantMeasurement
 from pyengine.execute.runtime import RankRuntime
 from pyengine.model.forward import single_device
 from pyengine.model.measured_routing import pairs_per_expert
-from pyengine.model.stages.embed import embed_and_route
 from pyengine.model.reference import reference_forward
 from pyengine.model.weights import (SeededWeights, full_read_bytes, full_weights, make_tokens,
                                     rank_read_bytes, rank_weights)
@@ -100,20 +99,21 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
                                                 last.times, last.t0)
         if name == "pipeline" and last.logits is not None:
             out.logits = last.logits.float().cpu().numpy()  # numpy: pickles by value across processes
+        if name == "pipeline" and rt.routes:
+            out.expert_counts = expert_counts(spec, rt.routes)
         ctx.barrier()
     if ctx.rank in spec.stage("output").gpus:
         _single_device(out, spec, opts, ids, device, ctx.on_action)
-    if ctx.rank in spec.stage("embed").gpus:
-        out.expert_counts = expert_counts(spec, weights, ids.reshape(-1).to(device))
     return out
 
 
-def expert_counts(spec: DeploymentSpec, weights: dict, flat: torch.Tensor) -> list[list[int]]:
-    """Pairs routed to each expert, per micro-batch: the router's own choices on this batch."""
-    out = []
-    for lo, hi in spec.micro_batch_bounds():
-        _, _, top_ids, _ = embed_and_route(spec, weights, flat[lo:hi])
-        out.append(pairs_per_expert(top_ids, spec.model.num_experts))
+def expert_counts(spec: DeploymentSpec, routes: dict) -> list[list[int]]:
+    """Pairs routed to each expert, per micro-batch, summed over the layers: the router's own
+    choices in the pipeline's last timed forward."""
+    e = spec.model.num_experts
+    out = [[0] * e for _ in range(spec.schedule.micro_batches)]
+    for (_, mb), top_ids in routes.items():
+        out[mb] = [a + b for a, b in zip(out[mb], pairs_per_expert(top_ids, e))]
     return out
 
 

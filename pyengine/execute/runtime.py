@@ -100,6 +100,8 @@ class RankRuntime:
         self._cache_shape = cache or (self.batch.sequences, max(self.batch.lengths))
         self.cache = None
         self._pool: dict[ActionId, tuple[torch.Tensor, ...]] = {}  # receive buffers, reused
+        self.routes: dict[tuple[int | None, int], torch.Tensor] = {}
+        """(layer, micro-batch) -> the router's top-k ids in the last forward (router rank)."""
 
     # ---- public -----------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, *, timed: bool = True, batch: Batch | None = None) -> BatchResult:
@@ -204,6 +206,8 @@ class RankRuntime:
         self._vals[a.key] = out
         if Payload.LOGITS in out:
             self._logits[a.micro_batch] = out[Payload.LOGITS][0]
+        if Payload.ROUTES in out:
+            self.routes[(a.layer, a.micro_batch)] = out[Payload.ROUTES][0]
 
     def _weights(self, layer: int | None) -> LayerWeights:
         if layer not in self._layer_w:

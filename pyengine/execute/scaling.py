@@ -18,6 +18,8 @@ def scale_for_cpu(spec: DeploymentSpec) -> tuple[DeploymentSpec, str]:
         d *= 2
     new = {"hidden_size": m.hidden_size // d, "ffn_hidden_size": m.ffn_hidden_size // d,
            "vocab_size": max(m.vocab_size // d, m.num_experts)}
+    if m.layered:  # heads and their grouping stay; each head narrows (RoPE needs an even d)
+        new["head_dim"] = max(2, m.head_size // d // 2 * 2)
     if m.dtype != "float32":
         new["dtype"] = "float32"
     changed = {k: (getattr(m, k), v) for k, v in new.items() if getattr(m, k) != v}
@@ -26,6 +28,7 @@ def scale_for_cpu(spec: DeploymentSpec) -> tuple[DeploymentSpec, str]:
     what = ", ".join(f"{k} {a}→{b}" for k, (a, b) in changed.items())
     why = (f"the full size needs {total / 1e9:.3g} GFLOP per batch and this run's budget is "
            f"{CPU_FLOP_BUDGET / 1e9:.3g} GFLOP" if d > 1 else "the sizes fit")
+    kept = "layers, heads, " if m.layered else ""
     note = (f"CPU backend: changed the model ({what}): {why}; fp32 because CPU bf16/fp16 GEMMs are "
-            f"emulated. Tokens, experts, top-k and the layout are unchanged; --no-scale runs it as given.")
+            f"emulated. Tokens, {kept}experts, top-k and the layout are unchanged; --no-scale runs it as given.")
     return spec.replace(model=new), note

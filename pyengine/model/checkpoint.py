@@ -25,13 +25,14 @@ from pyengine.core.errors import InputError
 from pyengine.core.spec import DeploymentSpec
 from pyengine.model.hf_config import HFModel, read_hf_config
 from pyengine.model.stages import Shard
-from pyengine.model.weights import PER_EXPERT, model_dtype
+from pyengine.model.tensors import PER_EXPERT, SHARED, attention_tensors
+from pyengine.model.weights import model_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtype codes the loader accepts, and the torch dtype of each."""
-TRANSPOSED = ("router", "out", *PER_EXPERT)
+TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", *PER_EXPERT)
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
 
 
@@ -53,24 +54,34 @@ class _Read:
 
 
 class CheckpointWeights:
-    """Decoder layer `layer` of a checkpoint as the engine's block weights (see module doc)."""
+    """A checkpoint as the engine's weights (see module doc): the whole model (layer None: the
+    engine's layer l is the checkpoint's layer l), or decoder layer `layer` as the block."""
 
-    def __init__(self, folder: str, hf: HFModel, layer: int, tensors: dict[str, TensorInfo]):
+    def __init__(self, folder: str, hf: HFModel, layer: int | None, tensors: dict[str, TensorInfo]):
         self.folder, self.hf, self.layer, self.tensors = folder, hf, layer, tensors
-        self.names = hf.tensor_names(layer)
+        self.names = hf.tensor_names(0 if layer is None else layer)
+
+    def _layer(self, layer: int | None) -> int:
+        """The checkpoint layer behind the engine's `layer` (the block's is the one it was opened on)."""
+        if self.layer is not None:
+            return self.layer
+        if layer is None:
+            raise ValueError("a whole-model checkpoint needs the layer of a per-layer tensor")
+        return layer
 
     # ---- the WeightSource protocol ---------------------------------------------------
     def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
-               device: torch.device | str = "cpu") -> torch.Tensor:
+               device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
         self._check_spec(spec)
         dtype = model_dtype(spec)
-        parts = [t.to(dtype) for t in self._read(self._reads(name, shard), device)]  # cast there
+        parts = [t.to(dtype) for t in self._read(self._reads(name, shard, layer), device)]  # cast there
         if name in TRANSPOSED:
             parts = [t.T for t in parts]
         return torch.stack(parts) if name in PER_EXPERT else parts[0].contiguous()
 
-    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard()) -> int:
-        return sum(self._nbytes(r) for r in self._reads(name, shard))
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+                   layer: int | None = None) -> int:
+        return sum(self._nbytes(r) for r in self._reads(name, shard, layer))
 
     def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
                    device: torch.device | str = "cpu") -> torch.Tensor:
@@ -82,19 +93,24 @@ class CheckpointWeights:
         return rows[inverse.to(rows.device)]
 
     def describe(self) -> str:
-        return f"checkpoint {self.folder} ({self.hf.family}), layer {self.layer}"
+        what = f"all {self.hf.num_layers} layers" if self.layer is None else f"layer {self.layer}"
+        return f"checkpoint {self.folder} ({self.hf.family}), {what}"
 
     # ---- slices ----------------------------------------------------------------------
-    def _reads(self, name: str, shard: Shard) -> list[_Read]:
-        """The stored slices behind engine weight `name` restricted to `shard`."""
-        if name not in PER_EXPERT:
+    def _reads(self, name: str, shard: Shard, layer: int | None = None) -> list[_Read]:
+        """The stored slices behind engine weight `name` of `layer` restricted to `shard`."""
+        if name in SHARED:
             key = self.names[name]
+            return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
+        layer = self._layer(layer)
+        if name not in PER_EXPERT:
+            key = self.hf.tensor_names(layer)[name]
             return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
         experts = shard.experts if shard.experts is not None else range(self.hf.num_experts)
         a, b = shard.f_cols if shard.f_cols is not None else (0, self.hf.ffn_hidden_size)
         f_axis = 1 if name == "w_down" else 0  # down_proj is [H, F]; gate/up are [F, H]
         index = tuple(slice(a, b) if axis == f_axis else slice(None) for axis in range(2))
-        return [_Read(self.hf.expert_names(self.layer, e)[name], index) for e in experts]
+        return [_Read(self.hf.expert_names(layer, e)[name], index) for e in experts]
 
     def _nbytes(self, r: _Read) -> int:
         info = self.tensors[r.key]
@@ -139,21 +155,27 @@ def _runs(sorted_ids: list[int]) -> list[tuple[int, int]]:
 
 # ---- opening and validating ---------------------------------------------------------------
 
-def open_checkpoint(folder: str | os.PathLike, layer: int) -> CheckpointWeights:
-    """Validate `folder` for decoder layer `layer` and return its weight source. Every problem
-    is one InputError naming the file, tensor or option, raised before any rank starts."""
+def open_checkpoint(folder: str | os.PathLike, layer: int | None = None) -> CheckpointWeights:
+    """Validate `folder` for the whole model (layer None) or for decoder layer `layer`'s MoE
+    block, and return its weight source. Every problem is one InputError naming the file,
+    tensor or option, raised before any rank starts."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise InputError("--weights", folder, "is not a directory (a Hugging Face model folder)")
     hf = read_hf_config(folder)
-    hf.check_layer(layer)
+    if layer is None:
+        hf.check_whole()
+    else:
+        hf.check_layer(layer)
     weight_map = _weight_map(folder)
-    expected = _expected_shapes(hf, layer)
+    expected = (_expected_shapes(hf, layer) if layer is not None
+                else {k: v for i in range(hf.num_layers) for k, v in _expected_shapes(hf, i, True).items()})
     missing = [k for k in expected if k not in weight_map]
     if missing:
         where = INDEX_FILE if os.path.exists(os.path.join(folder, INDEX_FILE)) else SINGLE_FILE
+        who = "the whole model" if layer is None else f"layer {layer}'s block"
         raise InputError("tensor", missing[0], f"missing from {os.path.join(folder, where)} "
-                                               f"(layer {layer}'s block needs it; {len(missing)} missing)")
+                                               f"({who} needs it; {len(missing)} missing)")
     tensors = _headers(folder, {k: weight_map[k] for k in expected})
     for key, shape in expected.items():
         info = tensors[key]
@@ -166,12 +188,20 @@ def open_checkpoint(folder: str | os.PathLike, layer: int) -> CheckpointWeights:
     return CheckpointWeights(folder, hf, layer, tensors)
 
 
-def _expected_shapes(hf: HFModel, layer: int) -> dict[str, tuple[int, ...]]:
-    """HF name -> stored shape ([out, in] for linears) of every tensor the block reads."""
+def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF name -> stored shape ([out, in] for linears) of every tensor layer `layer` reads (the
+    block's; with `attention`, its attention's too), plus the shared ones."""
     h, f, e, v = hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.vocab_size
     names = hf.tensor_names(layer)
     out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["router"]: (e, h),
            names["norm_out"]: (h,), names["out"]: (v, h)}
+    if attention:
+        q, kv = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
+        norm = hf.head_dim if hf.qk_norm == "per_head" else None
+        stored = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
+                  "q_norm": (norm or q,), "k_norm": (norm or kv,), "bq": (q,), "bk": (kv,),
+                  "bv": (kv,), "bo": (h,)}
+        out.update({names[n]: stored[n] for n in attention_tensors(hf.qk_norm, hf.attention_bias)})
     for i in range(e):
         en = hf.expert_names(layer, i)
         out.update({en["w_gate"]: (f, h), en["w_up"]: (f, h), en["w_down"]: (h, f)})

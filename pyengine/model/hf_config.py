@@ -20,6 +20,7 @@ from pyengine.core.dtypes import MODEL_DTYPES, nbytes
 from pyengine.core.errors import InputError, SpecError
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.spec_parse import parse_json
+from pyengine.model.hf_attention import attention_fields
 
 CONFIG_NAME = "config.json"
 
@@ -40,15 +41,21 @@ class Family:
     """transformers' rms_norm_eps default for the family (used when config.json omits it)."""
     always_renormalize: bool = False
     """Mixtral has no norm_topk_prob: it always renormalises the top-k weights."""
+    qk_norm: str = "none"
+    """The attention's q/k RMSNorm: none (Mixtral), per_head (Qwen3-MoE), full (OLMoE)."""
+    rope_theta_default: float = 10000.0
+    has_bias_option: bool = False
+    """Its config has attention_bias (q/k/v/o projection biases)."""
 
 
 FAMILIES = {
     "mixtral": Family("num_local_experts", "intermediate_size", "block_sparse_moe",
-                      ("w1", "w3", "w2"), 1e-5, always_renormalize=True),
+                      ("w1", "w3", "w2"), 1e-5, always_renormalize=True, rope_theta_default=1e6),
     "qwen3_moe": Family("num_experts", "moe_intermediate_size", "mlp",
-                        ("gate_proj", "up_proj", "down_proj"), 1e-6),
+                        ("gate_proj", "up_proj", "down_proj"), 1e-6, qk_norm="per_head",
+                        has_bias_option=True),
     "olmoe": Family("num_experts", "intermediate_size", "mlp",
-                    ("gate_proj", "up_proj", "down_proj"), 1e-5),
+                    ("gate_proj", "up_proj", "down_proj"), 1e-5, qk_norm="full", has_bias_option=True),
 }
 
 REFUSED = {
@@ -63,6 +70,9 @@ SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "nu
 SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype",
                "norm_eps", "renormalize")
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
+WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                      "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids")
+"""The further fields it fixes for the whole model (every decoder layer with its attention)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +95,34 @@ class HFModel:
     tie_word_embeddings: bool
     dense_layers: tuple[int, ...] = ()
     """Layers whose MLP is dense, not MoE (Qwen3-MoE's mlp_only_layers / decoder_sparse_step)."""
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    rope_theta: float = 10000.0
+    qk_norm: str = "none"
+    attention_bias: bool = False
+    max_positions: int | None = None
+    eos_token_ids: tuple[int, ...] | None = None
+    unsupported: tuple[str, Any, str] | None = None
+    """Why the whole model cannot run (None when it can): (config key, value, rule)."""
 
-    def model_fields(self) -> dict[str, Any]:
-        """The spec's model-section values this config fixes."""
-        return {k: getattr(self, k) for k in SPEC_FIELDS}
+    def model_fields(self, whole: bool = False) -> dict[str, Any]:
+        """The spec's model-section values this config fixes: the block's, or with `whole`
+        the whole model's (every layer with its attention)."""
+        out = {k: getattr(self, k) for k in SPEC_FIELDS}
+        if whole:
+            out.update({k: getattr(self, k) for k in WHOLE_MODEL_FIELDS})
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # JSON values
+
+    def check_whole(self) -> None:
+        """Refuse, in one line, a model whose every layer the engine cannot run."""
+        if self.unsupported is not None:
+            key, value, rule = self.unsupported
+            raise InputError(f"{self.source}: {key}", value, rule)
+        if self.dense_layers:
+            raise InputError(f"{self.source}: mlp_only_layers / decoder_sparse_step", list(self.dense_layers),
+                             "dense MLP layers are not supported in the whole model (run one MoE layer "
+                             "with --layer N)")
 
     def all_experts_bytes(self) -> int:
         """Weight bytes of the routed experts of every MoE layer (the bulk of the model)."""
@@ -100,7 +134,9 @@ class HFModel:
         fam = FAMILIES[self.family]
         return {"ffn_hidden_size": fam.ffn_key, "num_experts": fam.experts_key,
                 "top_k": "num_experts_per_tok", "norm_eps": "rms_norm_eps",
-                "renormalize": "norm_topk_prob", "dtype": "dtype"}.get(spec_field, spec_field)
+                "renormalize": "norm_topk_prob", "dtype": "dtype", "num_layers": "num_hidden_layers",
+                "max_positions": "max_position_embeddings", "eos_token_ids": "eos_token_id",
+                "qk_norm": "model_type"}.get(spec_field, spec_field)
 
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""
@@ -112,12 +148,20 @@ class HFModel:
                                                "decoder_sparse_step), not an MoE layer")
 
     def tensor_names(self, layer: int) -> dict[str, str]:
-        """HF tensor names of the block's non-expert weights: embed, norm_in, router, norm_out, out."""
+        """HF tensor names of layer `layer`'s non-expert weights (attention, norms, router) and the
+        shared embed, norm_out, out, by engine name."""
         moe = f"model.layers.{layer}.{FAMILIES[self.family].moe_module}"
+        attn = f"model.layers.{layer}.self_attn"
         embed = "model.embed_tokens.weight"
-        return {"embed": embed, "norm_in": f"model.layers.{layer}.post_attention_layernorm.weight",
-                "router": f"{moe}.gate.weight", "norm_out": "model.norm.weight",
-                "out": embed if self.tie_word_embeddings else "lm_head.weight"}
+        out = {"embed": embed, "norm_in": f"model.layers.{layer}.post_attention_layernorm.weight",
+               "router": f"{moe}.gate.weight", "norm_out": "model.norm.weight",
+               "out": embed if self.tie_word_embeddings else "lm_head.weight",
+               "attn_norm": f"model.layers.{layer}.input_layernorm.weight",
+               "q_norm": f"{attn}.q_norm.weight", "k_norm": f"{attn}.k_norm.weight"}
+        for p in "qkvo":
+            out[f"w{p}"] = f"{attn}.{p}_proj.weight"
+            out[f"b{p}"] = f"{attn}.{p}_proj.bias"
+        return out
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
@@ -157,14 +201,16 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
         raise InputError(f"{src}: hidden_act", act, "the expert FFN is SwiGLU: only 'silu' is supported")
     num_layers = get.integer("num_hidden_layers")
     renorm = True if fam.always_renormalize else get.flag("norm_topk_prob", False)
+    hidden = get.integer("hidden_size")
     return HFModel(
         source=src, family=family, name=_name(cfg, src),
-        hidden_size=get.integer("hidden_size"), ffn_hidden_size=get.integer(fam.ffn_key),
+        hidden_size=hidden, ffn_hidden_size=get.integer(fam.ffn_key),
         num_experts=_num_experts(cfg, fam, get), top_k=get.integer("num_experts_per_tok"),
         vocab_size=get.integer("vocab_size"), dtype=_dtype(cfg, src),
         norm_eps=get.number("rms_norm_eps", fam.eps_default), renormalize=renorm,
         num_layers=num_layers, tie_word_embeddings=get.flag("tie_word_embeddings", False),
-        dense_layers=_dense_layers(cfg, family, num_layers, get))
+        dense_layers=_dense_layers(cfg, family, num_layers, get),
+        **attention_fields(cfg, fam, get, hidden))
 
 
 def _family(cfg: dict[str, Any], src: str) -> str:
@@ -247,10 +293,14 @@ class _Getter:
         return v
 
 
-def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None) -> DeploymentSpec:
-    """The spec: model sizes, dtype, eps and routing from `hf`; layout, schedule and tokens per
-    batch from `config` (default: the packaged seed). A `config` model field that disagrees
-    with the checkpoint is a SpecError naming it; leaving those fields out is the usual way."""
+def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None,
+                    whole: bool = False) -> DeploymentSpec:
+    """The spec: model sizes, dtype, eps and routing from `hf` (with `whole`: every layer with
+    its attention, else one MoE layer without it); layout, schedule and tokens per batch from
+    `config` (default: the packaged seed). A `config` model field that disagrees with the
+    checkpoint is a SpecError naming it; leaving those fields out is the usual way."""
+    if whole:
+        hf.check_whole()
     if config is None:
         data = parse_json(resources.files("pyengine").joinpath("configs/seed_3gpu.json").read_text(),
                           "seed_3gpu.json")
@@ -259,7 +309,7 @@ def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None) -> Dep
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise SpecError("model", model, "must be a JSON object (batch_size, seq_len, ...)")
-    for key, value in hf.model_fields().items():
+    for key, value in hf.model_fields(whole).items():
         if config is not None and key in model and model[key] != value:
             raise SpecError(f"model.{key}", model[key],
                             f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "

@@ -41,6 +41,9 @@ class Payload(str, enum.Enum):
     HALF = "half"
     """One member's token chunk of the reduce-scatter output: ceil(T / n) rows (chunks are
     padded to equal size because NCCL's reduce-scatter takes equal counts)."""
+    ROUTES = "routes"
+    """The router's top-k expert ids [T, k] int32 of a micro-batch; never sent: the run reads the
+    router's real per-expert load from it."""
     LOGITS = "logits"
     """The output stage's result [T, V]; handed to the caller, never sent between stages."""
     DISPATCH = "dispatch"

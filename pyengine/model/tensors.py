@@ -29,9 +29,12 @@ BIASES = ("bq", "bk", "bv", "bo")
 
 def attention_names(model: ModelSpec) -> tuple[str, ...]:
     """One layer's attention tensors for this model's options (none for the block)."""
-    if not model.layered:
-        return ()
-    return ATTENTION + (QK_NORMS if model.qk_norm != "none" else ()) + (BIASES if model.attention_bias else ())
+    return attention_tensors(model.qk_norm, model.attention_bias) if model.layered else ()
+
+
+def attention_tensors(qk_norm: str, bias: bool) -> tuple[str, ...]:
+    """The attention tensors of a layer with this q/k norm and projection-bias choice."""
+    return ATTENTION + (QK_NORMS if qk_norm != "none" else ()) + (BIASES if bias else ())
 
 
 def weight_key(name: str, layer: int | None) -> str:

@@ -54,7 +54,7 @@ class RoutingSummary:
     """The router's real choices in this run, beside what the planner assumed (uniform)."""
 
     expert_pairs: list[list[int]]
-    """Per micro-batch, pairs routed to each expert."""
+    """Per micro-batch, pairs routed to each expert (summed over the layers of a model of layers)."""
     gpu_pairs: dict[str, list[int]]
     """Per experts-stage GPU, per micro-batch: the pairs it computed (all of them under TP)."""
     gpu_pairs_predicted: dict[str, list[float]]
@@ -149,7 +149,7 @@ def routing_summary(spec: DeploymentSpec, counts: list[list[int]]) -> RoutingSum
     for rank, held in zip(experts.ranks, spec.expert_placement()):
         gpu[str(rank)] = [sum(c[e] for e in held) for c in counts]
         share = uniform(spec).pair_share(held)
-        predicted[str(rank)] = [t * spec.model.top_k * share for t in sizes]
+        predicted[str(rank)] = [t * spec.model.top_k * share * spec.model.layers for t in sizes]
     total = [sum(c[e] for c in counts) for e in range(spec.model.num_experts)]
     mean = sum(total) / len(total)
     return RoutingSummary(counts, gpu, predicted, max(total) / mean if mean else 1.0)

@@ -116,7 +116,8 @@ class EmbedStage(Stage):
             x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
         else:
             x, u, top_ids, top_w = self._layer(weights, ids, inputs, work)
-        return {**self.consumer.from_router(u, top_ids, top_w), Payload.RESID: (x,)}
+        return {**self.consumer.from_router(u, top_ids, top_w), Payload.RESID: (x,),
+                Payload.ROUTES: (top_ids,)}
 
     def _layer(self, w: Mapping[str, Any], ids, inputs: Inputs, work: Work):
         from pyengine.model.attention import attention_block
