@@ -68,7 +68,31 @@ def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec]
             cap, what = b.bytes, b.what
         b = Budget(cap, False, what)
     if b is not None:
-        check(needs, b)
+        try:
+            check(needs, b)
+        except ResourceError as e:
+            if not spec.model.layered:
+                raise
+            most = _layers_fitting(spec, variant_specs, device, b)
+            raise ResourceError(e.field, e.value, f"{e.rule}; at most {most} of the model's "
+                                                  f"{spec.model.layers} layers fit this layout") from None
+
+
+def _layers_fitting(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], device: DeviceProfile,
+                    b: Budget) -> int:
+    """The most layers the same job holds in budget `b`: every need is linear in the layer
+    count (weights and KV cache per layer), so needs at 1 and 2 layers give it exactly."""
+    def needs_at(n: int) -> list[Need]:
+        return run_needs(spec.replace(model={"num_layers": n}),
+                         [v.replace(model={"num_layers": n}) for v in variant_specs], device)
+
+    one, two = needs_at(1), needs_at(2)
+    slope = [t.total - o.total for o, t in zip(one, two)]
+    base = [o.total - d for o, d in zip(one, slope)]
+    if b.shared:
+        room = b.bytes - sum(base) - len(base) * b.per_rank_overhead
+        return max(0, int(room // max(1, sum(slope))))
+    return max(0, min(int((b.bytes - a) // max(1, d)) for a, d in zip(base, slope)))
 
 
 def check(needs: Sequence[Need], b: Budget) -> None:

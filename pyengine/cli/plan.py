@@ -42,9 +42,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"device profile: {'|'.join(PRESETS)} or a JSON file with the same fields "
                         f"(default {DEFAULT_PRESET}: the seed's 32 GB GPUs)")
     p.add_argument("--weights", metavar="DIR", default=None,
-                   help="Hugging Face model folder: plan its decoder layer --layer (sizes from config.json; "
+                   help="Hugging Face model folder: plan the whole model, or decoder layer --layer (sizes from config.json; "
                         "with --routing measured, its router's real choices)")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer of --weights (default 0)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="plan only this decoder layer of --weights / --hf-config, as the attention-free "
+                        "MoE block (default: the whole model)")
     p.add_argument("--tokens", metavar="FILE", default=None,
                    help="token ids [B, S] (.pt or .npy) for --routing measured (default: seeded tokens)")
     p.add_argument("--routing", choices=("uniform", "measured"), default="uniform",
@@ -64,13 +66,18 @@ def _spec(args: argparse.Namespace, source=None):
     from pyengine.model.hf_config import deployment_spec, read_hf_config
 
     hf = source.hf if source is not None else read_hf_config(args.hf_config)
-    spec = deployment_spec(hf, args.config)
+    whole = args.layer is None
+    if not whole:
+        hf.check_layer(args.layer)
+    spec = deployment_spec(hf, args.config, whole=whole)
     moe_layers = hf.num_layers - len(hf.dense_layers)
+    what = (f"the whole model: {hf.num_layers} layers, attention ({hf.num_attention_heads} heads, "
+            f"{hf.num_key_value_heads} kv heads, head_dim {hf.head_dim}) on the embed stage's GPU"
+            if whole else f"MoE layer {args.layer} with the embedding and head (no attention)")
     return spec, (f"model: {hf.name} ({hf.family}, {hf.source}): H {hf.hidden_size}, F {hf.ffn_hidden_size}, "
                   f"{hf.num_experts} experts, top-{hf.top_k}, V {hf.vocab_size}, {hf.dtype}, "
-                  f"renormalize {str(hf.renormalize).lower()}, eps {hf.norm_eps:g}. The plan is for one "
-                  f"MoE layer with the embedding and head (no attention); all {moe_layers} MoE layers' "
-                  f"experts alone hold {fmt_bytes(hf.all_experts_bytes())}")
+                  f"renormalize {str(hf.renormalize).lower()}, eps {hf.norm_eps:g}. The plan is for {what}; "
+                  f"all {moe_layers} MoE layers' experts alone hold {fmt_bytes(hf.all_experts_bytes())}")
 
 
 def _inputs(args: argparse.Namespace):
@@ -80,8 +87,8 @@ def _inputs(args: argparse.Namespace):
     if args.hf_config is not None and args.weights is not None:
         raise UsageError("--hf-config", args.hf_config, "give --hf-config or --weights, not both "
                                                         "(--weights reads the folder's config.json)")
-    if args.layer is not None and args.weights is None:
-        raise UsageError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
+    if args.layer is not None and args.weights is None and args.hf_config is None:
+        raise UsageError("--layer", args.layer, "needs --weights or --hf-config (a layer of which model?)")
     if args.routing == "measured" and args.hf_config is not None and args.weights is None:
         raise UsageError("--routing", "measured", "needs router weights: --weights DIR (a config.json has none)")
     if args.tokens is not None and args.routing != "measured":
@@ -90,7 +97,7 @@ def _inputs(args: argparse.Namespace):
     if args.weights is not None:
         from pyengine.model.checkpoint import open_checkpoint
 
-        source = open_checkpoint(args.weights, 0 if args.layer is None else args.layer)
+        source = open_checkpoint(args.weights, args.layer)  # no --layer: the whole model
     if args.tokens is not None:
         from pyengine.model.tokens import load_tokens
 
@@ -123,6 +130,11 @@ def _routing(args: argparse.Namespace, spec, source, tokens):
     """None (uniform) or the router's measured choices: torch is imported only for these."""
     if args.routing != "measured":
         return None
+    if spec.model.layered:
+        from pyengine.core.errors import UsageError
+
+        raise UsageError("--routing", "measured", "measures one layer's router: add --layer N (the "
+                                                  "whole model's routing needs a forward through every layer)")
     from pyengine.model.measured_routing import measure_routing
     from pyengine.model.weights import make_tokens
 

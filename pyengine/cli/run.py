@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="deployment JSON (default: the packaged seed_3gpu.json); with "
                                     "--weights its model sizes may be left out (they are the checkpoint's)")
     p.add_argument("--weights", metavar="DIR", help="Hugging Face model folder (config.json + safetensors): "
-                                                    "run decoder layer --layer's MoE block from it (no attention)")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer of --weights to run (default 0)")
+                                                    "run the whole model from it (every layer with its attention)")
+    p.add_argument("--layer", type=int, default=None, help="run only this decoder layer of --weights, as the "
+                                                           "attention-free MoE block (default: the whole model)")
     p.add_argument("--tokens", metavar="FILE", help="token ids [B, S] or [T] (.pt or .npy) instead of seeded ones")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"])
     p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
@@ -63,7 +64,7 @@ def open_inputs(args: argparse.Namespace):
     if args.weights:
         from pyengine.model.checkpoint import open_checkpoint
 
-        source = open_checkpoint(args.weights, 0 if args.layer is None else args.layer)
+        source = open_checkpoint(args.weights, args.layer)  # no --layer: the whole model
     if args.tokens:
         from pyengine.model.tokens import load_tokens
 
@@ -81,7 +82,7 @@ def resolve_spec(args: argparse.Namespace, source=None, tokens=None):
     else:
         from pyengine.model.hf_config import deployment_spec
 
-        spec = deployment_spec(source.hf, args.config)
+        spec = deployment_spec(source.hf, args.config, whole=source.layer is None)
     changes: dict = {}
     if tokens is not None:
         changes["model"] = {"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]}

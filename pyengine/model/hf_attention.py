@@ -15,6 +15,8 @@ from typing import Any
 
 def attention_fields(cfg: dict[str, Any], fam, get, hidden: int) -> dict[str, Any]:
     """HFModel's attention fields from config.json `cfg` (`get`: the typed key reader)."""
+    if cfg.get("num_attention_heads") is None:  # enough for one MoE layer, not for the whole model
+        return dict(unsupported=("num_attention_heads", None, "is required for the whole model"))
     heads = get.integer("num_attention_heads")
     kv = get.integer("num_key_value_heads", heads)
     head_dim = get.integer("head_dim", max(1, hidden // heads))

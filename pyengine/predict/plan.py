@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Timeline
 from pyengine.predict.devices import DeviceProfile
+from pyengine.predict.disaggregation import PingPong
 from pyengine.predict.prediction import Baseline, Predicted
 
 
@@ -93,6 +94,10 @@ class Plan:
     """The spec's experts layout and its alternatives (TP vs EP, the router's GPU included)."""
     routing: dict = field(default_factory=dict)
     """What expert-parallel costs assumed: source (uniform | measured), per-expert loads, imbalance."""
+    ping_pong: PingPong | None = None
+    """A model of layers: which side (attention or experts) bounds the pipeline, and which m balances it."""
+    layers_fit: int | None = None
+    """A model of layers: the most layers this layout holds in hardware.gpu_memory_gb per GPU."""
 
     @property
     def load_balance(self) -> dict:
@@ -122,6 +127,9 @@ class Plan:
                                    else {str(r): f for r, f in self.balanced_fractions.items()}),
             "layouts": [asdict(o) for o in self.layouts],
             "routing": self.routing,
+            "ping_pong": None if self.ping_pong is None else {
+                **asdict(self.ping_pong), "by_m": {str(m): list(v) for m, v in self.ping_pong.by_m.items()}},
+            "layers_fit": self.layers_fit,
         }
 
 

@@ -9,6 +9,7 @@ from pyengine.model.routing import Routing, imbalance, uniform
 from pyengine.model.stages import rank_flops, stages_of
 from pyengine.predict.balance import balanced_fractions
 from pyengine.predict.devices import DeviceProfile, load_profile
+from pyengine.predict.disaggregation import layers_that_fit, ping_pong
 from pyengine.predict.layouts import layout_options
 from pyengine.predict.plan import GpuPlan, Plan, StagePlan
 from pyengine.predict.prediction import baselines, predict, predict_busy
@@ -29,6 +30,9 @@ def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
                stages=_stages(spec, dev, table, routing), predicted=pred,
                baselines=baselines(spec, dev, routing), verdicts=[], balanced_fractions=bal, timeline=tl,
                layouts=layout_options(spec, dev, pred, routing), routing=_routing(spec, routing))
+    if spec.model.layered:
+        out.ping_pong = ping_pong(spec, dev, routing)
+        out.layers_fit = layers_that_fit(spec, dev, routing)
     out.verdicts = verdicts(out)
     return out
 

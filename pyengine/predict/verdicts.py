@@ -60,12 +60,36 @@ def _fits(p: Plan) -> Verdict:
     tail = ("fits on every GPU." if p.fits else
             "does not fit: " + ", ".join(f"GPU {g.index} ({fmt_bytes(g.memory_bytes)})"
                                          for g in p.gpus if not g.fits) + " overflow.")
+    kv = f" + KV cache {fmt_bytes(worst.kv_cache_bytes)}" if worst.kv_cache_bytes else ""
+    if p.layers_fit is not None and not p.fits:
+        tail += (f" At most {p.layers_fit} of its {p.spec.model.layers} layers fit this layout"
+                 if p.layers_fit else " Not one layer fits this layout")
+        tail += "; more GPUs for the experts, or experts on GPU 0 too, hold more."
     return Verdict(
         f"fits in {cap:g} GB per GPU", f"largest GPU {worst.index}: {fmt_bytes(worst.memory_bytes)}",
         p.fits,
         f"Memory: the largest GPU (GPU {worst.index}) needs {fmt_bytes(worst.memory_bytes)} "
-        f"(weights {fmt_bytes(worst.weight_bytes)} + activations {fmt_bytes(worst.activation_bytes)} "
+        f"(weights {fmt_bytes(worst.weight_bytes)} + activations {fmt_bytes(worst.activation_bytes)}{kv} "
         f"+ reserved {p.device.reserved_gb:g} GB) of {cap:g} GB -- " + tail)
+
+
+def _ping_pong(p: Plan) -> Verdict | None:
+    pp = p.ping_pong
+    if pp is None:
+        return None
+    m = p.spec.schedule.micro_batches
+    lat, _, _ = pp.by_m[m] if m in pp.by_m else (p.predicted.latency_s, 0, 0)
+    best_lat, best_thr, best_bal = pp.by_m[pp.best_m]
+    side = ("the experts bound it" if pp.bound_by == "experts" else "the attention GPU bounds it")
+    factor = 1 / pp.balance if pp.bound_by == "experts" else pp.balance
+    return Verdict(
+        "attention-expert balance", f"{pp.balance:.2f} (attention / experts busy)", pp.best_m == m,
+        f"Disaggregation (ping-pong over {p.spec.model.layers} layers): per batch the attention side is "
+        f"busy {fmt_s(pp.attention_s)}, the busiest expert GPU {fmt_s(pp.experts_s)}: {side} by "
+        f"{factor:.2f}x. At m={m}: {fmt_s(lat)}; the lowest predicted latency is at m={pp.best_m}: "
+        f"{fmt_s(best_lat)}, {best_thr:,.0f} tokens/s, balance {best_bal:.2f} "
+        "(more micro-batches overlap the two sides, but every expert re-streams its weights once per "
+        "micro-batch and layer).")
 
 
 def _latency(p: Plan) -> Verdict:
@@ -145,11 +169,11 @@ def _layout(p: Plan) -> Verdict:
         f"schedule: {rows or 'no alternative'} -- {state}.")
 
 
-CHECKS: tuple[Callable[[Plan], Verdict], ...] = (
+CHECKS: tuple[Callable[[Plan], Verdict | None], ...] = (
     _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut,
-    _layout)
-"""One check per claim, in the order `plan` prints them."""
+    _layout, _ping_pong)
+"""One check per claim, in the order `plan` prints them (None: does not apply to this model)."""
 
 
 def verdicts(p: Plan) -> list[Verdict]:
-    return [check(p) for check in CHECKS]
+    return [v for v in (check(p) for check in CHECKS) if v is not None]
