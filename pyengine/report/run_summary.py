@@ -18,6 +18,7 @@ from pyengine.model.routing import uniform
 from pyengine.model.stages import StageKind, stages_of
 from pyengine.predict.measured import measured_op_costs
 from pyengine.predict.simulate import simulate
+from pyengine.report.ping_pong import PingPongSummary, summarize_ping_pong
 from pyengine.schedule import build
 
 
@@ -32,6 +33,8 @@ class VariantSummary:
     """The simulator's replay of the same tables with this run's measured op times."""
     load_balance: dict
     timeline: Timeline
+    replayed: Timeline | None = None
+    """The simulator's replay of the same tables with this run's op times."""
 
 
 @dataclass(slots=True)
@@ -80,13 +83,15 @@ class RunSummary:
     check_read_bytes: int = 0
     """Checkpoint bytes the output rank read again, whole, for the output check."""
     routing: RoutingSummary | None = None
+    ping_pong: PingPongSummary | None = None
+    """A model of layers: the attention / experts balance of the pipeline variant."""
 
     def to_dict(self) -> dict:
         """Plain data (timelines become their spans and metrics)."""
         out = {"backend": self.backend, "device": self.device, "scaled": self.scaled,
                "tokens_per_batch": self.tokens_per_batch, "variants": {}}
         for name, v in self.variants.items():
-            d = {k: getattr(v, k) for k in v.__slots__ if k != "timeline"}
+            d = {k: getattr(v, k) for k in v.__slots__ if k not in ("timeline", "replayed")}
             d["timeline"] = v.timeline.to_dict()
             out["variants"][name] = d
         out["single"] = asdict(self.single)
@@ -95,6 +100,7 @@ class RunSummary:
         out["weights"] = {"source": self.weights, "read_bytes_per_rank": dict(self.read_bytes),
                           "check_read_bytes": self.check_read_bytes}
         out["routing"] = None if self.routing is None else asdict(self.routing)
+        out["ping_pong"] = None if self.ping_pong is None else asdict(self.ping_pong)
         return out
 
 
@@ -122,7 +128,7 @@ def _variant(spec: DeploymentSpec, results: list[RankMeasurement], name: str) ->
     balance = {"shares": {str(r): c / total for r, c in computes.items()},
                "max_diff_pct": 100 * (max(computes.values()) - min(computes.values())) / total}
     return VariantSummary(_pct(lat, 50), _pct(lat, 99), per_rank[0].stream_tokens / stream,
-                          tl.metrics(), predicted.metrics(), balance, tl)
+                          tl.metrics(), predicted.metrics(), balance, tl, predicted)
 
 
 def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
@@ -135,10 +141,13 @@ def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
     single_summary = SingleSummary(_pct(single, 50), _pct(single, 99), tokens / _pct(single, 50))
     check = check_logits(spec.model.dtype, out_rank.logits, out_rank.reference_logits)
     router = results[spec.stage("embed").gpus[0]]
+    pipe = variants["pipeline"]
     return RunSummary(backend, out_rank.device, scaled, tokens, variants, single_summary, check,
-                      headline_claims(variants["pipeline"], single_summary), weights,
+                      headline_claims(pipe, single_summary), weights,
                       {r.rank: r.read_bytes for r in results}, out_rank.check_read_bytes,
-                      routing_summary(spec, router.expert_counts) if router.expert_counts else None)
+                      routing_summary(spec, router.expert_counts) if router.expert_counts else None,
+                      summarize_ping_pong(spec, pipe.timeline, pipe.replayed, out_rank.device)
+                      if spec.model.layered else None)
 
 
 def routing_summary(spec: DeploymentSpec, counts: list[list[int]]) -> RoutingSummary:

@@ -31,6 +31,14 @@ def print_summary(summary: RunSummary) -> None:
     out.print(f"busy per rank: {busy}")
     out.print(f"measured compute shares: {shares} (max difference "
               f"{p.load_balance['max_diff_pct']:.1f} points; the seed claims 33/33/34, 1 point)")
+    pp = summary.ping_pong
+    if pp is not None:
+        each = ", ".join(f"rank {r}: {pp.busy_s[r] * 1e3:.1f} ms busy / {pp.idle_s[r] * 1e3:.1f} ms idle"
+                         for r in pp.busy_s)
+        pred = (f", roofline on {pp.profile} {pp.balance_predicted:.2f}" if pp.balance_predicted is not None
+                else "")
+        out.print(f"ping-pong: attention busy / experts busy = {pp.balance:.2f} measured (replay "
+                  f"{pp.balance_replayed:.2f}{pred}); {each}", soft_wrap=True)
     r = summary.routing
     if r is not None:
         per_gpu = ", ".join(f"GPU {g}: {sum(v)} pairs (uniform {sum(r.gpu_pairs_predicted[g]):.0f})"
