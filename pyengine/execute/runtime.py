@@ -78,7 +78,7 @@ class RankRuntime:
     def __init__(self, spec: DeploymentSpec, rank: int, transport, weights: dict[str, torch.Tensor],
                  device: torch.device, *, table: Table | None = None, fault: Fault | None = None,
                  on_action: Callable[[str, bool], None] | None = None, batch: Batch | None = None,
-                 cache: tuple[int, int] | None = None):
+                 cache: tuple[int, int] | Any = None):
         self.spec, self.rank, self.transport, self.w, self.device = spec, rank, transport, weights, device
         # Liveness hook (pyengine.execute.liveness): on_action(id, False) as an action starts,
         # on_action(id, True) while blocked on action `id`'s comm; it must cost ~nothing.
@@ -97,8 +97,10 @@ class RankRuntime:
         self.timer = Timer(device, self.stream)
         self.is_output = rank in spec.stage("output").gpus
         self.attends = any(st.attends and rank in st.ranks for st in self.stages)
-        self._cache_shape = cache or (self.batch.sequences, max(self.batch.lengths))
-        self.cache = None
+        from pyengine.model.kv_cache import KVCache
+
+        self.cache = cache if isinstance(cache, KVCache) else None
+        self._cache_shape = cache if isinstance(cache, tuple) else (self.batch.sequences, max(self.batch.lengths))
         self._pool: dict[ActionId, tuple[torch.Tensor, ...]] = {}  # receive buffers, reused
         self.routes: dict[tuple[int | None, int], torch.Tensor] = {}
         """(layer, micro-batch) -> the router's top-k ids in the last forward (router rank)."""
@@ -147,7 +149,7 @@ class RankRuntime:
         from pyengine.model.attention import chunk_tables
         from pyengine.model.kv_cache import KVCache
 
-        need = (batch.sequences, max(batch.lengths))
+        need = (max(s.seq for c in batch.chunks for s in c.segments) + 1, max(batch.lengths))
         if self.cache is None or not self.cache.fits(*need):
             shape = tuple(max(a, b) for a, b in zip(self._cache_shape, need))
             self.cache = KVCache(self.spec, *shape, self.device, torch_dtype(self.spec.model.dtype))

@@ -29,6 +29,7 @@ class Segment:
     """The part of one sequence inside a chunk: flat rows [lo, hi), at positions pos.. of `seq`."""
 
     seq: int
+    """The sequence's KV-cache slot (its index in the batch unless the batch names slots)."""
     lo: int
     hi: int
     pos: int
@@ -87,6 +88,9 @@ class Batch:
     logits_all: bool = True
     """Logits for every token (a forward's output) or only for each sequence's last new token
     (generation: the head runs on those rows only)."""
+    slots: tuple[int, ...] | None = None
+    """The KV-cache slot of each sequence (None: 0, 1, ...): decode keeps only the live
+    sequences of a batch, each in the slot it was prefilled into. Segments name slots."""
 
     def __post_init__(self) -> None:
         if len(self.new) != len(self.past) or not self.new:
@@ -95,6 +99,8 @@ class Batch:
             raise ValueError(f"new {self.new} / past {self.past}: new >= 1, past >= 0")
         if not 1 <= self.micro_batches <= self.tokens:
             raise ValueError(f"micro_batches = {self.micro_batches}: must be in [1, {self.tokens}]")
+        if self.slots is not None and (len(self.slots) != len(self.new) or len(set(self.slots)) != len(self.slots)):
+            raise ValueError(f"slots {self.slots}: one distinct slot per sequence")
 
     # ---- constructors ----------------------------------------------------------------------
     @classmethod
@@ -103,9 +109,11 @@ class Batch:
         return cls(tuple(lengths), tuple(0 for _ in lengths), micro_batches, logits_all)
 
     @classmethod
-    def decode(cls, past: tuple[int, ...] | list[int], micro_batches: int) -> Batch:
+    def decode(cls, past: tuple[int, ...] | list[int], micro_batches: int,
+               slots: tuple[int, ...] | list[int] | None = None) -> Batch:
         """One new token per sequence; micro-batches are near-even groups of sequences."""
-        return cls(tuple(1 for _ in past), tuple(past), min(micro_batches, len(past)), False)
+        return cls(tuple(1 for _ in past), tuple(past), min(micro_batches, len(past)), False,
+                   None if slots is None else tuple(slots))
 
     @classmethod
     def of_spec(cls, spec: DeploymentSpec) -> Batch:
@@ -143,7 +151,8 @@ class Batch:
 
     def _segments(self, lo: int, hi: int) -> tuple[Segment, ...]:
         segs = []
-        for seq, (start, n, past) in enumerate(zip(self.starts, self.new, self.past)):
+        slots = self.slots if self.slots is not None else range(len(self.new))
+        for seq, start, n, past in zip(slots, self.starts, self.new, self.past):
             a, b = max(lo, start), min(hi, start + n)
             if a < b:
                 segs.append(Segment(seq, a, b, past + a - start))
