@@ -9,13 +9,15 @@ grid, then golden-section refinement one number at a time. Link and copy fits ar
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 
+from pyengine.core.collectives import Collective
 from pyengine.model.costs import KernelCost
-from pyengine.predict.device_profile import DeviceProfile
+from pyengine.predict.device_profile import DeviceProfile, Source, SourceKind
 
 Sample = tuple[Sequence[KernelCost], float]
 """(kernels of one timed call, its measured seconds)."""
@@ -48,10 +50,21 @@ def fit_fields(profile: DeviceProfile, samples: Sequence[Sample], dtype: str,
     names = list(bounds)
     axes = [[lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)] for lo, hi in bounds.values()]
     best = min((dict(zip(names, point)) for point in itertools.product(*axes)), key=loss)
+    def along(start: Mapping[str, float], step: Mapping[str, float], x: float) -> dict[str, float]:
+        return {n: min(max(start[n] + x * step[n], bounds[n][0]), bounds[n][1]) for n in names}
+
     for _ in range(rounds):
+        start = dict(best)
         for name in names:
             lo, hi = bounds[name]
             best[name] = golden_min(lambda x: loss({**best, name: x}), lo, hi)
+        # then along the round's net move (Powell's step): numbers that trade off against each
+        # other (a plateau and its half rows) zigzag slowly one at a time
+        step = {n: best[n] - start[n] for n in names}
+        if len(names) > 1 and any(step.values()):
+            x = golden_min(lambda x: loss(along(start, step, x)), 0.0, 8.0)
+            if loss(along(start, step, x)) < loss(best):
+                best = along(start, step, x)
     return best
 
 
@@ -99,3 +112,53 @@ def copy_efficiency(samples: Sequence[tuple[float, float]], hbm_gb_s: float, lau
     the rate reached, after the launch, over hbm_gb_s (capped at 1)."""
     rates = [b / max(s - launch_s, 1e-12) for b, s in samples]
     return min(1.0, statistics.median(rates) / (hbm_gb_s * 1e9))
+
+
+def _measured(what: str) -> Source:
+    return Source(SourceKind.MEASURED, f"pyengine calibrate: {what} (this profile's provenance)")
+
+
+def calibrated_profile(base: DeviceProfile, name: str, dtype: str, *, copy: Sequence[tuple[float, float]],
+                       launch_s: float, dense: Sequence[Sample], grouped: Sequence[Sample],
+                       sendrecv: Sequence[tuple[float, float]] = (), allreduce: Sequence[tuple[float, float]] = (),
+                       allreduce_gpus: int = 0, interconnect: str = "nvlink",
+                       provenance: Mapping[str, str] | None = None) -> DeviceProfile:
+    """`base` (a preset: the datasheet peaks) with every number these measurements determine
+    replaced, each with a "measured" source; the link numbers only when send/recv and all-reduce
+    were timed (on one GPU they keep base's published values and sources). In order: the launch,
+    the HBM efficiency from the copies, then (each given those) the dense and the grouped GEMM
+    curves, then the link latency (send/recv intercept), efficiency (all-reduce bus bandwidth over
+    the line rate) and the collective's fixed latency (all-reduce intercept less its ring steps)."""
+    values: dict[str, float] = {"kernel_launch_us": launch_s * 1e6}
+    sources = {"kernel_launch_us": _measured("a 1-element add issued back to back")}
+    values["hbm_efficiency"] = copy_efficiency(copy, base.hbm_gb_s, launch_s)
+    sources["hbm_efficiency"] = _measured(f"device-to-device copies of {_sizes(b / 2 for b, _ in copy)}")
+    dev = base.with_values(**values)
+    fits = (("gemm", dense, "torch.matmul (cuBLAS) [M, K] @ [K, N] at M = "),
+            ("grouped_gemm", grouped, "pyengine.kernels.moe_expert_shard at rows per expert "))
+    for prefix, samples, what in fits:
+        got = fit_fields(dev, samples, dtype, {f"{prefix}_efficiency": (0.02, 1.0), f"{prefix}_half_rows": (0.0, 4096.0)})
+        rows = ", ".join(f"{ks[0].rows:g}" for ks, _ in samples)
+        values.update(got)
+        sources.update({k: _measured(f"fit to {what}{rows}") for k in got})
+        dev = dev.with_values(**got)
+    if sendrecv:
+        latency, _ = fit_latency_bandwidth(sendrecv)
+        values[f"{interconnect}_latency_us"] = latency * 1e6
+        sources[f"{interconnect}_latency_us"] = _measured(f"intercept of send/recv time vs size, {_sizes(b for b, _ in sendrecv)}")
+    if allreduce:
+        ring = Collective.ALL_REDUCE
+        latency, busbw = fit_latency_bandwidth([(ring.bus_factor(allreduce_gpus) * b, s) for b, s in allreduce])
+        line = getattr(base, f"{interconnect}_gb_s") * 1e9
+        values["link_efficiency"] = min(1.0, busbw / line)
+        values["collective_base_us"] = max(0.0, latency * 1e6 - ring.ring_steps(allreduce_gpus) * base.collective_step_us)
+        what = f"ring all-reduce over {allreduce_gpus} GPUs, {_sizes(b for b, _ in allreduce)}"
+        sources["link_efficiency"] = _measured(f"bus bandwidth (slope) of {what}, over the {interconnect} line rate")
+        sources["collective_base_us"] = _measured(f"intercept of {what}, less its ring steps x collective_step_us")
+    return dataclasses.replace(base, name=name, **values, sources={**base.sources, **sources},
+                               provenance=dict(provenance or {}))
+
+
+def _sizes(nbytes) -> str:
+    sizes = sorted(nbytes)
+    return f"{len(sizes)} sizes from {sizes[0]:.0f} to {sizes[-1]:.0f} B"

@@ -58,8 +58,8 @@ H100 = DeviceProfile(
     name="h100", peak_tflops_bf16=989.0, peak_tflops_fp16=989.0, peak_tflops_fp32=67.0,
     hbm_gb_s=3350.0, memory_gb=80.0, nvlink_gb_s=450.0, nvlink_latency_us=3.7,
     pcie_gb_s=64.0, pcie_latency_us=6.0,
-    hbm_efficiency=0.8512, link_efficiency=367.5 / 450, gemm_efficiency=794.5 / 989, gemm_half_rows=0.0,
-    grouped_gemm_efficiency=794.5 / 989, grouped_gemm_half_rows=207.7,
+    hbm_efficiency=0.8609, link_efficiency=367.5 / 450, gemm_efficiency=794.5 / 989, gemm_half_rows=0.0,
+    grouped_gemm_efficiency=794.5 / 989, grouped_gemm_half_rows=225.5,
     collective_base_us=3.5, collective_step_us=0.0, kernel_launch_us=5.6, reserved_gb=1.0,
     sources=H100_SOURCES)
 

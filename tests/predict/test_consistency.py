@@ -253,8 +253,8 @@ def test_each_reduction_moves_what_the_harness_and_device_model_say(name, bounda
 
 # ---- the simulator prices each action as the roofline of the hand counts says -----------------------
 # seed32g: V100-class peaks with h100's calibrated efficiencies (pyengine/predict/presets.py).
-SEED32G = dict(flops=125e12 * 794.5 / 989, hbm=900e9 * 0.8512, launch=5.6e-6, link=150e9 * 367.5 / 450,
-               lat=3.7e-6, collective=3.5e-6, step=0.0, half_rows=207.7)
+SEED32G = dict(flops=125e12 * 794.5 / 989, hbm=900e9 * 0.8609, launch=5.6e-6, link=150e9 * 367.5 / 450,
+               lat=3.7e-6, collective=3.5e-6, step=0.0, half_rows=225.5)
 
 
 def _kernel_s(flops, nbytes, rows_per_expert=None):
