@@ -1,17 +1,12 @@
 """`pyengine calibrate`'s measuring code, run on CPU at tiny sizes (the engine's kernels under the
-Triton interpreter): every call is timed and comes back with the kernels the planner prices."""
-
-import os
+Triton interpreter, set up by this folder's conftest): every call is timed and comes back with the kernels the planner prices."""
 
 import torch
 
-if not torch.cuda.is_available():  # before pyengine.kernels is first imported (see tests/kernels/conftest.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from helpers import TINY_CONFIG  # noqa: E402
-from pyengine.core.spec import load_spec  # noqa: E402
-from pyengine.execute.calibrate import Sizes, measure_compute  # noqa: E402
-from pyengine.model.costs import KernelKind  # noqa: E402
+from helpers import TINY_CONFIG
+from pyengine.core.spec import load_spec
+from pyengine.execute.calibrate import Sizes, measure_compute
+from pyengine.model.costs import KernelKind
 
 TINY = Sizes(copy_bytes=(1 << 16, 1 << 17), launches=5, dense_rows=(4, 8), dense_nk=32,
              grouped_tokens=(3, 8), iters=2, warmup=1)
