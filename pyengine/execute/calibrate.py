@@ -75,7 +75,6 @@ def measure_copy(device: torch.device, sizes: Sizes) -> list[tuple[float, float]
         src = torch.ones(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         out.append((2.0 * nbytes, median_time(lambda: dst.copy_(src), device, sizes.iters, sizes.warmup)))
-        del src, dst
     return out
 
 
