@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session needs, in one device call (few, batched calls: each start costs minutes).
-#   STEPS="env build test sanitize kernels overlap pipeline run run_ep compile poll comm" bash bench/gpu_suite.sh
+#   STEPS="env build test sanitize kernels overlap pipeline run run_ep compile poll comm calibrate plan_measured" bash bench/gpu_suite.sh
 # Each step logs to $OUT/<step>.* and has its own time limit; a failing step does not stop the
 # others (the summary at the end says which failed). JSON outputs need no rich/matplotlib.
 set -u
 OUT=${OUT:-gpu_out}
-STEPS=${STEPS:-env build test sanitize kernels overlap pipeline run run_ep compile poll comm}
+STEPS=${STEPS:-env build test sanitize kernels overlap pipeline run run_ep compile poll comm calibrate plan_measured}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -39,6 +39,10 @@ step run_ep 300 $PY -m pyengine run --config pyengine/configs/seed_ep_3gpu.json 
 step compile 300 $PY -m pyengine kernels compile --arch 90 --json
 step poll 60 $PY bench/bench_poll.py --json
 step comm 120 $PY -m pyengine bench comm --backend local --nranks 3 --op all_reduce -b 8K -e 64M -f 4 --json
+# A measured device profile of this GPU and this engine's kernels (on one GPU the link numbers stay
+# the preset's published ones, labelled so), then the seed's plan on it.
+step calibrate 300 $PY -m pyengine calibrate --out "$OUT/device_profile.json" --json
+step plan_measured 60 $PY -m pyengine plan --device "$OUT/device_profile.json" --json
 
 echo "summary:"
 for k in "${!status[@]}"; do echo "  $k: ${status[$k]}"; done

@@ -23,6 +23,7 @@ _COMMANDS = {
     "bench": "pyengine.cli.bench",
     "tune": "pyengine.cli.tune",
     "kernels": "pyengine.cli.kernels",
+    "calibrate": "pyengine.cli.calibrate",
 }
 
 

@@ -61,7 +61,7 @@ class Boundary:
         row = tokens * m.hidden_size * experts.elem
         moved = (2 + int(store_residual) + self.output_reads(len(experts.ranks))) * row
         return self.output_kernels(experts, tokens) + [
-            KernelCost("residual_sum_rmsnorm", 0.0, moved + m.hidden_size * experts.elem)]
+            KernelCost.memory("residual_sum_rmsnorm", moved + m.hidden_size * experts.elem)]
 
 
 class _AllReduce(Boundary):
@@ -105,8 +105,7 @@ class _Combine(Boundary):
     def output_kernels(self, experts: Stage, tokens: int) -> list[KernelCost]:
         h = experts.spec.model.hidden_size
         rows = sum(experts.rows_for(r, tokens) for r in experts.ranks)
-        return [KernelCost("scatter_add_combine", 0.0,
-                           rows * (h * experts.elem + 4) + 2 * tokens * h * 4)]
+        return [KernelCost.memory("scatter_add_combine", rows * (h * experts.elem + 4) + 2 * tokens * h * 4)]
 
 
 COMBINE = _Combine("combine", Payload.COMBINE, reduces=False)

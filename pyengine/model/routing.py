@@ -4,13 +4,20 @@ experts S receives the tokens that chose at least one expert in S and computes t
 
 Both kinds answer per-batch shares; a micro-batch of t tokens is charged t times the share
 (the batch's imbalance is kept; its variation between micro-batches is not).
+
+Experts touched (the one home of this count; every expert GEMM's weight traffic follows from it):
+a micro-batch of t tokens streams the weights of each expert at least one of its tokens chose.
+Expert e is chosen by a fraction s_e of tokens (uniform: s_e = k/E); t tokens drawn
+independently miss it with probability (1 - s_e)^t, so the expected number touched among S is
+sum over e in S of 1 - (1 - s_e)^t -- under uniform routing |S| (1 - (1 - k/E)^t), E (1 - (1 -
+k/E)^t) for all E experts (not min(E, t k): two tokens often pick the same expert).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import comb
 from typing import TYPE_CHECKING
 
@@ -44,6 +51,11 @@ class Routing:
         """Share of pairs per expert."""
         return tuple(1.0 / self.num_experts for _ in range(self.num_experts))
 
+    def experts_touched(self, experts: Iterable[int], tokens: float) -> float:
+        """Expected number of `experts` at least one of `tokens` tokens chose (module docstring)."""
+        n = len(set(experts))
+        return n * (1.0 - (1.0 - self.top_k / self.num_experts) ** tokens)
+
 
 @dataclass(frozen=True, slots=True)
 class MeasuredRouting(Routing):
@@ -51,6 +63,12 @@ class MeasuredRouting(Routing):
 
     choices: tuple[tuple[tuple[int, ...], int], ...] = ()
     tokens: int = 0
+    _token_shares: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Each token chooses an expert at most once: its token share is k times its pair share.
+        shares = tuple(self.top_k * x for x in self.expert_loads()) if self.tokens else ()
+        object.__setattr__(self, "_token_shares", shares)
 
     @property
     def source(self) -> str:
@@ -77,6 +95,9 @@ class MeasuredRouting(Routing):
             for e in c:
                 per[e] += n
         return tuple(p / (self.tokens * self.top_k) for p in per)
+
+    def experts_touched(self, experts: Iterable[int], tokens: float) -> float:
+        return sum(1.0 - (1.0 - self._token_shares[e]) ** tokens for e in set(experts))
 
 
 def uniform(spec: DeploymentSpec) -> Routing:

@@ -70,7 +70,7 @@ def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = N
     period = max(lane.values())
     busy = {r: sum(cost(a) for a in acts if a.kind is Kind.COMPUTE) for r, acts in table.items()}
     total_flops = sum(rank_flops(spec, routing=routing).values())
-    peak = device.flops_per_s(spec.model.dtype) / device.gemm_efficiency
+    peak = device.peak_flops_per_s(spec.model.dtype)
     pred = Predicted(
         latency_s=tl.makespan_s,
         throughput_tokens_per_s=spec.model.tokens / period,

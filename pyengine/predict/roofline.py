@@ -1,12 +1,14 @@
 """Seconds per action from a device profile's roofline: the op model the planner and simulator use.
 
-  COMPUTE   each kernel the stage launches (pyengine.model.stages): max(FLOPs / achievable
-            peak, HBM bytes / achievable bandwidth) plus the launch cost, summed. In the
-            expert stage every expert a micro-batch touches streams its weights from HBM once
-            per micro-batch (min(E, T*k) experts assumed touched), which is why more
-            micro-batches cost more weight traffic.
+  COMPUTE   each kernel the stage launches (pyengine.model.stages), priced by the device
+            (DeviceProfile.kernel_s: max(FLOPs / achievable peak for its kind and rows, HBM
+            bytes / achievable bandwidth) plus the launch cost), summed. In the expert stage
+            every expert a micro-batch touches streams its weights from HBM once per
+            micro-batch (the expected number touched, pyengine.model.routing), which is why
+            more micro-batches cost more weight traffic.
   SEND/RECV latency + the payload's bytes / achievable link bandwidth.
-  REDUCE    the payload's collective on a ring (pyengine.core.collectives).
+  REDUCE    the payload's collective on a ring (pyengine.core.collectives): fixed and per-step
+            latency + bus bytes / achievable link bandwidth.
 """
 
 from __future__ import annotations
@@ -71,8 +73,7 @@ def op_costs(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
         key = (a.rank, a.kind, a.stage, a.micro_batch, a.payload, a.peers, a.layer)
         if key not in memo:
             if a.kind is Kind.COMPUTE:
-                memo[key] = sum(dev.compute_s(k.flops, k.hbm_bytes, dtype)
-                                for k in compute_kernels(spec, a, routing, batch))
+                memo[key] = sum(dev.kernel_s(k, dtype) for k in compute_kernels(spec, a, routing, batch))
             elif a.kind is Kind.REDUCE:
                 memo[key] = dev.collective_s(a.payload.collective, message_bytes(spec, a, batch=batch),
                                              len(a.peers), link)

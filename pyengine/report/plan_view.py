@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 from pyengine.core.timeline import Timeline
 from pyengine.core.units import fmt_bytes, fmt_flops, fmt_pct, fmt_s
+from pyengine.predict.device_profile import number_fields
 from pyengine.report.tables import console, print_table
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from pyengine.predict.device_profile import DeviceProfile
     from pyengine.predict.plan import Plan
     from pyengine.predict.search import Candidate
 
@@ -19,11 +21,14 @@ if TYPE_CHECKING:
 def print_plan(p: Plan, device_note: str = "", out: Console | None = None) -> None:
     out = out or console()
     spec, dev = p.spec, p.device
-    link = dev.link(spec.hardware.interconnect)[0] / dev.bandwidth_efficiency / 1e9
+    link = dev.link(spec.hardware.interconnect)[0] / dev.link_efficiency / 1e9
     out.print(f"device profile: {dev.name}{device_note} -- peak {dev.peak_tflops_bf16:g} TFLOP/s bf16, "
-              f"{dev.hbm_gb_s:g} GB/s HBM, {spec.hardware.interconnect} {link:g} GB/s/dir; "
-              f"efficiency {dev.gemm_efficiency:g} GEMM, {dev.bandwidth_efficiency:g} bandwidth",
-              soft_wrap=True)
+              f"{dev.hbm_gb_s:g} GB/s HBM, {spec.hardware.interconnect} {link:g} GB/s/dir; efficiency "
+              f"HBM {dev.hbm_efficiency:.3g}, link {dev.link_efficiency:.3g}, dense GEMM {dev.gemm_efficiency:.3g}, "
+              f"grouped GEMM {dev.grouped_gemm_efficiency:.3g} x m/(m + {dev.grouped_gemm_half_rows:g}) "
+              f"at m rows per expert; launch {dev.kernel_launch_us:g} us, collective "
+              f"{dev.collective_base_us:g} us + {dev.collective_step_us:g} us/step", soft_wrap=True)
+    print_sources(dev, out)
     boundary = "combine (expert parallel)" if spec.expert_parallel else spec.comm.boundary
     out.print(f"config: {spec.schedule.kind}, m={spec.schedule.micro_batches}, boundary {boundary}, "
               f"overlap {'on' if spec.comm.overlap else 'off'}, T={spec.model.tokens} tokens, {spec.model.dtype}")
@@ -59,6 +64,17 @@ def print_plan(p: Plan, device_note: str = "", out: Console | None = None) -> No
     for v in p.verdicts:
         mark = {True: "[green]HOLDS[/]", False: "[red]DOES NOT HOLD[/]", None: "[yellow]PARTLY[/]"}[v.holds]
         out.print(f"  {mark}  {v.text}", soft_wrap=True)
+
+
+def print_sources(dev: DeviceProfile, out: Console) -> None:
+    """Where the profile's numbers come from: one line per source, naming the numbers it backs."""
+    by_source: dict[str, list[str]] = {}
+    for name in number_fields():
+        by_source.setdefault(str(dev.source(name)), []).append(name)
+    where = f" (measured: {', '.join(f'{k} {v}' for k, v in dev.provenance.items())})" if dev.provenance else ""
+    out.print(f"profile sources{where}:", soft_wrap=True)
+    for source, names in by_source.items():
+        out.print(f"  {', '.join(names)} -- {source}", soft_wrap=True, markup=False)
 
 
 def _peers(d: dict[int, float], arrow: str) -> str:

@@ -8,8 +8,9 @@ ODD   the seed's model with T=1021 (odd; m=3: 341/340/340), the experts 3-way ov
 Each under every boundary (all_reduce, reduce_scatter, partials).
 
 A multiply-add is 2 FLOPs; an expert's weights stream from HBM once per micro-batch for each of
-min(E, T*k) experts touched (roofline.py); ring collectives move bus factor x buffer bytes to
-the ring successor: all-reduce 2(n-1)/n, reduce-scatter (n-1)/n (core/collectives.py).
+the E (1 - (1 - k/E)^t) experts a micro-batch of t tokens is expected to touch (model/routing.py;
+at t >= 256 that is all 8 to the last bit: 0.75^256 ~ 1e-32); ring collectives move bus factor x
+buffer bytes to the ring successor: all-reduce 2(n-1)/n, reduce-scatter (n-1)/n (core/collectives.py).
 """
 
 import pytest
@@ -233,7 +234,7 @@ def test_each_reduction_moves_what_the_harness_and_device_model_say(name, bounda
     harness's bus bytes (busbw x time) for that buffer = the device model's bandwidth term."""
     spec = _spec(name, boundary)
     dev = load_profile("seed32g")
-    bw, lat = dev.link("nvlink")
+    bw, _ = dev.link("nvlink")
     table = build(spec)
     for r, acts in table.items():
         for a in acts:
@@ -245,16 +246,24 @@ def test_each_reduction_moves_what_the_harness_and_device_model_say(name, bounda
             planner_bytes = sent[r][nxt]
             (row,) = combine([[RankRow(buf, 1, 1e6, 0)]] * n, a.payload.collective.value, n)  # 1 s
             assert planner_bytes == pytest.approx(row["busbw_GBps"] * 1e9, rel=1e-12)
-            link_s = dev.collective_s(a.payload.collective, buf, n, "nvlink") - a.payload.collective.ring_steps(n) * lat
+            latency_s = (dev.collective_base_us + a.payload.collective.ring_steps(n) * dev.collective_step_us) * 1e-6
+            link_s = dev.collective_s(a.payload.collective, buf, n, "nvlink") - latency_s
             assert planner_bytes == pytest.approx(link_s * bw, rel=1e-12)
 
 
 # ---- the simulator prices each action as the roofline of the hand counts says -----------------------
-SEED32G = dict(flops=125e12 * 0.7, hbm=900e9 * 0.8, launch=4e-6, link=150e9 * 0.8, lat=5e-6)
+# seed32g: V100-class peaks with h100's calibrated efficiencies (pyengine/predict/presets.py).
+SEED32G = dict(flops=125e12 * 794.5 / 989, hbm=900e9 * 0.8609, launch=5.6e-6, link=150e9 * 367.5 / 450,
+               lat=3.7e-6, collective=3.5e-6, step=0.0, half_rows=225.5)
 
 
-def _kernel_s(flops, nbytes):
-    return SEED32G["launch"] + max(flops / SEED32G["flops"], nbytes / SEED32G["hbm"])
+def _kernel_s(flops, nbytes, rows_per_expert=None):
+    """launch + max(compute, memory); an expert GEMM's efficiency falls with its rows per expert m:
+    eff x m / (m + half_rows)."""
+    rate = SEED32G["flops"]
+    if rows_per_expert is not None:
+        rate *= rows_per_expert / (rows_per_expert + SEED32G["half_rows"])
+    return SEED32G["launch"] + max(flops / rate, nbytes / SEED32G["hbm"])
 
 
 def _action_s_by_hand(spec, a):
@@ -268,9 +277,9 @@ def _action_s_by_hand(spec, a):
             ks = [(0, t * 8 + 2 * t * H * ES), (0, 2 * t * H * ES + H * ES),
                   (2 * t * H * E, t * H * ES + H * E * ES + t * E * 4), (0, t * E * 4 + t * K * 8)]
         elif a.stage == 1:
-            fr = f[a.rank]
-            ks = [(4 * pairs * H * fr, 2 * E * H * fr * ES + pairs * H * ES + pairs * fr * ES),
-                  (2 * pairs * fr * H, E * fr * H * ES + pairs * fr * ES + pairs * H * ES + t * H * ES)]
+            fr, m = f[a.rank], pairs / E  # all 8 experts touched: 2t / 8 rows per expert
+            return (_kernel_s(4 * pairs * H * fr, 2 * E * H * fr * ES + pairs * H * ES + pairs * fr * ES, m)
+                    + _kernel_s(2 * pairs * fr * H, E * fr * H * ES + pairs * fr * ES + pairs * H * ES + t * H * ES, m))
         else:
             reads = (2 if name == "seed" else 3) if spec.comm.boundary == "partials" else 1
             ks = [(0, (2 + reads) * t * H * ES + H * ES), (2 * t * H * V, H * V * ES + t * H * ES + t * V * ES)]
@@ -279,7 +288,7 @@ def _action_s_by_hand(spec, a):
     if a.kind is Kind.REDUCE:
         rows = t if a.payload.value == "sum" else -(-t // n) * n
         factor, steps = (2 * (n - 1) / n, 2 * (n - 1)) if a.payload.value == "sum" else ((n - 1) / n, n - 1)
-        return steps * SEED32G["lat"] + factor * rows * ROW / SEED32G["link"]
+        return SEED32G["collective"] + steps * SEED32G["step"] + factor * rows * ROW / SEED32G["link"]
     row = {"act": ACT_ROW, "resid": ROW, "sum": ROW, "partial": ROW}.get(a.payload.value)
     nbytes = t * row if row else -(-t // len(spec.stage("experts").gpus)) * ROW
     return SEED32G["lat"] + nbytes / SEED32G["link"]

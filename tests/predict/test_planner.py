@@ -178,8 +178,9 @@ def test_presets():
     assert (h200.hbm_gb_s, h200.memory_gb) == (4800, 141)
     assert (s.peak_tflops_fp16, s.hbm_gb_s, s.memory_gb, s.nvlink_gb_s) == (125, 900, 32, 150)
     ar, rs = Collective.ALL_REDUCE, Collective.REDUCE_SCATTER
-    assert s.collective_s(ar, 1e6, 2, "nvlink") == pytest.approx(2 * 5e-6 + 1e6 / (150e9 * 0.8))
-    assert s.collective_s(rs, 1e6, 3, "nvlink") == pytest.approx(2 * 5e-6 + 2 / 3 * 1e6 / (150e9 * 0.8))
+    # collective: 3.5 us fixed + 0 us per ring step + bus bytes over 150 GB/s x 367.5/450 (h100's fits)
+    assert s.collective_s(ar, 1e6, 2, "nvlink") == pytest.approx(3.5e-6 + 1e6 / (150e9 * 367.5 / 450))
+    assert s.collective_s(rs, 1e6, 3, "nvlink") == pytest.approx(3.5e-6 + 2 / 3 * 1e6 / (150e9 * 367.5 / 450))
     assert s.collective_s(ar, 1e6, 1, "nvlink") == 0.0
 
 

@@ -16,6 +16,7 @@ from pyengine.model.batch import Batch, Chunk
 from pyengine.model.boundaries import boundary_of
 from pyengine.model.kv_cache import cache_bytes
 from pyengine.model.payloads import Payload
+from pyengine.model.costs import KernelKind
 from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
 from pyengine.model.tensors import attention_names
 
@@ -52,15 +53,15 @@ class EmbedStage(Stage):
         if self._after_first(layer):
             first = self.boundary.residual_kernels(self.consumer, t, store_residual=True)
         else:
-            first = [KernelCost("embed_gather", 0.0, t * 8 + 2 * t * h * es)]
+            first = [KernelCost.memory("embed_gather", t * 8 + 2 * t * h * es)]
             if m.layered:
-                first.append(KernelCost("rmsnorm_attn", 0.0, 2 * t * h * es + h * es))
+                first.append(KernelCost.memory("rmsnorm_attn", 2 * t * h * es + h * es))
         attn = self._attention_kernels(t, chunk) if m.layered else []
         norm = 3 * t * h * es if m.layered else 2 * t * h * es  # residual add (+ o) and the norm
         return first + attn + [
-            KernelCost("rmsnorm_in", 0.0, norm + h * es),
-            KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4),
-            KernelCost("softmax_topk", 0.0, t * e * 4 + t * k * 8),
+            KernelCost.memory("rmsnorm_in", norm + h * es),
+            KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4, KernelKind.GEMM, t),
+            KernelCost.memory("softmax_topk", t * e * 4 + t * k * 8),
         ]
 
     def _attention_kernels(self, t: int, chunk: Chunk | None) -> list[KernelCost]:
@@ -72,10 +73,11 @@ class EmbedStage(Stage):
         q, kv = m.heads * d, m.kv_heads * d
         attended, keys = self._attention_work(t, chunk)
         return [
-            KernelCost("qkv_gemm", 2.0 * t * h * (q + 2 * kv), h * (q + 2 * kv) * es + t * (h + q + 2 * kv) * es),
-            KernelCost("qk_norm_rope_kv_write", 0.0, 2 * t * (q + kv) * es + 2 * t * kv * es),
-            KernelCost("attention", 4.0 * m.heads * d * attended, 2 * t * q * es + 2 * keys * kv * es),
-            KernelCost("o_gemm", 2.0 * t * q * h, q * h * es + t * (q + h) * es),
+            KernelCost.gemm("qkv_gemm", t, q + 2 * kv, h, es),
+            KernelCost.memory("qk_norm_rope_kv_write", 2 * t * (q + kv) * es + 2 * t * kv * es),
+            KernelCost("attention", 4.0 * m.heads * d * attended, 2 * t * q * es + 2 * keys * kv * es,
+                       KernelKind.GEMM, t),
+            KernelCost.gemm("o_gemm", t, h, q, es),
         ]
 
     def _attention_work(self, t: int, chunk: Chunk | None) -> tuple[float, float]:

@@ -50,12 +50,16 @@ class ExpertParallelStage(Stage):
         m, es = self.spec.model, self.elem
         h, f, k = m.hidden_size, m.ffn_hidden_size, m.top_k
         rows, pairs = self.rows_for(rank, tokens), self.pairs_for(rank, tokens)
-        hit = min(len(self.placement[rank]), pairs)  # experts touched stream their weights once
+        # expected experts touched (under self.routing) stream their weights once per micro-batch
+        hit = self.routing.experts_touched(self.placement[rank], tokens)
+        per_expert = pairs / hit if hit else 0.0
         return [
-            KernelCost("gather_pairs", 0.0, 2 * pairs * h * es),
-            KernelCost("gate_up_swiglu", 4.0 * pairs * h * f, 2 * hit * h * f * es + pairs * h * es + pairs * f * es),
-            KernelCost("down_rows", 2.0 * pairs * f * h, hit * f * h * es + pairs * f * es + pairs * h * 4),
-            KernelCost("sum_slots", 0.0, pairs * h * 4 + rows * k * h * 4 + rows * h * es),
+            KernelCost.memory("gather_pairs", 2 * pairs * h * es),
+            KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f,
+                               2 * hit * h * f * es + pairs * h * es + pairs * f * es, per_expert),
+            KernelCost.grouped("down_rows", 2.0 * pairs * f * h,
+                               hit * f * h * es + pairs * f * es + pairs * h * 4, per_expert),
+            KernelCost.memory("sum_slots", pairs * h * 4 + rows * k * h * 4 + rows * h * es),
         ]
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:

@@ -35,15 +35,19 @@ class ExpertsStage(Stage):
 
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
+        from pyengine.model.routing import uniform
+
         m, es = self.spec.model, self.elem
         h, e, f = m.hidden_size, m.num_experts, self.f_cols(rank)
         pairs = tokens * m.top_k
-        hit = min(e, pairs)  # experts touched: each streams its weights once per micro-batch
+        # experts touched (expected, uniform routing): each streams its weights once per micro-batch
+        hit = uniform(self.spec).experts_touched(range(e), tokens)
+        rows = pairs / hit if hit else 0.0
         return [
-            KernelCost("gate_up_swiglu", 4.0 * pairs * h * f,
-                       2 * hit * h * f * es + pairs * h * es + pairs * f * es),
-            KernelCost("down_combine", 2.0 * pairs * f * h,
-                       hit * f * h * es + pairs * f * es + pairs * h * es + tokens * h * es),
+            KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f,
+                               2 * hit * h * f * es + pairs * h * es + pairs * f * es, rows),
+            KernelCost.grouped("down_combine", 2.0 * pairs * f * h,
+                               hit * f * h * es + pairs * f * es + pairs * h * es + tokens * h * es, rows),
         ]
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
