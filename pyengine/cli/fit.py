@@ -18,7 +18,7 @@ from pyengine.core.units import fmt_bytes
 from pyengine.execute.memory import Budget, budget
 from pyengine.model.stages import stages_on
 from pyengine.predict.devices import PRESETS, DeviceProfile
-from pyengine.predict.resources import activation_bytes, memory_bytes, weight_bytes
+from pyengine.predict.resources import activation_bytes, memory_bytes, state_bytes, weight_bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -30,36 +30,42 @@ class Need:
     reserved: int
     reference: int = 0
     """The output rank's single-device reference: all weights and one whole-batch forward."""
+    kv_cache: int = 0
+    """The attention rank's KV cache: every layer's keys and values of every sequence."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.activations + self.reserved + self.reference
+        return self.weights + self.activations + self.reserved + self.reference + self.kv_cache
 
     def parts(self) -> str:
-        items = [("weights", self.weights), ("activations", self.activations),
+        items = [("weights", self.weights), ("activations", self.activations), ("KV cache", self.kv_cache),
                  ("reserved", self.reserved), ("reference", self.reference)]
         return " + ".join(f"{name} {fmt_bytes(v)}" for name, v in items if v)
 
 
 def run_needs(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec],
-              device: DeviceProfile) -> list[Need]:
-    """Per rank: weights + the largest variant's activations + reserved (+ the reference)."""
-    worst = {r: max(memory_bytes(v, device)[r] for v in variant_specs) for r in spec.ranks}
+              device: DeviceProfile, capacity: int | None = None, reference: bool = True) -> list[Need]:
+    """Per rank: weights + the largest variant's activations and KV cache (for `capacity`
+    tokens per sequence; default seq_len) + reserved (+ the reference)."""
+    kv = {r: max(state_bytes(v, capacity)[r] for v in variant_specs) for r in spec.ranks}
+    worst = {r: max(memory_bytes(v, device, capacity=capacity)[r] for v in variant_specs) for r in spec.ranks}
     weights = {r: sum(w.values()) for r, w in weight_bytes(spec).items()}
     reserved = int(device.reserved_gb * 1e9)
     one_mb = spec.replace(schedule={"micro_batches": 1})
-    reference = sum(weights.values()) + sum(activation_bytes(one_mb).values())
+    ref = sum(weights.values()) + sum(activation_bytes(one_mb).values()) if reference else 0
     out_rank = spec.stage("output").gpus[0]
     return [Need(r, ", ".join(st.name for st in stages_on(spec, r)), weights[r],
-                 worst[r] - weights[r] - reserved, reserved, reference if r == out_rank else 0)
+                 worst[r] - weights[r] - reserved - kv[r], reserved, ref if r == out_rank else 0, kv[r])
             for r in spec.ranks]
 
 
-def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], backend: str) -> None:
-    """ResourceError naming the rank, its stages, the need and the budget, or nothing."""
+def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], backend: str,
+                   capacity: int | None = None, reference: bool = True) -> None:
+    """ResourceError naming the rank, its stages, the need and the budget, or nothing
+    (`capacity`: KV-cache tokens per sequence, generation's prompt + new tokens)."""
     gpu = backend == "nccl" or (backend == "local" and _has_cuda())
     device = PRESETS["seed32g"] if gpu else dataclasses.replace(PRESETS["seed32g"], reserved_gb=0.0)
-    needs = run_needs(spec, variant_specs, device)
+    needs = run_needs(spec, variant_specs, device, capacity, reference)
     b = budget(backend, spec.world_size)
     if backend == "nccl":  # the spec's GPUs, or this machine's if smaller (the plan's fit check)
         cap = int(spec.hardware.gpu_memory_gb * 1e9)
@@ -73,18 +79,19 @@ def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec]
         except ResourceError as e:
             if not spec.model.layered:
                 raise
-            most = _layers_fitting(spec, variant_specs, device, b)
+            most = _layers_fitting(spec, variant_specs, device, b, capacity, reference)
             raise ResourceError(e.field, e.value, f"{e.rule}; at most {most} of the model's "
                                                   f"{spec.model.layers} layers fit this layout") from None
 
 
 def _layers_fitting(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], device: DeviceProfile,
-                    b: Budget) -> int:
+                    b: Budget, capacity: int | None, reference: bool) -> int:
     """The most layers the same job holds in budget `b`: every need is linear in the layer
     count (weights and KV cache per layer), so needs at 1 and 2 layers give it exactly."""
     def needs_at(n: int) -> list[Need]:
         return run_needs(spec.replace(model={"num_layers": n}),
-                         [v.replace(model={"num_layers": n}) for v in variant_specs], device)
+                         [v.replace(model={"num_layers": n}) for v in variant_specs], device, capacity,
+                         reference)
 
     one, two = needs_at(1), needs_at(2)
     slope = [t.total - o.total for o, t in zip(one, two)]

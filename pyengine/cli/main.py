@@ -18,6 +18,7 @@ import threading
 # imported, so `pyengine plan` does not pay for torch; `--help` imports them all.
 _COMMANDS = {
     "run": "pyengine.cli.run",
+    "generate": "pyengine.cli.generate",
     "plan": "pyengine.cli.plan",
     "simulate": "pyengine.cli.plan",
     "bench": "pyengine.cli.bench",

@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, metavar="N", help="candidates to show (default 10)")
     p.add_argument("--rank-by", choices=("latency", "throughput"), default="latency",
                    help="order of the search table (default latency)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="a model of layers: decode steps to price after the prompts (default 128)")
     p.set_defaults(func=_plan)
 
     s = subparsers.add_parser(
@@ -151,7 +153,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     check_number("--top", args.top, lo=1, hi=MAX_INT, integer=True, error=UsageError)
     spec, dev, note, model_note, routing = _load(args)
-    p = planner.plan(spec, dev, routing)
+    check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_INT, integer=True, error=UsageError)
+    p = planner.plan(spec, dev, routing, new_tokens=args.max_new_tokens)
     cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing) if args.search else None
     if args.json:
         data = jsonable.to_jsonable(p)

@@ -4,6 +4,7 @@
                                              groups=[(0, 1, 2), spec.stage("experts").gpus])
     engine = pyengine.Engine(spec, tr)
     logits = engine.forward(ids)   # [B, S, V] on the output stage's rank, None elsewhere
+    out = engine.generate([p0, p1], max_new_tokens=32)   # every rank: prompt + new ids per prompt
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from pyengine.core.spec import DeploymentSpec
+from pyengine.execute.generate import GenerateResult, Generator
 from pyengine.execute.runtime import BatchResult, RankRuntime
 from pyengine.model.weights import WeightSource, rank_weights
 from pyengine.schedule import build
@@ -35,6 +37,7 @@ class Engine:
         self._runtime = RankRuntime(spec, self.rank, transport, self.weights, self.device,
                                     table=self.table)
         self.last: BatchResult | None = None
+        self._generator: Generator | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor | None:
         """One batch; every rank calls it with the same ids [B, S]."""
@@ -44,3 +47,15 @@ class Engine:
                              f"({m.batch_size}, {m.seq_len})")
         self.last = self._runtime.forward(ids)
         return self.last.logits
+
+    def generate(self, prompts, max_new_tokens: int) -> list[torch.Tensor]:
+        """Greedy generation (every rank calls it with the same prompts, 1-D id tensors of any
+        lengths): per prompt, the prompt then its new ids, on every rank. Stops a sequence at
+        one of spec.model.eos_token_ids or after max_new_tokens."""
+        from pyengine.model.prompts import check_generation
+
+        check_generation(self.spec, list(prompts), max_new_tokens)  # before any rank works
+        if self._generator is None:
+            self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device)
+        self.last_generation: GenerateResult = self._generator.generate(prompts, max_new_tokens)
+        return self.last_generation.sequences

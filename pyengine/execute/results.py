@@ -50,3 +50,33 @@ class RankMeasurement:
     """Bytes of weights this rank read from a checkpoint for its own slices (0: seeded)."""
     check_read_bytes: int = 0
     """Bytes the output rank read for the output check's full weights (0: seeded)."""
+
+
+@dataclass(slots=True)
+class StepMeasurement:
+    """One forward of a generation (the prefill, or one decode step), as one rank saw it."""
+
+    seconds: float
+    tokens: int
+    """New tokens it produced (one per live sequence)."""
+    micro_batches: int
+    kv_read: int
+    """Cached key rows its attention read, summed over its chunks (one layer's worth)."""
+    times: list[ActionTime]
+    t0: float
+    touched: list[list[tuple[int, ...]]] = field(default_factory=list)
+    """Router rank only: per layer, per micro-batch, the distinct experts its tokens chose."""
+
+
+@dataclass(slots=True)
+class GenerateMeasurement:
+    rank: int
+    device: str
+    steps: list[StepMeasurement]
+    """steps[0]: the prefill (time to first token); then one per decode step."""
+    sequences: list[list[int]] | None = None
+    """Per prompt: prompt + new ids (output rank)."""
+    prompt_lengths: list[int] = field(default_factory=list)
+    first_logits: np.ndarray | None = None
+    """The first sequence's logits at each of its steps [steps, V] (output rank)."""
+    read_bytes: int = 0

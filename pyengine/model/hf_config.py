@@ -294,11 +294,12 @@ class _Getter:
 
 
 def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None,
-                    whole: bool = False) -> DeploymentSpec:
+                    whole: bool = False, batch: tuple[int, int] | None = None) -> DeploymentSpec:
     """The spec: model sizes, dtype, eps and routing from `hf` (with `whole`: every layer with
     its attention, else one MoE layer without it); layout, schedule and tokens per batch from
     `config` (default: the packaged seed). A `config` model field that disagrees with the
-    checkpoint is a SpecError naming it; leaving those fields out is the usual way."""
+    checkpoint is a SpecError naming it; leaving those fields out is the usual way. `batch`
+    (sequences, longest) sets batch_size and seq_len from prompts (a config giving them must agree)."""
     if whole:
         hf.check_whole()
     if config is None:
@@ -315,6 +316,11 @@ def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None,
                             f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "
                             f"{value!r}); leave it out of the config or set it to {value!r}")
         model[key] = value
+    if batch is not None:
+        for key, value in zip(("batch_size", "seq_len"), batch):
+            if config is not None and key in model and model[key] != value:
+                raise SpecError(f"model.{key}", model[key], f"disagrees with the prompts ({value}); leave it out")
+            model[key] = value
     return DeploymentSpec.from_dict(data)
 
 

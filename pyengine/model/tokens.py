@@ -59,3 +59,25 @@ def _read_npy(path: str) -> torch.Tensor:
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
         raise InputError(FIELD, path, f"holds {getattr(arr, 'dtype', type(arr).__name__)}: token ids must be integers")
     return torch.from_numpy(arr.astype(np.int64))
+
+
+def load_prompts(path: str | os.PathLike) -> list[torch.Tensor]:
+    """Prompts from `path`: a .pt list of 1-D id tensors (any lengths), or a [B, S] / [T] tensor
+    or .npy array (equal lengths, one prompt per row)."""
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() == ".pt" and os.path.isfile(path):
+        obj = _read_pt_any(path)
+        if isinstance(obj, (list, tuple)):
+            if not obj or not all(isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() for p in obj):
+                raise InputError(FIELD, path, "must hold a non-empty list of non-empty 1-D id tensors")
+            if any(p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool for p in obj):
+                raise InputError(FIELD, path, "token ids must be integers")
+            return [p.to(torch.int64).contiguous() for p in obj]
+    return list(load_tokens(path))
+
+
+def _read_pt_any(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a bad file; all mean "not readable"
+        raise InputError(FIELD, path, f"cannot be read as a torch file: {str(e).splitlines()[0]}") from None

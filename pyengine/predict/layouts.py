@@ -29,12 +29,12 @@ def best_ep(spec: DeploymentSpec, dev: DeviceProfile, gpus: list[int], output: i
     return ranked[0][1] if ranked else None
 
 
-def layout_options(spec: DeploymentSpec, dev: DeviceProfile, pred: Predicted,
-                   routing: Routing | None) -> list[LayoutOption]:
+def alternatives(spec: DeploymentSpec, dev: DeviceProfile, routing: Routing | None) -> list[DeploymentSpec]:
+    """The experts layouts to weigh against the spec's own: TP vs EP on the same GPUs, and EP that
+    also puts experts on the router's GPU."""
     st, out = spec.stage("experts"), spec.stage("output").gpus[0]
     gpus = list(st.gpus)
     every = list(range(spec.hardware.num_gpus))
-    options = [LayoutOption(describe(spec), pred.latency_s, pred.throughput_tokens_per_s, True)]
     others: list[DeploymentSpec | None] = []
     if spec.expert_parallel:
         try:
@@ -45,8 +45,13 @@ def layout_options(spec: DeploymentSpec, dev: DeviceProfile, pred: Predicted,
         others.append(best_ep(spec, dev, gpus, out, routing))
     if sorted(gpus) != every:
         others.append(best_ep(spec, dev, every, out, routing))
-    for alt in others:
-        if alt is not None:
-            p, _ = predict(alt, dev, routing=routing)
-            options.append(LayoutOption(describe(alt), p.latency_s, p.throughput_tokens_per_s, False))
+    return [o for o in others if o is not None]
+
+
+def layout_options(spec: DeploymentSpec, dev: DeviceProfile, pred: Predicted,
+                   routing: Routing | None) -> list[LayoutOption]:
+    options = [LayoutOption(describe(spec), pred.latency_s, pred.throughput_tokens_per_s, True)]
+    for alt in alternatives(spec, dev, routing):
+        p, _ = predict(alt, dev, routing=routing)
+        options.append(LayoutOption(describe(alt), p.latency_s, p.throughput_tokens_per_s, False))
     return options

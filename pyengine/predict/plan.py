@@ -79,6 +79,25 @@ class LayoutOption:
 
 
 @dataclass(slots=True)
+class DecodePlan:
+    new_tokens: int
+    first_step_s: float
+    """One decode step at the prompts' length (the first decode step)."""
+    last_step_s: float
+    """One decode step at prompt + new_tokens - 1."""
+    mean_step_s: float
+    """Mean over the steps (step time is linear in the position: the mean of first and last)."""
+    tokens_per_s: float
+    """Sequences / mean step time: the batch's decode throughput."""
+    weight_bytes_per_step: dict[int, float]
+    """Per expert GPU: expected expert weight bytes streamed per step."""
+    by_groups: dict[int, float] = field(default_factory=dict)
+    """Group count m -> mean step time."""
+    best_groups: int = 1
+    layouts: list[tuple[str, float, bool]] = field(default_factory=list)
+    """(layout, mean step time, this config's own) for the spec's layout and its alternatives."""
+
+@dataclass(slots=True)
 class Plan:
     spec: DeploymentSpec
     device: DeviceProfile
@@ -98,6 +117,8 @@ class Plan:
     """A model of layers: which side (attention or experts) bounds the pipeline, and which m balances it."""
     layers_fit: int | None = None
     """A model of layers: the most layers this layout holds in hardware.gpu_memory_gb per GPU."""
+    decode: DecodePlan | None = None
+    """A model of layers: decode steps after this batch's prompts, predicted."""
 
     @property
     def load_balance(self) -> dict:
@@ -130,6 +151,9 @@ class Plan:
             "ping_pong": None if self.ping_pong is None else {
                 **asdict(self.ping_pong), "by_m": {str(m): list(v) for m, v in self.ping_pong.by_m.items()}},
             "layers_fit": self.layers_fit,
+            "decode": None if self.decode is None else {
+                **asdict(self.decode), "by_groups": {str(m): v for m, v in self.decode.by_groups.items()},
+                "weight_bytes_per_step": {str(r): v for r, v in self.decode.weight_bytes_per_step.items()}},
         }
 
 

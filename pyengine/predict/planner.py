@@ -9,6 +9,7 @@ from pyengine.model.routing import Routing, imbalance, uniform
 from pyengine.model.stages import rank_flops, stages_of
 from pyengine.predict.balance import balanced_fractions
 from pyengine.predict.devices import DeviceProfile, load_profile
+from pyengine.predict.decode import decode_plan
 from pyengine.predict.disaggregation import layers_that_fit, ping_pong
 from pyengine.predict.layouts import layout_options
 from pyengine.predict.plan import GpuPlan, Plan, StagePlan
@@ -19,9 +20,14 @@ from pyengine.predict.verdicts import verdicts
 from pyengine.schedule import Kind, Table, build
 
 
+DEFAULT_NEW_TOKENS = 128
+"""Decode steps a plan of a model of layers prices after its prompts, unless told otherwise."""
+
+
 def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
-         routing: Routing | None = None) -> Plan:
-    """`routing` (default: uniform) is what expert-parallel costs assume."""
+         routing: Routing | None = None, new_tokens: int = DEFAULT_NEW_TOKENS) -> Plan:
+    """`routing` (default: uniform) is what expert-parallel costs assume; `new_tokens` how many
+    decode steps a model of layers is priced for."""
     dev = load_profile(device)
     table = build(spec)
     pred, tl = predict(spec, dev, table, routing=routing)
@@ -33,6 +39,7 @@ def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
     if spec.model.layered:
         out.ping_pong = ping_pong(spec, dev, routing)
         out.layers_fit = layers_that_fit(spec, dev, routing)
+        out.decode = decode_plan(spec, dev, new_tokens, routing)
     out.verdicts = verdicts(out)
     return out
 

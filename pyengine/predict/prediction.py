@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Timeline
+from pyengine.model.batch import Batch
 from pyengine.model.forward import single_device_spec
 from pyengine.model.routing import Routing
-from pyengine.model.stages import rank_flops, stages_of
+from pyengine.model.stages import stages_of
 from pyengine.predict.devices import DeviceProfile
 from pyengine.predict.resources import memory_bytes
-from pyengine.predict.roofline import op_costs
+from pyengine.predict.roofline import compute_kernels, op_costs
 from pyengine.predict.simulate import simulate
 from pyengine.schedule import Action, Kind, Table, build
 
@@ -56,11 +57,13 @@ class Baseline:
 
 def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = None,
             cost: Callable[[Action], float] | None = None,
-            routing: Routing | None = None) -> tuple[Predicted, Timeline]:
-    """Figures from one simulated batch. `cost` overrides the roofline op costs (e.g. with op
-    times measured on a real GPU); `routing` is what expert-parallel costs assume."""
-    table = table if table is not None else build(spec)
-    cost = cost or op_costs(spec, device, routing)
+            routing: Routing | None = None, batch: Batch | None = None) -> tuple[Predicted, Timeline]:
+    """Figures from one simulated batch (default: the spec's own; a decode step passes its
+    Batch). `cost` overrides the roofline op costs (e.g. with op times measured on a real GPU);
+    `routing` is what expert-parallel costs assume."""
+    table = table if table is not None else build(spec, batch=batch)
+    cost = cost or op_costs(spec, device, routing, batch)
+    tokens = batch.tokens if batch is not None else spec.model.tokens
     tl = simulate(spec, table, cost)
     lane = {}
     for r, actions in table.items():
@@ -69,11 +72,11 @@ def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = N
         lane[r] = max(comp, comm) if spec.comm.overlap else comp + comm
     period = max(lane.values())
     busy = {r: sum(cost(a) for a in acts if a.kind is Kind.COMPUTE) for r, acts in table.items()}
-    total_flops = sum(rank_flops(spec, routing=routing).values())
+    total_flops = sum(cost_flops(spec, table, routing, batch))
     peak = device.peak_flops_per_s(spec.model.dtype)
     pred = Predicted(
         latency_s=tl.makespan_s,
-        throughput_tokens_per_s=spec.model.tokens / period,
+        throughput_tokens_per_s=tokens / period,
         period_s=period,
         bubble_fraction=tl.bubble_fraction,
         utilization=tl.utilization,
@@ -83,6 +86,12 @@ def predict(spec: DeploymentSpec, device: DeviceProfile, table: Table | None = N
         hidden_comm_fraction=tl.hidden_comm_fraction,
     )
     return pred, tl
+
+
+def cost_flops(spec: DeploymentSpec, table: Table, routing: Routing | None, batch: Batch | None) -> list[float]:
+    """FLOPs of every compute in `table`, priced for its chunk of `batch`."""
+    return [k.flops for acts in table.values() for a in acts if a.kind is Kind.COMPUTE
+            for k in compute_kernels(spec, a, routing, batch)]
 
 
 def compute_actions(spec: DeploymentSpec) -> list[Action]:

@@ -169,9 +169,30 @@ def _layout(p: Plan) -> Verdict:
         f"schedule: {rows or 'no alternative'} -- {state}.")
 
 
+def _decode(p: Plan) -> Verdict | None:
+    d = p.decode
+    if d is None:
+        return None
+    own = next(t for _, t, this in d.layouts if this)
+    best_label, best_t, best_this = min(d.layouts, key=lambda x: x[1])
+    streamed = ", ".join(f"GPU {r} {fmt_bytes(b)}" for r, b in d.weight_bytes_per_step.items())
+    layouts = "; ".join(f"{label}: {fmt_s(t)}" for label, t, _ in d.layouts)
+    m = min(p.spec.schedule.micro_batches, p.spec.model.batch_size)  # never more groups than sequences
+    return Verdict(
+        "decode layout and groups", f"{fmt_s(d.mean_step_s)} per step", best_this and d.best_groups == m,
+        f"Decode ({d.new_tokens} new tokens after the prompts, {p.spec.model.batch_size} sequences in "
+        f"groups of m={m}): one step takes {fmt_s(d.first_step_s)} at first and {fmt_s(d.last_step_s)} "
+        f"at the last position (the KV cache grows), {d.tokens_per_s:,.1f} tokens/s; expert weights "
+        f"streamed per step: {streamed}. Fastest group count: m={d.best_groups} "
+        f"({fmt_s(d.by_groups[d.best_groups])} per step; every extra group re-streams the experts its "
+        f"tokens touch). Layouts for decode: {layouts} -- "
+        + ("this config's layout is the right one for decode." if best_this else
+           f"{best_label} decodes {own / best_t - 1:.0%} faster."))
+
+
 CHECKS: tuple[Callable[[Plan], Verdict | None], ...] = (
     _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut,
-    _layout, _ping_pong)
+    _layout, _ping_pong, _decode)
 """One check per claim, in the order `plan` prints them (None: does not apply to this model)."""
 
 

@@ -1,0 +1,135 @@
+"""`pyengine generate`: prefill every prompt, then greedy decode steps, on the best backend here.
+Validates everything first (prompts, the model, the KV cache's memory), then starts the ranks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="greedy generation: prefill, then decode steps with a KV cache",
+                       description="Prefills the prompts (chunked, micro-batches ping-ponging between the "
+                                   "attention GPU and the expert GPUs), then decodes one token per live "
+                                   "sequence per step, each sequence stopping at its end-of-sequence id "
+                                   "or after --max-new-tokens.")
+    p.add_argument("--config", help="deployment JSON of a model of layers (default with --weights: the "
+                                    "packaged seed layout); batch_size and seq_len come from the prompts")
+    p.add_argument("--weights", metavar="DIR", help="Hugging Face model folder: generate with the whole model")
+    p.add_argument("--tokens", metavar="FILE", help="prompts: a .pt list of 1-D id tensors (any lengths), or a "
+                                                    "[B, S] .pt/.npy (equal lengths); default: seeded prompts "
+                                                    "of the config's batch_size x seq_len")
+    p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="new tokens per sequence at most")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
+                   help="default auto: nccl with a GPU per rank, local on one GPU, gloo on CPU")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations first (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="weights and prompts seed (default 0)")
+    p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches (decode: groups of sequences)")
+    p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind")
+    p.add_argument("--timeout", type=float, help="override comm.timeout_s (seconds per action)")
+    p.add_argument("--no-scale", action="store_true", help="on CPU, run a seeded model at full size")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--dump", help="write generated.pt (prompt + new ids per sequence), first_logits.pt "
+                                  "(the first sequence's per-step logits) and spec.json here")
+    p.add_argument("--trace", help="write a Perfetto/Chrome trace of the whole generation")
+    p.add_argument("--png", help="write a Gantt chart (PNG) of the whole generation")
+    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:mode, decode only
+    p.set_defaults(func=generate)
+
+
+def _check_args(args) -> None:
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.core.errors import UsageError
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+    from pyengine.model.prompts import MAX_NEW_TOKENS
+
+    check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_NEW_TOKENS, integer=True, error=UsageError)
+    check_number("--warmup", args.warmup, lo=0, hi=MAX_ITERS, integer=True, error=UsageError)
+    check_number("--seed", args.seed, lo=0, hi=MAX_SEED, integer=True, error=UsageError)
+    if args.micro_batches is not None:
+        check_number("--micro-batches", args.micro_batches, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
+    if args.timeout is not None:
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+    check_file("--trace", args.trace, TRACE_EXTENSIONS)
+    check_file("--png", args.png, PNG_EXTENSIONS)
+    check_dir("--dump", args.dump)
+
+
+def _spec(args, source, prompts):
+    """The spec with batch_size / seq_len from the prompts (a config giving them must agree)."""
+    from pyengine.core.errors import SpecError
+    from pyengine.core.spec import DeploymentSpec
+    from pyengine.core.spec_parse import parse_json
+
+    if source is not None:
+        from pyengine.model.hf_config import deployment_spec
+
+        return deployment_spec(source.hf, args.config, whole=True,
+                               batch=None if prompts is None else _shape(prompts))
+    if args.config is None:
+        raise SpecError("--config", None, "needs a model of layers (e.g. pyengine/configs/seed_model_3gpu.json) "
+                                          "or --weights DIR")
+    try:
+        with open(args.config, "rb") as f:
+            data = parse_json(f.read(), args.config)
+    except OSError as e:
+        raise SpecError("config", args.config, f"cannot be read: {e.strerror}") from None
+    if prompts is not None and isinstance(data, dict) and isinstance(data.get("model"), dict):
+        for key, value in zip(("batch_size", "seq_len"), _shape(prompts)):
+            if key in data["model"] and data["model"][key] != value:
+                raise SpecError(f"model.{key}", data["model"][key],
+                                f"disagrees with the prompts ({value}); leave it out")
+            data["model"][key] = value
+    return DeploymentSpec.from_dict(data)
+
+
+def _shape(prompts) -> tuple[int, int]:
+    return len(prompts), max(int(p.numel()) for p in prompts)
+
+
+def _overrides(args, spec):
+    changes: dict = {}
+    if args.schedule:
+        changes.setdefault("schedule", {})["kind"] = args.schedule
+    if args.micro_batches is not None:
+        changes.setdefault("schedule", {})["micro_batches"] = args.micro_batches
+    if args.timeout is not None:
+        changes["comm"] = {"timeout_s": args.timeout}
+    return spec.replace(**changes) if changes else spec
+
+
+def generate(args: argparse.Namespace) -> int:
+    _check_args(args)
+    source = prompts = None
+    if args.weights:
+        from pyengine.model.checkpoint import open_checkpoint
+
+        source = open_checkpoint(args.weights)
+    if args.tokens:
+        from pyengine.model.tokens import load_prompts
+
+        prompts = load_prompts(args.tokens)
+    spec = _overrides(args, _spec(args, source, prompts))
+    from pyengine.cli.generate_run import launch
+
+    return launch(args, spec, source, prompts)
+
+
+def write_dump(path: str, spec, out) -> None:
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
+    if out.first_logits is not None:
+        torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
+    with open(os.path.join(path, "spec.json"), "w") as f:
+        f.write(spec.to_json())
+
+
+def print_json(summary) -> None:
+    from pyengine.report.jsonable import to_jsonable
+
+    print(json.dumps(to_jsonable(summary), indent=2))
+    sys.stdout.flush()

@@ -1,0 +1,88 @@
+"""`pyengine generate`, once its inputs are read: scale a seeded model for CPU, check the prompts and
+the memory (the KV cache of prompt + new tokens included), start the ranks, report, write files."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _prompts(args, spec):
+    """The prompts: the file's, or seeded ones of the config's batch_size x seq_len."""
+    from pyengine.model.weights import make_tokens
+
+    return list(make_tokens(spec, args.seed))
+
+
+def launch(args, spec, source, prompts) -> int:
+    import torch
+
+    from pyengine.cli.fit import check_run_fits
+    from pyengine.cli.generate import print_json
+    from pyengine.cli.run import _fault
+    from pyengine.execute.generate_measure import GenerateOptions, generate_rank
+    from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
+    from pyengine.execute.scaling import scale_for_cpu
+    from pyengine.model.batch import Batch
+    from pyengine.model.prompts import check_generation
+    from pyengine.report.generate_summary import summarize_generation
+    from pyengine.report.generate_view import print_generation
+    from pyengine.schedule import build
+
+    backend = pick_backend(spec.world_size, args.backend)
+    check_backend(backend, spec.world_size)
+    note = ""
+    on_cpu = backend.value == "gloo" or (backend.value == "local" and not torch.cuda.is_available())
+    if on_cpu and not args.no_scale and source is None:
+        spec, note = scale_for_cpu(spec)
+    prompts = prompts if prompts is not None else _prompts(args, spec)
+    check_generation(spec, prompts, args.max_new_tokens, field="--tokens")
+    lengths = [int(p.numel()) for p in prompts]
+    build(spec, batch=Batch.prefill(lengths, min(spec.schedule.micro_batches, sum(lengths)), False))
+    decode_table = build(spec, batch=Batch.decode([max(lengths)] * len(lengths), spec.schedule.micro_batches))
+    fault = _fault(args.inject_fault, decode_table) if args.inject_fault else None
+    capacity = max(lengths) + args.max_new_tokens
+    check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False)
+    opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
+                           source=source, fault=fault)
+    groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
+    try:
+        results = run_ranks(bind(generate_rank, spec, opts), spec.world_size, backend=backend, groups=groups,
+                            timeout_s=spec.comm.timeout_s, job_timeout_s=spec.comm.timeout_s * 4 + 120)
+    except LaunchError as e:
+        print(f"pyengine generate: {e}", file=sys.stderr)
+        return 1
+    if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
+        return 0
+    weights = source.describe() if source is not None else f"seeded random weights (seed {args.seed})"
+    summary = summarize_generation(spec, results, backend=backend.value, scaled=note, weights=weights)
+    if args.json:
+        print_json(summary)
+    else:
+        print_generation(summary)
+    sys.stdout.flush()
+    return 0 if _write(args, spec, results, backend) else 1
+
+
+def _write(args, spec, results, backend) -> bool:
+    from pyengine.cli.generate import write_dump
+    from pyengine.cli.paths import write_outputs
+    from pyengine.report.generate_summary import whole_timeline
+
+    out = next(r for r in results if r.sequences is not None)
+    tl = whole_timeline(results)
+
+    def trace() -> None:
+        from pyengine.report.trace import write_trace
+
+        write_trace(tl, args.trace)
+
+    def png() -> None:
+        from pyengine.report.gantt import write_gantt
+
+        write_gantt(tl, args.png, title=f"pyengine generate ({backend.value}, measured)",
+                    unit="GPU" if backend.value == "nccl" else "rank")
+
+    writes = [(flag, path, fn) for flag, path, fn in (
+        ("--trace", args.trace, trace), ("--png", args.png, png),
+        ("--dump", args.dump, lambda: write_dump(args.dump, spec, out))) if path]
+    return len(write_outputs("generate", writes)) == len(writes)

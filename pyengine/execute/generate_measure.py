@@ -1,0 +1,69 @@
+"""What one rank measures in `pyengine generate`: an untimed warm-up generation, then the timed one,
+every step's action times and, on the router's rank, which experts each micro-batch touched (the
+weight bytes each expert GPU streamed follow from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pyengine.core import provenance
+from pyengine.core.spec import DeploymentSpec
+from pyengine.execute.faults import Fault
+from pyengine.execute.generate import Generator, StepRecord
+from pyengine.execute.launch import RankContext
+from pyengine.execute.results import GenerateMeasurement, StepMeasurement
+from pyengine.model.weights import SeededWeights, rank_read_bytes, rank_weights
+
+WARMUP_TOKENS = 2
+"""New tokens per warm-up generation: a prefill and one decode step (kernels compiled, buffers made)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOptions:
+    prompts: tuple[Any, ...]
+    """1-D int64 id tensors (CPU), one per sequence."""
+    max_new_tokens: int
+    warmup: int = 1
+    seed: int = 0
+    source: Any = None
+    """A pyengine.model.weights.WeightSource; None: seeded by `seed`."""
+    fault: Fault | None = None
+    """Testing hook: kill or stall one rank at one action of a decode step."""
+
+    def weights(self):
+        return self.source if self.source is not None else SeededWeights(self.seed)
+
+
+def generate_rank(ctx: RankContext, spec: DeploymentSpec, opts: GenerateOptions) -> GenerateMeasurement:
+    weights = rank_weights(spec, opts.weights(), ctx.rank, ctx.device)
+    gen = Generator(spec, ctx.rank, ctx.transport, weights, ctx.device, on_action=ctx.on_action)
+    prompts = list(opts.prompts)
+    for _ in range(opts.warmup):
+        gen.generate(prompts, min(WARMUP_TOKENS, opts.max_new_tokens), timed=False)
+    gen.fault = opts.fault
+    ctx.barrier()
+    res = gen.generate(prompts, opts.max_new_tokens, keep_logits=True)
+    out = GenerateMeasurement(rank=ctx.rank, device=provenance.device_name(ctx.device),
+                              steps=[_step(s, spec) for s in res.steps],
+                              prompt_lengths=[int(p.numel()) for p in prompts],
+                              read_bytes=rank_read_bytes(spec, opts.weights(), ctx.rank))
+    if ctx.rank == spec.stage("output").gpus[0]:
+        out.sequences = [s.tolist() for s in res.sequences]
+        out.first_logits = None if res.first_logits is None else res.first_logits.numpy()
+    return out
+
+
+def _step(s: StepRecord, spec: DeploymentSpec) -> StepMeasurement:
+    touched = []
+    for layer in range(spec.model.layers):
+        row = []
+        for mb in range(s.batch.micro_batches):
+            ids = s.routes.get((layer, mb))
+            row.append(tuple(sorted(set(torch.unique(ids).tolist()))) if ids is not None else ())
+        touched.append(row)
+    return StepMeasurement(s.seconds, s.tokens, s.batch.micro_batches,
+                           sum(c.keys_read for c in s.batch.chunks), s.times, s.t0,
+                           touched if s.routes else [])

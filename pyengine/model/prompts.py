@@ -1,0 +1,48 @@
+"""What generation accepts, checked before any rank works (the CLI and `Engine.generate` alike):
+prompts are non-empty 1-D integer id tensors inside the vocabulary, and prompt + new tokens fit
+the model's positions. One InputError names the field, the value and the rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pyengine.core.errors import InputError
+from pyengine.core.limits import MAX_ITERS
+
+if TYPE_CHECKING:
+    import torch
+
+    from pyengine.core.spec import DeploymentSpec
+
+MAX_NEW_TOKENS = MAX_ITERS
+"""Decode steps one generation may take at most (beyond the model's own max positions)."""
+
+
+def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                     field: str = "prompts") -> None:
+    import torch
+
+    m = spec.model
+    if not m.layered:
+        raise InputError("model.num_layers", None, "generation needs a model of layers (the attention-free "
+                                                   "block has no sequence to continue)")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InputError("--max-new-tokens", max_new_tokens, f"must be an integer in [1, {MAX_NEW_TOKENS}]")
+    if not prompts:
+        raise InputError(field, [], "needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0:
+            shape = list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise InputError(f"{field}[{i}]", shape, "must be a non-empty 1-D tensor of token ids")
+        if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+            raise InputError(f"{field}[{i}]", str(p.dtype), "token ids must be integers")
+        bad = (p < 0) | (p >= m.vocab_size)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise InputError(f"{field}[{i}]", int(p[j]), f"id at position {j} is outside the vocabulary "
+                                                         f"[0, {m.vocab_size})")
+        if m.max_positions is not None and p.numel() + max_new_tokens > m.max_positions:
+            raise InputError(f"{field}[{i}]", int(p.numel()),
+                             f"tokens + --max-new-tokens {max_new_tokens} exceed the model's "
+                             f"{m.max_positions} positions")
