@@ -57,5 +57,5 @@ class Engine:
         check_generation(self.spec, list(prompts), max_new_tokens)  # before any rank works
         if self._generator is None:
             self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device)
-        self.last_generation: GenerateResult = self._generator.generate(prompts, max_new_tokens)
+        self.last_generation: GenerateResult = self._generator.generate(prompts, max_new_tokens, keep_logits=True)
         return self.last_generation.sequences

@@ -307,6 +307,8 @@ def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None,
                           "seed_3gpu.json")
     else:
         data = _read_config(os.fspath(config))
+    if isinstance(data, dict) and "model" not in data:  # a layout only: the checkpoint gives the model
+        data["model"] = {}
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise SpecError("model", model, "must be a JSON object (batch_size, seq_len, ...)")

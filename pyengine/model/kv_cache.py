@@ -35,8 +35,10 @@ class KVCache:
 
         m = spec.model
         shape = (m.layers, sequences, m.kv_heads, capacity, m.head_size)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeroed once, not empty: a decode group reads its shorter sequences' rows past their
+        # length under a mask, and a masked weight of 0 times a NaN left in fresh memory is NaN.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.sequences, self.capacity = sequences, capacity
 
     def fits(self, sequences: int, capacity: int) -> bool:
