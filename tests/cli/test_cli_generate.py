@@ -1,0 +1,126 @@
+"""`pyengine generate` as a user runs it: the seeded model of layers against an independent greedy
+loop written here (a float64 forward of the whole sequence per new token, no cache), bad input
+refused in one line before any rank starts, and a rank that dies mid-decode named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import references
+from helpers import packaged_config
+from pyengine.cli.main import main
+from pyengine.core.spec import DeploymentSpec
+from pyengine.model.weights import init_weights
+
+MODEL = packaged_config("seed_model_3gpu.json")
+TINY = packaged_config("tiny_cpu.json")
+
+
+@pytest.fixture
+def unbatched(tmp_path) -> str:
+    """The seeded model's config without batch_size and seq_len: the prompts give them."""
+    cfg = json.loads(open(MODEL).read())
+    del cfg["model"]["batch_size"], cfg["model"]["seq_len"]
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def pyengine(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyengine", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def greedy(spec: DeploymentSpec, w: dict, prompt: torch.Tensor, new: int) -> list[int]:
+    """The reference's forward of the whole sequence, once per new id: its argmax appended."""
+    m = spec.model
+    seq = prompt.clone()
+    for _ in range(new):
+        logits = references.decoder_model(w, seq[None], layers=m.num_layers, heads=m.heads, kv=m.kv_heads,
+                                          top_k=m.top_k, eps=m.norm_eps, theta=m.rope_theta)
+        seq = torch.cat([seq, logits[-1].argmax().reshape(1)])
+    return seq.tolist()
+
+
+@pytest.mark.slow
+def test_seeded_model_generates_what_an_independent_loop_does(tmp_path, unbatched):
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 250, (n,), generator=g) for n in (6, 3, 9)]
+    torch.save(prompts, tmp_path / "p.pt")
+    r = pyengine("generate", "--config", unbatched, "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "8",
+                 "--micro-batches", "2", "--json", "--dump", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    spec = DeploymentSpec.from_json((tmp_path / "d" / "spec.json").read_text())
+    assert spec.model.num_layers == 21 and (spec.model.batch_size, spec.model.seq_len) == (3, 9)
+    got = [s.tolist() for s in torch.load(tmp_path / "d" / "generated.pt")]
+    w = {k: t.double() for k, t in init_weights(spec, 0).items()}  # once: the loop reads them 24 times
+    assert got == out["generated"] == [greedy(spec, w, p, 8) for p in prompts]
+    assert out["ttft_s"] > 0 and out["itl_p50_s"] > 0 and out["new_tokens"] == 24
+    assert set(out["weight_bytes_per_step"]) == {"1", "2"} and out["decode_balance"] > 0
+    assert torch.load(tmp_path / "d" / "first_logits.pt").shape == (8, spec.model.vocab_size)
+
+
+@pytest.mark.slow
+def test_a_rank_dying_mid_decode_is_named():
+    r = pyengine("generate", "--config", MODEL, "--max-new-tokens", "4", "--warmup", "0", "--timeout", "5",
+                 "--inject-fault", "2:l3.s1.mb0.COMPUTE:exit", timeout=180)
+    assert r.returncode == 1
+    assert r.stderr.startswith("pyengine generate: rank 2 failed in action l3.s1.mb0.COMPUTE: exited"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    import pyengine.execute.launch as launch
+
+    monkeypatch.setattr(launch, "run_ranks", lambda *a, **k: pytest.fail("a rank started"))
+
+
+def refused(capsys, *args) -> str:
+    assert main(["generate", *args]) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and cap.out == "", cap.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("prompts,what", [
+    ([torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64)], "non-empty"),
+    ([torch.tensor([1, 40000, 5, 6, 7])], "outside the vocabulary"),
+    ([torch.tensor([0.5, 1.0])], "integers"),
+])
+def test_bad_prompts_are_refused(tmp_path, capsys, no_ranks, unbatched, prompts, what):
+    torch.save(prompts, tmp_path / "p.pt")
+    assert what in refused(capsys, "--config", unbatched, "--tokens", str(tmp_path / "p.pt"),
+                           "--max-new-tokens", "2")
+
+
+def test_a_config_batch_must_agree_with_the_prompts(tmp_path, capsys, no_ranks):
+    torch.save([torch.tensor([1, 2, 3])], tmp_path / "p.pt")
+    line = refused(capsys, "--config", MODEL, "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "2")
+    assert "model.seq_len = 1024: disagrees with the prompts (3)" in line
+
+
+@pytest.mark.parametrize("n", ["0", "-3", "10000000"])
+def test_bad_max_new_tokens(capsys, no_ranks, n):
+    assert "--max-new-tokens" in refused(capsys, "--config", MODEL, "--max-new-tokens", n)
+
+
+def test_past_the_models_positions(tmp_path, capsys, no_ranks, unbatched):
+    torch.save([torch.zeros(32760, dtype=torch.int64)], tmp_path / "p.pt")  # max_positions 32768
+    line = refused(capsys, "--config", unbatched, "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "9")
+    assert "exceed the model's 32768 positions" in line
+
+
+def test_the_block_cannot_generate(capsys, no_ranks):
+    assert "model.num_layers" in refused(capsys, "--config", TINY, "--max-new-tokens", "2")
+
+
+def test_a_cache_that_does_not_fit(capsys, no_ranks):
+    assert "does not fit" in refused(capsys, "--config", MODEL, "--no-scale", "--max-new-tokens", "2")
