@@ -4,9 +4,6 @@ Validates everything first (prompts, the model, the KV cache's memory), then sta
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,21 +112,3 @@ def generate(args: argparse.Namespace) -> int:
     from pyengine.cli.generate_run import launch
 
     return launch(args, spec, source, prompts)
-
-
-def write_dump(path: str, spec, out) -> None:
-    import torch
-
-    os.makedirs(path, exist_ok=True)
-    torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
-    if out.first_logits is not None:
-        torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
-    with open(os.path.join(path, "spec.json"), "w") as f:
-        f.write(spec.to_json())
-
-
-def print_json(summary) -> None:
-    from pyengine.report.jsonable import to_jsonable
-
-    print(json.dumps(to_jsonable(summary), indent=2))
-    sys.stdout.flush()

@@ -3,6 +3,8 @@ the memory (the KV cache of prompt + new tokens included), start the ranks, repo
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 
@@ -17,7 +19,6 @@ def launch(args, spec, source, prompts) -> int:
     import torch
 
     from pyengine.cli.fit import check_run_fits
-    from pyengine.cli.generate import print_json
     from pyengine.cli.run import _fault
     from pyengine.execute.generate_measure import GenerateOptions, generate_rank
     from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
@@ -64,7 +65,6 @@ def launch(args, spec, source, prompts) -> int:
 
 
 def _write(args, spec, results, backend) -> bool:
-    from pyengine.cli.generate import write_dump
     from pyengine.cli.paths import write_outputs
     from pyengine.report.generate_summary import whole_timeline
 
@@ -86,3 +86,21 @@ def _write(args, spec, results, backend) -> bool:
         ("--trace", args.trace, trace), ("--png", args.png, png),
         ("--dump", args.dump, lambda: write_dump(args.dump, spec, out))) if path]
     return len(write_outputs("generate", writes)) == len(writes)
+
+
+def write_dump(path: str, spec, out) -> None:
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
+    if out.first_logits is not None:
+        torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
+    with open(os.path.join(path, "spec.json"), "w") as f:
+        f.write(spec.to_json())
+
+
+def print_json(summary) -> None:
+    from pyengine.report.jsonable import to_jsonable
+
+    print(json.dumps(to_jsonable(summary), indent=2))
+    sys.stdout.flush()
