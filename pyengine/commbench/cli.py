@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 
@@ -130,10 +129,11 @@ def run(args: argparse.Namespace) -> int:
     from pyengine.commbench.harness import bench_rank, combine
     from pyengine.core import provenance
     from pyengine.execute.launch import (LaunchError, bind, check_backend, pick_backend, run_ranks,
-                                         under_torchrun)
+                                         torchrun_env)
     from pyengine.report.comm_table import format_table
 
-    nranks = (int(os.environ["WORLD_SIZE"]) if under_torchrun()
+    env = torchrun_env()
+    nranks = (env.world_size if env is not None
               else args.nranks if args.nranks is not None else DEFAULT_NRANKS)
     opts = options(args, nranks)
     backend = pick_backend(nranks, args.backend)

@@ -62,3 +62,29 @@ def test_bad_token_files_are_one_line(tmp_path, capsys, no_ranks, command, name,
     line = refused(capsys, *COMMANDS[command], "--tokens", str(path))
     assert "--tokens" in line and str(path) in line and words in line, line
     assert "weights_only" not in line  # never advise loading a file's arbitrary code
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"RANK": "banana", "WORLD_SIZE": "3"}, "RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "-1"}, "WORLD_SIZE"),
+    ({"RANK": "3", "WORLD_SIZE": "3"}, "RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "x"}, "LOCAL_RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "3", "MASTER_PORT": "99999"}, "MASTER_PORT"),
+])
+@pytest.mark.parametrize("argv", [("run", "--config", TINY_CONFIG, "--backend", "gloo"),
+                                  ("bench", "comm", "--backend", "gloo")])
+def test_torchruns_environment_is_checked_like_a_flag(capsys, monkeypatch, no_ranks, env, name, argv):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    line = refused(capsys, *argv)
+    assert f"bad environment variable: {name} = '{env[name]}'" in line, line
+
+
+def test_nccl_under_torchrun_without_a_gpu_names_the_real_rank(capsys, monkeypatch, no_ranks):
+    import pyengine.execute.launch as launch
+
+    monkeypatch.setattr(launch, "_gpus", lambda: 0)
+    for key, value in {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    line = refused(capsys, "run", "--config", TINY_CONFIG, "--backend", "nccl")
+    assert "rank 2 uses GPU 0 (LOCAL_RANK)" in line, line
