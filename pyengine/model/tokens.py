@@ -30,12 +30,17 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     return (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64).contiguous()
 
 
-def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "") -> None:
-    """Refuse ids outside [0, vocab_size), naming the first offending one and where it is."""
+def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "", field: str = FIELD) -> None:
+    """Refuse anything but a tensor of integer ids inside [0, vocab_size), naming the first
+    offending id and where it is (the CLI's --tokens and the library's ids alike)."""
+    if not isinstance(ids, torch.Tensor):
+        raise InputError(field, type(ids).__name__, "must be a tensor of token ids")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(field, str(ids.dtype), "token ids must be integers")
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
-        raise InputError(FIELD, int(ids[pos]), f"id at position {list(pos)} is outside the vocabulary "
+        raise InputError(field, int(ids[pos]), f"id at position {list(pos)} is outside the vocabulary "
                                                f"[0, {vocab_size}){why}")
 
 
