@@ -28,11 +28,22 @@ def unreadable_file(path: str) -> str | None:
     return None
 
 
+def broken_link(path: str) -> str | None:
+    """What is wrong with `path` when it is a symlink that leads nowhere (a loop, or a missing
+    target), else None: such a path passes `not os.path.exists` checks yet cannot be created."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        return "is a symlink loop" if e.errno == errno.ELOOP else (
+            f"is a symlink to {os.readlink(path)}, which does not exist")
+    return None
+
+
 def _why_not_found(path: str, e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "is a symlink loop"
-    if os.path.islink(path):
-        return f"is a symlink to {os.readlink(path)}, which does not exist"
+    if e.errno == errno.ELOOP or os.path.islink(path):
+        return broken_link(path) or "is a symlink loop"
     if e.errno == errno.ENOENT:
         return "does not exist"
     return f"cannot be read: {os.strerror(e.errno).lower() if e.errno else e}"

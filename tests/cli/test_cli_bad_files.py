@@ -88,3 +88,37 @@ def test_nccl_under_torchrun_without_a_gpu_names_the_real_rank(capsys, monkeypat
         monkeypatch.setenv(key, value)
     line = refused(capsys, "run", "--config", TINY_CONFIG, "--backend", "nccl")
     assert "rank 2 uses GPU 0 (LOCAL_RANK)" in line, line
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+@pytest.mark.parametrize("flag", ["--dump", "--trace"])
+def test_an_output_onto_a_symlink_loop_is_refused_first(tmp_path, capsys, no_ranks, command, flag):
+    path = tmp_path / ("out.json" if flag == "--trace" else "out")
+    _loop(path)
+    line = refused(capsys, *COMMANDS[command], flag, str(path))
+    assert f"{flag} = '{path}': is a symlink loop" in line, line
+
+
+class _Out:
+    sequences, first_logits = [[1, 2, 3]], None
+
+
+def test_a_dump_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pyengine.cli.generate_run import write_dump
+    from pyengine.core.spec import load_spec
+
+    spec, target = load_spec(MODEL), tmp_path / "d"
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full_disk)  # spec.json, written after generated.pt
+    with pytest.raises(OSError):
+        write_dump(str(target), spec, _Out())
+    assert sorted(os.listdir(tmp_path)) == []  # no half-written dump, no temporary folder left
+    monkeypatch.undo()
+    (target).mkdir()
+    (target / "mine.txt").write_text("kept")
+    write_dump(str(target), spec, _Out())
+    assert sorted(os.listdir(target)) == ["generated.pt", "mine.txt", "spec.json"]
+    assert sorted(os.listdir(tmp_path)) == ["d"]
