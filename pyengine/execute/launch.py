@@ -118,7 +118,7 @@ def check_backend(backend: Backend, world_size: int) -> None:
     if n < need:
         seen = "no CUDA GPU is visible" if n == 0 else f"{n} CUDA GPU(s) are visible"
         which = (f"rank {env.rank} uses GPU {env.local_rank} (LOCAL_RANK)" if env is not None
-                 else f"{need} ranks")
+                 else str(need))
         raise UsageError("--backend", "nccl", f"needs one CUDA GPU per rank ({which}); {seen} here "
                                               "(use --backend gloo or local)")
 
