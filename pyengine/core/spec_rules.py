@@ -210,7 +210,8 @@ def _expert_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
                 raise SpecError(f"{p}.expert_ids", ids,
                                 f"expert {x} does not exist (model.num_experts = {e})")
             if x in seen:
-                raise SpecError(f"{p}.expert_ids", ids, f"expert {x} is placed twice (GPUs {seen[x]} and {gpu})")
+                where = f"on GPU {gpu}" if seen[x] == gpu else f"(GPUs {seen[x]} and {gpu})"
+                raise SpecError(f"{p}.expert_ids", ids, f"expert {x} is placed twice {where}")
             seen[x] = gpu
     missing = sorted(set(range(e)) - set(seen))
     if missing:
