@@ -82,3 +82,8 @@ def test_simulate_json_tiny(capsys):
     assert main(["simulate", "--config", str(cfg), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["makespan_s"] > 0 and data["metrics"]["bubble_fraction"] >= 0 and data["spans"]
+
+
+def test_top_without_search_is_refused(capsys):
+    assert main(["plan", "--top", "3"]) == 2
+    assert "--top = 3: needs --search" in capsys.readouterr().err
