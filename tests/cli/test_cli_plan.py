@@ -31,7 +31,7 @@ def test_plan_json_keys(capsys):
 def test_plan_search(capsys):
     assert main(["plan", "--search", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Plan search" in out and "Winner by latency" in out and "vs seed" in out
+    assert "Plan search" in out and "Winner by latency" in out and "vs your config" in out
 
 
 @pytest.mark.slow  # a subprocess

@@ -150,7 +150,7 @@ def test_search_candidates_valid_and_ranked(small_search):
     # terms decompose latency exactly
     for c in cands[:5]:
         assert sum(c.terms.values()) == pytest.approx(c.latency_s)
-    assert "vs seed" in cands[0].why and "shrinks" in cands[0].why
+    assert "vs your config" in cands[0].why and "shrinks" in cands[0].why
 
 
 def test_search_covers_the_space(small_search):
