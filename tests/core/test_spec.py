@@ -250,3 +250,10 @@ def test_expert_parallel_default_placement_and_mode_on_other_stages():
             gpus=[0, 1, 2], parallel_mode="expert")(d)))
     assert "more GPUs than experts" in str(e.value)
     assert DeploymentSpec.from_json(spec.to_json()) == spec  # round trip keeps the placement
+
+
+def test_top_k_equal_to_num_experts_is_valid():
+    spec = _spec(lambda d: d["model"].update(top_k=d["model"]["num_experts"]))
+    assert spec.model.top_k == spec.model.num_experts
+    with pytest.raises(SpecError, match="must be <= model.num_experts"):
+        _spec(lambda d: d["model"].update(top_k=d["model"]["num_experts"] + 1))
