@@ -88,15 +88,17 @@ def _write(args, spec, results, backend) -> bool:
     return len(write_outputs("generate", writes)) == len(writes)
 
 
-def write_dump(path: str, spec, out) -> None:
+def write_dump(target: str, spec, out) -> None:
     import torch
 
-    os.makedirs(path, exist_ok=True)
-    torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
-    if out.first_logits is not None:
-        torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
-    with open(os.path.join(path, "spec.json"), "w") as f:
-        f.write(spec.to_json())
+    from pyengine.cli.paths import fresh_dir
+
+    with fresh_dir(target) as path:  # whole or not at all, even with runs side by side
+        torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
+        if out.first_logits is not None:
+            torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
+        with open(os.path.join(path, "spec.json"), "w") as f:
+            f.write(spec.to_json())
 
 
 def print_json(summary) -> None:

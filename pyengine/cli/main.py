@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import signal
@@ -50,52 +51,81 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that every launcher's cleanup runs (children
-    stopped, queues closed) exactly as on Ctrl-C."""
+    """SIGTERM or SIGHUP, raised in the main thread so that every launcher's cleanup runs
+    (children stopped, queues closed) exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.name, self.code = signal.Signals(signum).name, 128 + signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_WITHOUT_RANKS = {"plan", "simulate", "kernels"}
+"""Commands that start no rank: an interrupt of theirs stops no rank."""
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def _stop_signals_raise():
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
 
     def handler(signum, frame):
-        raise Terminated()
+        for s in _STOP_SIGNALS:  # a second signal must not break the cleanup of the first
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None
+    argv = sys.argv[1:] if argv is None else argv
+    with _stop_signals_raise():  # from the start: a signal during imports is handled too
+        try:
+            return _dispatch(argv)
+        except KeyboardInterrupt as e:
+            code = e.code if isinstance(e, Terminated) else 130
+            print(_stopped_line(argv, e), file=sys.stderr)
+    return _leave(code, as_program)
+
+
+def _dispatch(argv: list[str]) -> int:
     from pyengine.core.errors import InputError
 
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "suite", None))))
     try:
-        with _sigterm_raises():
-            return int(args.func(args) or 0)
+        return int(args.func(args) or 0)
     except InputError as e:
         print(f"pyengine {command}: {e.kind}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
-        print(f"pyengine {command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
-              "every rank stopped", file=sys.stderr)
-        return _leave(143 if terminated else 130)
 
 
-def _leave(code: int) -> int:
-    """After an interrupt, virtual ranks (threads) stuck in a kernel cannot be stopped; exiting
-    the interpreter around them aborts in C++ ("terminate called without an active
-    exception"), so leave at once when any is left. Otherwise return the code as usual."""
-    if any(t.name.startswith("pyengine-") and t.is_alive() for t in threading.enumerate()):
-        sys.stdout.flush()
-        sys.stderr.flush()
+def _stopped_line(argv: list[str], e: KeyboardInterrupt) -> str:
+    words = [a for a in argv if not a.startswith("-")][:2]
+    command = words[0] if words and words[0] in _COMMANDS else ""
+    suite = f" {words[1]}" if command == "bench" and len(words) > 1 else ""
+    what = f"terminated ({e.name})" if isinstance(e, Terminated) else "interrupted"
+    ranks = "" if command in _WITHOUT_RANKS or not command else "; every rank stopped"
+    return f"pyengine{' ' + command + suite if command else ''}: {what}{ranks}"
+
+
+def _leave(code: int, as_program: bool) -> int:
+    """After an interrupt the process leaves at once (as a program): native threads left
+    (virtual ranks stuck in a kernel, torch's own) make a normal interpreter exit abort in
+    C++ now and then ("terminate called without an active exception", exit -6). First the
+    garbage of the stopped job is collected so multiprocessing's finalizers release its
+    semaphores (else the resource tracker reports them leaked)."""
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if as_program:
         os._exit(code)
     return code
 

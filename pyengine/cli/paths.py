@@ -8,11 +8,15 @@ then reports each failure in one line and goes on, so results already printed st
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 
 from pyengine.core.errors import UsageError
+from pyengine.core.files import broken_link
 
 TRACE_EXTENSIONS = (".json",)
 """Chrome/Perfetto trace: JSON."""
@@ -28,6 +32,7 @@ def check_file(flag: str, path: str | None, extensions: tuple[str, ...]) -> None
         raise UsageError(flag, path, "needs a file name")
     if os.path.isdir(path):
         raise UsageError(flag, path, "is a folder; give a file name inside it")
+    _check_link(flag, path)
     if os.path.splitext(path)[1].lower() not in extensions:
         raise UsageError(flag, path, f"unsupported extension: use {' or '.join(extensions)}")
     _check_parent(flag, path)
@@ -41,6 +46,7 @@ def check_dir(flag: str, path: str | None) -> None:
         return
     if not path:
         raise UsageError(flag, path, "needs a folder name")
+    _check_link(flag, path)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise UsageError(flag, path, "exists and is not a folder")
@@ -48,6 +54,35 @@ def check_dir(flag: str, path: str | None) -> None:
             raise UsageError(flag, path, "is a folder that is not writable")
         return
     _check_parent(flag, path)
+
+
+def _check_link(flag: str, path: str) -> None:
+    problem = broken_link(path)
+    if problem is not None:
+        raise UsageError(flag, path, problem)
+
+
+@contextlib.contextmanager
+def fresh_dir(path: str) -> Iterator[str]:
+    """A temporary folder beside `path` to write into; once the body is done its files appear in
+    `path` whole: a new `path` is renamed into place at once, an existing one gets each file by
+    an atomic replace. Concurrent runs onto one folder never leave a half-written file; a
+    failure leaves `path` as it was."""
+    where = os.path.abspath(path)
+    name = f".{os.path.basename(where)}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = os.path.join(os.path.dirname(where), name)
+    os.mkdir(tmp)  # not mkdtemp: the folder keeps the user's umask, not 0700
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)  # a new (or empty) folder: all files at once
+            return
+        except OSError:
+            pass  # an existing folder with files in it: keep them, replace ours one by one
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_parent(flag: str, path: str) -> None:

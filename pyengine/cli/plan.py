@@ -8,6 +8,10 @@ import sys
 from pyengine.predict.devices import DEFAULT_PRESET, PRESETS
 
 
+DEFAULT_TOP = 10
+"""Candidates `plan --search` shows unless --top says otherwise."""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plan", help="predict per-GPU cost, check the seed's claims, search for better plans",
@@ -16,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--search", action="store_true", help="also search alternatives and rank them")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="candidates to show (default 10)")
+    p.add_argument("--top", type=int, default=None, metavar="N",
+                   help=f"candidates --search shows (default {DEFAULT_TOP})")
     p.add_argument("--rank-by", choices=("latency", "throughput"), default="latency",
                    help="order of the search table (default latency)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
@@ -151,6 +156,9 @@ def _plan(args: argparse.Namespace) -> int:
     from pyengine.core.errors import UsageError
     from pyengine.core.limits import MAX_INT, check_number
 
+    if args.top is not None and not args.search:  # silently ignored, it would look obeyed
+        raise UsageError("--top", args.top, "needs --search (it limits the candidates shown)")
+    args.top = DEFAULT_TOP if args.top is None else args.top
     check_number("--top", args.top, lo=1, hi=MAX_INT, integer=True, error=UsageError)
     spec, dev, note, model_note, routing = _load(args)
     check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_INT, integer=True, error=UsageError)

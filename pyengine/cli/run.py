@@ -199,14 +199,16 @@ def _write_artifacts(args, summary, spec, results, backend, ids) -> bool:
     return len(write_outputs("run", writes)) == len(writes)
 
 
-def _dump(path: str, spec, results, ids) -> None:
+def _dump(target: str, spec, results, ids) -> None:
     import torch
 
-    os.makedirs(path, exist_ok=True)
-    out = results[spec.stage("output").gpus[0]]
-    torch.save(ids, os.path.join(path, "tokens.pt"))
-    m = spec.model
-    logits = torch.from_numpy(out.logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
-    torch.save(logits, os.path.join(path, "logits.pt"))
-    with open(os.path.join(path, "spec.json"), "w") as f:
-        f.write(spec.to_json())
+    from pyengine.cli.paths import fresh_dir
+
+    with fresh_dir(target) as path:  # whole or not at all, even with runs side by side
+        out = results[spec.stage("output").gpus[0]]
+        torch.save(ids, os.path.join(path, "tokens.pt"))
+        m = spec.model
+        logits = torch.from_numpy(out.logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
+        torch.save(logits, os.path.join(path, "logits.pt"))
+        with open(os.path.join(path, "spec.json"), "w") as f:
+            f.write(spec.to_json())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 
@@ -92,10 +91,28 @@ def options(args: argparse.Namespace, nranks: int):
     if rows > MAX_ROWS:
         raise UsageError("-f", args.stepfactor, f"makes {rows} sizes from -b {args.minbytes} to -e "
                                                 f"{args.maxbytes}; at most {MAX_ROWS}")
-    return BenchOptions(op=args.op, sizes=sizes(args.minbytes, args.maxbytes, args.stepfactor),
+    if args.op == "sendrecv" and nranks < 2:
+        raise UsageError("--nranks", nranks, "sendrecv needs at least 2 ranks (each sends to the next)")
+    sweep = _runnable_sizes(args, nranks, sizes(args.minbytes, args.maxbytes, args.stepfactor))
+    return BenchOptions(op=args.op, sizes=sweep,
                         dtype=dtypes.canonical(args.datatype), iters=args.iters,
                         warmup=args.warmup_iters, check=bool(args.check), root=args.root,
                         timeout_s=args.timeout, corrupt_rank=args.corrupt_rank)
+
+
+def _runnable_sizes(args: argparse.Namespace, nranks: int, sweep: tuple[int, ...]) -> tuple[int, ...]:
+    """The sweep, refused when no size holds one element per rank's output (the harness skips
+    such sizes: an empty table would look like a run)."""
+    from pyengine.commbench.collectives import TESTS
+    from pyengine.core.collectives import Collective
+
+    test, elt = TESTS[Collective(args.op)], dtypes.nbytes(dtypes.canonical(args.datatype))
+    if not any(test.counts(size, elt, nranks)[1] for size in sweep):
+        unit = f"{nranks} ranks x {elt} B per element" if test.scatters else f"{elt} B per element"
+        raise UsageError("-e", args.maxbytes, f"no size from -b {args.minbytes} holds one element "
+                                              f"per rank for {args.op} ({unit}: at least "
+                                              f"{(nranks if test.scatters else 1) * elt} B)")
+    return sweep
 
 
 def _row_count(lo: int, hi: int, factor: int) -> int:
@@ -119,8 +136,15 @@ def check_memory(opts, backend: str, nranks: int) -> None:
     count = size // dtypes.nbytes(opts.dtype)
     per_rank = 2 * size + (48 * count if opts.check else 0)  # in + out; int64/float64 check copies
     need = per_rank * nranks + b.per_rank_overhead * nranks if b.shared else per_rank
+    if b.shared and b.per_rank_overhead * nranks >= b.bytes:  # no buffer size could fit
+        raise UsageError("--nranks", nranks, f"{nranks} rank processes need "
+                                             f"{fmt_bytes(b.per_rank_overhead * nranks)} "
+                                             f"({fmt_bytes(b.per_rank_overhead)} each) before any "
+                                             f"buffer; {fmt_bytes(b.bytes)} of {b.what} is available")
     if need > b.bytes:
-        what = f"{nranks} ranks x {fmt_bytes(per_rank)}" if b.shared else f"{fmt_bytes(per_rank)} per rank"
+        proc = f" + {fmt_bytes(b.per_rank_overhead)} of process" if b.per_rank_overhead else ""
+        what = (f"{nranks} ranks x ({fmt_bytes(per_rank)} of buffers{proc})" if b.shared
+                else f"{fmt_bytes(per_rank)} per rank")
         raise UsageError("-e", size, f"buffers need {fmt_bytes(need)} ({what}); {fmt_bytes(b.bytes)} "
                                      f"of {b.what} is available")
 
@@ -130,10 +154,11 @@ def run(args: argparse.Namespace) -> int:
     from pyengine.commbench.harness import bench_rank, combine
     from pyengine.core import provenance
     from pyengine.execute.launch import (LaunchError, bind, check_backend, pick_backend, run_ranks,
-                                         under_torchrun)
+                                         torchrun_env)
     from pyengine.report.comm_table import format_table
 
-    nranks = (int(os.environ["WORLD_SIZE"]) if under_torchrun()
+    env = torchrun_env()
+    nranks = (env.world_size if env is not None
               else args.nranks if args.nranks is not None else DEFAULT_NRANKS)
     opts = options(args, nranks)
     backend = pick_backend(nranks, args.backend)

@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pyengine.core.dtypes import MODEL_DTYPES
 from pyengine.core.errors import SpecError
 from pyengine.core.limits import MAX_INT, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
-if TYPE_CHECKING:
-    from pyengine.core.spec import DeploymentSpec
+
+
+class DeploymentSpec(Protocol):
+    """What the rules read of a spec (pyengine.core.spec.DeploymentSpec, which calls them):
+    a protocol, so this module does not import the one that imports it, even for types."""
+
+    model: Any
+    hardware: Any
+    parallel: Any
+    schedule: Any
+    comm: Any
+
+    def ffn_shards(self) -> list[tuple[int, int, int]]: ...
 
 STAGE_NAMES = ("embed", "experts", "output")
 INTERCONNECTS = ("nvlink", "pcie")
@@ -210,7 +221,8 @@ def _expert_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
                 raise SpecError(f"{p}.expert_ids", ids,
                                 f"expert {x} does not exist (model.num_experts = {e})")
             if x in seen:
-                raise SpecError(f"{p}.expert_ids", ids, f"expert {x} is placed twice (GPUs {seen[x]} and {gpu})")
+                where = f"on GPU {gpu}" if seen[x] == gpu else f"(GPUs {seen[x]} and {gpu})"
+                raise SpecError(f"{p}.expert_ids", ids, f"expert {x} is placed twice {where}")
             seen[x] = gpu
     missing = sorted(set(range(e)) - set(seen))
     if missing:

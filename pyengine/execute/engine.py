@@ -40,8 +40,12 @@ class Engine:
         self._generator: Generator | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """One batch; every rank calls it with the same ids [B, S]."""
+        """One batch; every rank calls it with the same ids [B, S]: integers in [0, vocab_size),
+        checked as the CLI checks --tokens (InputError, a ValueError) before any rank works."""
+        from pyengine.model.tokens import check_ids
+
         m = self.spec.model
+        check_ids(ids, m.vocab_size, field="ids")
         if tuple(ids.shape) != (m.batch_size, m.seq_len):
             raise ValueError(f"ids.shape = {tuple(ids.shape)}: expected (batch_size, seq_len) = "
                              f"({m.batch_size}, {m.seq_len})")

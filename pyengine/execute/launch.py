@@ -61,8 +61,31 @@ class RankContext:
     on_action: Callable[[str, bool], None] = _no_action
 
 
+@dataclass(frozen=True, slots=True)
+class TorchrunEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """This process's place under torchrun (RANK and WORLD_SIZE set), every variable checked
+    (EnvError: exit 2); None when not under torchrun."""
+    from pyengine.core.env import EnvError, env_int
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = env_int("WORLD_SIZE", low=1)
+    rank = env_int("RANK", high=world - 1)
+    env_int("MASTER_PORT", low=1, high=65535)  # read when the ranks meet: refused here, first
+    local = env_int("LOCAL_RANK", 0)
+    if local > rank:
+        raise EnvError("LOCAL_RANK", os.environ["LOCAL_RANK"], f"must be <= RANK ({rank})")
+    return TorchrunEnv(rank, world, local)
+
+
 def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return torchrun_env() is not None
 
 
 def pick_backend(world_size: int, requested: str = "auto") -> Backend:
@@ -85,14 +108,18 @@ def _gpus() -> int:
 
 def check_backend(backend: Backend, world_size: int) -> None:
     """UsageError, before anything starts, when `backend` cannot run here: nccl needs a CUDA
-    GPU per rank (under torchrun: this process's LOCAL_RANK GPU)."""
+    GPU per rank (under torchrun: this process's LOCAL_RANK GPU). EnvError when torchrun's
+    variables are bad, whatever the backend."""
+    env = torchrun_env()
     if backend is not Backend.NCCL:
         return
     n = _gpus()
-    need = int(os.environ.get("LOCAL_RANK", 0)) + 1 if under_torchrun() else world_size
+    need = env.local_rank + 1 if env is not None else world_size
     if n < need:
         seen = "no CUDA GPU is visible" if n == 0 else f"{n} CUDA GPU(s) are visible"
-        raise UsageError("--backend", "nccl", f"needs one CUDA GPU per rank ({need}); {seen} here "
+        which = (f"rank {env.rank} uses GPU {env.local_rank} (LOCAL_RANK)" if env is not None
+                 else str(need))
+        raise UsageError("--backend", "nccl", f"needs one CUDA GPU per rank ({which}); {seen} here "
                                               "(use --backend gloo or local)")
 
 
@@ -143,7 +170,8 @@ def _spawn(body: Callable, world: int, backend: Backend, groups, timeout_s: floa
 def _device(backend: Backend, rank: int) -> torch.device:
     if backend is Backend.GLOO:
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    env = torchrun_env()
+    local = env.local_rank if env is not None else rank
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 
@@ -182,7 +210,8 @@ def _torchrun_rank(body: Callable, world_size: int, backend: Backend, groups, ti
     """This process is one rank started by torchrun; the results meet on rank 0."""
     from pyengine.transport.store import STARTUP_TIMEOUT_S, store_from_env
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    env = torchrun_env()
+    rank, world = env.rank, env.world_size
     if world < world_size:
         raise LaunchError(f"torchrun started {world} ranks; the job needs {world_size}")
     try:

@@ -185,6 +185,11 @@ class Beacon:
         self._publish()
 
 
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
+"""What gloo raises (a plain RuntimeError, even when an op is only being posted) when the
+other end of a pair died: a peer's death, never this rank's own fault."""
+
+
 def waited_on_peer(exc: BaseException) -> bool:
     """True when `exc` is what a rank sees of someone else's failure: a transport timeout or
     closed connection, a broken barrier, a store error, or the launcher stopping it."""
@@ -195,6 +200,8 @@ def waited_on_peer(exc: BaseException) -> bool:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if names & {t.__name__ for t in type(e).__mro__}:
+            return True
+        if any(gone in str(e).lower() for gone in PEER_GONE):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pyengine.core.errors import InputError
+from pyengine.core.files import unreadable_file
 from pyengine.core.spec import DeploymentSpec
 from pyengine.model.hf_config import HFModel, read_hf_config
 from pyengine.model.stages import Shard
@@ -225,7 +226,7 @@ def _weight_map(folder: str) -> dict[str, str]:
                 raise InputError(index, file, "a shard must be a file name inside the model folder")
         return wm
     single = os.path.join(folder, SINGLE_FILE)
-    if not os.path.exists(single):
+    if not os.path.lexists(single):  # a link that leads nowhere is reported by _open, as such
         found = sorted(os.listdir(folder))[:6]
         raise InputError("--weights", folder, f"has neither {SINGLE_FILE} nor {INDEX_FILE} "
                                               f"(only safetensors checkpoints are read; found {found})")
@@ -259,8 +260,11 @@ def _open(path: str, body):
     from safetensors import SafetensorError, safe_open
 
     name = os.path.basename(path)
-    if not os.path.isfile(path):
+    problem = unreadable_file(path)
+    if problem == "does not exist":
         raise InputError("checkpoint file", name, f"does not exist in {os.path.dirname(path)}")
+    if problem is not None:  # a folder, a symlink loop, an unreadable or empty file: say which
+        raise InputError("checkpoint file", name, f"{problem} (in {os.path.dirname(path)})")
     try:
         with safe_open(path, framework="pt") as f:
             return body(f)
@@ -268,4 +272,5 @@ def _open(path: str, body):
         raise InputError("checkpoint file", name, f"is not a valid safetensors file, corrupt or truncated "
                                                   f"({str(e).splitlines()[0]})") from None
     except OSError as e:
-        raise InputError("checkpoint file", name, f"cannot be read: {e.strerror}") from None
+        why = e.strerror or str(e) or type(e).__name__  # an OSError need not carry an errno
+        raise InputError("checkpoint file", name, f"cannot be read: {why}") from None

@@ -23,6 +23,8 @@ def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_
                      field: str = "prompts") -> None:
     import torch
 
+    from pyengine.model.tokens import check_ids
+
     m = spec.model
     if not m.layered:
         raise InputError("model.num_layers", None, "generation needs a model of layers (the attention-free "
@@ -35,13 +37,7 @@ def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_
         if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0:
             shape = list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
             raise InputError(f"{field}[{i}]", shape, "must be a non-empty 1-D tensor of token ids")
-        if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-            raise InputError(f"{field}[{i}]", str(p.dtype), "token ids must be integers")
-        bad = (p < 0) | (p >= m.vocab_size)
-        if bool(bad.any()):
-            j = int(bad.nonzero()[0])
-            raise InputError(f"{field}[{i}]", int(p[j]), f"id at position {j} is outside the vocabulary "
-                                                         f"[0, {m.vocab_size})")
+        check_ids(p, m.vocab_size, field=f"{field}[{i}]")
         if m.max_positions is not None and p.numel() + max_new_tokens > m.max_positions:
             raise InputError(f"{field}[{i}]", int(p.numel()),
                              f"tokens + --max-new-tokens {max_new_tokens} exceed the model's "

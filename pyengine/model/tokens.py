@@ -10,6 +10,7 @@ import os
 import torch
 
 from pyengine.core.errors import InputError
+from pyengine.core.files import unreadable_file
 
 FIELD = "--tokens"
 
@@ -20,8 +21,7 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".pt", ".npy"):
         raise InputError(FIELD, path, "must be a .pt (torch tensor) or .npy (numpy array) file of ids")
-    if not os.path.isfile(path):
-        raise InputError(FIELD, path, "does not exist")
+    _check_readable(path)
     ids = _read_pt(path) if ext == ".pt" else _read_npy(path)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise InputError(FIELD, path, f"holds {ids.dtype}: token ids must be integers")
@@ -30,12 +30,17 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     return (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64).contiguous()
 
 
-def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "") -> None:
-    """Refuse ids outside [0, vocab_size), naming the first offending one and where it is."""
+def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "", field: str = FIELD) -> None:
+    """Refuse anything but a tensor of integer ids inside [0, vocab_size), naming the first
+    offending id and where it is (the CLI's --tokens and the library's ids alike)."""
+    if not isinstance(ids, torch.Tensor):
+        raise InputError(field, type(ids).__name__, "must be a tensor of token ids")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(field, str(ids.dtype), "token ids must be integers")
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
-        raise InputError(FIELD, int(ids[pos]), f"id at position {list(pos)} is outside the vocabulary "
+        raise InputError(field, int(ids[pos]), f"id at position {list(pos)} is outside the vocabulary "
                                                f"[0, {vocab_size}){why}")
 
 
@@ -43,7 +48,7 @@ def _read_pt(path: str) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean "not readable"
-        raise InputError(FIELD, path, f"cannot be read as a torch file: {str(e).splitlines()[0]}") from None
+        raise InputError(FIELD, path, f"cannot be read as a torch file: {_reason(e)}") from None
     if not isinstance(obj, torch.Tensor):
         raise InputError(FIELD, path, f"holds a {type(obj).__name__}, not a tensor of ids")
     return obj
@@ -54,8 +59,8 @@ def _read_npy(path: str) -> torch.Tensor:
 
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(FIELD, path, f"cannot be read as a .npy array: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(FIELD, path, f"cannot be read as a .npy array: {_reason(e)}") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
         raise InputError(FIELD, path, f"holds {getattr(arr, 'dtype', type(arr).__name__)}: token ids must be integers")
     return torch.from_numpy(arr.astype(np.int64))
@@ -65,7 +70,8 @@ def load_prompts(path: str | os.PathLike) -> list[torch.Tensor]:
     """Prompts from `path`: a .pt list of 1-D id tensors (any lengths), or a [B, S] / [T] tensor
     or .npy array (equal lengths, one prompt per row)."""
     path = os.fspath(path)
-    if os.path.splitext(path)[1].lower() == ".pt" and os.path.isfile(path):
+    if os.path.splitext(path)[1].lower() == ".pt":
+        _check_readable(path)
         obj = _read_pt_any(path)
         if isinstance(obj, (list, tuple)):
             if not obj or not all(isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() for p in obj):
@@ -80,4 +86,18 @@ def _read_pt_any(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean "not readable"
-        raise InputError(FIELD, path, f"cannot be read as a torch file: {str(e).splitlines()[0]}") from None
+        raise InputError(FIELD, path, f"cannot be read as a torch file: {_reason(e)}") from None
+
+
+def _check_readable(path: str) -> None:
+    problem = unreadable_file(path)
+    if problem is not None:
+        raise InputError(FIELD, path, problem)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of a loader's error that says what is wrong, never its advice to load
+    with weights_only=False (arbitrary code from a file of ids is never run)."""
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0] if lines else f"{type(e).__name__} (a truncated or foreign file)"

@@ -185,7 +185,7 @@ _TERM_WORDS = {"work": "work (op time, e.g. weight re-reads per micro-batch)", "
 def explain(c: Candidate, seed: Candidate) -> str:
     """Which latency terms shrink (or grow) relative to the seed, largest first."""
     if c.is_seed:
-        return "the seed config (reference)"
+        return "your config (reference)"
     if not c.fits:
         return "does not fit in GPU memory"
     delta = {k: c.terms[k] - seed.terms[k] for k in c.terms}
@@ -193,7 +193,7 @@ def explain(c: Candidate, seed: Candidate) -> str:
     d_thr = c.throughput_tokens_per_s / seed.throughput_tokens_per_s - 1
     shrunk = sorted((k for k in delta if delta[k] < -1e-9), key=lambda k: delta[k])
     grown = sorted((k for k in delta if delta[k] > 1e-9), key=lambda k: -delta[k])
-    head = (f"latency {fmt_signed_pct(d_lat / seed.latency_s)}, throughput {fmt_signed_pct(d_thr)} vs seed")
+    head = (f"latency {fmt_signed_pct(d_lat / seed.latency_s)}, throughput {fmt_signed_pct(d_thr)} vs your config")
     parts_ = []
     if shrunk:
         parts_.append("shrinks " + ", ".join(f"{_TERM_WORDS[k] if i == 0 else k} {delta[k] * 1e3:+.2f} ms"

@@ -92,8 +92,8 @@ def print_candidates(cands: Sequence[Candidate], top: int = 10, out: Console | N
            f"{tried['expert_count_vectors']} expert-count vectors)" if tried else "")
     print_table(
         f"Plan search: {len(cands)} valid candidates{how}, top {min(top, len(cands))} "
-        f"(+ the seed for reference); '*' = Pareto-optimal in latency and throughput",
-        ["#lat", "#thr", ("candidate", "left"), "latency", "tok/s", "bubble", ("why (vs seed)", "left")],
+        f"(+ your config for reference); '*' = Pareto-optimal in latency and throughput",
+        ["#lat", "#thr", ("candidate", "left"), "latency", "tok/s", "bubble", ("why (vs your config)", "left")],
         [[c.rank_latency, c.rank_throughput, ("* " if c.pareto else "") + c.label + ("" if c.fits else " (no fit)"),
           fmt_s(c.latency_s), f"{c.throughput_tokens_per_s:,.0f}", fmt_pct(c.bubble_fraction), c.why]
          for c in shown], out)

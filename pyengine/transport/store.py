@@ -56,11 +56,13 @@ def connect_store(rank: int, world_size: int, port: int, *, host: str = "127.0.0
 
 def store_from_env(rank: int, world_size: int, timeout_s: float) -> Any:
     """The store at MASTER_ADDR:MASTER_PORT (torchrun's, or the launcher's spawned ranks')."""
-    try:
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    except KeyError as exc:
-        raise TransportError(f"no store given and {exc.args[0]} is not set (run under torchrun "
-                             "or pass store=)") from None
+    from pyengine.core.env import env_int
+
+    host, port = os.environ.get("MASTER_ADDR"), env_int("MASTER_PORT", low=1, high=65535)
+    for name, value in (("MASTER_ADDR", host), ("MASTER_PORT", port)):
+        if value is None:
+            raise TransportError(f"no store given and {name} is not set (run under torchrun "
+                                 "or pass store=)")
     try:
         return connect_store(rank, world_size, port, host=host, timeout_s=timeout_s)
     except (RuntimeError, OSError) as exc:

@@ -213,3 +213,36 @@ def test_layer_needs_weights(capsys, no_ranks):
 
 def test_not_a_directory(tmp_path, capsys, no_ranks):
     assert "is not a directory" in run_cli(capsys, "--weights", str(tmp_path / "nowhere"))
+
+
+def _as_folder(path):
+    path.mkdir()
+
+
+def _as_loop(path):
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize("make,words", [(_as_folder, "is a folder, not a file"),
+                                        (_as_loop, "is a symlink loop")])
+def test_model_safetensors_that_is_not_a_file_says_what_it_is(checkpoint, tmp_path, capsys, no_ranks,
+                                                               make, words):
+    folder = copy(checkpoint("mixtral")[0], tmp_path)
+    (folder / "model.safetensors").unlink()
+    make(folder / "model.safetensors")
+    with pytest.raises(InputError, match=words):
+        open_checkpoint(folder, LAYER)
+    assert words in run_cli(capsys, "--weights", str(folder), "--layer", str(LAYER))
+
+
+def test_an_unreadable_checkpoint_says_why(checkpoint, tmp_path, monkeypatch):
+    import safetensors
+
+    def unreadable(*a, **k):  # as root a chmod cannot make a file unreadable: raise as the OS would
+        raise OSError("Input/output error")
+
+    folder = copy(checkpoint("mixtral")[0], tmp_path)
+    monkeypatch.setattr(safetensors, "safe_open", unreadable)
+    with pytest.raises(InputError) as e:
+        open_checkpoint(folder, LAYER)
+    assert str(e.value).endswith("cannot be read: Input/output error"), str(e.value)

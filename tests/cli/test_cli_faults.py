@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import TINY_CONFIG
+from helpers import TINY_CONFIG, packaged_config
 
 TIMEOUT_S = "3"  # per action: how long a peer waits on a stopped rank before the job ends
 LONG = ("--iters", "100000", "--warmup", "0", "--no-baselines")  # runs until something stops it
@@ -121,3 +121,24 @@ def test_a_signal_to_the_parent_stops_every_rank_process(sig, rc, word):
     code, err, elapsed = _finish(p, pids, limit_s=30)
     assert (code, err) == (rc, f"pyengine run: {word}; every rank stopped\n")  # no leaked semaphores
     assert elapsed < 10
+
+
+_ENDLESS = {"run": ("run", "--config", TINY_CONFIG, *LONG),
+            "generate": ("generate", "--config", packaged_config("seed_model_3gpu.json"),
+                         "--max-new-tokens", "4", "--warmup", "100000")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "generate"])
+@pytest.mark.parametrize("sig,rc", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_or_sighup_on_the_thread_backend_is_one_line_every_time(command, sig, rc):
+    # exiting the interpreter around native threads aborted now and then (exit -6,
+    # "terminate called without an active exception"): several tries, at different moments
+    for delay in (0.5, 1.5, 2.5, 3.5, 4.5):
+        p = subprocess.Popen([sys.executable, "-m", "pyengine", *_ENDLESS[command], "--backend", "local"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(getattr(signal, sig))
+        code, err, _ = _finish(p, {}, limit_s=30)
+        assert (code, err) == (rc, f"pyengine {command}: terminated ({sig}); every rank stopped\n"), delay

@@ -31,7 +31,7 @@ def test_plan_json_keys(capsys):
 def test_plan_search(capsys):
     assert main(["plan", "--search", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Plan search" in out and "Winner by latency" in out and "vs seed" in out
+    assert "Plan search" in out and "Winner by latency" in out and "vs your config" in out
 
 
 @pytest.mark.slow  # a subprocess
@@ -82,3 +82,8 @@ def test_simulate_json_tiny(capsys):
     assert main(["simulate", "--config", str(cfg), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["makespan_s"] > 0 and data["metrics"]["bubble_fraction"] >= 0 and data["spans"]
+
+
+def test_top_without_search_is_refused(capsys):
+    assert main(["plan", "--top", "3"]) == 2
+    assert "--top = 3: needs --search" in capsys.readouterr().err

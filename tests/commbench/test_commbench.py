@@ -154,3 +154,21 @@ def test_bad_flag_through_the_cli_exits_2_with_one_line():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == "pyengine bench comm: bad option: -e = 1024: must be >= -b (4096)"
+
+
+@pytest.mark.parametrize("flags,flag,words", [
+    (("--backend", "local", "--op", "reduce_scatter", "-b", "7", "-e", "7"), "-e",
+     "no size from -b 7 holds one element per rank for reduce_scatter (3 ranks x 4 B per element"),
+    (("--backend", "local", "--op", "sendrecv", "--nranks", "1"), "--nranks", "sendrecv needs at least 2"),
+    (("--backend", "gloo", "--nranks", "64", "-b", "1K", "-e", "1K"), "--nranks",
+     "64 rank processes need"),  # the processes are the limit, not -e's 1 KB
+])
+def test_sweeps_that_cannot_run_are_refused_naming_the_real_limit(flags, flag, words, monkeypatch):
+    import pyengine.execute.launch as launch
+    import pyengine.execute.memory as memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 10 * 2**30)
+    monkeypatch.setattr(launch, "run_ranks", lambda *a, **k: pytest.fail("ranks were started"))
+    with pytest.raises(UsageError) as e:
+        commbench.run(parse(*flags))
+    assert e.value.field == flag and words in str(e.value), str(e.value)

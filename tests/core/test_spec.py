@@ -213,7 +213,9 @@ def _experts(**stage):
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2], [3, 4, 5, 6]]},
      "expert_ids", "experts [7] are placed on no GPU"),  # a missing expert
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [3, 4, 5, 6, 7]]},
-     "expert_ids", "expert 3 is placed twice"),  # a duplicate
+     "expert_ids", "expert 3 is placed twice (GPUs 1 and 2)"),  # a duplicate
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 1, 2, 3], [4, 5, 6, 7]]},
+     "expert_ids", "expert 1 is placed twice on GPU 1"),  # a duplicate on one GPU
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, 8]]},
      "expert_ids", "expert 8 does not exist"),  # an id >= E
     ({"gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, 7]]},
@@ -248,3 +250,10 @@ def test_expert_parallel_default_placement_and_mode_on_other_stages():
             gpus=[0, 1, 2], parallel_mode="expert")(d)))
     assert "more GPUs than experts" in str(e.value)
     assert DeploymentSpec.from_json(spec.to_json()) == spec  # round trip keeps the placement
+
+
+def test_top_k_equal_to_num_experts_is_valid():
+    spec = _spec(lambda d: d["model"].update(top_k=d["model"]["num_experts"]))
+    assert spec.model.top_k == spec.model.num_experts
+    with pytest.raises(SpecError, match="must be <= model.num_experts"):
+        _spec(lambda d: d["model"].update(top_k=d["model"]["num_experts"] + 1))

@@ -14,6 +14,7 @@ import torch
 from pyengine.execute.blame import SILENT_S, explain, find_cause, idle_for
 from pyengine.execute.launch import Backend, LaunchError, run_ranks
 from pyengine.execute.liveness import DONE, FAILED, RUNNING, WAITED, Beacon, Board, Record, waited_on_peer
+from pyengine.execute.runtime import RankError
 from pyengine.transport.base import TransportError
 
 
@@ -51,6 +52,25 @@ def test_a_rank_that_raised_on_a_wait_is_marked_a_bystander():
             raise ValueError("a real bug")
     assert board.read(0).state == WAITED and board.read(1).state == FAILED
     assert waited_on_peer(threading.BrokenBarrierError()) and not waited_on_peer(KeyError("x"))
+
+
+def test_a_connection_closed_by_a_dead_peer_is_a_wait_not_an_own_failure():
+    # gloo raises a plain RuntimeError when the other end died, even while an op is posted;
+    # the runtime wraps it in a RankError: the survivor must still count as waiting on a peer
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242")
+    try:
+        try:
+            raise gloo
+        except RuntimeError as e:
+            raise RankError(0, "s2.mb2.RECV.partial<-1", f"RuntimeError: {e}") from e
+    except RankError as wrapped:
+        assert waited_on_peer(wrapped)
+    assert waited_on_peer(RuntimeError("Connection reset by peer"))
+    assert not waited_on_peer(RuntimeError("CUDA error: an illegal memory access"))
+    board = Board.for_threads(1)
+    with pytest.raises(RuntimeError), Beacon(board, 0, heartbeat=False):
+        raise gloo
+    assert board.read(0).state == WAITED
 
 
 def _beat_in_child(board):

@@ -151,6 +151,26 @@ def test_engine_rejects_wrong_token_shape():
         eng.forward(torch.zeros(1, 13, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("bad,words", [(-1, "ids = -1: id at position [0, 4]"),
+                                       (37, "ids = 37: id at position [0, 4]"),
+                                       ("float", "ids = 'torch.float32': token ids must be integers")])
+def test_engine_checks_ids_like_the_cli_before_any_rank_works(monkeypatch, bad, words):
+    from pyengine.core.errors import InputError
+    from pyengine.transport.local import LocalTransport
+
+    spec = CASES[0][1]
+    eng = Engine(spec, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    monkeypatch.setattr(eng._runtime, "forward", lambda ids: pytest.fail("the rank ran"))
+    ids = torch.zeros(2, 13, dtype=torch.int64)
+    if bad == "float":
+        ids = ids.float()
+    else:
+        ids[0, 4] = bad
+    with pytest.raises(InputError) as e:
+        eng.forward(ids)
+    assert words in str(e.value)
+
+
 def test_seed_weights_are_deterministic_and_shardable():
     spec = load_spec()
     small = spec.replace(model={"hidden_size": 16, "ffn_hidden_size": 12, "vocab_size": 10})

@@ -134,3 +134,20 @@ def test_no_import_cycles():
 def test_no_file_over_400_lines():
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_no_two_modules_import_each_other_even_for_types_only():
+    # a TYPE_CHECKING import one way and a call the other is still a circle a reader must follow
+    def every(path: pathlib.Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+                names |= subs if len(subs) == len(node.names) else {node.module} | subs  # as _imports
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names & MODULES.keys()
+
+    deps = {name: every(path) - {name} for name, path in MODULES.items()}
+    mutual = sorted({tuple(sorted((a, b))) for a in deps for b in deps[a] if a in deps.get(b, ())})
+    assert not mutual, f"modules that import each other: {mutual}"

@@ -35,3 +35,16 @@ def test_renormalize_changes_the_output(tiny_spec):
     off = tiny_spec.replace(model={"renormalize": False})
     assert (reference_forward(tiny_spec, w, ids) - reference_forward(off, w, ids)).abs().max() > 1e-2
     assert load_spec(None).model.renormalize is True  # the default keeps the seed's behaviour
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_softmax_runs_in_fp32_for_half_inputs(dtype):
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(64, 32, generator=g).to(dtype)
+    router = (torch.randn(32, 16, generator=g) * 0.3).to(dtype)
+    ids, w = route(u, router, 4, renormalize=False)
+    exact = torch.softmax((u @ router).float(), dim=-1).gather(-1, ids.long())
+    half = torch.softmax(u @ router, dim=-1).float().gather(-1, ids.long())  # the bug it must not have
+    assert w.dtype == torch.float32
+    assert (w - exact).abs().max() < 1e-6
+    assert (half - exact).abs().max() > 1e-5  # a softmax in the input dtype would be caught above

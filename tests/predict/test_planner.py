@@ -150,7 +150,7 @@ def test_search_candidates_valid_and_ranked(small_search):
     # terms decompose latency exactly
     for c in cands[:5]:
         assert sum(c.terms.values()) == pytest.approx(c.latency_s)
-    assert "vs seed" in cands[0].why and "shrinks" in cands[0].why
+    assert "vs your config" in cands[0].why and "shrinks" in cands[0].why
 
 
 def test_search_covers_the_space(small_search):
@@ -218,3 +218,19 @@ def test_bad_profile_name_or_json(tmp_path):
     path.write_text("{\n  \"base\": \"h100\",,\n}")
     with pytest.raises(DeviceProfileError, match="line 2, column"):
         load_profile(path)
+
+
+def test_search_ranks_every_fitting_candidate_above_every_one_that_does_not():
+    from pyengine.predict.resources import memory_bytes
+
+    dev = plan_search.load_profile(None)
+    roomy = plan_search.search(TINY, micro_batches=(1, 3))
+    needs = sorted(max(memory_bytes(c.spec, dev).values()) for c in roomy)
+    tight = TINY.replace(hardware={"gpu_memory_gb": needs[len(needs) // 2] / 1e9})  # about half fit
+    for rank_by in ("latency", "throughput"):
+        cands = plan_search.search(tight, micro_batches=(1, 3), rank_by=rank_by)
+        fit = [c for c in cands if c.fits]
+        assert 0 < len(fit) < len(cands)
+        for key in ("rank_latency", "rank_throughput"):
+            worst_fit = max(getattr(c, key) for c in fit)
+            assert all(getattr(c, key) > worst_fit for c in cands if not c.fits), key

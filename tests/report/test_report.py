@@ -35,7 +35,7 @@ def test_print_plan_and_candidates(capsys):
     plan_view.print_candidates(cands, top=3)
     out = capsys.readouterr().out
     assert "seed32g" in out and "Per GPU" in out and "DOES NOT HOLD" in out
-    assert "Plan search" in out and "the seed config (reference)" in out
+    assert "Plan search" in out and "your config (reference)" in out
 
 
 def test_to_json_plan_and_non_finite():

@@ -1,0 +1,124 @@
+"""Hostile files and environments, refused in one line naming the flag (or variable) and the
+value, exit 2, before any rank starts: empty, garbage and looping token files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import TINY_CONFIG, packaged_config
+from pyengine.cli.main import main
+
+MODEL = packaged_config("seed_model_3gpu.json")
+COMMANDS = {"run": ("run", "--config", TINY_CONFIG),
+            "generate": ("generate", "--config", MODEL, "--max-new-tokens", "2")}
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Any attempt to start ranks fails the test: refusals must come first."""
+    import pyengine.execute.launch as launch
+
+    monkeypatch.setattr(launch, "run_ranks", lambda *a, **k: pytest.fail("ranks were started"))
+
+
+def refused(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and cap.out == "" and "Traceback" not in cap.err, cap.err
+    return lines[0]
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _garbage(path):
+    path.write_bytes(b"not a torch file at all " * 8)
+
+
+def _loop(path):
+    os.symlink(path.name, path)  # a link to itself
+
+
+def _folder(path):
+    path.mkdir()
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+@pytest.mark.parametrize("name,make,words", [
+    ("ids.npy", _empty, "is empty (0 bytes)"),
+    ("ids.pt", _empty, "is empty (0 bytes)"),
+    ("ids.pt", _garbage, "cannot be read as a torch file"),
+    ("ids.npy", _garbage, "cannot be read as a .npy array"),
+    ("ids.pt", _loop, "is a symlink loop"),
+    ("ids.npy", _folder, "is a folder"),
+])
+def test_bad_token_files_are_one_line(tmp_path, capsys, no_ranks, command, name, make, words):
+    path = tmp_path / name
+    make(path)
+    line = refused(capsys, *COMMANDS[command], "--tokens", str(path))
+    assert "--tokens" in line and str(path) in line and words in line, line
+    assert "weights_only" not in line  # never advise loading a file's arbitrary code
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"RANK": "banana", "WORLD_SIZE": "3"}, "RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "-1"}, "WORLD_SIZE"),
+    ({"RANK": "3", "WORLD_SIZE": "3"}, "RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "x"}, "LOCAL_RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "3", "MASTER_PORT": "99999"}, "MASTER_PORT"),
+])
+@pytest.mark.parametrize("argv", [("run", "--config", TINY_CONFIG, "--backend", "gloo"),
+                                  ("bench", "comm", "--backend", "gloo")])
+def test_torchruns_environment_is_checked_like_a_flag(capsys, monkeypatch, no_ranks, env, name, argv):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    line = refused(capsys, *argv)
+    assert f"bad environment variable: {name} = '{env[name]}'" in line, line
+
+
+def test_nccl_under_torchrun_without_a_gpu_names_the_real_rank(capsys, monkeypatch, no_ranks):
+    import pyengine.execute.launch as launch
+
+    monkeypatch.setattr(launch, "_gpus", lambda: 0)
+    for key, value in {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    line = refused(capsys, "run", "--config", TINY_CONFIG, "--backend", "nccl")
+    assert "rank 2 uses GPU 0 (LOCAL_RANK)" in line, line
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+@pytest.mark.parametrize("flag", ["--dump", "--trace"])
+def test_an_output_onto_a_symlink_loop_is_refused_first(tmp_path, capsys, no_ranks, command, flag):
+    path = tmp_path / ("out.json" if flag == "--trace" else "out")
+    _loop(path)
+    line = refused(capsys, *COMMANDS[command], flag, str(path))
+    assert f"{flag} = '{path}': is a symlink loop" in line, line
+
+
+class _Out:
+    sequences, first_logits = [[1, 2, 3]], None
+
+
+def test_a_dump_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pyengine.cli.generate_run import write_dump
+    from pyengine.core.spec import load_spec
+
+    spec, target = load_spec(MODEL), tmp_path / "d"
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full_disk)  # spec.json, written after generated.pt
+    with pytest.raises(OSError):
+        write_dump(str(target), spec, _Out())
+    assert sorted(os.listdir(tmp_path)) == []  # no half-written dump, no temporary folder left
+    monkeypatch.undo()
+    (target).mkdir()
+    (target / "mine.txt").write_text("kept")
+    write_dump(str(target), spec, _Out())
+    assert sorted(os.listdir(target)) == ["generated.pt", "mine.txt", "spec.json"]
+    assert sorted(os.listdir(tmp_path)) == ["d"]
