@@ -248,3 +248,16 @@ def test_expert_parallel_default_placement_and_mode_on_other_stages():
             gpus=[0, 1, 2], parallel_mode="expert")(d)))
     assert "more GPUs than experts" in str(e.value)
     assert DeploymentSpec.from_json(spec.to_json()) == spec  # round trip keeps the placement
+
+
+def test_load_spec_by_packaged_name_reads_pyengine_configs():
+    from pathlib import Path
+
+    packaged = Path(__file__).resolve().parents[2] / "pyengine" / "configs" / "tiny_cpu.json"
+    assert load_spec("tiny_cpu") == load_spec(packaged)
+
+
+def test_load_spec_unknown_name_lists_the_packaged_names():
+    with pytest.raises(SpecError) as e:
+        load_spec("tiny_gpu")
+    assert e.value.field == "config" and "tiny_cpu" in str(e.value) and "seed_3gpu" in str(e.value)
