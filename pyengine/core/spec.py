@@ -248,12 +248,32 @@ def near_even_split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def packaged_spec_names() -> list[str]:
+    """Names of the specs shipped in pyengine/configs, usable as load_spec(name)."""
+    configs = resources.files("pyengine").joinpath("configs")
+    return sorted(e.name[: -len(".json")] for e in configs.iterdir() if e.name.endswith(".json"))
+
+
+def _is_packaged_name(path: str) -> bool:
+    # "tiny_cpu" names a packaged spec; "tiny_cpu.json" or "./tiny_cpu" name a file.
+    return "/" not in path and os.sep not in path and not path.endswith(".json")
+
+
+def _load_packaged(name: str) -> DeploymentSpec:
+    if name not in packaged_spec_names():
+        raise SpecError("config", name, f"no packaged spec of that name; packaged: {packaged_spec_names()}")
+    text = resources.files("pyengine").joinpath(f"configs/{name}.json").read_text()
+    return DeploymentSpec.from_json(text, f"{name}.json")
+
+
 def load_spec(path: str | os.PathLike | None = None) -> DeploymentSpec:
-    """Load and validate a spec; None loads the packaged seed (configs/seed_3gpu.json)."""
+    """Load and validate a spec: a file path, a packaged spec's name (load_spec("tiny_cpu") reads
+    pyengine/configs/tiny_cpu.json), or None for the packaged seed (seed_3gpu)."""
     if path is None:
-        text = resources.files("pyengine").joinpath("configs/seed_3gpu.json").read_text()
-        return DeploymentSpec.from_json(text, "seed_3gpu.json")
+        return _load_packaged("seed_3gpu")
     path = os.fspath(path)
+    if _is_packaged_name(path):
+        return _load_packaged(path)
     try:
         with open(path, "rb") as f:
             text = f.read()

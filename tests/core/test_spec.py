@@ -257,3 +257,16 @@ def test_top_k_equal_to_num_experts_is_valid():
     assert spec.model.top_k == spec.model.num_experts
     with pytest.raises(SpecError, match="must be <= model.num_experts"):
         _spec(lambda d: d["model"].update(top_k=d["model"]["num_experts"] + 1))
+
+
+def test_load_spec_by_packaged_name_reads_pyengine_configs():
+    from pathlib import Path
+
+    packaged = Path(__file__).resolve().parents[2] / "pyengine" / "configs" / "tiny_cpu.json"
+    assert load_spec("tiny_cpu") == load_spec(packaged)
+
+
+def test_load_spec_unknown_name_lists_the_packaged_names():
+    with pytest.raises(SpecError) as e:
+        load_spec("tiny_gpu")
+    assert e.value.field == "config" and "tiny_cpu" in str(e.value) and "seed_3gpu" in str(e.value)
