@@ -19,9 +19,14 @@ def route(u: torch.Tensor, router: torch.Tensor, k: int,
           renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts (fp32), top-k, renormalised to sum to 1 unless `renormalize` is
     False (norm_topk_prob = false keeps the chosen experts' raw probabilities):
-    (ids int32 [T,k], weights fp32 [T,k])."""
+    (ids int32 [T,k], weights fp32 [T,k]).
+
+    Ties between equal probabilities go to the lower expert id (a stable descending sort):
+    torch.topk promises no order on ties, and the references (pyengine.model.reference,
+    tests/references.py) break them this way, so an exact tie cannot fail the output check."""
     probs = torch.softmax((u @ router).float(), dim=-1)
-    w, ids = torch.topk(probs, k, dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    w, ids = sorted_p[..., :k], order[..., :k]
     return ids.to(torch.int32), (w / w.sum(-1, keepdim=True) if renormalize else w)
 
 

@@ -138,3 +138,17 @@ def test_route_matches_independent_softmax_top_k(T, H, E, k):
     assert bool((w > 0).all()) and bool((w <= 1).all())
     assert bool((w[:, :-1] >= w[:, 1:]).all())
     assert all(len(set(row)) == k for row in ids.tolist())  # k distinct experts
+
+
+def test_route_ties_go_to_the_lower_expert_id_like_the_references():
+    """An exact tie between the k-th and (k+1)-th logits: the engine picks the lower id, as both
+    references do (a stable rule; torch.topk promises no order on ties)."""
+    from pyengine.model.reference import _top_k
+
+    row = [0.0] * 37 + [1.0, 1.0, 1.0] + [0.0] * 24  # experts 37, 38, 39 tie; k = 2
+    logits = [row, row[::-1]]
+    ids, _ = _logits_route(logits, 2)
+    expected = [[37, 38], [24, 25]]
+    assert ids.tolist() == expected
+    assert _top_k(torch.tensor(logits), 2, True)[0].tolist() == expected
+    assert ref.softmax_top_k(torch.tensor(logits), 2)[0] == expected
