@@ -92,7 +92,8 @@ def _moe_jobs(shapes: Shapes, dtype: str, f_r: int, t: int, arch: int, gpu: str,
               all_configs: bool) -> list[Job]:
     dt = DTYPES[dtype]
     picks = {op: tuning.pick_config(op, gpu=gpu, dtype=dt, E=shapes.E, H=shapes.H, F=f_r,
-                                    num_tokens=t) for op in tuning.OPS}
+                                    num_tokens=t, top_k=shapes.top_k, arch=arch)
+             for op in tuning.OPS}
     fitting = lambda op: tuning.gpu_candidates(op, arch, dt)
     align = tuning.align_for(picks["column"].config, picks["row"].config, fitting)
     runs = []  # (op, config, source, align)

@@ -39,7 +39,7 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= E:
             raise ValueError(f"topk_ids: values span [{lo}, {hi}]; must lie in [0, E={E})")
-    shape = dict(device=u.device, dtype=u.dtype, E=E, H=H, F=F, num_tokens=T)
+    shape = dict(device=u.device, dtype=u.dtype, E=E, H=H, F=F, num_tokens=T, top_k=k)
     col_cfg = tuning.select_config("column", **shape)
     row_cfg = tuning.select_config("row", **shape)
     block_m = tuning.align_block_m(col_cfg, row_cfg, u.device, u.dtype)

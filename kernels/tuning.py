@@ -24,7 +24,7 @@ import triton
 
 from pyengine.core import dtypes
 
-from pyengine.kernels import smem
+from pyengine.kernels import decode_configs, smem
 
 OPS = ("column", "row")
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -71,7 +71,7 @@ GPU_CONFIGS = {
 }
 # Used when no tuned file matches: mid-size tiles that are reasonable from T=256 upwards.
 GPU_DEFAULT = {"column": _cfg(64, 128, 64, 8, 8, 3), "row": _cfg(64, 128, 64, 8, 4, 4)}
-GPU_DEFAULT_SMALL_M = {"column": _cfg(16, 128, 64, 8, 4, 4), "row": _cfg(16, 128, 128, 8, 4, 4)}
+# Up to decode_configs.DECODE_MAX_TOKENS tokens the default is decode_configs.decode_config.
 # Triton specialises integer arguments on divisibility by 16. When H or F_r is not a
 # multiple of it (uneven TP shards, test shapes), it cannot prove rows aligned: loads go
 # element by element with a 64-bit address each, and the defaults above spill on sm_90
@@ -174,12 +174,15 @@ def load_tuned(path: Path, num_tokens: int) -> triton.Config | None:
 
 
 def pick_config(op: str, *, gpu: str, dtype: torch.dtype, E: int, H: int, F: int,
-                num_tokens: int, config_dir: Path | str = CONFIG_DIR) -> Pick:
+                num_tokens: int, top_k: int = 1, sms: int | None = None, arch: int = 90,
+                config_dir: Path | str = CONFIG_DIR) -> Pick:
     """The config the engine launches `op` with on a GPU named `gpu` (no device needed).
 
     Order: env pin (PYENGINE_MOE_<OP>_CONFIG, then PYENGINE_MOE_CONFIG) >
     PYENGINE_AUTOTUNE=1 (config None: autotune over the candidates) > tuned JSON for this
-    GPU and shape > built-in default (by alignment of H and F, then by token count).
+    GPU and shape > built-in default (by alignment of H and F, then by token count: the
+    decode tile of decode_configs up to DECODE_MAX_TOKENS, sized for `sms` SMs, by default
+    the count of the GPU named `gpu`).
     """
     _check_op(op)
     pinned = os.environ.get(ENV_PIN[op]) or os.environ.get(ENV_PIN_BOTH)
@@ -193,12 +196,16 @@ def pick_config(op: str, *, gpu: str, dtype: torch.dtype, E: int, H: int, F: int
             return Pick(tuned, "tuned")
     if H % ALIGN_ELEMS or F % ALIGN_ELEMS:
         return Pick(GPU_DEFAULT_UNALIGNED[op], "default")
-    # Few tokens per expert (decode-like): a 64-row tile would be mostly padding.
-    return Pick((GPU_DEFAULT_SMALL_M if num_tokens <= 64 else GPU_DEFAULT)[op], "default")
+    if num_tokens <= decode_configs.DECODE_MAX_TOKENS:  # a 64-row tile would be mostly padding
+        N, K = (F, H) if op == "column" else (H, F)
+        sms = sms or decode_configs.sm_count(gpu)
+        return Pick(decode_configs.decode_config(op, num_tokens=num_tokens, top_k=top_k, E=E, N=N,
+                                                 K=K, dtype=dtype, sms=sms, arch=arch), "default")
+    return Pick(GPU_DEFAULT[op], "default")
 
 
 def select_config(op: str, *, device: torch.device, dtype: torch.dtype, E: int, H: int,
-                  F: int, num_tokens: int) -> triton.Config | None:
+                  F: int, num_tokens: int, top_k: int = 1) -> triton.Config | None:
     """The config to launch `op` with on `device`; None means "autotune over moe_configs(op)".
 
     CPU (the interpreter) takes CPU_CONFIGS unless an env pin says otherwise; a GPU takes
@@ -207,8 +214,13 @@ def select_config(op: str, *, device: torch.device, dtype: torch.dtype, E: int, 
     _check_op(op)
     if device.type == "cpu" and not (os.environ.get(ENV_PIN[op]) or os.environ.get(ENV_PIN_BOTH)):
         return CPU_CONFIGS[0]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return pick_config(op, gpu=gpu, dtype=dtype, E=E, H=H, F=F, num_tokens=num_tokens).config
+    if device.type != "cuda":
+        return pick_config(op, gpu=device.type, dtype=dtype, E=E, H=H, F=F, num_tokens=num_tokens,
+                           top_k=top_k).config
+    props = torch.cuda.get_device_properties(device)
+    return pick_config(op, gpu=props.name, dtype=dtype, E=E, H=H, F=F, num_tokens=num_tokens,
+                       top_k=top_k, sms=props.multi_processor_count,
+                       arch=device_arch(device)).config
 
 
 def align_block_m(column: triton.Config | None, row: triton.Config | None,

@@ -249,8 +249,10 @@ def test_pick_config_for_a_named_gpu(tmp_path, monkeypatch):
                 "PYENGINE_AUTOTUNE"):
         monkeypatch.delenv(var, raising=False)
     shape = dict(gpu="NVIDIA H100 80GB HBM3", dtype=torch.bfloat16, E=8, H=4096, F=7168)
-    assert tuning.pick_config("row", **shape, num_tokens=32, config_dir=tmp_path) == \
-        (tuning.GPU_DEFAULT_SMALL_M["row"], "default")
+    decode = tuning.decode_configs.decode_config("row", num_tokens=32, top_k=1, E=8, N=4096,
+                                                 K=7168, dtype=torch.bfloat16, sms=132)
+    got = tuning.pick_config("row", **shape, num_tokens=32, config_dir=tmp_path)
+    assert got.source == "default" and tuning.config_to_dict(got.config) == tuning.config_to_dict(decode)
     path = tuning.config_path("row", shape["gpu"], torch.bfloat16, 8, 4096, 7168, tmp_path)
     path.write_text(json.dumps({"meta": {}, "configs": {"256": tuning.config_to_dict(huge := tuning.parse_config(TOO_BIG))}}))
     got = tuning.pick_config("row", **shape, num_tokens=256, config_dir=tmp_path)

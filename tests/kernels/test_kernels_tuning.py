@@ -56,7 +56,7 @@ def test_cpu_uses_the_small_config(monkeypatch):
 def test_tuned_file_nearest_bucket(tmp_path):
     path = tuning.config_path("column", "NVIDIA H100 80GB HBM3", torch.bfloat16, 8, 4096, 7168, tmp_path)
     assert path.name == "column__NVIDIA_H100_80GB_HBM3__bf16__E8_H4096_F7168.json"
-    small = tuning.config_to_dict(tuning.GPU_DEFAULT_SMALL_M["column"])
+    small = tuning.config_to_dict(tuning.GPU_DEFAULT_UNALIGNED["column"])
     big = tuning.config_to_dict(tuning.GPU_DEFAULT["column"])
     path.write_text(json.dumps({"meta": {}, "configs": {"256": small, "1024": big}}))
     assert tuning.config_to_dict(tuning.load_tuned(path, 200)) == small  # bucket 256, exact
