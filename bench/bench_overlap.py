@@ -1,6 +1,6 @@
 """Overlap efficiency: how much of a side-stream transfer hides behind the expert GEMMs (GPU only).
 
-    python bench/bench_overlap.py [--tokens 256] [--mbytes 2 8 32] [--json]
+    python bench/bench_overlap.py [--tokens 256] [--link-gbps 450] [--mbytes ...] [--json]
 
 Compute: one expert shard at the seed shape (pyengine.kernels.moe_expert_shard, bf16) on the
 compute stream. Transfer: a device-to-device copy_ of N MB on a second stream, ordered by
@@ -26,10 +26,22 @@ from pyengine.execute.timer import median_time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=256, help="micro-batch tokens (seed m=4: 256)")
-    p.add_argument("--mbytes", type=float, nargs="+", default=[2.0, 8.0, 32.0])
+    p.add_argument("--mbytes", type=float, nargs="+", default=None,
+                   help="transfer sizes (default: sized to the measured GEMM, see transfer_mbytes)")
+    p.add_argument("--link-gbps", type=float, default=450.0,
+                   help="link bandwidth the sizes assume (H100/H200 NVLink: 450 GB/s per direction)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
+
+
+FACTORS = (0.5, 1.0, 2.0)  # transfer time / GEMM time: fits easily, just fits, cannot fit
+
+
+def transfer_mbytes(link_bytes_per_s: float, gemm_s: float, factors=FACTORS) -> list[float]:
+    """Transfer sizes (MB) the GEMM can hide: link bandwidth x GEMM time x each factor. Fixed
+    2-32 MB copies finish in microseconds on an H100/H200 and measure only noise."""
+    return [link_bytes_per_s * gemm_s * f / 2**20 for f in factors]
 
 
 def main(argv=None) -> int:
@@ -55,7 +67,8 @@ def main(argv=None) -> int:
         moe_expert_shard(u, w_gate, w_up, w_down, ids, wts, check_ids=False)
 
     rows = []
-    for mb in args.mbytes:
+    sizes = args.mbytes or transfer_mbytes(args.link_gbps * 1e9, median_time(gemm, dev, args.iters))
+    for mb in sizes:
         n = int(mb * 2**20) // 2
         src = torch.randn(n, device=dev, dtype=torch.bfloat16, generator=g)
         dst = torch.empty_like(src)

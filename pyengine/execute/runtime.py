@@ -227,7 +227,7 @@ class RankRuntime:
             if not a.payload.sized:
                 return self._grouped(tr.send, tensors, peer, name), ()
             rows = tensors[0].shape[0]  # two-phase: the count first, then the rows (if any)
-            count = torch.tensor([rows], dtype=torch.int64, device=self.device)
+            count = _row_count(rows, self.device)
             handles = [tr.send(count, peer, name=f"{name}.count")]
             handles += self._grouped(tr.send, tensors, peer, name) if rows else []
             return handles, (count,)
@@ -357,6 +357,13 @@ class RankRuntime:
             return (min(self._since0(e[0]) for e in evs), max(self._since0(e[1]) for e in evs))
         end = p.done_s if p.done_s is not None else time.perf_counter()
         return p.issued_s - self._t0, end - self._t0
+
+
+def _row_count(rows: int, device) -> torch.Tensor:
+    """A sized send's one-element row count, made by a fill kernel on the device: torch.tensor(
+    [rows], device=...) is a blocking pageable host->device copy (a sync) on every DISPATCH/COMBINE
+    send. The sends' intended syncs are elsewhere (the dispatch's counts, the receive's _host_int)."""
+    return torch.full((1,), rows, dtype=torch.int64, device=device)
 
 
 def _host_int(t: torch.Tensor, side_stream: Any) -> int:

@@ -144,3 +144,20 @@ def test_reference_catches_a_dropped_expert():
     broken["w_down"][3] = 0
     ids = make_tokens(spec, seed=5)
     assert np.abs(reference(spec, broken, ids) - reference(spec, w, ids)).max() > 1e-3
+
+
+def test_sized_send_counts_are_not_copied_from_a_host_list(monkeypatch):
+    """torch.tensor(list, device=...) is a blocking host->device copy on CUDA: the sized sends'
+    row counts must be filled on the device instead (the GPU test checks the sync itself)."""
+    real = torch.tensor
+
+    def no_host_list(data, *args, **kwargs):
+        if isinstance(data, list) and kwargs.get("device") is not None:
+            raise AssertionError(f"torch.tensor({data!r}, device={kwargs['device']!r}) in the pipeline")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", no_host_list)
+    spec = CASES[0][1]
+    out = _threads(spec)
+    np.testing.assert_allclose(out[spec.stage("output").gpus[0]].numpy(), _expected(spec),
+                               atol=FP32_ATOL, rtol=FP32_RTOL)
