@@ -60,9 +60,10 @@ def run_needs(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec],
 
 
 def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], backend: str,
-                   capacity: int | None = None, reference: bool = True) -> None:
+                   capacity: int | None = None, reference: bool = True, scaled: bool = False) -> None:
     """ResourceError naming the rank, its stages, the need and the budget, or nothing
-    (`capacity`: KV-cache tokens per sequence, generation's prompt + new tokens)."""
+    (`capacity`: KV-cache tokens per sequence, generation's prompt + new tokens; `scaled`: `spec`
+    is the config scaled for CPU, which the message says, since `plan` prices the config as given)."""
     gpu = backend == "nccl" or (backend == "local" and _has_cuda())
     device = PRESETS["seed32g"] if gpu else dataclasses.replace(PRESETS["seed32g"], reserved_gb=0.0)
     needs = run_needs(spec, variant_specs, device, capacity, reference)
@@ -73,15 +74,17 @@ def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec]
         if b is not None and b.bytes < cap:
             cap, what = b.bytes, b.what
         b = Budget(cap, False, what)
-    if b is not None:
-        try:
-            check(needs, b)
-        except ResourceError as e:
-            if not spec.model.layered:
-                raise
-            most = _layers_fitting(spec, variant_specs, device, b, capacity, reference)
-            raise ResourceError(e.field, e.value, f"{e.rule}; at most {most} of the model's "
-                                                  f"{spec.model.layers} layers fit this layout") from None
+    if b is None:
+        return
+    try:
+        check(needs, b)
+    except ResourceError as e:
+        rule = e.rule + (f"; at most {_layers_fitting(spec, variant_specs, device, b, capacity, reference)} "
+                         f"of the model's {spec.model.layers} layers fit this layout" if spec.model.layered else "")
+        if scaled:
+            rule += ("; these are the sizes of the model as scaled for CPU (plan prices the config as "
+                     "given; --no-scale runs it as given)")
+        raise ResourceError(e.field, e.value, rule) from None
 
 
 def _layers_fitting(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], device: DeviceProfile,

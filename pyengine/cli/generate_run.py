@@ -42,7 +42,7 @@ def launch(args, spec, source, prompts) -> int:
     decode_table = build(spec, batch=Batch.decode([max(lengths)] * len(lengths), spec.schedule.micro_batches))
     fault = _fault(args.inject_fault, decode_table) if args.inject_fault else None
     capacity = max(lengths) + args.max_new_tokens
-    check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False)
+    check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False, scaled=bool(note))
     opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
                            source=source, fault=fault)
     groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]

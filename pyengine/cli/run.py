@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
                       profile=args.profile, fault=fault, source=source, tokens=tokens)
     runs = list(variants(spec, baselines).values())
-    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value)
+    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value, scaled=bool(note))
     groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,

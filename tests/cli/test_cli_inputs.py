@@ -116,6 +116,21 @@ def test_a_job_too_big_for_this_host_is_refused_before_ranks_start(capsys, no_ra
     assert "stage embed, output" in line and "available host memory (MemAvailable)" in line
 
 
+def test_run_and_plan_give_one_memory_estimate_in_one_wording(capsys, no_ranks, tmp_path):
+    """The weights `run` reports for a config it does not scale are `plan`'s figure, in the same
+    words; a run scaled for CPU says that its sizes are the scaled model's, not the config's."""
+    import re
+
+    cfg = _huge_config(tmp_path, vocab_size=2_000_000_000)
+    plain = _refused(capsys, "run", "--config", cfg, "--backend", "local", "--no-scale")
+    assert main(["plan", "--config", cfg]) == 0
+    plan_line = next(ln for ln in capsys.readouterr().out.splitlines() if "Memory: the largest GPU" in ln)
+    weights = re.search(r"weights ([0-9.]+ [kMG]?B)", plan_line).group(1)
+    assert f"= weights {weights} + activations " in plain and "scaled" not in plain
+    scaled = _refused(capsys, "run", "--config", cfg, "--backend", "local")
+    assert "these are the sizes of the model as scaled for CPU" in scaled and "--no-scale" in scaled
+
+
 def test_nccl_uses_the_spec_gpu_memory_like_plan(tmp_path):
     """On GPUs the budget is hardware.gpu_memory_gb per rank, as in `plan`'s fit check."""
     from pyengine.cli.fit import check_run_fits
