@@ -136,17 +136,22 @@ def _as_float(value: int | float, path: str) -> float:
 
 
 def _tuple(item: Any, value: Any, path: str) -> tuple:
-    if not isinstance(value, list) or not value or not all(_converts(item, v) for v in value):
+    if not isinstance(value, list) or not value or not all(_converts(item, v, inner=True) for v in value):
         raise SpecError(path, value, f"must be a non-empty list of {_describe(item, plural=True)}")
+    if typing.get_origin(item) is tuple:  # an inner list may be empty: the rules, which know
+        # what it stands for (expert_ids: a GPU's experts), name what is wrong with that
+        return tuple(tuple(convert(typing.get_args(item)[0], x, f"{path}[{i}][{j}]") for j, x in enumerate(v))
+                     for i, v in enumerate(value))
     return tuple(convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
-def _converts(hint: Any, value: Any) -> bool:
+def _converts(hint: Any, value: Any, inner: bool = False) -> bool:
+    """`inner`: `value` is an element of a list, where an empty list may stand (see _tuple)."""
     if dataclasses.is_dataclass(hint):
         return True  # reported with its own path by build()
     if typing.get_origin(hint) is tuple:
-        return isinstance(value, list) and bool(value) and all(_converts(typing.get_args(hint)[0], v)
-                                                               for v in value)
+        return isinstance(value, list) and (inner or bool(value)) and all(
+            _converts(typing.get_args(hint)[0], v, inner=True) for v in value)
     return _matches(hint, value)
 
 

@@ -216,6 +216,9 @@ def _expert_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
         raise SpecError(f"{p}.expert_ids", ids, f"needs one list per GPU of the stage ({len(st.gpus)})")
     seen: dict[int, int] = {}
     for gpu, held in zip(st.gpus, ids):
+        if not held:
+            raise SpecError(f"{p}.expert_ids", ids, f"GPU {gpu} holds no experts: give it some, or take it "
+                                                    f"out of {p}.gpus")
         for x in held:
             if not 0 <= x < e:
                 raise SpecError(f"{p}.expert_ids", ids,

@@ -216,6 +216,8 @@ def _experts(**stage):
      "expert_ids", "expert 3 is placed twice (GPUs 1 and 2)"),  # a duplicate
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 1, 2, 3], [4, 5, 6, 7]]},
      "expert_ids", "expert 1 is placed twice on GPU 1"),  # a duplicate on one GPU
+    ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3, 4, 5, 6, 7], []]},
+     "expert_ids", "GPU 2 holds no experts"),  # an empty list names its GPU
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, 8]]},
      "expert_ids", "expert 8 does not exist"),  # an id >= E
     ({"gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, 7]]},
