@@ -230,7 +230,7 @@ def _experts(**stage):
      "expert_ids", "parallel_mode"),  # expert_ids without expert mode
     ({"gpus": [1, 2], "parallel_mode": "data"}, "parallel_mode", "must be one of"),
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], []]},
-     "expert_ids", "non-empty"),  # a GPU holding nothing
+     "expert_ids", "GPU 2 holds no experts"),  # a GPU holding nothing is named
     ({"gpus": [1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1, 2, 3], [4, 5, 6, "7"]]},
      "expert_ids", "lists of ints"),
 ])
