@@ -35,6 +35,8 @@ class VariantSummary:
     timeline: Timeline
     replayed: Timeline | None = None
     """The simulator's replay of the same tables with this run's op times."""
+    latency_iters_s: list[float] = field(default_factory=list)
+    """Per timed iteration, the slowest rank's latency (the timeline is the last of them)."""
 
 
 @dataclass(slots=True)
@@ -128,7 +130,7 @@ def _variant(spec: DeploymentSpec, results: list[RankMeasurement], name: str) ->
     balance = {"shares": {str(r): c / total for r, c in computes.items()},
                "max_diff_pct": 100 * (max(computes.values()) - min(computes.values())) / total}
     return VariantSummary(_pct(lat, 50), _pct(lat, 99), per_rank[0].stream_tokens / stream,
-                          tl.metrics(), predicted.metrics(), balance, tl, predicted)
+                          tl.metrics(), predicted.metrics(), balance, tl, predicted, lat)
 
 
 def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],

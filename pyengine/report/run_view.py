@@ -7,6 +7,15 @@ from pyengine.report.run_summary import RunSummary
 from pyengine.report.tables import console, print_table
 
 
+def chart_title(summary: RunSummary, variant: str = "pipeline") -> str:
+    """The Gantt chart's title: which variant, which iteration the timeline is, and its latency."""
+    v = summary.variants[variant]
+    n = len(v.latency_iters_s)
+    return (f"pyengine run ({summary.backend}, measured): {variant} variant, iteration {n} of {n}, "
+            f"latency {v.latency_iters_s[-1] * 1e3:.2f} ms (p50 over iterations "
+            f"{v.latency_p50_s * 1e3:.2f} ms)")
+
+
 def print_summary(summary: RunSummary) -> None:
     out = console(130)
     if summary.scaled:
