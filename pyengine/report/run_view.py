@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from pyengine.core import claims
 from pyengine.core.units import fmt_bytes
-from pyengine.report.run_summary import RunSummary
+from pyengine.report.run_summary import ClaimResult, RunSummary
 from pyengine.report.tables import console, print_table
+
+
+EXPOSED_COMM_NOTE = ("* exposed comm: each rank's comm time not overlapped by its own compute, summed "
+                     "over the ranks (last timed iteration), so it can exceed the latency")
+VERDICTS = {True: "holds", False: "does not hold", None: "too noisy for a verdict"}
+
+
+def _fmt_claim(claim: str, x: float) -> str:
+    return f"{x:.1%}" if claim == "utilization" else f"{x:+.1%}"  # a level, or a change
+
+
+def claim_line(c: ClaimResult) -> str:
+    """One claim: the measured figure, its p10-p90 spread over iterations, the verdict."""
+    if c.spread is None:
+        spread = "one timeline, no spread over iterations"
+    else:
+        lo, hi = (_fmt_claim(c.claim, x) for x in c.spread)
+        # throughput's per-iteration figure is one batch's (tokens / latency), not the stream's
+        per = " of the per-batch gain" if c.claim == claims.THROUGHPUT_GAIN.key else ""
+        spread = f"p10–p90{per} over {c.iterations} iterations {lo} … {hi}"
+    return (f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {_fmt_claim(c.claim, c.measured)} "
+            f"({spread}) → {VERDICTS[c.holds]} on this backend")
 
 
 def chart_title(summary: RunSummary, variant: str = "pipeline") -> str:
@@ -33,7 +56,8 @@ def print_summary(summary: RunSummary) -> None:
     print_table(f"pyengine run — backend {summary.backend} on {summary.device}, "
                 f"{summary.tokens_per_batch} tokens/batch",
                 [("variant", "left"), "latency p50 (ms)", "p99 (ms)", "tokens/s", "utilization",
-                 "bubble meas.", "bubble sim.", "comm hidden", "exposed comm (ms)"], rows, out)
+                 "bubble meas.", "bubble sim.", "comm hidden", "exposed comm (ms)*"], rows, out,
+                caption=EXPOSED_COMM_NOTE)
     p = summary.variants["pipeline"]
     busy = ", ".join(f"rank {r}: {b:.0%}" for r, b in p.measured["busy"].items())
     shares = ", ".join(f"rank {r}: {b:.0%}" for r, b in p.load_balance["shares"].items())
@@ -55,10 +79,7 @@ def print_summary(summary: RunSummary) -> None:
         out.print(f"routing: busiest expert {r.imbalance:.2f}x the mean; expert-stage load {per_gpu}",
                   soft_wrap=True)
     for c in summary.claims:
-        verdict = "holds" if c.holds else "does not hold"
-        figure = f"{c.measured:.1%}" if c.claim == "utilization" else f"{c.measured:+.1%}"  # a level, or a change
-        out.print(f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {figure} "
-                  f"→ {verdict} on this backend")
+        out.print(claim_line(c), soft_wrap=True)
     if summary.backend != "nccl":
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, "
                   "not a 3-GPU speed-up; see `pyengine plan` for the 3-GPU prediction.[/dim]")
