@@ -53,6 +53,8 @@ def test_run_table_shows_spreads_and_what_exposed_comm_sums():
     assert "summed over the ranks" in r.stdout  # the exposed comm column's footnote
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("seed claim")]
     assert len(lines) == 3 and all("p10–p90" in ln or "no spread" in ln for ln in lines), lines
+    routing = next(ln for ln in r.stdout.splitlines() if ln.startswith("routing:"))
+    assert "GPU" not in routing and "rank 1:" in routing  # a CPU run has ranks, not GPUs
 
 
 @pytest.mark.slow
