@@ -23,9 +23,9 @@ def claim_line(c: ClaimResult) -> str:
         spread = "one timeline, no spread over iterations"
     else:
         lo, hi = (_fmt_claim(c.claim, x) for x in c.spread)
-        # throughput's per-iteration figure is one batch's (tokens / latency), not the stream's
-        per = " of the per-batch gain" if c.claim == claims.THROUGHPUT_GAIN.key else ""
-        spread = f"p10–p90{per} over {c.iterations} iterations {lo} … {hi}"
+        # the stream is timed once: its spread is the batches' latency noise (run_summary._per_iteration)
+        per = ", from the batch latencies" if c.claim == claims.THROUGHPUT_GAIN.key else ""
+        spread = f"p10–p90 over {c.iterations} iterations{per} {lo} … {hi}"
     return (f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {_fmt_claim(c.claim, c.measured)} "
             f"({spread}) → {VERDICTS[c.holds]} on this backend")
 

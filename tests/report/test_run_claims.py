@@ -18,7 +18,8 @@ TOKENS = 1000
 def _runs(pipeline_ms: list[float], single_ms: list[float], utilization: float = 0.5):
     pipe_s, single_s = [x * 1e-3 for x in pipeline_ms], [x * 1e-3 for x in single_ms]
     p50 = float(np.median(pipe_s)), float(np.median(single_s))
-    p = SimpleNamespace(latency_p50_s=p50[0], latency_iters_s=pipe_s, throughput_tokens_per_s=TOKENS / p50[0],
+    # the stream overlaps batches: twice the throughput one batch's latency gives
+    p = SimpleNamespace(latency_p50_s=p50[0], latency_iters_s=pipe_s, throughput_tokens_per_s=2 * TOKENS / p50[0],
                         measured={"utilization": utilization})
     s = SimpleNamespace(latency_p50_s=p50[1], latency_iters_s=single_s, throughput_tokens_per_s=TOKENS / p50[1])
     return {c.claim: c for c in headline_claims(p, s)}
@@ -49,6 +50,8 @@ def test_every_ratio_shows_its_spread():
     for key in (claims.LATENCY_CUT.key, claims.THROUGHPUT_GAIN.key):
         assert out[key].spread is not None and out[key].iterations == 3
         assert "p10–p90" in run_view.claim_line(out[key])
+    gain = out[claims.THROUGHPUT_GAIN.key]  # the stream's figure lies inside its own spread
+    assert gain.spread[0] <= gain.measured <= gain.spread[1] and gain.spread[0] < gain.spread[1]
     util = out[claims.UTILIZATION.key]  # one timeline: a verdict by its figure, said to have no spread
     assert util.spread is None and util.holds is True
     assert "no spread" in run_view.claim_line(util)
