@@ -78,9 +78,10 @@ def _write(args, spec, results, backend) -> bool:
 
     def png() -> None:
         from pyengine.report.gantt import write_gantt
+        from pyengine.report.run_view import rank_unit
 
         write_gantt(tl, args.png, title=f"pyengine generate ({backend.value}, measured)",
-                    unit="GPU" if backend.value == "nccl" else "rank")
+                    unit=rank_unit(backend.value))
 
     writes = [(flag, path, fn) for flag, path, fn in (
         ("--trace", args.trace, trace), ("--png", args.png, png),

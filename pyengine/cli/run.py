@@ -189,9 +189,9 @@ def _write_artifacts(args, summary, spec, results, backend, ids) -> bool:
 
     def png() -> None:
         from pyengine.report.gantt import write_gantt
+        from pyengine.report.run_view import chart_title, rank_unit
 
-        write_gantt(tl, args.png, title=f"pyengine run ({backend.value}, measured)",
-                    unit="GPU" if backend.value == "nccl" else "rank")
+        write_gantt(tl, args.png, title=chart_title(summary), unit=rank_unit(backend.value))
 
     writes = [(flag, path, fn) for flag, path, fn in (
         ("--trace", args.trace, trace), ("--png", args.png, png),

@@ -35,6 +35,8 @@ class VariantSummary:
     timeline: Timeline
     replayed: Timeline | None = None
     """The simulator's replay of the same tables with this run's op times."""
+    latency_iters_s: list[float] = field(default_factory=list)
+    """Per timed iteration, the slowest rank's latency (the timeline is the last of them)."""
 
 
 @dataclass(slots=True)
@@ -42,6 +44,8 @@ class SingleSummary:
     latency_p50_s: float
     latency_p99_s: float
     throughput_tokens_per_s: float
+    latency_iters_s: list[float] = field(default_factory=list)
+    """Per timed iteration, the single-device latency."""
 
 
 @dataclass(slots=True)
@@ -49,7 +53,12 @@ class ClaimResult:
     claim: str
     seed_figure: float
     measured: float
-    holds: bool
+    holds: bool | None
+    """None: the spread over iterations straddles the seed figure, too noisy for a verdict."""
+    spread: tuple[float, float] | None = None
+    """p10 and p90 of the per-iteration figure (None: one figure only, from one timeline)."""
+    iterations: int = 0
+    """How many per-iteration figures the spread is taken over."""
 
 
 @dataclass(slots=True)
@@ -128,7 +137,7 @@ def _variant(spec: DeploymentSpec, results: list[RankMeasurement], name: str) ->
     balance = {"shares": {str(r): c / total for r, c in computes.items()},
                "max_diff_pct": 100 * (max(computes.values()) - min(computes.values())) / total}
     return VariantSummary(_pct(lat, 50), _pct(lat, 99), per_rank[0].stream_tokens / stream,
-                          tl.metrics(), predicted.metrics(), balance, tl, predicted)
+                          tl.metrics(), predicted.metrics(), balance, tl, predicted, lat)
 
 
 def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
@@ -138,7 +147,8 @@ def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
     tokens = spec.model.tokens
     variants = {name: _variant(vspec, results, name) for name, vspec in variant_specs.items()}
     single = out_rank.single_latency_s
-    single_summary = SingleSummary(_pct(single, 50), _pct(single, 99), tokens / _pct(single, 50))
+    single_summary = SingleSummary(_pct(single, 50), _pct(single, 99), tokens / _pct(single, 50),
+                                   list(single))
     check = check_logits(spec.model.dtype, out_rank.logits, out_rank.reference_logits)
     router = results[spec.stage("embed").gpus[0]]
     pipe = variants["pipeline"]
@@ -164,11 +174,49 @@ def routing_summary(spec: DeploymentSpec, counts: list[list[int]]) -> RoutingSum
     return RoutingSummary(counts, gpu, predicted, max(total) / mean if mean else 1.0)
 
 
+SPREAD_PERCENTILES = (10, 90)
+"""The spread shown beside each measured ratio, and tested against the seed figure."""
+
+
+def spread_of(per_iteration: list[float]) -> tuple[float, float] | None:
+    if not per_iteration:
+        return None
+    lo, hi = SPREAD_PERCENTILES
+    return _pct(per_iteration, lo), _pct(per_iteration, hi)
+
+
+def verdict_of(measured: float, target: float, spread: tuple[float, float] | None) -> bool | None:
+    """Holds / does not hold by the run's figure, unless its spread over iterations lies on both
+    sides of the target: then None, since another run of the same config could give either."""
+    if spread is not None and spread[0] < target < spread[1]:
+        return None
+    return measured >= target
+
+
+def _per_iteration(p, s, throughput_gain: float) -> dict[str, list[float]]:
+    """Each iteration's pipeline latency against the single device's same-numbered iteration: the
+    latency cut; and the throughput gain, whose stream is timed once, as the stream's figure scaled
+    by that iteration's latency ratio relative to the median one (the batches' noise, both sides)."""
+    pairs = list(zip(p.latency_iters_s, s.latency_iters_s))
+    ratios = [sl / pl for pl, sl in pairs]
+    mid = float(np.median(ratios)) if ratios else 1.0
+    return {claims.LATENCY_CUT.key: [1 - 1 / r for r in ratios],
+            claims.THROUGHPUT_GAIN.key: [(1 + throughput_gain) * r / mid - 1 for r in ratios]}
+
+
 def headline_claims(p: VariantSummary, s: SingleSummary) -> list[ClaimResult]:
-    """The seed's headline figures against this run (pipeline vs the single-device baseline)."""
+    """The seed's headline figures against this run (pipeline vs the single-device baseline), each
+    with its spread over iterations (utilization comes from one timeline: no spread)."""
     measured = {
         claims.LATENCY_CUT: 1 - p.latency_p50_s / s.latency_p50_s,
         claims.THROUGHPUT_GAIN: p.throughput_tokens_per_s / s.throughput_tokens_per_s - 1,
         claims.UTILIZATION: p.measured["utilization"],
     }
-    return [ClaimResult(c.key, c.target, measured[c], measured[c] >= c.target) for c in claims.HEADLINE]
+    per_iteration = _per_iteration(p, s, measured[claims.THROUGHPUT_GAIN])
+    out = []
+    for c in claims.HEADLINE:
+        figures = per_iteration.get(c.key, [])
+        spread = spread_of(figures)
+        out.append(ClaimResult(c.key, c.target, measured[c], verdict_of(measured[c], c.target, spread),
+                               spread, len(figures)))
+    return out

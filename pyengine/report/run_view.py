@@ -2,9 +2,46 @@
 
 from __future__ import annotations
 
+from pyengine.core import claims
 from pyengine.core.units import fmt_bytes
-from pyengine.report.run_summary import RunSummary
+from pyengine.report.run_summary import ClaimResult, RunSummary
 from pyengine.report.tables import console, print_table
+
+
+EXPOSED_COMM_NOTE = ("* exposed comm: each rank's comm time not overlapped by its own compute, summed "
+                     "over the ranks (last timed iteration), so it can exceed the latency")
+VERDICTS = {True: "holds", False: "does not hold", None: "too noisy for a verdict"}
+
+
+def _fmt_claim(claim: str, x: float) -> str:
+    return f"{x:.1%}" if claim == "utilization" else f"{x:+.1%}"  # a level, or a change
+
+
+def claim_line(c: ClaimResult) -> str:
+    """One claim: the measured figure, its p10-p90 spread over iterations, the verdict."""
+    if c.spread is None:
+        spread = "one timeline, no spread over iterations"
+    else:
+        lo, hi = (_fmt_claim(c.claim, x) for x in c.spread)
+        # the stream is timed once: its spread is the batches' latency noise (run_summary._per_iteration)
+        per = ", from the batch latencies" if c.claim == claims.THROUGHPUT_GAIN.key else ""
+        spread = f"p10–p90 over {c.iterations} iterations{per} {lo} … {hi}"
+    return (f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {_fmt_claim(c.claim, c.measured)} "
+            f"({spread}) → {VERDICTS[c.holds]} on this backend")
+
+
+def rank_unit(backend: str) -> str:
+    """What a rank is called: a GPU under NCCL; a rank on the CPU backends, which have no GPUs."""
+    return "GPU" if backend == "nccl" else "rank"
+
+
+def chart_title(summary: RunSummary, variant: str = "pipeline") -> str:
+    """The Gantt chart's title: which variant, which iteration the timeline is, and its latency."""
+    v = summary.variants[variant]
+    n = len(v.latency_iters_s)
+    return (f"pyengine run ({summary.backend}, measured): {variant} variant, iteration {n} of {n}, "
+            f"latency {v.latency_iters_s[-1] * 1e3:.2f} ms (p50 over iterations "
+            f"{v.latency_p50_s * 1e3:.2f} ms)")
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -24,7 +61,8 @@ def print_summary(summary: RunSummary) -> None:
     print_table(f"pyengine run — backend {summary.backend} on {summary.device}, "
                 f"{summary.tokens_per_batch} tokens/batch",
                 [("variant", "left"), "latency p50 (ms)", "p99 (ms)", "tokens/s", "utilization",
-                 "bubble meas.", "bubble sim.", "comm hidden", "exposed comm (ms)"], rows, out)
+                 "bubble meas.", "bubble sim.", "comm hidden", "exposed comm (ms)*"], rows, out,
+                caption=EXPOSED_COMM_NOTE)
     p = summary.variants["pipeline"]
     busy = ", ".join(f"rank {r}: {b:.0%}" for r, b in p.measured["busy"].items())
     shares = ", ".join(f"rank {r}: {b:.0%}" for r, b in p.load_balance["shares"].items())
@@ -41,15 +79,12 @@ def print_summary(summary: RunSummary) -> None:
                   f"{pp.balance_replayed:.2f}{pred}); {each}", soft_wrap=True)
     r = summary.routing
     if r is not None:
-        per_gpu = ", ".join(f"GPU {g}: {sum(v)} pairs (uniform {sum(r.gpu_pairs_predicted[g]):.0f})"
+        per_gpu = ", ".join(f"{rank_unit(summary.backend)} {g}: {sum(v)} pairs (uniform {sum(r.gpu_pairs_predicted[g]):.0f})"
                             for g, v in r.gpu_pairs.items())
         out.print(f"routing: busiest expert {r.imbalance:.2f}x the mean; expert-stage load {per_gpu}",
                   soft_wrap=True)
     for c in summary.claims:
-        verdict = "holds" if c.holds else "does not hold"
-        figure = f"{c.measured:.1%}" if c.claim == "utilization" else f"{c.measured:+.1%}"  # a level, or a change
-        out.print(f"seed claim {c.claim} ≥ {c.seed_figure:.0%}: measured {figure} "
-                  f"→ {verdict} on this backend")
+        out.print(claim_line(c), soft_wrap=True)
     if summary.backend != "nccl":
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, "
                   "not a 3-GPU speed-up; see `pyengine plan` for the 3-GPU prediction.[/dim]")

@@ -19,12 +19,14 @@ def console(width: int = 160) -> Console:
 
 
 def print_table(title: str, columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[Any]],
-                out: Console | None = None) -> None:
-    """Print one table. A column is a name or (name, justify); cells are str()-ed."""
+                out: Console | None = None, caption: str | None = None) -> None:
+    """Print one table. A column is a name or (name, justify); cells are str()-ed; the caption is
+    printed under the table (footnotes)."""
     from rich.table import Table
 
     out = out or console()
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=title, title_justify="left", show_lines=False, caption=caption,
+                  caption_justify="left")
     for col in columns:
         name, justify = (col, "right") if isinstance(col, str) else col
         table.add_column(name, justify=justify)

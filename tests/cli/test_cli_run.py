@@ -35,6 +35,8 @@ def test_run_reports_and_writes_artifacts(tmp_path):
     assert set(p["measured"]["busy"]) == {"0", "1", "2"}
     assert 0 <= p["measured"]["bubble_fraction"] <= 1
     assert {c["claim"] for c in out["claims"]} == {"latency_cut", "throughput_gain", "utilization"}
+    cut = next(c for c in out["claims"] if c["claim"] == "latency_cut")
+    assert cut["iterations"] == 2 and cut["spread"][0] <= cut["spread"][1]
     names = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"}
     assert "s1.mb0.COMPUTE" in names and "s2.mb2.COMPUTE" in names
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -42,6 +44,17 @@ def test_run_reports_and_writes_artifacts(tmp_path):
     assert tokens.dtype == torch.int64 and tokens.shape == (2, 24)
     assert logits.shape == (2, 24, 101)
     assert json.loads((dump / "spec.json").read_text())["model"]["vocab_size"] == 101
+
+
+@pytest.mark.slow
+def test_run_table_shows_spreads_and_what_exposed_comm_sums():
+    r = pyengine("run", "--config", CONFIG, "--iters", "3", "--warmup", "1")
+    assert r.returncode == 0, r.stderr
+    assert "summed over the ranks" in r.stdout  # the exposed comm column's footnote
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("seed claim")]
+    assert len(lines) == 3 and all("p10–p90" in ln or "no spread" in ln for ln in lines), lines
+    routing = next(ln for ln in r.stdout.splitlines() if ln.startswith("routing:"))
+    assert "GPU" not in routing and "rank 1:" in routing  # a CPU run has ranks, not GPUs
 
 
 @pytest.mark.slow
