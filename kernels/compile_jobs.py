@@ -42,6 +42,7 @@ class Shapes:
     tokens: tuple[int, ...]  # rows of the expert GEMMs per launch (tokens, or EP pair rows)
     num_partials: int  # tensors the output stage's residual+rmsnorm sums
     norm_tokens: tuple[int, ...] = ()  # rows of the residual+rmsnorm (default: tokens)
+    decode_tokens: tuple[int, ...] = ()  # decode steps' rows: the expert GEMMs' decode tiles
 
 
 @dataclass
@@ -73,7 +74,7 @@ def build_jobs(shapes: Shapes, dtypes: list[str], arch: int, gpu: str | None = N
         if name not in DTYPES:
             raise ValueError(f"dtype={name!r}: must be one of {sorted(DTYPES)}")
         for f_r in sorted(set(shapes.ffn_shards)):
-            for t in sorted(set(shapes.tokens)):
+            for t in sorted(set(shapes.tokens) | set(shapes.decode_tokens)):
                 for job in _moe_jobs(shapes, name, f_r, t, arch, gpu, all_configs):
                     _merge(jobs, job)
         for t in sorted(set(shapes.norm_tokens or shapes.tokens)):

@@ -17,6 +17,9 @@ import triton
 from pyengine.kernels import smem
 
 DECODE_MAX_TOKENS = 64  # token counts up to this take decode_config (above: prefill tiles)
+# Token counts per step that `pyengine kernels compile` and bench_kernels check: each
+# distinct decode tile of the seed shapes appears among them.
+DECODE_TOKENS = (1, 2, 8, 32, 64)
 DECODE_BLOCK_M = 16
 BLOCK_N_CHOICES = (128, 64, 32, 16)  # widest first
 FILL_FACTOR = 2  # programs per SM the grid should reach (latency hiding at weight streaming)
@@ -51,7 +54,7 @@ def decode_config(op: str, *, num_tokens: int, top_k: int, E: int, N: int, K: in
 
     BLOCK_K starts deep (128) so each program streams long contiguous weight rows, with 4
     pipeline stages; both shrink (stages first) until the tile fits `arch`'s shared memory.
-    4 warps keep Hopper's warpgroup MMA.
+    A 16-row tile runs on mma.sync (wgmma needs 64 rows per warpgroup); 4 warps.
     """
     want = FILL_FACTOR * sms
     block_n = next((bn for bn in BLOCK_N_CHOICES

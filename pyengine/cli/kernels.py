@@ -42,8 +42,11 @@ def register(subparsers) -> None:
 
 
 def shapes_from_spec(spec):
-    """The one place the compile check reads a deployment's kernel shapes."""
+    """The one place the compile check reads a deployment's kernel shapes. A TP deployment
+    also decodes (pyengine generate): its expert GEMMs at decode token counts are compiled
+    with the decode tiles."""
     from pyengine.kernels.compile_jobs import Shapes
+    from pyengine.kernels.decode_configs import DECODE_TOKENS
 
     from pyengine.model.boundaries import boundary_of
     from pyengine.model.stages import StageKind, stages_of
@@ -58,7 +61,8 @@ def shapes_from_spec(spec):
                       norm_tokens=tuple(spec.micro_batch_sizes()))  # the output stage sees every token
     return Shapes(E=m.num_experts, H=m.hidden_size, top_k=m.top_k,
                   ffn_shards=tuple(end - start for _, start, end in spec.ffn_shards()),
-                  tokens=tuple(spec.micro_batch_sizes()), num_partials=partials)
+                  tokens=tuple(spec.micro_batch_sizes()), num_partials=partials,
+                  decode_tokens=DECODE_TOKENS)
 
 
 def run(args: argparse.Namespace) -> int:

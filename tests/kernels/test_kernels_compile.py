@@ -8,6 +8,7 @@ which also checks the run-time shared-memory estimate against the compiled figur
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -24,12 +25,14 @@ import pyengine.kernels
 from pyengine.kernels import compile_check, compile_jobs, smem, tuning
 from pyengine.kernels.compile_jobs import Shapes, build_jobs
 from pyengine.kernels.compile_target import stand_in_driver
+from pyengine.kernels.decode_configs import DECODE_TOKENS, decode_config
 
 # Compiling is slow on a loaded 2-core machine (the fast_rows fixture: ~50-90 s cold).
 pytestmark = pytest.mark.timeout(900)
 
 ARCH = 90
-SEED = Shapes(E=8, H=4096, top_k=2, ffn_shards=(7168, 7168), tokens=(256,) * 4, num_partials=1)
+SEED = Shapes(E=8, H=4096, top_k=2, ffn_shards=(7168, 7168), tokens=(256,) * 4, num_partials=1,
+              decode_tokens=DECODE_TOKENS)
 ODD = [  # the shapes tests/kernels runs in the interpreter: non-multiples of 16, k=3, T=1
     Shapes(E=3, H=40, top_k=2, ffn_shards=(29,), tokens=(7,), num_partials=2),
     Shapes(E=5, H=24, top_k=3, ffn_shards=(13, 16), tokens=(37,), num_partials=4),
@@ -46,13 +49,14 @@ def pinned_jobs(config: str) -> list:
     """The seed's kernels in bf16 as the engine runs them with the column GEMM's `config`
     pinned (what the CLI test below compiles: it then finds them in Triton's cache)."""
     with mock.patch.dict(os.environ, {"PYENGINE_MOE_COLUMN_CONFIG": config}):
-        return build_jobs(SEED, ["bf16"], ARCH)
+        return build_jobs(dataclasses.replace(SEED, decode_tokens=()), ["bf16"], ARCH)
 
 
 @pytest.fixture(scope="module")
 def fast_rows():
     """One compile run (two workers) for every fast test: defaults, odd shapes, bad configs."""
-    jobs = build_jobs(SEED, DTYPES, ARCH)
+    jobs = build_jobs(SEED, ["bf16"], ARCH)  # decode tiles: the model dtype only (compile time)
+    jobs += build_jobs(dataclasses.replace(SEED, decode_tokens=()), ["fp16", "fp32"], ARCH)
     for shapes in ODD:
         jobs += build_jobs(shapes, DTYPES, ARCH)
     bad = pinned_jobs(TOO_BIG) + pinned_jobs(SPILLS)
@@ -90,6 +94,20 @@ def test_seed_defaults_and_estimate(fast_rows):
     for r in rows:  # unaligned ones stage loads in registers: the estimate is an upper bound
         if r["estimate_bytes"] is not None:
             assert r["shared_bytes"] <= r["estimate_bytes"], r
+
+
+def test_decode_tiles_compile(fast_rows):
+    """The seed's decode steps compile with decode_config's tiles, fit and do not spill."""
+    rows, _ = fast_rows
+    ops = {"_moe_column_kernel": ("column", 7168, 4096), "_moe_row_kernel": ("row", 4096, 7168)}
+    for t in DECODE_TOKENS:
+        got = [r for r in rows if f"T={t} F_r=7168" in r["shapes"] and r["kernel"] in ops]
+        assert len(got) == 3, got  # column + the row kernel's two variants
+        for r in got:
+            op, N, K = ops[r["kernel"]]
+            want = decode_config(op, num_tokens=t, top_k=2, E=8, N=N, K=K, dtype=torch.bfloat16, sms=132)
+            assert r["config"] == tuning.config_to_dict(want) and r["source"] == "default"
+            assert r["ok"] and r["spill_bytes"] == 0, r
 
 
 def test_too_much_shared_memory_fails(fast_rows):
@@ -143,7 +161,8 @@ def test_cli_json_lists_every_kernel(fast_rows):  # compiles hit Triton's cache 
 def test_cli_exit_1_on_a_config_that_does_not_fit(fast_rows):
     r = kernels_compile("--arch", "90", env={"PYENGINE_MOE_COLUMN_CONFIG": TOO_BIG})
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "1 failing" in r.stdout and "128x256x128" in r.stdout
+    launches = len({256, *DECODE_TOKENS})  # the pin applies at every token count, decode too
+    assert f"{launches} failing" in r.stdout and "128x256x128" in r.stdout
 
 
 def test_cli_unknown_arch_exit_2():
@@ -164,7 +183,7 @@ def test_shapes_from_spec():
     tiny = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "tiny_cpu.json"))
     # F=40 split 0.4/0.6, 48 tokens in 3 micro-batches, "partials": the output stage sums 2
     assert shapes_from_spec(tiny) == Shapes(E=5, H=48, top_k=2, ffn_shards=(16, 24), tokens=(16, 16, 16),
-                                            num_partials=2)
+                                            num_partials=2, decode_tokens=DECODE_TOKENS)
     ep = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "seed_ep_3gpu.json"))
     # experts 2/3/3 of 8, top-2, 256 tokens a micro-batch: 128 and 192 (token, expert) rows per
     # GEMM launch (top-1 form, whole F); the output stage's norm still sees all 256 tokens
