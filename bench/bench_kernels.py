@@ -1,6 +1,13 @@
 """MoE kernels vs cuBLAS baselines at the seed shapes (GPU only).
 
-    python bench/bench_kernels.py [--tokens 256 1024] [--dtype bf16] [--peak-tflops X] [--json]
+    python bench/bench_kernels.py [--tokens 1 8 16 32 64 256 1024] [--dtype bf16] [--peak-tflops X] [--json]
+
+Decode shapes (1-64 tokens per TP shard) stream the experts' weights: each row also reports the
+weight bytes the op reads (the experts this routing touches), the achieved GB/s and its share of a
+device-to-device copy measured in the same run. The whole shard's Triton row carries the published
+fused-MoE time for the same work where one exists (pyengine.core.published names the source).
+With --json, one JSON object per line, flushed as it is measured (first the environment, then each
+row), so a run cut off returns every row that finished.
 
 Ops: column (gather + gate/up GEMMs + SwiGLU), row (down GEMM + router weight + k-sum) and
 the whole shard (align + both). Providers, all from the same run:
@@ -22,6 +29,7 @@ import sys
 import torch
 
 from pyengine.core import dtypes, provenance
+from pyengine.core.published import VLLM_FUSED_MOE_SOURCE, VLLM_FUSED_MOE_US
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched by substring, first wins.
 PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4)]
@@ -30,7 +38,8 @@ DTYPES = ("bf16", "fp16")  # tensor-core dtypes; short names from pyengine.core.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 256, 1024],
+                   help="tokens per TP shard: decode (1-64) and prefill (256, 1024) (default: %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--hidden", type=int, default=4096, help="H (seed 4096)")
     p.add_argument("--ffn-shard", type=int, default=7168, help="F_r (seed F=14336 at TP 2)")
@@ -106,6 +115,43 @@ def grouped_row(a, wd, w, order, counts, k, T):
 
 
 # ---- one token count ------------------------------------------------------------------------
+def weight_bytes(op: str, touched: int, H: int, F: int, elem: int) -> int:
+    """Expert weight bytes an op reads once: gate and up (column), down (row), all three (shard)."""
+    matrices = {"column": 2, "row": 1, "shard": 3}.get(op, 0)
+    return touched * matrices * H * F * elem
+
+
+def published(row: dict) -> dict:
+    """The published time for the whole shard's Triton row at this token count, or nothing."""
+    us = VLLM_FUSED_MOE_US.get(row["T"])
+    if row["op"] != "shard" or row["provider"] != "triton" or us is None:
+        return {}
+    out = {"published_us": us, "published_source": VLLM_FUSED_MOE_SOURCE}
+    if "ms" in row:
+        out["x_published"] = us / (1e3 * row["ms"])
+    return out
+
+
+def copy_gb_s(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate (bytes read + written per second), timed like the kernels."""
+    import triton
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def add_streaming(row: dict, copy_rate: float | None) -> dict:
+    """Achieved weight-streaming GB/s and its share of the measured copy rate."""
+    if "ms" in row and row.get("weight_bytes"):
+        row["weight_gb_s"] = row["weight_bytes"] / (row["ms"] * 1e-3) / 1e9
+        row["pct_copy"] = 100 * row["weight_gb_s"] / copy_rate if copy_rate else None
+    row.update(published(row))
+    return row
+
+
 def bench_tokens(T, args, dtype, log):
     import triton
 
@@ -124,7 +170,8 @@ def bench_tokens(T, args, dtype, log):
     w = torch.softmax(torch.randn(T, k, device=dev, generator=g), dim=1)
     wgu = torch.cat([wg, wu], dim=2)  # grouped/dense baselines: gate and up in one GEMM
     order, counts = sort_pairs(ids, E)
-    shape = dict(device=dev, dtype=dtype, E=E, H=H, F=F, num_tokens=T)
+    touched = int((counts > 0).sum())
+    shape = dict(device=dev, dtype=dtype, E=E, H=H, F=F, num_tokens=T, top_k=k)
     col_cfg, row_cfg = tuning.select_config("column", **shape), tuning.select_config("row", **shape)
     block_m = tuning.align_block_m(col_cfg, row_cfg, dev)
     align = moe_align_block_size(ids, E, block_m)
@@ -155,7 +202,8 @@ def bench_tokens(T, args, dtype, log):
     rows = []
     for op, fns in providers.items():
         for name, fn in fns.items():
-            row = {"op": op, "T": T, "provider": name, "gflop": flops[op] / 1e9}
+            row = {"op": op, "T": T, "provider": name, "gflop": flops[op] / 1e9,
+                   "weight_bytes": weight_bytes(op, touched, H, F, u.element_size())}
             try:
                 fn()  # compile / autotune outside the timed region
                 torch.cuda.synchronize()
@@ -178,7 +226,7 @@ def bench_tokens(T, args, dtype, log):
 def add_ratios(rows, peak):
     by = {(r["op"], r["T"], r["provider"]): r for r in rows}
     for r in rows:
-        for base in ("loop", "dense"):
+        for base in ("loop", "grouped", "dense"):
             b = by.get((r["op"], r["T"], base))
             ok = b is not None and "ms" in b and "ms" in r and r["op"] != "align"
             r[f"x_{base}"] = b["ms"] / r["ms"] if ok else None
@@ -195,14 +243,18 @@ def print_rows(env, rows, peak):
     table = []
     for r in rows:
         if "error" in r:
-            table.append([r["op"], r["T"], r["provider"], "n/a", "", "", "", "", "", r["error"][:40]])
+            table.append([r["op"], r["T"], r["provider"], "n/a", "", "", "", "", "", "", "", "", "",
+                          r["error"][:40]])
             continue
         table.append([r["op"], r["T"], r["provider"], fmt(r["ms"], ".4f"), fmt(r["p20_ms"], ".4f"),
                       fmt(r["p80_ms"], ".4f"), fmt(r["tflops"], ".1f"), fmt(r["x_loop"], ".2f"),
-                      fmt(r["x_dense"], ".2f"), fmt(r["pct_peak"], ".1f")])
+                      fmt(r["x_dense"], ".2f"), fmt(r["pct_peak"], ".1f"), fmt(r.get("weight_gb_s"), ".0f"),
+                      fmt(r.get("pct_copy"), ".0f"), fmt(r.get("published_us"), ".2f"), ""])
+    print(f"# copy: {env['copy_gb_s']:.0f} GB/s device-to-device (read + write), this run")
+    print(f"# published: {VLLM_FUSED_MOE_SOURCE}")
     print_table("MoE expert-shard kernels",
                 [("op", "left"), "T", ("provider", "left"), "median ms", "p20", "p80", "TFLOP/s",
-                 "x loop", "x dense", "% peak"], table)
+                 "x loop", "x dense", "% peak", "weights GB/s", "% copy", "published us", "note"], table)
 
 
 def main(argv=None) -> int:
@@ -215,13 +267,20 @@ def main(argv=None) -> int:
     env = environment()
     peak = peak_tflops(env["gpu"], args.peak_tflops)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    copy_rate = copy_gb_s()
+    env["copy_gb_s"] = copy_rate
+    if args.json:
+        print(json.dumps({"env": env, "peak_tflops": peak}), flush=True)
     rows = []
     for T in args.tokens:
-        rows += bench_tokens(T, args, dtypes.torch_dtype(args.dtype), log)
-    add_ratios(rows, peak)
-    if args.json:
-        print(json.dumps({"env": env, "peak_tflops": peak, "rows": rows}, indent=1))
-    else:
+        done = bench_tokens(T, args, dtypes.torch_dtype(args.dtype), log)
+        add_ratios(done, peak)
+        for r in done:
+            add_streaming(r, copy_rate)
+            if args.json:
+                print(json.dumps(r), flush=True)
+        rows += done
+    if not args.json:
         print_rows(env, rows, peak)
     return 0
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pyengine.core.published import VLLM_FUSED_MOE_SOURCE, VLLM_FUSED_MOE_US
 from pyengine.core.collectives import Collective
 from pyengine.core.spec import load_spec
 from pyengine.model.costs import KernelCost
@@ -47,10 +48,7 @@ class Row:
 
 
 # ---- MoE expert shard: vLLM PR #24700 ---------------------------------------------------------------
-VLLM_24700 = ("vLLM PR #24700, H100 80GB HBM3, `benchmark_moe.py --model=mistralai/Mixtral-8x7B-Instruct-v0.1 "
-              "-tp=2`, tuned config, whole fused_moe call")
-VLLM_US = {1: 144.03, 2: 229.28, 4: 351.10, 8: 434.98, 16: 471.49, 24: 478.27, 32: 487.35, 48: 487.85,
-           64: 483.14, 96: 494.42, 128: 491.39, 256: 536.77, 512: 662.33, 1024: 833.72, 1536: 1122.93}
+VLLM_24700, VLLM_US = VLLM_FUSED_MOE_SOURCE, VLLM_FUSED_MOE_US
 SEED = load_spec(None)  # its TP=2 shard is exactly vLLM's: E 8, H 4096, F_r 7168, top-2, bf16
 SHARD = stages_of(SEED)[StageKind.EXPERTS]
 
