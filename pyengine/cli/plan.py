@@ -209,16 +209,11 @@ def _simulate(args: argparse.Namespace) -> int:
         data["device"] = dev.name
         data["schedule"] = spec.schedule.kind
         print(jsonable.to_json(data))
-        sys.stdout.flush()
-        return 0 if len(write_outputs("simulate", writes)) == len(writes) else 1
-    out = tables.console()
-    if model_note:
-        out.print(model_note, soft_wrap=True)
-    out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
-    plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
+    else:
+        out = tables.console()
+        if model_note:
+            out.print(model_note, soft_wrap=True)
+        out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
+        plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
     sys.stdout.flush()
-    done = write_outputs("simulate", writes)
-    for flag, path, _ in writes:
-        if flag in done:
-            out.print(f"wrote {'trace' if flag == '--trace' else 'Gantt chart'}: {path}")
-    return 0 if len(done) == len(writes) else 1
+    return 0 if len(write_outputs("simulate", writes)) == len(writes) else 1
