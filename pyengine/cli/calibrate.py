@@ -28,13 +28,13 @@ def register(subparsers) -> None:
                     "profile JSON with its machine, date, commit and command (pyengine plan --device FILE). "
                     "Needs a CUDA GPU.")
     p.add_argument("--out", metavar="FILE", default="device_profile.json",
-                   help="profile JSON to write (default device_profile.json)")
+                   help="profile JSON to write")
     p.add_argument("--base", metavar="PRESET", default=None,
                    help="preset whose datasheet peaks this GPU has (default: from the GPU's name)")
     p.add_argument("--config", metavar="F", default=None,
                    help="tensor-parallel deployment whose expert shard shape is timed (default: the seed)")
     p.add_argument("--interconnect", choices=("nvlink", "pcie"), default="nvlink",
-                   help="what joins the GPUs the link figures describe (default nvlink)")
+                   help="what joins the GPUs the link figures describe")
     p.add_argument("--json", action="store_true", help="print the profile JSON instead of a table")
     p.set_defaults(func=run)
 

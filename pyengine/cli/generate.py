@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from pyengine.core.cli_help import TOKENS_HELP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="greedy generation: prefill, then decode steps with a KV cache",
@@ -15,17 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="deployment JSON of a model of layers (default with --weights: the "
                                     "packaged seed layout); batch_size and seq_len come from the prompts")
     p.add_argument("--weights", metavar="DIR", help="Hugging Face model folder: generate with the whole model")
-    p.add_argument("--tokens", metavar="FILE", help="prompts: a .pt list of 1-D id tensors (any lengths), or a "
-                                                    "[B, S] .pt/.npy (equal lengths); default: seeded prompts "
-                                                    "of the config's batch_size x seq_len")
+    p.add_argument("--tokens", metavar="FILE", help=f"prompts: {TOKENS_HELP}, or a .pt list of 1-D id tensors "
+                                                    "(any lengths) (default: seeded prompts of the config's "
+                                                    "batch_size x seq_len)")
     p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="new tokens per sequence at most")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
-                   help="default auto: nccl with a GPU per rank, local on one GPU, gloo on CPU")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations first (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="weights and prompts seed (default 0)")
-    p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches (decode: groups of sequences)")
-    p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind")
-    p.add_argument("--timeout", type=float, help="override comm.timeout_s (seconds per action)")
+                   help="where the ranks run: auto = nccl with a GPU per rank, local (threads) on one GPU, gloo on CPU")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and prompts")
+    p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches (decode: groups of sequences; default: the config's)")
+    p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind (default: the config's)")
+    p.add_argument("--timeout", type=float, help="override comm.timeout_s: seconds per action (default: the config's)")
     p.add_argument("--no-scale", action="store_true", help="on CPU, run a seeded model at full size")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--dump", help="write generated.pt (prompt + new ids per sequence), first_logits.pt "

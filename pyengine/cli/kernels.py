@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                     "dtype, config); exits 1 if a config that can run does not compile, "
                     "exceeds shared memory or spills in bf16/fp16.")
     c.add_argument("--arch", type=int, default=90, metavar="SM",
-                   help="compute capability as one number: 90 (Hopper, default), 100 (Blackwell)")
+                   help="compute capability as one number: 90 (Hopper), 100 (Blackwell)")
     c.add_argument("--config", metavar="F", default=None,
                    help="deployment spec JSON (default: the packaged seed)")
     c.add_argument("--dtype", nargs="+", choices=sorted(SHORT.values()), default=None,

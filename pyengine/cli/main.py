@@ -31,8 +31,9 @@ _COMMANDS = {
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from pyengine import __version__
+    from pyengine.core.cli_help import Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pyengine",
         description="3-GPU hybrid tensor+pipeline parallel MoE engine: run, plan, simulate, benchmark.")
     parser.add_argument("--version", action="version", version=f"pyengine {__version__}")

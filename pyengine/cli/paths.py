@@ -94,14 +94,20 @@ def _check_parent(flag: str, path: str) -> None:
         raise UsageError(flag, path, f"the folder {parent} is not writable")
 
 
+OUTPUT_NAMES = {"--trace": "trace", "--png": "chart", "--dump": "dump"}
+"""What each output flag writes, as `wrote <name> <path>` names it."""
+
+
 def write_outputs(command: str, writes: Iterable[tuple[str, str, Callable[[], None]]]) -> list[str]:
-    """Run each (flag, path, write); a failure is one line on stderr. Returns the flags whose
-    file was written."""
+    """Run each (flag, path, write); each says on stderr what it wrote (`wrote trace PATH`), or
+    why it could not, in one line. Stderr, so that --json's stdout stays one JSON object.
+    Returns the flags whose file was written."""
     done = []
     for flag, path, write in writes:
         try:
             write()
             done.append(flag)
+            print(f"wrote {OUTPUT_NAMES.get(flag, flag.lstrip('-'))} {path}", file=sys.stderr)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
             print(f"pyengine {command}: could not write {flag} {path}: {reason}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyengine.core.cli_help import TOKENS_HELP
 from pyengine.predict.devices import DEFAULT_PRESET, PRESETS
 
 
@@ -23,9 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=None, metavar="N",
                    help=f"candidates --search shows (default {DEFAULT_TOP})")
     p.add_argument("--rank-by", choices=("latency", "throughput"), default="latency",
-                   help="order of the search table (default latency)")
+                   help="order of the search table")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
-                   help="a model of layers: decode steps to price after the prompts (default 128)")
+                   help="a model of layers: decode steps to price after the prompts")
     p.set_defaults(func=_plan)
 
     s = subparsers.add_parser(
@@ -55,12 +56,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="plan only this decoder layer of --weights / --hf-config, as the attention-free "
                         "MoE block (default: the whole model)")
     p.add_argument("--tokens", metavar="FILE", default=None,
-                   help="token ids [B, S] (.pt or .npy) for --routing measured (default: seeded tokens)")
+                   help=f"{TOKENS_HELP}, for --routing measured (default: seeded tokens)")
     p.add_argument("--routing", choices=("uniform", "measured"), default="uniform",
                    help="what expert-parallel costs assume: uniform (T*k/E pairs per expert) or the "
                         "router's real choices (seeded weights, or --weights) on the batch's tokens; "
                         "runs only the router, on CPU")
-    p.add_argument("--seed", type=int, default=0, help="weights and tokens seed for --routing measured")
+    p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and tokens, for --routing measured")
 
 
 def _spec(args: argparse.Namespace, source=None):
@@ -208,16 +209,11 @@ def _simulate(args: argparse.Namespace) -> int:
         data["device"] = dev.name
         data["schedule"] = spec.schedule.kind
         print(jsonable.to_json(data))
-        sys.stdout.flush()
-        return 0 if len(write_outputs("simulate", writes)) == len(writes) else 1
-    out = tables.console()
-    if model_note:
-        out.print(model_note, soft_wrap=True)
-    out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
-    plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
+    else:
+        out = tables.console()
+        if model_note:
+            out.print(model_note, soft_wrap=True)
+        out.print(f"device profile: {dev.name}{note}", soft_wrap=True)
+        plan_view.print_timeline(tl, f"Simulated {spec.schedule.kind} timeline", out)
     sys.stdout.flush()
-    done = write_outputs("simulate", writes)
-    for flag, path, _ in writes:
-        if flag in done:
-            out.print(f"wrote {'trace' if flag == '--trace' else 'Gantt chart'}: {path}")
-    return 0 if len(done) == len(writes) else 1
+    return 0 if len(write_outputs("simulate", writes)) == len(writes) else 1

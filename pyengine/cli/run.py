@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from pyengine.core.cli_help import TOKENS_HELP
+
 PROFILE_ITERS = 5
 
 
@@ -20,14 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "run the whole model from it (every layer with its attention)")
     p.add_argument("--layer", type=int, default=None, help="run only this decoder layer of --weights, as the "
                                                            "attention-free MoE block (default: the whole model)")
-    p.add_argument("--tokens", metavar="FILE", help="token ids [B, S] or [T] (.pt or .npy) instead of seeded ones")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"])
+    p.add_argument("--tokens", metavar="FILE", help=f"{TOKENS_HELP} (default: seeded ids of the config's shape)")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
+                   help="where the ranks run: auto = nccl with a GPU per rank, local (threads) on one GPU, gloo on CPU")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    p.add_argument("--seed", type=int, default=0, help="weights and tokens seed")
-    p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind")
-    p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches")
-    p.add_argument("--timeout", type=float, help="override comm.timeout_s (per action)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and tokens")
+    p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind (default: the config's)")
+    p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches (default: the config's)")
+    p.add_argument("--timeout", type=float, help="override comm.timeout_s: seconds per action (default: the config's)")
     p.add_argument("--no-baselines", action="store_true", help="skip the no-overlap and m=1 variants")
     p.add_argument("--no-scale", action="store_true", help="on CPU, run the model at full size")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -35,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png", help="write a Gantt chart (PNG) of the measured timeline")
     p.add_argument("--dump", help="write tokens.pt, logits.pt and spec.json of the last iteration here")
     p.add_argument("--profile", action="store_true",
-                   help="bracket the timed iterations with cudaProfilerStart/Stop (for nsys)")
+                   help="bracket the timed iterations with cudaProfilerStart/Stop (for nsys); no effect on CPU")
     p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # testing: RANK:ACTION:exit|hang|nan
     p.set_defaults(func=run)
 

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=sorted(SHORT.values()), default=None,
                    help="kernel dtype (default: the spec's model dtype)")
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], metavar="T",
-                   help="token counts to tune for (one M bucket each; default: 256 1024)")
+                   help="token counts to tune for (one M bucket each)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (default: the installed pyengine/kernels/configs)")
     p.set_defaults(func=run)

@@ -27,6 +27,7 @@ import sys
 
 from pyengine.commbench.collectives import OPS
 from pyengine.core import dtypes
+from pyengine.core.cli_help import Parser
 from pyengine.core.errors import UsageError
 from pyengine.core.limits import MAX_ITERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
@@ -43,25 +44,26 @@ def parse_size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--op", choices=OPS, default="all_reduce")
-    parser.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("32M"),
-                        help="smallest message (bytes; K/M/G suffixes)")
-    parser.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("32M"),
-                        help="largest message (bytes; K/M/G suffixes)")
+    parser.add_argument("--op", choices=OPS, default="all_reduce", help="operation to time")
+    # string defaults: argparse passes them through parse_size, and the help shows "32M"
+    parser.add_argument("-b", "--minbytes", type=parse_size, default="32M",
+                        help="smallest message, bytes (K/M/G suffixes: powers of 1024)")
+    parser.add_argument("-e", "--maxbytes", type=parse_size, default="32M",
+                        help="largest message, bytes (K/M/G suffixes: powers of 1024)")
     parser.add_argument("-f", "--stepfactor", type=int, default=2,
                         help="multiply the size by this factor between rows")
     parser.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size")
-    parser.add_argument("-w", "--warmup_iters", type=int, default=5, help="untimed iterations")
+    parser.add_argument("-w", "--warmup_iters", type=int, default=5, help="untimed iterations per size first")
     parser.add_argument("-c", "--check", type=int, choices=(0, 1), default=1,
-                        help="check results (#wrong)")
-    parser.add_argument("-d", "--datatype", choices=DATATYPES, default="float")
-    parser.add_argument("-r", "--root", type=int, default=0, help="broadcast root")
+                        help="check results (#wrong): 1 yes, 0 no")
+    parser.add_argument("-d", "--datatype", choices=DATATYPES, default="float", help="element type")
+    parser.add_argument("-r", "--root", type=int, default=0, help="broadcast root rank")
     parser.add_argument("--backend", choices=("auto", "nccl", "gloo", "local"), default="auto",
                         help="auto: nccl under torchrun or with a GPU per rank, local with a GPU, else gloo")
     parser.add_argument("--nranks", type=int, default=None,
-                        help=f"ranks (default {DEFAULT_NRANKS}); under torchrun: WORLD_SIZE")
+                        help=f"ranks (default: {DEFAULT_NRANKS}; under torchrun: WORLD_SIZE)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds bounding each wait")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds bounding each wait; the whole job is bounded by a multiple")
     parser.add_argument("--corrupt-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -187,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyengine.commbench",
-                                     description="nccl-tests-style comm benchmark")
+    parser = Parser(prog="python -m pyengine.commbench", description="nccl-tests-style comm benchmark")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -53,8 +53,10 @@ def test_seeded_model_generates_what_an_independent_loop_does(tmp_path, unbatche
     prompts = [torch.randint(0, 250, (n,), generator=g) for n in (6, 3, 9)]
     torch.save(prompts, tmp_path / "p.pt")
     r = pyengine("generate", "--config", unbatched, "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "8",
-                 "--micro-batches", "2", "--json", "--dump", str(tmp_path / "d"))
+                 "--micro-batches", "2", "--json", "--dump", str(tmp_path / "d"), "--trace", str(tmp_path / "t.json"))
     assert r.returncode == 0, r.stderr
+    assert [f"wrote trace {tmp_path / 't.json'}", f"wrote dump {tmp_path / 'd'}"] == [
+        line for line in r.stderr.splitlines() if line.startswith("wrote ")]
     out = json.loads(r.stdout)
     spec = DeploymentSpec.from_json((tmp_path / "d" / "spec.json").read_text())
     assert spec.model.num_layers == 21 and (spec.model.batch_size, spec.model.seq_len) == (3, 9)

@@ -69,8 +69,9 @@ def test_bad_field_names_path(tmp_path, capsys):
 def test_simulate_writes_files(tmp_path, capsys):
     png, trace = tmp_path / "g.png", tmp_path / "t.json"
     assert main(["simulate", "--schedule", "asready", "--png", str(png), "--trace", str(trace)]) == 0
-    out = capsys.readouterr().out
-    assert "makespan" in out and "wrote trace" in out
+    captured = capsys.readouterr()
+    assert "makespan" in captured.out
+    assert captured.err.splitlines() == [f"wrote trace {trace}", f"wrote chart {png}"]
     assert png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(trace.read_text())
     assert any(e["ph"] == "X" for e in data["traceEvents"])

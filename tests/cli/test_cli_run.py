@@ -44,6 +44,9 @@ def test_run_reports_and_writes_artifacts(tmp_path):
     assert tokens.dtype == torch.int64 and tokens.shape == (2, 24)
     assert logits.shape == (2, 24, 101)
     assert json.loads((dump / "spec.json").read_text())["model"]["vocab_size"] == 101
+    said = r.stderr.splitlines()  # stderr: stdout stays one JSON object
+    assert [f"wrote trace {trace}", f"wrote chart {png}", f"wrote dump {dump}"] == [
+        line for line in said if line.startswith("wrote ")]
 
 
 @pytest.mark.slow

@@ -1,0 +1,57 @@
+"""The README's commands that use the shipped examples/ files run as written, on a tiny
+checkpoint in place of /models/<name> (and a layer and a generation length it has)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_hf
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+COMMANDS = [line.split("#")[0].strip() for line in README.splitlines()
+            if line.startswith("pyengine ") and "examples/" in line]
+FAST = {"run": ["--iters", "1", "--warmup", "0"], "generate": [], "plan": []}
+
+
+def test_the_readme_uses_the_examples():
+    assert any("examples/layout.json" in c for c in COMMANDS)
+    assert any("examples/ids.npy" in c for c in COMMANDS)
+
+
+def test_the_ids_are_valid_for_the_layout_and_every_family():
+    ids = np.load(ROOT / "examples" / "ids.npy")
+    assert ids.dtype == np.int64 and ids.ndim == 2 and ids.min() >= 0
+    assert ids.max() < tiny_hf.SIZES["vocab"]  # the smallest vocabulary any test model has
+    model = json.loads((ROOT / "examples" / "layout.json").read_text())["model"]
+    assert ids.shape == (model["batch_size"], model["seq_len"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("ckpt")
+    tiny_hf.build("mixtral", folder)
+    return str(folder)
+
+
+def _runnable(command: str, checkpoint: str) -> list[str]:
+    command = re.sub(r"/models/\S+", checkpoint, command)
+    command = re.sub(r"--layer \d+", "--layer 1", command)
+    command = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 3", command)
+    words = shlex.split(command)[1:]
+    return [sys.executable, "-m", "pyengine", *words, *FAST[words[0]]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_runs(command, checkpoint):
+    r = subprocess.run(_runnable(command, checkpoint), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{command}\n{r.stderr[-2000:]}"
