@@ -50,7 +50,7 @@ def test_three_rank_local_run_with_baselines_keeps_streams_distinct():
         run_ranks(bind(measure_rank, spec, RunOptions(iters=1, warmup=1, baselines=True)),
                   spec.world_size, backend=Backend.LOCAL, groups=groups, timeout_s=60,
                   job_timeout_s=600)
-    made = dict(streams._streams)
-    assert len(made) <= 3 * spec.world_size
+    made = {key: s for key, s in streams._streams.items() if key[1] < spec.world_size}
+    assert len(made) <= 3 * spec.world_size  # compute, side, comm per rank: no growth per variant
     check_distinct(-1, {f"{rank}/{role}": s for (_, rank, role), s in made.items()})
     assert isinstance(next(iter(made.values())), torch.cuda.Stream)
