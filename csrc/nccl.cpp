@@ -255,7 +255,6 @@ Communicator::Communicator(const std::string& unique_id, int nranks, int rank, i
 
   std::lock_guard<std::mutex> lock(mu_);
   DeviceGuard guard(device);  // raises "no CUDA driver/device" on a machine without CUDA
-  PYENGINE_CHECK_CUDA(cudaEventCreateWithFlags(&wait_event_, cudaEventDisableTiming));
 
   ncclUniqueId id;
   std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
@@ -275,8 +274,6 @@ Communicator::Communicator(const std::string& unique_id, int nranks, int rank, i
     // Not in a set yet: only this half-built communicator exists to abort. Its abort result
     // is secondary to the init failure being reported.
     (void)abort_locked();
-    (void)cudaEventDestroy(wait_event_);
-    wait_event_ = nullptr;
     PYENGINE_CHECK(false, *failure << "; init aborted");
   }
 }
@@ -287,9 +284,6 @@ Communicator::~Communicator() {
     // (STYLE 10); the owner must call destroy()/abort() or use a context manager.
     std::fprintf(stderr, "pyengine: NCCL communicator %s was neither destroyed nor aborted; leaking it\n",
                  label().c_str());
-  }
-  if (wait_event_ != nullptr) {
-    (void)cudaEventDestroy(wait_event_);  // best effort: destructors must not throw
   }
 }
 
@@ -532,12 +526,12 @@ void Communicator::wait_event(cudaEvent_t event, double timeout_s, const std::st
 
 void Communicator::wait_stream(cudaStream_t stream, double timeout_s, const std::string& op,
                                const std::string& name, int peer) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    PYENGINE_CHECK(wait_event_ != nullptr, describe(op.c_str(), name, peer) << ": no event (init failed?)");
-    PYENGINE_CHECK_CUDA(cudaEventRecord(wait_event_, stream));
-  }
-  wait_event(wait_event_, timeout_s, op, name, peer);
+  // An event of this call's own (created timing-free: a few microseconds): with one event
+  // per communicator, a second thread's wait re-recorded it on its stream, so the first
+  // waiter polled the wrong stream's position and returned before its own work was done.
+  Event event(device_, /*enable_timing=*/false);
+  event.record(stream);
+  wait_event(event.get(), timeout_s, op, name, peer);
 }
 
 void Communicator::destroy() {

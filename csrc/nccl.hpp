@@ -110,6 +110,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // `peer` (-1: none) as a global rank, and NCCL's own text.
   void wait_event(cudaEvent_t event, double timeout_s, const std::string& op,
                   const std::string& name, int peer);
+  // Records an event of the call's own on `stream` and waits on it: safe for concurrent callers.
   void wait_stream(cudaStream_t stream, double timeout_s, const std::string& op,
                    const std::string& name, int peer);
 
@@ -156,7 +157,6 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   std::mutex mu_;
   std::atomic<bool> abort_requested_{false};  // read by pollers without the lock
   ncclComm_t comm_ = nullptr;
-  cudaEvent_t wait_event_ = nullptr;  // recorded by wait_stream
   std::shared_ptr<CommSet> set_;
   std::vector<int> global_ranks_;
   int nranks_ = 0;

@@ -33,6 +33,7 @@ from pyengine.model.stages import Work, stages_of
 from pyengine.model.tensors import LayerWeights
 from pyengine.schedule import Action, ActionId, Kind, Table, build
 from pyengine.transport.base import complete
+from pyengine.transport.streams import check_distinct, rank_stream, transport_streams
 
 
 class RankError(RuntimeError):
@@ -92,8 +93,9 @@ class RankRuntime:
         self.timeout_s = spec.comm.timeout_s
         self.overlap = spec.comm.overlap
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._side = torch.cuda.Stream(device) if self.cuda else None  # reads received counts
+        self.stream = rank_stream(device, rank, "compute") if self.cuda else None
+        self._side = rank_stream(device, rank, "side") if self.cuda else None  # reads received counts
+        check_distinct(rank, {"compute": self.stream, "side": self._side, **transport_streams(transport)})
         self.timer = Timer(device, self.stream)
         self.is_output = rank in spec.stage("output").gpus
         self.attends = any(st.attends and rank in st.ranks for st in self.stages)

@@ -45,6 +45,7 @@ from pyengine.transport.base import (
 __all__ = ["LocalTransport"]
 from pyengine.transport.local_hub import (Completion, Hub, PendingOp, exec_all_reduce, exec_barrier,
                                           exec_broadcast, exec_reduce_scatter)
+from pyengine.transport.streams import rank_stream
 
 
 class _LocalHandle:
@@ -113,7 +114,8 @@ class LocalTransport:
         self.world_size = hub.world_size
         self.device = hub.device
         self.timeout_s = hub.timeout_s
-        self.stream = torch.cuda.Stream(hub.device) if hub.cuda else None
+        # per rank, shared by every hub of the process: fresh ones per hub wrap torch's pool
+        self.stream = rank_stream(hub.device, rank, "comm") if hub.cuda else None
         self._closed = False
         self.aborted = False
 

@@ -60,6 +60,7 @@ from pyengine.transport.base import (
 )
 from pyengine.core.dtypes import name_of
 from pyengine.transport.store import store_from_env
+from pyengine.transport.streams import rank_stream
 
 __all__ = ["NcclTransport", "nccl_dtype"]
 
@@ -170,7 +171,7 @@ class NcclTransport:
                 if group in self._comms or rank not in group:
                     continue
                 self._comms[group] = self._connect(C, f"{prefix}/{index}", group)
-                self.streams[group] = torch.cuda.Stream(device)
+                self.streams[group] = rank_stream(device, rank, f"comm{list(group)}")
             if connect:
                 self._connect_peers()
         except BaseException:
