@@ -26,8 +26,8 @@ def route(u: torch.Tensor, router: torch.Tensor, k: int,
     tests/references.py) break them this way, so an exact tie cannot fail the output check."""
     probs = torch.softmax((u @ router).float(), dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    w, ids = sorted_p[..., :k], order[..., :k]
-    return ids.to(torch.int32), (w / w.sum(-1, keepdim=True) if renormalize else w)
+    w, ids = sorted_p[..., :k].contiguous(), order[..., :k]  # a slice of the sort: sent as is, so dense
+    return ids.to(torch.int32).contiguous(), (w / w.sum(-1, keepdim=True) if renormalize else w)
 
 
 def add_partials_and_norm(x: torch.Tensor, partials: list, w: torch.Tensor, eps: float,

@@ -152,3 +152,10 @@ def test_route_ties_go_to_the_lower_expert_id_like_the_references():
     assert ids.tolist() == expected
     assert _top_k(torch.tensor(logits), 2, True)[0].tolist() == expected
     assert ref.softmax_top_k(torch.tensor(logits), 2)[0] == expected
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_returns_dense_tensors_the_transports_can_send(renormalize):
+    """The ids and weights are sent between ranks as they are; a slice of the sort is strided."""
+    ids, w = route(torch.randn(7, 16), torch.randn(16, 5), 2, renormalize=renormalize)
+    assert ids.is_contiguous() and w.is_contiguous()
