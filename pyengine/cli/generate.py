@@ -88,17 +88,6 @@ def _shape(prompts) -> tuple[int, int]:
     return len(prompts), max(int(p.numel()) for p in prompts)
 
 
-def _overrides(args, spec):
-    changes: dict = {}
-    if args.schedule:
-        changes.setdefault("schedule", {})["kind"] = args.schedule
-    if args.micro_batches is not None:
-        changes.setdefault("schedule", {})["micro_batches"] = args.micro_batches
-    if args.timeout is not None:
-        changes["comm"] = {"timeout_s": args.timeout}
-    return spec.replace(**changes) if changes else spec
-
-
 def generate(args: argparse.Namespace) -> int:
     _check_args(args)
     source = prompts = None
@@ -110,7 +99,9 @@ def generate(args: argparse.Namespace) -> int:
         from pyengine.model.tokens import load_prompts
 
         prompts = load_prompts(args.tokens)
-    spec = _overrides(args, _spec(args, source, prompts))
+    from pyengine.cli.run import with_flags
+
+    spec = with_flags(args, _spec(args, source, prompts))
     from pyengine.cli.generate_run import launch
 
     return launch(args, spec, source, prompts)

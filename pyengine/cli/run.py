@@ -86,9 +86,14 @@ def resolve_spec(args: argparse.Namespace, source=None, tokens=None):
         from pyengine.model.hf_config import deployment_spec
 
         spec = deployment_spec(source.hf, args.config, whole=source.layer is None)
-    changes: dict = {}
-    if tokens is not None:
-        changes["model"] = {"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]}
+    model = {"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]} if tokens is not None else None
+    return with_flags(args, spec, model)
+
+
+def with_flags(args: argparse.Namespace, spec, model: dict | None = None):
+    """`spec` with the flags that override it (--schedule, --micro-batches, --timeout; `model`:
+    the batch shape the tokens set), shared by run and generate."""
+    changes: dict = {"model": model} if model else {}
     if args.schedule:
         changes.setdefault("schedule", {})["kind"] = args.schedule
     if args.micro_batches is not None:
