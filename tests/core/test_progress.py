@@ -43,3 +43,24 @@ def test_plan_search_under_a_pipe_draws_no_bar():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "plan search" not in r.stderr and "\x1b[" not in r.stderr
+
+
+class _Done:
+    """A finished worker process."""
+    def poll(self):
+        return 0
+
+
+def test_kernels_compile_bar_counts_every_job(monkeypatch):
+    """run_jobs advances once per job as its worker's rows come back (workers stubbed: no compile)."""
+    from pyengine.kernels import compile_check
+    from pyengine.kernels.compile_jobs import Shapes, build_jobs
+
+    jobs = build_jobs(Shapes(E=1, H=17, top_k=1, ffn_shards=(17,), tokens=(1,), num_partials=3), ["fp32"], 90)
+    monkeypatch.setattr(compile_check, "_start_worker", lambda base, arch, js: (_Done(), js))
+    monkeypatch.setattr(compile_check, "_collect", lambda proc, js, arch, timeout: [{"job": j} for j in js])
+    con, buf = _terminal()
+    with progress(len(jobs), "kernels compile", True, con) as advance:
+        done = []
+        compile_check.run_jobs(jobs, 90, workers=2, advance=lambda n: (done.append(n), advance(n)))
+    assert sum(done) == len(jobs) > 1 and "100%" in buf.getvalue()
