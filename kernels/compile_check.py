@@ -36,8 +36,10 @@ class ArchUnsupported(RuntimeError):
     """The installed Triton cannot compile for the requested architecture."""
 
 
-def run_jobs(jobs: list[Job], arch: int, workers: int | None = None, timeout: float = 1800) -> list[dict]:
+def run_jobs(jobs: list[Job], arch: int, workers: int | None = None, timeout: float = 1800,
+             advance=lambda n: None) -> list[dict]:
     """Rows for `jobs` (in order), compiled in `workers` processes (default: one per core).
+    advance(n) is called as each worker's n jobs come back (a progress bar's hook).
 
     Each worker first compiles a one-line probe kernel; if that fails, ArchUnsupported.
     """
@@ -53,6 +55,7 @@ def run_jobs(jobs: list[Job], arch: int, workers: int | None = None, timeout: fl
             for share, (proc, base) in zip(shares, procs):
                 for i, row in zip(share, _collect(proc, base, arch, timeout)):
                     rows[i] = row
+                advance(len(share))
         finally:
             for proc, _ in procs:  # only on error: a worker still running is ours to end
                 if proc.poll() is None:

@@ -80,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
         jobs = compile_jobs.build_jobs(shapes_from_spec(spec), dtypes, args.arch, gpu, args.all_configs)
     except ValueError as e:
         return _usage(str(e))
+    from pyengine.core.progress import progress
+
     try:
-        rows = compile_check.run_jobs(jobs, args.arch, args.workers)
+        with progress(len(jobs), "kernels compile: jobs", not args.json) as advance:
+            rows = compile_check.run_jobs(jobs, args.arch, args.workers, advance=advance)
     except compile_check.ArchUnsupported as e:
         return _usage(f"--arch {args.arch}: {e}")
     failed = compile_check.gate_failures(rows)

@@ -164,7 +164,8 @@ def _plan(args: argparse.Namespace) -> int:
     spec, dev, note, model_note, routing = _load(args)
     check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_INT, integer=True, error=UsageError)
     p = planner.plan(spec, dev, routing, new_tokens=args.max_new_tokens)
-    cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing) if args.search else None
+    cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing,
+                                  show_progress=not args.json) if args.search else None
     if args.json:
         data = jsonable.to_jsonable(p)
         data["device_note"] = note.strip()

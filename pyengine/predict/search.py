@@ -80,14 +80,31 @@ def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
            micro_batches: tuple[int, ...] = MICRO_BATCHES,
            boundaries: tuple[str, ...] = ("all_reduce", "reduce_scatter", "partials"),
            kinds: tuple[str, ...] = ("gpipe", "asready"), rank_by: str = "latency",
-           routing: Routing | None = None, modes: tuple[str, ...] = ("tensor", "expert")) -> SearchResult:
+           routing: Routing | None = None, modes: tuple[str, ...] = ("tensor", "expert"),
+           show_progress: bool = False, console=None) -> SearchResult:
     """Enumerate valid deployments, predict each, rank by latency (or throughput).
 
     Space: stage maps (stage_maps) x micro-batch counts x schedule kind x, for tensor
     parallelism, the F split (even, and the splits that balance busy time or minimise latency:
     uneven TP, possibly giving GPU 0 a slice of the expert FFN) x boundary pattern, and for
     expert parallelism the expert counts around the balanced optimum (pyengine.predict.ep_layouts).
-    Every candidate is built through spec.replace, so the spec's validation applies."""
+    Every candidate is built through spec.replace, so the spec's validation applies.
+    show_progress: a bar over the stage maps on a terminal's stderr (pyengine.core.progress)."""
+    from pyengine.core.progress import progress
+
+    maps = stage_maps(spec)
+    with progress(len(maps), "plan search: stage maps", show_progress, console) as advance:
+        cands, considered, seed_key = _search_maps(spec, maps, device, micro_batches, boundaries,
+                                                   kinds, routing, modes, advance)
+        dev = load_profile(device)
+    if seed_key not in {c.spec.to_json() for c in cands}:  # the seed is always in the table
+        cands.append(_evaluate(spec, dev, "seed config", True, routing))
+    _rank(cands, rank_by)
+    return SearchResult(cands, considered)
+
+
+def _search_maps(spec, maps, device, micro_batches, boundaries, kinds, routing, modes, advance):
+    """The candidates of every stage map, calling advance() after each map."""
     dev = load_profile(device)
     seen: set[str] = set()
     cands: list[Candidate] = []
@@ -101,7 +118,8 @@ def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
             considered[mode] += 1
             cands.append(_evaluate(c, dev, label, key == seed_key, routing))
 
-    for grp, o in stage_maps(spec):
+    for grp, o in maps:
+        advance(1)
         if "expert" in modes:
             _expert_candidates(spec, dev, grp, o, micro_batches, kinds, routing, add, considered)
         if "tensor" not in modes:
@@ -129,10 +147,7 @@ def search(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
                     for kind in kinds:
                         add(base.replace(schedule={"kind": kind}, comm={"boundary": boundary}),
                             f"{label} {boundary} {kind}", "tensor")
-    if seed_key not in seen:  # the seed itself is always in the table, for reference
-        cands.append(_evaluate(spec, dev, "seed config", True, routing))
-    _rank(cands, rank_by)
-    return SearchResult(cands, considered)
+    return cands, considered, seed_key
 
 
 def _expert_candidates(spec, dev, grp, o, micro_batches, kinds, routing, add, considered) -> None:
