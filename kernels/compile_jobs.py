@@ -75,7 +75,9 @@ def build_jobs(shapes: Shapes, dtypes: list[str], arch: int, gpu: str | None = N
             raise ValueError(f"dtype={name!r}: must be one of {sorted(DTYPES)}")
         for f_r in sorted(set(shapes.ffn_shards)):
             for t in sorted(set(shapes.tokens) | set(shapes.decode_tokens)):
-                for job in _moe_jobs(shapes, name, f_r, t, arch, gpu, all_configs):
+                # the candidate list is swept at the prefill counts; decode counts add their own tiles
+                candidates = all_configs and t in shapes.tokens
+                for job in _moe_jobs(shapes, name, f_r, t, arch, gpu, candidates):
                     _merge(jobs, job)
         for t in sorted(set(shapes.norm_tokens or shapes.tokens)):
             for job in _rmsnorm_jobs(shapes, name, t, all_configs):

@@ -91,9 +91,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _dispatch(argv)
         except KeyboardInterrupt as e:
-            code = e.code if isinstance(e, Terminated) else 130
-            print(_stopped_line(argv, e), file=sys.stderr)
+            stop = e
+        except Exception as e:  # a signal raised inside a C extension's import or callback
+            stop = _interrupt_in(e)  # comes back wrapped (SystemError, ImportError ...)
+            if stop is None:
+                raise
+        code = stop.code if isinstance(stop, Terminated) else 130
+        print(_stopped_line(argv, stop), file=sys.stderr)
     return _leave(code, as_program)
+
+
+def _interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt (Ctrl-C, SIGTERM, SIGHUP) an error was raised while handling, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _dispatch(argv: list[str]) -> int:

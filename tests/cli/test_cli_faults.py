@@ -142,3 +142,19 @@ def test_sigterm_or_sighup_on_the_thread_backend_is_one_line_every_time(command,
         p.send_signal(getattr(signal, sig))
         code, err, _ = _finish(p, {}, limit_s=30)
         assert (code, err) == (rc, f"pyengine {command}: terminated ({sig}); every rank stopped\n"), delay
+
+
+def test_a_signal_wrapped_by_a_c_extension_is_still_one_line(capsys, monkeypatch):
+    """A SIGTERM raised while an extension module initializes comes back as another error (its
+    context is the signal): still the one line and 143, never a traceback."""
+    import pyengine.cli.main as cli
+
+    def wrapped(argv):
+        try:
+            raise cli.Terminated(signal.SIGTERM)
+        except cli.Terminated as e:
+            raise SystemError("initialization of _C raised unreported exception") from e
+
+    monkeypatch.setattr(cli, "_dispatch", wrapped)
+    assert cli.main(["run"]) == 143
+    assert capsys.readouterr().err == "pyengine run: terminated (SIGTERM); every rank stopped\n"

@@ -287,7 +287,8 @@ def test_pick_config_for_a_named_gpu(tmp_path, monkeypatch):
 def test_every_candidate_compiles_and_matches_the_estimate(arch, dtypes):
     if arch != 90 and compile_check.probe_arch(arch) is not None:
         pytest.skip(f"Triton {triton.__version__} cannot compile for sm_{arch}")
-    rows = compile_check.run_jobs(build_jobs(SEED, dtypes, arch, all_configs=True), arch)
+    prefill = dataclasses.replace(SEED, decode_tokens=())  # decode tiles: test_decode_tiles_compile
+    rows = compile_check.run_jobs(build_jobs(prefill, dtypes, arch, all_configs=True), arch)
     assert all(r["shared_bytes"] is not None for r in rows), [r["reason"] for r in rows if not r["shared_bytes"]]
     engine = [r for r in rows if r["source"] != "candidate"]
     assert not compile_check.gate_failures(engine), compile_check.gate_failures(engine)
@@ -303,3 +304,12 @@ def test_every_candidate_compiles_and_matches_the_estimate(arch, dtypes):
         assert pruned == [("_moe_column_kernel", "fp32", 32)]  # 32x64x128 s4: 241 KB
     # sm_100: Hopper candidates that spill there are reported, not asserted (Triton 3.6
     # spills 28 B/thread in column 32x128x64; 3.9 none).
+
+
+def test_the_candidate_sweep_is_not_repeated_at_decode_counts():
+    """--all-configs sweeps the candidate list at the prefill counts; decode counts add only their
+    own tiles (a sweep per decode count multiplied the compile jobs sixfold)."""
+    prefill = dataclasses.replace(SEED, decode_tokens=())
+    count = lambda jobs: sum(j.source == "candidate" for j in jobs)
+    assert count(build_jobs(SEED, ["bf16"], ARCH, all_configs=True)) == count(
+        build_jobs(prefill, ["bf16"], ARCH, all_configs=True))
