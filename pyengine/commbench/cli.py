@@ -99,7 +99,8 @@ def options(args: argparse.Namespace, nranks: int):
     return BenchOptions(op=args.op, sizes=sweep,
                         dtype=dtypes.canonical(args.datatype), iters=args.iters,
                         warmup=args.warmup_iters, check=bool(args.check), root=args.root,
-                        timeout_s=args.timeout, corrupt_rank=args.corrupt_rank)
+                        timeout_s=args.timeout, corrupt_rank=args.corrupt_rank,
+                        show_progress=not args.json)
 
 
 def _runnable_sizes(args: argparse.Namespace, nranks: int, sweep: tuple[int, ...]) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import torch
 from pyengine.commbench.collectives import TESTS, fill_value
 from pyengine.core import dtypes
 from pyengine.core.collectives import Collective
+from pyengine.core.progress import progress
 from pyengine.execute.launch import RankContext
 from pyengine.execute.timer import Timer
 from pyengine.transport.base import complete
@@ -31,6 +32,8 @@ class BenchOptions:
     timeout_s: float
     corrupt_rank: int | None = None
     """Testing hook: this rank overwrites one element of its result before the check."""
+    show_progress: bool = False
+    """Rank 0 draws a bar over the sizes (on a terminal only: pyengine.core.progress)."""
 
 
 @dataclass(slots=True)
@@ -62,34 +65,38 @@ def bench_rank(ctx: RankContext, opts: BenchOptions) -> list[RankRow]:
     elt = dtypes.nbytes(opts.dtype)
     timer = Timer(ctx.device)
     rows = []
-    for size in opts.sizes:
-        count_in, count_out = test.counts(size, elt, n)
-        if count_out == 0:
-            continue
-        inp = torch.empty(count_in, dtype=dtype, device=ctx.device)
-        out = inp if test.inplace else torch.empty(count_out, dtype=dtype, device=ctx.device)
-        name = f"{opts.op}_{size}B"
-        ctx.on_action(name, True)  # progress for the launcher's liveness board; a bench rank
-        # mostly waits on its peers' side of the collective, so it never counts as stalled
+    draw = opts.show_progress and ctx.rank == 0
+    with progress(len(opts.sizes), f"bench comm {opts.op}", enabled=draw) as advance:
+        for size in opts.sizes:
+            count_in, count_out = test.counts(size, elt, n)
+            if count_out == 0:
+                advance()
+                continue
+            inp = torch.empty(count_in, dtype=dtype, device=ctx.device)
+            out = inp if test.inplace else torch.empty(count_out, dtype=dtype, device=ctx.device)
+            name = f"{opts.op}_{size}B"
+            ctx.on_action(name, True)  # progress for the launcher's liveness board; a bench rank
+            # mostly waits on its peers' side of the collective, so it never counts as stalled
 
-        def call(tag: str = "", host_sync: bool = False) -> None:
-            handles = test.issue(tr, inp, out, opts.root, group, name + tag)
-            if host_sync:
-                complete(handles, opts.timeout_s)
-            else:  # GPU: only orders the current stream, so the timed calls queue back to back
-                for h in handles:
-                    h.wait(opts.timeout_s)
+            def call(tag: str = "", host_sync: bool = False) -> None:
+                handles = test.issue(tr, inp, out, opts.root, group, name + tag)
+                if host_sync:
+                    complete(handles, opts.timeout_s)
+                else:  # GPU: only orders the current stream, so the timed calls queue back to back
+                    for h in handles:
+                        h.wait(opts.timeout_s)
 
-        wrong = _check(ctx, test, opts, inp, out, count_in, count_out, call) if opts.check else -1
-        inp.zero_()  # timed runs on zeros: sums stay finite however many iterations run
-        for _ in range(opts.warmup):
-            call()
-        ctx.barrier()
-        start = timer.mark()
-        for _ in range(opts.iters):
-            call()
-        time_us = timer.elapsed(start, timer.mark()) * 1e6 / max(1, opts.iters)
-        rows.append(RankRow(count_in * elt, count_out, time_us, wrong))
+            wrong = _check(ctx, test, opts, inp, out, count_in, count_out, call) if opts.check else -1
+            inp.zero_()  # timed runs on zeros: sums stay finite however many iterations run
+            for _ in range(opts.warmup):
+                call()
+            ctx.barrier()
+            start = timer.mark()
+            for _ in range(opts.iters):
+                call()
+            time_us = timer.elapsed(start, timer.mark()) * 1e6 / max(1, opts.iters)
+            rows.append(RankRow(count_in * elt, count_out, time_us, wrong))
+            advance()
     return rows
 
 

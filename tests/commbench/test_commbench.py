@@ -172,3 +172,29 @@ def test_sweeps_that_cannot_run_are_refused_naming_the_real_limit(flags, flag, w
     with pytest.raises(UsageError) as e:
         commbench.run(parse(*flags))
     assert e.value.field == flag and words in str(e.value), str(e.value)
+
+
+def test_rank_0_draws_one_bar_over_the_sizes_unless_json(capsys, monkeypatch):
+    """bench comm shows progress on a terminal: rank 0 advances once per size; --json draws none."""
+    import contextlib
+
+    from pyengine.commbench import harness
+
+    calls = []
+
+    @contextlib.contextmanager
+    def recording(total, what, enabled=True, console=None):
+        steps = []
+        calls.append((total, what, enabled, steps))
+        yield lambda n=1: steps.append(n)
+
+    monkeypatch.setattr(harness, "progress", recording)
+    assert commbench.run(parse("-b", "1K", "-e", "4K", "-f", "2", "-n", "1", "-w", "0",
+                               "--backend", "local", "--nranks", "2")) == 0
+    drawn = [c for c in calls if c[2]]
+    assert len(drawn) == 1 and drawn[0][0] == 3 and len(drawn[0][3]) == 3 and "all_reduce" in drawn[0][1]
+    calls.clear()
+    capsys.readouterr()  # the table
+    run_json(capsys, "-b", "1K", "-e", "4K", "-f", "2", "-n", "1", "-w", "0", "--backend", "local",
+             "--nranks", "2")
+    assert calls and not any(enabled for _, _, enabled, _ in calls)
