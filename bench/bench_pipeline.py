@@ -24,6 +24,7 @@ import time
 import torch
 
 from pyengine.core import claims, provenance
+from pyengine.core.progress import progress
 from pyengine.core.spec import DeploymentSpec, load_spec
 from pyengine.execute.scaling import scale_for_cpu
 from pyengine.execute.timer import median_time
@@ -126,6 +127,20 @@ def host_overhead(spec: DeploymentSpec, w: dict, ids: torch.Tensor, iters: int, 
     return {"step_s": wall, "kernels_s": kernels, "ratio": wall / kernels if kernels else None}
 
 
+def _row(spec, w, ids, m, args, profile, single) -> dict:
+    """Predicted figures at m micro-batches, fed with this machine's measured op times."""
+    s = spec.replace(schedule={"micro_batches": m})
+    measured = measure_compute(s, w, ids, args.iters, args.warmup)
+    pred, _ = predict(s, profile, build(s), cost=cost_fn(s, measured, profile))
+    return {"micro_batches": m, "configured": m == spec.schedule.micro_batches,
+            "latency_s": pred.latency_s, "throughput_tokens_per_s": pred.throughput_tokens_per_s,
+            "bubble_fraction": pred.bubble_fraction, "utilization": pred.utilization,
+            "steady_state_utilization": pred.steady_state_utilization,
+            "latency_cut_vs_single": 1 - pred.latency_s / single,
+            "throughput_gain_vs_single": pred.throughput_tokens_per_s * single
+            / spec.model.tokens - 1}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
@@ -140,19 +155,12 @@ def main(argv=None) -> int:
     flat = ids.reshape(-1).to(device)
     single = median_time(lambda: single_device(spec, w, flat), device, args.iters, args.warmup)
     rows = []
-    for m in dict.fromkeys([spec.schedule.micro_batches, *args.micro_batches]):
-        if m > spec.model.tokens:
-            continue
-        s = spec.replace(schedule={"micro_batches": m})
-        measured = measure_compute(s, w, ids, args.iters, args.warmup)
-        pred, _ = predict(s, profile, build(s), cost=cost_fn(s, measured, profile))
-        rows.append({"micro_batches": m, "configured": m == spec.schedule.micro_batches,
-                     "latency_s": pred.latency_s, "throughput_tokens_per_s": pred.throughput_tokens_per_s,
-                     "bubble_fraction": pred.bubble_fraction, "utilization": pred.utilization,
-                     "steady_state_utilization": pred.steady_state_utilization,
-                     "latency_cut_vs_single": 1 - pred.latency_s / single,
-                     "throughput_gain_vs_single": pred.throughput_tokens_per_s * single
-                     / spec.model.tokens - 1})
+    counts = [m for m in dict.fromkeys([spec.schedule.micro_batches, *args.micro_batches])
+              if m <= spec.model.tokens]
+    with progress(len(counts), "bench_pipeline", enabled=not args.json) as advance:
+        for m in counts:
+            rows.append(_row(spec, w, ids, m, args, profile, single))
+            advance()
     out = {"env": provenance.record(device), "profile": profile.name, "scaled": note,
            "single_device_s": single, "host_overhead": host_overhead(spec, w, ids, args.iters, args.warmup),
            "claims": {c.key: c.target for c in claims.HEADLINE}, "rows": rows}

@@ -23,3 +23,22 @@ def test_bench_pipeline_json():
     assert ms == [3, 1, 4]  # the configured count first, then the requested ones
     for row in out["rows"]:
         assert row["latency_s"] > 0 and 0 <= row["bubble_fraction"] < 1
+
+
+def test_bench_pipeline_advances_one_bar_step_per_micro_batch_count(monkeypatch, capsys):
+    import contextlib
+
+    sys.path.insert(0, os.path.dirname(BENCH))
+    import bench_pipeline
+
+    steps = []
+
+    @contextlib.contextmanager
+    def recording(total, what, enabled=True, console=None):
+        steps.append(("start", total, enabled))
+        yield lambda n=1: steps.append(("advance", n))
+
+    monkeypatch.setattr(bench_pipeline, "progress", recording)
+    assert bench_pipeline.main(["--config", CONFIG, "--iters", "1", "--warmup", "0",
+                                "--micro-batches", "1", "2"]) == 0
+    assert steps[0] == ("start", 3, True) and steps.count(("advance", 1)) == 3
