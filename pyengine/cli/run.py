@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"--profile: {iters} timed iterations of the pipeline only, bracketed by "
               f"cudaProfilerStart/Stop", file=sys.stderr)
     opts = RunOptions(iters=iters, warmup=args.warmup, seed=args.seed, baselines=baselines,
-                      profile=args.profile, fault=fault, source=source, tokens=tokens)
+                      profile=args.profile, fault=fault, source=source, tokens=tokens,
+                      show_progress=not args.json)
     runs = list(variants(spec, baselines).values())
     check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value, scaled=bool(note))
     groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]

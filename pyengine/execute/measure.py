@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pyengine.core import provenance
+from pyengine.core.progress import progress
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.faults import Fault
 from pyengine.execute.launch import RankContext
@@ -45,6 +46,8 @@ class RunOptions:
     """A pyengine.model.weights.WeightSource (e.g. a checkpoint); None: seeded by `seed`."""
     tokens: Any = None
     """Token ids [B, S] (int64 tensor); None: seeded by `seed`."""
+    show_progress: bool = False
+    """Rank 0 draws a bar over the forwards (on a terminal only: pyengine.core.progress)."""
 
     def weights(self):
         return self.source if self.source is not None else SeededWeights(self.seed)
@@ -79,11 +82,25 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
     ids = opts.ids(spec)
     out = RankMeasurement(rank=ctx.rank, device=provenance.device_name(device),
                           read_bytes=rank_read_bytes(spec, opts.weights(), ctx.rank))
-    for name, vspec in variants(spec, opts.baselines).items():
+    runs = variants(spec, opts.baselines)
+    draw = opts.show_progress and ctx.rank == 0
+    with progress(len(runs) * (opts.warmup + opts.iters), "pyengine run", enabled=draw) as advance:
+        _measure_variants(ctx, spec, opts, runs, weights, ids, out, advance)
+    if ctx.rank in spec.stage("output").gpus:
+        _single_device(out, spec, opts, ids, device, ctx.on_action)
+    return out
+
+
+def _measure_variants(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions, runs: dict, weights,
+                      ids: torch.Tensor, out: RankMeasurement, advance) -> None:
+    """Warm-up and timed forwards of every variant (`advance`: one step per forward)."""
+    device = ctx.device
+    for name, vspec in runs.items():
         rt = RankRuntime(vspec, ctx.rank, ctx.transport, weights, device,
                          fault=opts.fault if name == "pipeline" else None, on_action=ctx.on_action)
         for _ in range(opts.warmup):
             rt.forward(ids, timed=False)
+            advance()
         latencies, last = [], None
         if opts.profile and device.type == "cuda":
             torch.cuda.profiler.start()  # nsys --capture-range=cudaProfilerApi
@@ -92,6 +109,7 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
             t0 = time.perf_counter()
             last = rt.forward(ids)
             latencies.append(time.perf_counter() - t0)
+            advance()
         stream_tokens, stream_s = _stream(ctx, vspec, weights, opts)
         if opts.profile and device.type == "cuda":
             torch.cuda.profiler.stop()
@@ -102,9 +120,6 @@ def measure_rank(ctx: RankContext, spec: DeploymentSpec, opts: RunOptions) -> Ra
         if name == "pipeline" and rt.routes:
             out.expert_counts = expert_counts(spec, rt.routes)
         ctx.barrier()
-    if ctx.rank in spec.stage("output").gpus:
-        _single_device(out, spec, opts, ids, device, ctx.on_action)
-    return out
 
 
 def expert_counts(spec: DeploymentSpec, routes: dict) -> list[list[int]]:
