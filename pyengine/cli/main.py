@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         code = stop.code if isinstance(stop, Terminated) else 130
         print(_stopped_line(argv, stop), file=sys.stderr)
+        del stop  # its traceback holds the stopped job's frames: the queues and semaphores that
+        # _leave's collection must free (else the resource tracker reports them leaked)
     return _leave(code, as_program)
 
 
