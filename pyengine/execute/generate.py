@@ -74,7 +74,9 @@ class Generator:
 
     # ---- public ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, timed: bool = True,
-                 keep_logits: bool = False) -> GenerateResult:
+                 keep_logits: bool = False, on_step=None) -> GenerateResult:
+        """`on_step()`: called after the prefill and after every decode step (a progress bar)."""
+        on_step = on_step or (lambda: None)
         prompts = [p.reshape(-1).to(torch.int64).cpu() for p in prompts]
         lengths = [int(p.numel()) for p in prompts]
         cache = self._cache_for(len(prompts), max(lengths) + max_new_tokens)
@@ -86,6 +88,7 @@ class Generator:
                          cache=cache, on_action=self.on_action)
         live = list(range(len(prompts)))
         steps.append(self._step(rt, prefill, torch.cat(prompts), live, new, first_logits, timed, keep_logits))
+        on_step()
         live = self._still_live(live, new, max_new_tokens)
         while live:
             past = [lengths[s] + len(new[s]) - 1 for s in live]  # the last new id is not cached yet
@@ -93,6 +96,7 @@ class Generator:
             ids = torch.tensor([new[s][-1] for s in live], dtype=torch.int64)
             steps.append(self._step(self._runtime(batch, cache), batch, ids, live, new, first_logits,
                                     timed, keep_logits))
+            on_step()
             live = self._still_live(live, new, max_new_tokens)
         seqs = [torch.cat([p, torch.tensor(n, dtype=torch.int64)]) for p, n in zip(prompts, new)]
         logits = torch.stack(first_logits) if first_logits else None

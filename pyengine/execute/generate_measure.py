@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pyengine.core import provenance
+from pyengine.core.progress import progress
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.faults import Fault
 from pyengine.execute.generate import Generator, StepRecord
@@ -32,6 +33,8 @@ class GenerateOptions:
     """A pyengine.model.weights.WeightSource; None: seeded by `seed`."""
     fault: Fault | None = None
     """Testing hook: kill or stall one rank at one action of a decode step."""
+    show_progress: bool = False
+    """Rank 0 draws a bar over the steps (on a terminal only: pyengine.core.progress)."""
 
     def weights(self):
         return self.source if self.source is not None else SeededWeights(self.seed)
@@ -45,7 +48,9 @@ def generate_rank(ctx: RankContext, spec: DeploymentSpec, opts: GenerateOptions)
         gen.generate(prompts, min(WARMUP_TOKENS, opts.max_new_tokens), timed=False)
     gen.fault = opts.fault
     ctx.barrier()
-    res = gen.generate(prompts, opts.max_new_tokens, keep_logits=True)
+    draw = opts.show_progress and ctx.rank == 0
+    with progress(opts.max_new_tokens, "pyengine generate", enabled=draw) as advance:
+        res = gen.generate(prompts, opts.max_new_tokens, keep_logits=True, on_step=advance)
     out = GenerateMeasurement(rank=ctx.rank, device=provenance.device_name(ctx.device),
                               steps=[_step(s, spec) for s in res.steps],
                               prompt_lengths=[int(p.numel()) for p in prompts],
