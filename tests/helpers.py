@@ -44,3 +44,29 @@ def uneven_seed():
         {"name": "embed", "gpus": [0]},
         {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.4, 0.4]},
         {"name": "output", "gpus": [1]}]}, schedule={"micro_batches": 3})
+
+
+class RecordingBars:
+    """Stands in for pyengine.core.progress.progress: records each bar as a Bar (total, what,
+    enabled, steps advanced), so tests can check who draws and how far, without a terminal."""
+
+    class Bar:
+        def __init__(self, total, what, enabled):
+            self.total, self.what, self.enabled, self.steps = total, what, enabled, []
+
+    def __init__(self):
+        self.bars: list[RecordingBars.Bar] = []
+
+    def __call__(self, total, what, enabled=True, console=None):
+        import contextlib
+
+        bar = RecordingBars.Bar(total, what, enabled)
+        self.bars.append(bar)
+
+        @contextlib.contextmanager
+        def opened():
+            yield lambda n=1: bar.steps.append(n)
+        return opened()
+
+    def drawn(self) -> list:
+        return [b for b in self.bars if b.enabled]

@@ -26,19 +26,13 @@ def test_bench_pipeline_json():
 
 
 def test_bench_pipeline_advances_one_bar_step_per_micro_batch_count(monkeypatch, capsys):
-    import contextlib
+    from helpers import RecordingBars
 
     sys.path.insert(0, os.path.dirname(BENCH))
     import bench_pipeline
 
-    steps = []
-
-    @contextlib.contextmanager
-    def recording(total, what, enabled=True, console=None):
-        steps.append(("start", total, enabled))
-        yield lambda n=1: steps.append(("advance", n))
-
-    monkeypatch.setattr(bench_pipeline, "progress", recording)
+    monkeypatch.setattr(bench_pipeline, "progress", recording := RecordingBars())
     assert bench_pipeline.main(["--config", CONFIG, "--iters", "1", "--warmup", "0",
                                 "--micro-batches", "1", "2"]) == 0
-    assert steps[0] == ("start", 3, True) and steps.count(("advance", 1)) == 3
+    [bar] = recording.bars
+    assert (bar.total, bar.enabled) == (3, True) and bar.steps == [1, 1, 1]

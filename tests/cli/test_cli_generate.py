@@ -130,26 +130,17 @@ def test_a_cache_that_does_not_fit(capsys, no_ranks):
 
 def test_rank_0_draws_one_bar_over_the_steps_unless_json(tmp_path, capsys, monkeypatch, unbatched):
     """On a terminal rank 0 advances a bar once per step (the prefill, then each decode step)."""
-    import contextlib
-
+    from helpers import RecordingBars
     from pyengine.execute import generate_measure
 
-    bars = []
-
-    @contextlib.contextmanager
-    def recording(total, what, enabled=True, console=None):
-        steps = []
-        bars.append((total, enabled, steps))
-        yield lambda n=1: steps.append(n)
-
-    monkeypatch.setattr(generate_measure, "progress", recording)
+    monkeypatch.setattr(generate_measure, "progress", recording := RecordingBars())
     tokens = tmp_path / "p.pt"
     torch.save([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], tokens)
     args = ["generate", "--config", unbatched, "--tokens", str(tokens), "--max-new-tokens", "3",
             "--backend", "local", "--warmup", "0"]
     assert main(args) == 0
-    drawn = [b for b in bars if b[1]]
-    assert len(bars) == 3 and len(drawn) == 1 and drawn[0][0] == 3 and len(drawn[0][2]) == 3
-    bars.clear()
+    drawn = recording.drawn()
+    assert len(recording.bars) == 3 and len(drawn) == 1 and drawn[0].total == 3 and len(drawn[0].steps) == 3
+    recording.bars.clear()
     assert main([*args, "--json"]) == 0
-    assert bars and not any(enabled for _, enabled, _ in bars)
+    assert recording.bars and not recording.drawn()

@@ -77,24 +77,14 @@ def test_the_local_backend_on_cpu_scales_the_seed_like_gloo(capsys):
 
 
 def test_rank_0_draws_one_bar_over_every_forward_unless_json(capsys, monkeypatch):
-    import contextlib
-
+    from helpers import RecordingBars
     from pyengine.execute import measure
 
-    bars = []
-
-    @contextlib.contextmanager
-    def recording(total, what, enabled=True, console=None):
-        steps = []
-        bars.append((total, enabled, steps))
-        yield lambda n=1: steps.append(n)
-
-    monkeypatch.setattr(measure, "progress", recording)
+    monkeypatch.setattr(measure, "progress", recording := RecordingBars())
     assert main([*QUICK]) == 0
-    drawn = [b for b in bars if b[1]]
-    assert len(bars) == 3 and len(drawn) == 1  # one per rank, rank 0's drawn
-    total, _, steps = drawn[0]
-    assert total == len(steps) == 1  # one variant (--no-baselines), no warm-up, one timed forward
-    bars.clear()
+    drawn = recording.drawn()
+    assert len(recording.bars) == 3 and len(drawn) == 1  # one per rank, rank 0's drawn
+    assert drawn[0].total == len(drawn[0].steps) == 1  # one variant (--no-baselines), no warm-up, one forward
+    recording.bars.clear()
     assert main([*QUICK, "--json"]) == 0
-    assert bars and not any(enabled for _, enabled, _ in bars)
+    assert recording.bars and not recording.drawn()

@@ -176,25 +176,16 @@ def test_sweeps_that_cannot_run_are_refused_naming_the_real_limit(flags, flag, w
 
 def test_rank_0_draws_one_bar_over_the_sizes_unless_json(capsys, monkeypatch):
     """bench comm shows progress on a terminal: rank 0 advances once per size; --json draws none."""
-    import contextlib
-
+    from helpers import RecordingBars
     from pyengine.commbench import harness
 
-    calls = []
-
-    @contextlib.contextmanager
-    def recording(total, what, enabled=True, console=None):
-        steps = []
-        calls.append((total, what, enabled, steps))
-        yield lambda n=1: steps.append(n)
-
-    monkeypatch.setattr(harness, "progress", recording)
+    monkeypatch.setattr(harness, "progress", recording := RecordingBars())
     assert commbench.run(parse("-b", "1K", "-e", "4K", "-f", "2", "-n", "1", "-w", "0",
                                "--backend", "local", "--nranks", "2")) == 0
-    drawn = [c for c in calls if c[2]]
-    assert len(drawn) == 1 and drawn[0][0] == 3 and len(drawn[0][3]) == 3 and "all_reduce" in drawn[0][1]
-    calls.clear()
+    drawn = recording.drawn()
+    assert len(drawn) == 1 and drawn[0].total == 3 and len(drawn[0].steps) == 3 and "all_reduce" in drawn[0].what
+    recording.bars.clear()
     capsys.readouterr()  # the table
     run_json(capsys, "-b", "1K", "-e", "4K", "-f", "2", "-n", "1", "-w", "0", "--backend", "local",
              "--nranks", "2")
-    assert calls and not any(enabled for _, _, enabled, _ in calls)
+    assert recording.bars and not recording.drawn()
