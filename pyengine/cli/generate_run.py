@@ -45,7 +45,7 @@ def launch(args, spec, source, prompts) -> int:
     check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False, scaled=bool(note))
     opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
                            source=source, fault=fault, show_progress=not args.json)
-    groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
+    groups = spec.comm_groups()
     try:
         results = run_ranks(bind(generate_rank, spec, opts), spec.world_size, backend=backend, groups=groups,
                             timeout_s=spec.comm.timeout_s, job_timeout_s=spec.comm.timeout_s * 4 + 120)

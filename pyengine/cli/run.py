@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                       show_progress=not args.json)
     runs = list(variants(spec, baselines).values())
     check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value, scaled=bool(note))
-    groups = [tuple(range(spec.world_size)), spec.stage("experts").gpus]
+    groups = spec.comm_groups()
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
                             groups=groups, timeout_s=spec.comm.timeout_s,

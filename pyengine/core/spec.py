@@ -175,6 +175,11 @@ class DeploymentSpec:
     def world_size(self) -> int:
         return max(self.ranks) + 1
 
+    def comm_groups(self) -> list[tuple[int, ...]]:
+        """Every collective group the runtime uses (the world, then the experts stage), in the
+        order each rank's transport must create them: pass as `groups=` to create_transport."""
+        return [tuple(range(self.world_size)), self.stage("experts").gpus]
+
     def micro_batch_sizes(self) -> list[int]:
         """Token counts per micro-batch: near-even split, first ones one larger."""
         return near_even_split(self.model.tokens, self.schedule.micro_batches)

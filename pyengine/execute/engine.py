@@ -1,7 +1,7 @@
 """`pyengine.Engine`: the runtime as a library, e.g. inside a torchrun script.
 
     tr = pyengine.transport.create_transport("nccl", rank=rank, world_size=3, device=rank,
-                                             groups=[(0, 1, 2), spec.stage("experts").gpus])
+                                             groups=spec.comm_groups())
     engine = pyengine.Engine(spec, tr)
     logits = engine.forward(ids)   # [B, S, V] on the output stage's rank, None elsewhere
     out = engine.generate([p0, p1], max_new_tokens=32)   # every rank: prompt + new ids per prompt

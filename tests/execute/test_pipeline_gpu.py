@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _launch(spec, opts):
-    groups = [(0, 1, 2), spec.stage("experts").gpus]
+    groups = spec.comm_groups()
     return run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=Backend.LOCAL,
                      groups=groups, timeout_s=spec.comm.timeout_s, job_timeout_s=600)
 

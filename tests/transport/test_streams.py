@@ -45,7 +45,7 @@ def test_three_rank_local_run_with_baselines_keeps_streams_distinct():
 
     small = {"seq_len": 256, "hidden_size": 512, "ffn_hidden_size": 1024, "vocab_size": 1000}
     spec = load_spec().replace(model=small, comm={"timeout_s": 60})
-    groups = [(0, 1, 2), spec.stage("experts").gpus]
+    groups = spec.comm_groups()
     for _ in range(2):  # a second run reuses the same streams instead of making more
         run_ranks(bind(measure_rank, spec, RunOptions(iters=1, warmup=1, baselines=True)),
                   spec.world_size, backend=Backend.LOCAL, groups=groups, timeout_s=60,
