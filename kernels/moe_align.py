@@ -3,6 +3,8 @@
 Pair p = t * k + j is token t's j-th choice (row-major topk_ids). After align, rows
 [b * block_m, (b + 1) * block_m) of `sorted_ids` all belong to expert `expert_ids[b]`, so a
 grouped-GEMM program reads one expert's weights. Padding rows hold the sentinel T * k.
+A pair whose id is -1 (expert parallel: that choice lives on another GPU) is left out: it is in
+no run and no count, so the GEMMs never see it.
 
 Plain torch ops, no host sync: a stable sort (CUB radix sort on GPU, a few us for the
 seed's 2048 pairs), searchsorted for run bounds, cumsum for offsets, one scatter. The
@@ -33,21 +35,29 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def _moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                           out: MoeAlignment) -> MoeAlignment:
-    """Fill `out` (buffers from empty_alignment) from topk_ids [T, k] with ids in [0, E)."""
+    """Fill `out` (buffers from empty_alignment) from topk_ids [T, k] with ids in [0, E), or -1
+    for a pair to leave out."""
     flat = topk_ids.reshape(-1)
     num_pairs = flat.numel()
     dev = flat.device
-    # stable: pairs of one expert keep token order, so the result is deterministic.
-    experts_sorted, order = torch.sort(flat, stable=True)
+    # Left-out pairs sort after every expert (key E): no run, no count. Stable: pairs of one
+    # expert keep token order, so the result is deterministic.
+    key = torch.where(flat < 0, num_experts, flat)
+    experts_sorted, order = torch.sort(key, stable=True)
     bounds = torch.searchsorted(experts_sorted, torch.arange(num_experts + 1, device=dev,
                                                              dtype=experts_sorted.dtype))
     counts = bounds[1:] - bounds[:-1]
     padded_end = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)
     padded_start = padded_end - (counts + block_m - 1) // block_m * block_m
-    experts_sorted = experts_sorted.long()
-    dest = padded_start[experts_sorted] + torch.arange(num_pairs, device=dev) - bounds[experts_sorted]
+    left_out = experts_sorted >= num_experts
+    expert = experts_sorted.long().clamp(max=num_experts - 1)
+    dest = padded_start[expert] + torch.arange(num_pairs, device=dev) - bounds[expert]
+    # A left-out pair writes the sentinel (the largest value) to row 0 under a min: a no-op
+    # whatever lands there, with no host sync to drop it and no order dependence.
+    dest = torch.where(left_out, 0, dest)
+    value = torch.where(left_out, num_pairs, order).to(torch.int32)
     out.sorted_ids.fill_(num_pairs)
-    out.sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    out.sorted_ids.scatter_reduce_(0, dest, value, reduce="amin")
     block_start = torch.arange(out.expert_ids.numel(), device=dev, dtype=padded_end.dtype) * block_m
     # The first expert whose padded run ends after the block start owns the block.
     owner = torch.searchsorted(padded_end, block_start, right=True)
@@ -66,7 +76,7 @@ def empty_alignment(num_pairs: int, num_experts: int, block_m: int,
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
-    """Align topk_ids [T, k] (int32/int64, values in [0, num_experts)) to block_m.
+    """Align topk_ids [T, k] (int32/int64, values in [0, num_experts), or -1: left out) to block_m.
 
     Ids are not range-checked here (that needs a host sync); moe_expert_shard checks them.
     """

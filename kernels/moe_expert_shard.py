@@ -19,7 +19,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
                      w_down: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      *, activation: str = "swiglu", deterministic: bool = True,
-                     check_ids: bool = True) -> torch.Tensor:
+                     check_ids: bool = True, skip_ids: bool = False) -> torch.Tensor:
     """Partial MoE output y_r [T, H] in u.dtype for this shard's F_r slice of the experts.
 
     u [T, H]; w_gate, w_up [E, H, F_r]; w_down [E, F_r, H] (fp16/bf16/fp32, all u.dtype, any
@@ -29,6 +29,8 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
     deterministic=False sums the k rows with fp32 atomics (faster, last bits may vary).
     check_ids=True range-checks topk_ids, which costs one host sync; pass False on a hot
     path whose router already guarantees the range.
+    skip_ids=True: an id of -1 marks a choice held by another GPU (expert parallel): it adds
+    nothing, and a token with no id here gets a zero row. Without it ids must lie in [0, E).
     """
     E, F, H = _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation)
     T, k = topk_ids.shape
@@ -37,15 +39,18 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
     if check_ids:
         lo, hi = torch.aminmax(topk_ids)
         lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids: values span [{lo}, {hi}]; must lie in [0, E={E})")
+        low = -1 if skip_ids else 0
+        if lo < low or hi >= E:
+            rule = f"-1 (skipped) or [0, E={E})" if skip_ids else f"[0, E={E})"
+            raise ValueError(f"topk_ids: values span [{lo}, {hi}]; must lie in {rule}")
     shape = dict(device=u.device, dtype=u.dtype, E=E, H=H, F=F, num_tokens=T, top_k=k)
     col_cfg = tuning.select_config("column", **shape)
     row_cfg = tuning.select_config("row", **shape)
     block_m = tuning.align_block_m(col_cfg, row_cfg, u.device, u.dtype)
     align = _moe_align_block_size(topk_ids, E, block_m, empty_alignment(T * k, E, block_m, u.device))
     a = moe_column_swiglu(u, w_gate, w_up, align, k, activation=activation, config=col_cfg)
-    y = moe_row_down(a, w_down, topk_weights, align, k, deterministic=deterministic, config=row_cfg)
+    y = moe_row_down(a, w_down, topk_weights, align, k, deterministic=deterministic, config=row_cfg,
+                     left_out=skip_ids)
     return y.to(u.dtype)
 
 

@@ -130,12 +130,15 @@ def _moe_row_down(a, w_down, topk_weights, align: MoeAlignment, top_k: int, out,
 
 
 def moe_row_down(a, w_down, topk_weights, align: MoeAlignment, top_k: int, *,
-                 deterministic: bool = True, config: triton.Config | None = None):
-    """y_r [T, H] fp32: the k weighted pair rows of each token summed (fixed order, or atomics)."""
+                 deterministic: bool = True, config: triton.Config | None = None,
+                 left_out: bool = False):
+    """y_r [T, H] fp32: the k weighted pair rows of each token summed (fixed order, or atomics).
+    left_out: some pairs are in no run (id -1), so their rows are zeroed, not written."""
     num_pairs = topk_weights.numel()
     T, H = num_pairs // top_k, w_down.shape[2]
     if deterministic:
-        per_pair = torch.empty(num_pairs, H, device=a.device, dtype=torch.float32)
+        alloc = torch.zeros if left_out else torch.empty
+        per_pair = alloc(num_pairs, H, device=a.device, dtype=torch.float32)
         _moe_row_down(a, w_down, topk_weights, align, top_k, per_pair, config=config)
         return per_pair.view(T, top_k, H).sum(dim=1)  # torch reductions have a fixed order
     out = torch.zeros(T, H, device=a.device, dtype=torch.float32)
