@@ -111,11 +111,11 @@ class Generator:
         if res.logits is not None:  # the output rank: one row per live sequence, in order
             picked.copy_(res.logits.argmax(dim=-1))
             if keep_logits and live[0] == 0:
-                first_logits.append(res.logits[0].float().cpu())
+                first_logits.append(res.logits[0].float().cpu())  # intended sync: kept logits (checks)
         self.on_action("generate: new ids", True)
         complete([self.transport.broadcast(picked, self.out_rank, self.group, name="generate.ids")],
                  self.spec.comm.timeout_s)
-        for s, token in zip(live, picked.tolist()):
+        for s, token in zip(live, picked.tolist()):  # intended sync: the host decides who stops
             new[s].append(int(token))
         self.on_action("generate", False)
         record = StepRecord(time.perf_counter() - t0, len(live), batch, res.times, res.t0, dict(rt.routes))

@@ -115,7 +115,9 @@ class RankRuntime:
             raise ValueError(f"batch of {batch.micro_batches} micro-batches (chunk order "
                              f"{batch.kv_order()}) does not fit the tables built for "
                              f"{self.batch.micro_batches} ({self.batch.kv_order()})")
-        flat = ids.reshape(-1).to(self.device)
+        # non_blocking: the driver stages a pageable host->device copy before returning (the ids
+        # may be freed at once), and no stream sync is issued for it
+        flat = ids.reshape(-1).to(self.device, non_blocking=True)
         self._batch = batch
         self._vals: dict[ActionId, dict[Payload, tuple]] = {}
         self._pending: dict[ActionId, _Pending] = {}
@@ -335,7 +337,7 @@ class RankRuntime:
                 raise RankError(self.rank, str(key), f"did not complete (peer(s) {list(p.action.peers)}): "
                                                      f"{type(e).__name__}: {e}") from e
         if self.cuda:
-            self.stream.synchronize()
+            self.stream.synchronize()  # intended sync: the batch is done when its last kernel is
 
     def _since0(self, mark: Any) -> float:
         return self.timer.elapsed(self._mark0, mark)
@@ -372,6 +374,6 @@ def _host_int(t: torch.Tensor, side_stream: Any) -> int:
     """A received one-element count on the host. Its receive has completed (the caller waited on
     the host), so a copy on a side stream reads it without waiting for the compute stream."""
     if side_stream is None:
-        return int(t.item())
+        return int(t.item())  # intended sync: a sized receive's row count sizes its buffers
     with torch.cuda.stream(side_stream):
-        return int(t.item())
+        return int(t.item())  # intended sync: a sized receive's row count sizes its buffers

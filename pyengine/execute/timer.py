@@ -29,7 +29,7 @@ class Timer:
         """Seconds from `start` to `end` (on GPU: waits for `end` to complete)."""
         if not self.cuda:
             return end - start
-        end.synchronize()
+        end.synchronize()  # intended sync: a span is read once it has ended
         return start.elapsed_time(end) / 1e3
 
 

@@ -54,9 +54,12 @@ def test_stages_price_the_expected_experts():
     kernels = stages_of(ep)[StageKind.EXPERTS].kernels(2, 1)  # GPU 1 holds 3 experts
     touched = 3 * (1 - 0.75 ** 2)
     pairs = 2 * 2 * 3 / 8
-    assert [k.kind for k in kernels] == [KernelKind.MEMORY, KernelKind.GROUPED, KernelKind.GROUPED, KernelKind.MEMORY]
-    assert kernels[1].hbm_bytes == pytest.approx(2 * touched * 4096 * 14336 * 2 + pairs * 4096 * 2 + pairs * 14336 * 2)
-    assert kernels[1].rows == pytest.approx(pairs / touched)
+    # an expert GPU received its rows: no gather; the router's GPU gathers its tokens' rows from u
+    assert [k.kind for k in kernels] == [KernelKind.GROUPED, KernelKind.GROUPED, KernelKind.MEMORY]
+    assert kernels[0].hbm_bytes == pytest.approx(2 * touched * 4096 * 14336 * 2 + pairs * 4096 * 2 + pairs * 14336 * 2)
+    assert kernels[0].rows == pytest.approx(pairs / touched)
+    on_router = stages_of(ep)[StageKind.EXPERTS].kernels(2, 0)
+    assert [k.name for k in on_router][:2] == ["gather_rows", "gate_up_swiglu"]
 
 
 # ---- the time model ------------------------------------------------------------------------------

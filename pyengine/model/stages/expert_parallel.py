@@ -2,9 +2,10 @@
 
 The router's GPU knows where every token goes, so it sends each expert GPU only its tokens
 (`Payload.DISPATCH`: the tokens with at least one chosen expert there, once each, with the
-local expert id and router weight of every slot); an expert GPU computes the (token, expert)
-pairs it received with the same Triton kernels as tensor parallelism (top-1 form, one pair per
-row), sums each token's pairs in a fixed order, and returns one row per token
+local expert id and router weight of every slot, -1 for a slot held elsewhere); an expert GPU runs
+the same Triton kernels as tensor parallelism on its rows, the -1 slots left out by the kernels'
+alignment on the device (no host sync), each token's choices summed in fp32 in a fixed order, and
+returns one row per token
 (`Payload.COMBINE`), which the output stage scatter-adds into the residual. Experts on the
 router's own GPU read the router's tensors directly: no copy, no message.
 """
@@ -53,13 +54,17 @@ class ExpertParallelStage(Stage):
         # expected experts touched (under self.routing) stream their weights once per micro-batch
         hit = self.routing.experts_touched(self.placement[rank], tokens)
         per_expert = pairs / hit if hit else 0.0
+        # The router's GPU gathers its tokens' rows from the full u; an expert GPU received them.
+        gather = [] if rank not in self.spec.stage("embed").gpus else [
+            KernelCost.memory("gather_rows", 2 * rows * h * es)]
         return [
-            KernelCost.memory("gather_pairs", 2 * pairs * h * es),
+            *gather,
             KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f,
                                2 * hit * h * f * es + pairs * h * es + pairs * f * es, per_expert),
             KernelCost.grouped("down_rows", 2.0 * pairs * f * h,
                                hit * f * h * es + pairs * f * es + pairs * h * 4, per_expert),
-            KernelCost.memory("sum_slots", pairs * h * 4 + rows * k * h * 4 + rows * h * es),
+            # zeroed per-choice rows (the -1 choices stay zero), summed per token in fp32
+            KernelCost.memory("sum_choices", 2 * rows * k * h * 4 + rows * h * es),
         ]
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
@@ -77,7 +82,10 @@ class ExpertParallelStage(Stage):
         received = rank not in self.spec.stage("embed").gpus
         act_in = Payload.DISPATCH.nbytes(self.spec, round(rows)) if received else 0
         out_rows = Payload.COMBINE.nbytes(self.spec, round(rows))
-        work = act_in + pairs * h * es + pairs * f * es + pairs * h * 4 + rows * k * h * 4 + out_rows
+        # The kernels size their buffers by every choice of a row (k per row, -1 ones included):
+        # the SwiGLU activations and the fp32 per-choice rows; the router's GPU also gathers u.
+        gathered = 0 if received else rows * h * es
+        work = act_in + gathered + rows * k * f * es + rows * k * h * 4 + out_rows
         return int(work), int(act_in + out_rows)
 
     def part(self, rank: int) -> str:
@@ -93,7 +101,7 @@ class ExpertParallelStage(Stage):
         luts = self._lut(u.device)
         local = {rank: lut[top_ids.long()] for rank, lut in luts.items()}  # [t, k]; -1: elsewhere
         sent = torch.stack([(loc >= 0).any(dim=1) for loc in local.values()])  # [ranks, t]
-        counts = sent.sum(dim=1).tolist()  # the dispatch's one host sync: every GPU's row count
+        counts = sent.sum(dim=1).tolist()  # intended sync: every GPU's row count sizes its send
         order = torch.argsort((~sent).to(torch.int8), dim=1, stable=True)  # sent tokens first, in order
         out = PerRank()
         for i, (rank, loc) in enumerate(local.items()):
@@ -121,15 +129,14 @@ class ExpertParallelStage(Stage):
         import torch
 
         (rows, meta, w), = inputs[Payload.DISPATCH]
-        n, k = meta.shape[0], meta.shape[1] - 1
+        n = meta.shape[0]
         token, local = meta[:, 0], meta[:, 1:]
-        pr, slot = torch.nonzero(local >= 0, as_tuple=True)  # row-major: a fixed order
         # A full u (the router's own GPU) is read by token index; received rows are compact.
-        src_rows = token[pr].long() if rows.shape[0] != n else pr
-        y = expert_ffn(weights, rows[src_rows], local[pr, slot].unsqueeze(1), w[pr, slot].unsqueeze(1))
-        slots = torch.zeros(n, k, rows.shape[1], dtype=torch.float32, device=rows.device)
-        slots[pr, slot] = y.float()
-        return {Payload.COMBINE: (slots.sum(dim=1).to(rows.dtype), meta[:, :1].contiguous())}
+        u = rows[token.long()] if rows.shape[0] != n else rows
+        # local holds -1 for a choice held by another GPU: the kernels leave it out on the device
+        # (no host sync to list this GPU's pairs), and sum each token's own choices in fp32.
+        y = expert_ffn(weights, u, local, w, skip_ids=True)
+        return {Payload.COMBINE: (y, meta[:, :1].contiguous())}
 
 
 def _ranges(ids: tuple[int, ...]) -> str:

@@ -81,20 +81,23 @@ class ExpertsStage(Stage):
         return {Payload.PARTIAL: (expert_ffn(weights, u, top_ids, top_w),)}
 
 
-def expert_ffn(w: Mapping[str, Any], u, top_ids, top_w):
-    """This shard's partial y_r [T, H] in u.dtype (every expert's F_r columns in `w`)."""
+def expert_ffn(w: Mapping[str, Any], u, top_ids, top_w, skip_ids: bool = False):
+    """This shard's partial y_r [T, H] in u.dtype (every expert's F_r columns in `w`).
+    skip_ids: ids of -1 are choices held elsewhere (expert parallel) and add nothing."""
     if u.device.type == "cuda":
         from pyengine.kernels import moe_expert_shard
 
         # ids come from our own router (in range by construction): skip the range check,
         # whose host sync would stall the asynchronous issue of the pipeline.
         return moe_expert_shard(u, w["w_gate"], w["w_up"], w["w_down"], top_ids, top_w,
-                                check_ids=False)
+                                check_ids=False, skip_ids=skip_ids)
     import torch
     import torch.nn.functional as F
 
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     for e in torch.unique(top_ids).tolist():
+        if e < 0 and skip_ids:
+            continue
         tok, slot = (top_ids == e).nonzero(as_tuple=True)
         ue = u[tok]
         a = F.silu(ue @ w["w_gate"][e]) * (ue @ w["w_up"][e])
