@@ -15,3 +15,7 @@ def __getattr__(name: str):
 
         return Engine
     raise AttributeError(f"module 'pyengine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -92,9 +92,9 @@ def generate(args: argparse.Namespace) -> int:
     _check_args(args)
     source = prompts = None
     if args.weights:
-        from pyengine.model.checkpoint import open_checkpoint
+        from pyengine.cli.checkpoint_arg import open_weights
 
-        source = open_checkpoint(args.weights)
+        source = open_weights(args.weights)
     if args.tokens:
         from pyengine.model.tokens import load_prompts
 

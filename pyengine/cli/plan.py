@@ -103,9 +103,9 @@ def _inputs(args: argparse.Namespace):
         raise UsageError("--tokens", args.tokens, "only feeds --routing measured")
     source = tokens = None
     if args.weights is not None:
-        from pyengine.model.checkpoint import open_checkpoint
+        from pyengine.cli.checkpoint_arg import open_weights
 
-        source = open_checkpoint(args.weights, args.layer)  # no --layer: the whole model
+        source = open_weights(args.weights, args.layer)  # no --layer: the whole model
     if args.tokens is not None:
         from pyengine.model.tokens import load_tokens
 

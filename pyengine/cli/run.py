@@ -65,9 +65,9 @@ def open_inputs(args: argparse.Namespace):
     """(checkpoint weight source or None, token ids or None), each validated before any rank starts."""
     source = tokens = None
     if args.weights:
-        from pyengine.model.checkpoint import open_checkpoint
+        from pyengine.cli.checkpoint_arg import open_weights
 
-        source = open_checkpoint(args.weights, args.layer)  # no --layer: the whole model
+        source = open_weights(args.weights, args.layer)  # no --layer: the whole model
     if args.tokens:
         from pyengine.model.tokens import load_tokens
 

@@ -244,6 +244,8 @@ class DeploymentSpec:
         for section, values in sections.items():
             if section not in d:
                 raise SpecError(section, values, f"unknown section; expected one of {sorted(d)}")
+            if not isinstance(values, dict):
+                raise SpecError(section, values, "must be a dict of the section's fields to replace")
             d[section].update(values)
         return DeploymentSpec.from_dict(d)
 
@@ -276,6 +278,9 @@ def load_spec(path: str | os.PathLike | None = None) -> DeploymentSpec:
     pyengine/configs/tiny_cpu.json), or None for the packaged seed (seed_3gpu)."""
     if path is None:
         return _load_packaged("seed_3gpu")
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecError("config", type(path).__name__, "must be a file path, a packaged spec's name or "
+                                                      "None (a dict: DeploymentSpec.from_dict)")
     path = os.fspath(path)
     if _is_packaged_name(path):
         return _load_packaged(path)

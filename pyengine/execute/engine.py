@@ -23,21 +23,32 @@ class Engine:
                  weights: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
                  source: WeightSource | None = None):
         """`source` (e.g. pyengine.model.checkpoint.open_checkpoint(...)) gives this rank's weight
-        slices; without it they are seeded by `seed`; `weights` passes them ready-made."""
-        if transport.world_size < spec.world_size:
-            raise ValueError(f"transport.world_size = {transport.world_size}: the spec needs "
-                             f"{spec.world_size} ranks")
+        slices; without it they are seeded by `seed` (the same seed on every rank); `weights`
+        passes them ready-made (exactly pyengine.model.weights.rank_weights(spec, source, rank)).
+        Every argument is checked here, on every rank alike (an InputError naming it)."""
+        from pyengine.execute import engine_checks as checks
+
+        checks.check_engine(spec, transport, seed, source, device)
+        if source is not None:
+            checks.check_source(spec, source)
+        if weights is not None:
+            checks.check_weights(spec, transport.rank, weights)
         self.spec, self.transport = spec, transport
         self.rank = transport.rank
         self.device = torch.device(device) if device is not None else transport.device
         self.table = build(spec)  # checked before anything runs
+        checks.check_groups(transport, self.table, spec.world_size)
         if weights is None:
             weights = rank_weights(spec, source if source is not None else seed, self.rank, self.device)
         self.weights = weights
         self._runtime = RankRuntime(spec, self.rank, transport, self.weights, self.device,
                                     table=self.table)
         self.last: BatchResult | None = None
+        """The last forward's result: logits (output rank) and this rank's timeline."""
+        self.last_generation: GenerateResult | None = None
+        """The last generate's result: sequences, one StepRecord per forward (timelines)."""
         self._generator: Generator | None = None
+        self._kv_checked = (0, 0)  # (sequences, capacity) of the largest KV cache checked to fit
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor | None:
         """One batch; every rank calls it with the same ids [B, S]: integers in [0, vocab_size),
@@ -49,17 +60,25 @@ class Engine:
         if tuple(ids.shape) != (m.batch_size, m.seq_len):
             raise ValueError(f"ids.shape = {tuple(ids.shape)}: expected (batch_size, seq_len) = "
                              f"({m.batch_size}, {m.seq_len})")
-        self.last = self._runtime.forward(ids)
+        # any integer dtype in, int64 (the gathers' index type) on the runtime's device
+        self.last = self._runtime.forward(ids.to(torch.int64))
         return self.last.logits
 
     def generate(self, prompts, max_new_tokens: int) -> list[torch.Tensor]:
         """Greedy generation (every rank calls it with the same prompts, 1-D id tensors of any
         lengths): per prompt, the prompt then its new ids, on every rank. Stops a sequence at
         one of spec.model.eos_token_ids or after max_new_tokens."""
-        from pyengine.model.prompts import check_generation
+        from pyengine.execute.engine_checks import check_kv_fits, check_ranks_agree
+        from pyengine.model.prompts import check_generation, prompt_list
 
-        check_generation(self.spec, list(prompts), max_new_tokens)  # before any rank works
+        prompts = prompt_list(prompts)  # read once: an iterator would be empty the second time
+        check_generation(self.spec, prompts, max_new_tokens, steps_field="max_new_tokens")
+        check_ranks_agree(self.transport, self.spec.world_size, prompts, max_new_tokens, self.spec.comm.timeout_s)
+        need = (len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        if not (need[0] <= self._kv_checked[0] and need[1] <= self._kv_checked[1]):  # a cache that fits is kept
+            check_kv_fits(self.spec, *need, self.device)
+            self._kv_checked = (max(need[0], self._kv_checked[0]), max(need[1], self._kv_checked[1]))
         if self._generator is None:
             self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device)
-        self.last_generation: GenerateResult = self._generator.generate(prompts, max_new_tokens, keep_logits=True)
+        self.last_generation = self._generator.generate(prompts, max_new_tokens, keep_logits=True)
         return self.last_generation.sequences

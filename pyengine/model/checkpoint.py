@@ -160,9 +160,13 @@ def open_checkpoint(folder: str | os.PathLike, layer: int | None = None) -> Chec
     """Validate `folder` for the whole model (layer None) or for decoder layer `layer`'s MoE
     block, and return its weight source. Every problem is one InputError naming the file,
     tensor or option, raised before any rank starts."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputError("folder", type(folder).__name__, "must be a path (a Hugging Face model folder)")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise InputError("layer", layer, "must be an integer (a decoder layer's index) or None")
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise InputError("--weights", folder, "is not a directory (a Hugging Face model folder)")
+        raise InputError("folder", folder, "is not a directory (a Hugging Face model folder)")
     hf = read_hf_config(folder)
     if layer is None:
         hf.check_whole()
@@ -228,7 +232,7 @@ def _weight_map(folder: str) -> dict[str, str]:
     single = os.path.join(folder, SINGLE_FILE)
     if not os.path.lexists(single):  # a link that leads nowhere is reported by _open, as such
         found = sorted(os.listdir(folder))[:6]
-        raise InputError("--weights", folder, f"has neither {SINGLE_FILE} nor {INDEX_FILE} "
+        raise InputError("folder", folder, f"has neither {SINGLE_FILE} nor {INDEX_FILE} "
                                               f"(only safetensors checkpoints are read; found {found})")
     return {k: SINGLE_FILE for k in _open(single, lambda f: list(f.keys()))}
 

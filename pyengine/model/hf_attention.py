@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyengine.core.errors import InputError
+
 
 def attention_fields(cfg: dict[str, Any], fam, get, hidden: int) -> dict[str, Any]:
     """HFModel's attention fields from config.json `cfg` (`get`: the typed key reader)."""
@@ -22,15 +24,24 @@ def attention_fields(cfg: dict[str, Any], fam, get, hidden: int) -> dict[str, An
     head_dim = get.integer("head_dim", max(1, hidden // heads))
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    theta = get.number("rope_theta", fam.rope_theta_default) if theta is None else theta
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else None)
+    if theta is None:
+        theta = get.number("rope_theta", fam.rope_theta_default)
+    elif isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise InputError(f"{get.src}: rope_parameters.rope_theta", theta, "must be a positive number")
     return dict(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                 rope_theta=float(theta), qk_norm=fam.qk_norm,
                 attention_bias=get.flag("attention_bias", False) if fam.has_bias_option else False,
                 max_positions=get.integer("max_position_embeddings", 1 << 30),
-                eos_token_ids=eos_ids or None,
+                eos_token_ids=_eos_ids(cfg.get("eos_token_id"), get.src),
                 unsupported=_unsupported(cfg, fam, rope, heads, head_dim, hidden))
+
+
+def _eos_ids(eos: Any, src: str) -> tuple[int, ...] | None:
+    """eos_token_id: absent/null, one id, or a list of ids (transformers allows both)."""
+    ids = [eos] if not isinstance(eos, list) and eos is not None else (eos or [])
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise InputError(f"{src}: eos_token_id", eos, "must be a token id, a list of ids, or null")
+    return tuple(ids) or None
 
 
 def _unsupported(cfg: dict[str, Any], fam, rope: Any, heads: int, head_dim: int, hidden: int):

@@ -11,6 +11,7 @@ Nothing here reads a tensor; `pyengine.model.checkpoint` does.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -121,8 +122,8 @@ class HFModel:
             raise InputError(f"{self.source}: {key}", value, rule)
         if self.dense_layers:
             raise InputError(f"{self.source}: mlp_only_layers / decoder_sparse_step", list(self.dense_layers),
-                             "dense MLP layers are not supported in the whole model (run one MoE layer "
-                             "with --layer N)")
+                             "dense MLP layers are not supported in the whole model (one MoE layer runs: "
+                             "--layer N, open_checkpoint(folder, layer=N))")
 
     def all_experts_bytes(self) -> int:
         """Weight bytes of the routed experts of every MoE layer (the bulk of the model)."""
@@ -141,10 +142,10 @@ class HFModel:
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""
         if not 0 <= layer < self.num_layers:
-            raise InputError("--layer", layer, f"out of range: {self.source} has num_hidden_layers = "
+            raise InputError("layer", layer, f"out of range: {self.source} has num_hidden_layers = "
                                                f"{self.num_layers} (layers 0..{self.num_layers - 1})")
         if layer in self.dense_layers:
-            raise InputError("--layer", layer, "is a dense MLP layer in this model (mlp_only_layers / "
+            raise InputError("layer", layer, "is a dense MLP layer in this model (mlp_only_layers / "
                                                "decoder_sparse_step), not an MoE layer")
 
     def tensor_names(self, layer: int) -> dict[str, str]:
@@ -300,11 +301,14 @@ def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None,
     `config` (default: the packaged seed). A `config` model field that disagrees with the
     checkpoint is a SpecError naming it; leaving those fields out is the usual way. `batch`
     (sequences, longest) sets batch_size and seq_len from prompts (a config giving them must agree)."""
+    _check_args(hf, config, batch)
     if whole:
         hf.check_whole()
     if config is None:
         data = parse_json(resources.files("pyengine").joinpath("configs/seed_3gpu.json").read_text(),
                           "seed_3gpu.json")
+    elif isinstance(config, dict):
+        data = copy.deepcopy(config)
     else:
         data = _read_config(os.fspath(config))
     if isinstance(data, dict) and "model" not in data:  # a layout only: the checkpoint gives the model
@@ -324,6 +328,17 @@ def deployment_spec(hf: HFModel, config: str | os.PathLike | None = None,
                 raise SpecError(f"model.{key}", model[key], f"disagrees with the prompts ({value}); leave it out")
             model[key] = value
     return DeploymentSpec.from_dict(data)
+
+
+def _check_args(hf: Any, config: Any, batch: Any) -> None:
+    if not isinstance(hf, HFModel):
+        hint = " (pass open_checkpoint(folder).hf or read_hf_config(folder))"
+        raise InputError("hf", type(hf).__name__, f"must be a checkpoint's HFModel{hint}")
+    if config is not None and not isinstance(config, (str, os.PathLike, dict)):
+        raise InputError("config", type(config).__name__, "must be a JSON file's path, a dict or None")
+    if batch is not None and (not isinstance(batch, (tuple, list)) or len(batch) != 2 or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in batch)):
+        raise InputError("batch", batch, "must be (sequences, longest): two positive integers")
 
 
 def _read_config(path: str) -> Any:

@@ -19,8 +19,22 @@ MAX_NEW_TOKENS = MAX_ITERS
 """Decode steps one generation may take at most (beyond the model's own max positions)."""
 
 
+def prompt_list(prompts) -> list:
+    """The library's prompts argument as a list, read once: a single tensor is refused (a common
+    slip: wrap it, [ids]); any other iterable of prompts is accepted."""
+    import torch
+
+    if isinstance(prompts, torch.Tensor):
+        raise InputError("prompts", f"one tensor of shape {list(prompts.shape)}",
+                         "must be a list of 1-D id tensors (one prompt: [ids])")
+    try:
+        return list(prompts)
+    except TypeError:
+        raise InputError("prompts", type(prompts).__name__, "must be a list of 1-D id tensors") from None
+
+
 def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                     field: str = "prompts") -> None:
+                     field: str = "prompts", steps_field: str = "--max-new-tokens") -> None:
     import torch
 
     from pyengine.model.tokens import check_ids
@@ -30,7 +44,7 @@ def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_
         raise InputError("model.num_layers", None, "generation needs a model of layers (the attention-free "
                                                    "block has no sequence to continue)")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise InputError("--max-new-tokens", max_new_tokens, f"must be an integer in [1, {MAX_NEW_TOKENS}]")
+        raise InputError(steps_field, max_new_tokens, f"must be an integer in [1, {MAX_NEW_TOKENS}]")
     if not prompts:
         raise InputError(field, [], "needs at least one prompt")
     for i, p in enumerate(prompts):
@@ -40,5 +54,5 @@ def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_
         check_ids(p, m.vocab_size, field=f"{field}[{i}]")
         if m.max_positions is not None and p.numel() + max_new_tokens > m.max_positions:
             raise InputError(f"{field}[{i}]", int(p.numel()),
-                             f"tokens + --max-new-tokens {max_new_tokens} exceed the model's "
+                             f"tokens + {steps_field} {max_new_tokens} exceed the model's "
                              f"{m.max_positions} positions")

@@ -81,6 +81,10 @@ class Transport(Protocol):
 
     def barrier(self) -> None: ...
 
+    def has_group(self, group: tuple[int, ...]) -> bool:
+        """Whether collectives over `group` (this rank a member) can be issued here: created
+        with groups= (gloo, nccl); any group of valid ranks (local)."""
+
     def group(self) -> contextlib.AbstractContextManager[None]:
         """Fuse the ops issued inside (see the module docstring); wait on their handles after
         the block."""
@@ -95,6 +99,14 @@ class Transport(Protocol):
     def __enter__(self) -> Transport: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def unusable(what: str, aborted: bool) -> str:
+    """Why a closed or aborted transport refuses an op, and what to do."""
+    if aborted:
+        return (f"{what}: the transport is aborted (an earlier failure stopped its ops so that no "
+                "peer waits on them); create new transports, on every rank")
+    return f"{what}: the transport is closed"
 
 
 def describe(backend: str, op: str, name: str, rank: int, peer: int | None = None,

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pyengine.transport.base import (
+    unusable,
     DEFAULT_TIMEOUT_S,
     TransportError,
     as_tensor,
@@ -147,8 +148,7 @@ class GlooTransport:
     # -- helpers ---------------------------------------------------------------------------
     def _check_open(self, what: str) -> None:
         if self._closed:
-            raise TransportError(f"{what}: the transport is "
-                                 f"{'aborted' if self.aborted else 'closed'}")
+            raise TransportError(unusable(what, self.aborted))
 
     def _tensor(self, obj: Any, what: str) -> torch.Tensor:
         tensor = as_tensor(obj)
@@ -156,6 +156,9 @@ class GlooTransport:
             raise TransportError(f"{what}: gloo transport needs CPU tensors, got {tensor.device}")
         check_contiguous(tensor, what)
         return tensor
+
+    def has_group(self, group: tuple[int, ...]) -> bool:
+        return tuple(group) in self._groups
 
     def _group(self, group: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
         return find_group(self._groups, group, self.rank, self.world_size, what)

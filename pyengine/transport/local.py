@@ -25,6 +25,7 @@ that involves it. ``group()`` issues ops at once (nothing to fuse), for parity.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from pyengine.transport.base import (
+    unusable,
     DEFAULT_TIMEOUT_S,
     TransportError,
     as_tensor,
@@ -100,11 +102,21 @@ class LocalTransport:
     @classmethod
     def create(cls, world_size: int, device: torch.device | str = "cpu",
                timeout_s: float = DEFAULT_TIMEOUT_S) -> list[LocalTransport]:
-        device = torch.device(device)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise TransportError(f"local transport: world_size = {world_size!r}: must be an integer >= 1")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise TransportError(f"local transport: timeout_s = {timeout_s!r}: must be a positive "
+                                 "number of seconds")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise TransportError(f"local transport: device = {device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TransportError(f"local transport: device = {str(device)!r}: torch sees no CUDA "
+                                 "device here (use 'cpu')")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if world_size < 1:
-            raise TransportError(f"local transport: world_size must be >= 1, got {world_size}")
         hub = Hub(world_size, device, float(timeout_s))
         return [cls(hub, rank) for rank in range(world_size)]
 
@@ -122,8 +134,7 @@ class LocalTransport:
     # -- helpers ---------------------------------------------------------------------------
     def _tensor(self, obj: Any, what: str) -> torch.Tensor:
         if self._closed:
-            raise TransportError(f"{what}: the transport is "
-                                 f"{'aborted' if self.aborted else 'closed'}")
+            raise TransportError(unusable(what, self.aborted))
         tensor = as_tensor(obj)
         if tensor.device != self.device:
             raise TransportError(f"{what}: tensor on {tensor.device}, transport on {self.device}")
@@ -158,6 +169,10 @@ class LocalTransport:
 
     def recv(self, tensor: Any, peer: int, *, name: str = "") -> _LocalHandle:
         return self._p2p("recv", tensor, peer, name)
+
+    def has_group(self, group: tuple[int, ...]) -> bool:
+        """Any group of this hub's ranks (the hub meets members on demand)."""
+        return all(isinstance(r, int) and 0 <= r < self.world_size for r in group)
 
     def all_reduce(self, tensor: Any, group: tuple[int, ...], *, name: str = "") -> _LocalHandle:
         what = describe("local", "all_reduce", name, self.rank, group=group)

@@ -226,6 +226,9 @@ class NcclTransport:
         check_contiguous(tensor, what)
         return tensor
 
+    def has_group(self, group: tuple[int, ...]) -> bool:
+        return tuple(group) in self._comms
+
     def _comm(self, group: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
         return find_group(self._comms, group, self.rank, self.world_size, what)
 

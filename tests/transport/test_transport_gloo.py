@@ -185,4 +185,4 @@ def test_abort_fails_pending_waits_at_once():
     pending, elapsed, late = spawn_ranks(_abort_then_wait, 2, timeout_s=60)[0]
     assert pending == "gloo recv 'mb4' (rank 0, peer 1) failed: the transport was aborted before it completed"
     assert elapsed < 1.0
-    assert late == "gloo send 'late' (rank 0, peer 1): the transport is aborted"
+    assert late.startswith("gloo send 'late' (rank 0, peer 1): the transport is aborted") and "create new transports" in late

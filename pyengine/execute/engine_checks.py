@@ -1,0 +1,156 @@
+"""What `pyengine.Engine` checks before any rank works, so a caller's mistake is one exception naming
+the argument or field, its value and the rule (an InputError, a ValueError), never a RankError from
+the middle of a run, a hang, or a silently wrong answer.
+
+Every rank checks the same things from the same arguments, so every rank refuses alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pyengine.core.errors import InputError, ResourceError, SpecError
+from pyengine.core.spec import DeploymentSpec
+from pyengine.core.units import fmt_bytes
+
+TRANSPORT_FIELDS = ("rank", "world_size", "device", "send", "recv", "broadcast", "abort")
+MATH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "norm_eps",
+               "renormalize")
+"""Model fields a checkpoint fixes and the logits depend on (dtype may differ: the weights are cast)."""
+WHOLE_MATH_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "rope_theta", "qk_norm", "attention_bias")
+
+
+def check_engine(spec: Any, transport: Any, seed: Any, source: Any, device: Any) -> None:
+    if not isinstance(spec, DeploymentSpec):
+        raise InputError("spec", type(spec).__name__, "must be a DeploymentSpec (pyengine.load_spec(...))")
+    missing = [a for a in TRANSPORT_FIELDS if not hasattr(transport, a)]
+    if missing:
+        raise InputError("transport", type(transport).__name__,
+                         f"is not a transport (no {missing[0]}): one of LocalTransport.create(...) "
+                         "or pyengine.transport.create_transport(...), this rank's")
+    if transport.world_size != spec.world_size:
+        raise InputError("transport.world_size", transport.world_size,
+                         f"must equal the spec's {spec.world_size} ranks")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError("seed", seed, "must be an integer")
+    if source is not None and not (hasattr(source, "weight") and hasattr(source, "embed_rows")):
+        hint = (": open it with pyengine.model.checkpoint.open_checkpoint(folder)"
+                if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else "")
+        raise InputError("source", type(source).__name__, f"must be a weight source{hint}")
+    if device is not None and torch.device(device) != torch.device(transport.device):
+        raise InputError("device", str(device), f"must be the transport's device ({transport.device})")
+
+
+def check_groups(transport: Any, table: Any, world_size: int) -> None:
+    """The collective groups this rank's actions use (the world, for generation; every REDUCE's
+    peers) exist on its transport."""
+    from pyengine.schedule.actions import Kind
+
+    has = getattr(transport, "has_group", None)
+    if has is None:
+        return  # a transport without the query (a test double): its ops will say
+    needed = {tuple(range(world_size))} | {a.peers for a in table.get(transport.rank, []) if a.kind is Kind.REDUCE}
+    for group in sorted(needed):
+        if not has(group):
+            raise InputError("transport", f"no group {group}",
+                             "create it with groups=spec.comm_groups() (every rank, in that order)")
+
+
+def check_source(spec: DeploymentSpec, source: Any) -> None:
+    """A checkpoint's model against the spec: the part it holds (whole model or one layer's block)
+    and every field the logits depend on."""
+    hf, layer = getattr(source, "hf", None), getattr(source, "layer", None)
+    if hf is None:
+        return  # not a checkpoint (e.g. seeded weights): nothing fixed to compare
+    m = spec.model
+    if m.layered and layer is not None:
+        raise SpecError("model.num_layers", m.num_layers,
+                        f"the source holds layer {layer}'s MoE block only; open the folder without "
+                        "layer= for the whole model")
+    if not m.layered and layer is None:
+        raise SpecError("model.num_layers", None,
+                        "the source is the whole model; open_checkpoint(folder, layer=N) for one layer's "
+                        "block, or build the spec with deployment_spec(source.hf, whole=True)")
+    fixed = hf.model_fields(whole=m.layered)
+    resolved = {"num_key_value_heads": m.kv_heads, "head_dim": m.head_size}
+    for key in MATH_FIELDS + (WHOLE_MATH_FIELDS if m.layered else ()):
+        mine = resolved.get(key, getattr(m, key))
+        if mine != fixed[key]:
+            raise SpecError(f"model.{key}", getattr(m, key),
+                            f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "
+                            f"{fixed[key]!r}); build the spec with deployment_spec(source.hf, ...)")
+
+
+def check_weights(spec: DeploymentSpec, rank: int, weights: Any) -> None:
+    """Ready-made weights: exactly this rank's tensors (rank_weights(spec, source, rank)), each of
+    its shard's shape, in the spec's dtype."""
+    from pyengine.core.dtypes import torch_dtype
+    from pyengine.model.stages import stages_on
+    from pyengine.model.tensors import weight_key
+
+    if not isinstance(weights, dict):
+        raise InputError("weights", type(weights).__name__, "must be a dict (rank_weights(spec, source, rank))")
+    want = {weight_key(name, layer): stage.weight_shapes(rank)[name]
+            for stage in stages_on(spec, rank) for name, layer in stage.tensors()}
+    dtype = torch_dtype(spec.model.dtype)
+    for key, shape in want.items():
+        t = weights.get(key)
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"weights[{key!r}]", type(t).__name__,
+                             f"rank {rank} needs this tensor (rank_weights(spec, source, rank) gives it)")
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise InputError(f"weights[{key!r}]", f"{list(t.shape)} {t.dtype}",
+                             f"rank {rank} holds {list(shape)} {dtype} (its shard; rank_weights(spec, source, rank))")
+    extra = sorted(set(weights) - set(want))
+    if extra:
+        raise InputError("weights", extra[0], f"is not a tensor rank {rank} holds ({len(extra)} extra keys)")
+
+
+def check_kv_fits(spec: DeploymentSpec, sequences: int, capacity: int, device: torch.device) -> None:
+    """The attention rank's KV cache for `sequences` of up to `capacity` tokens against the memory
+    this rank's device has free (every rank checks, so every rank refuses alike)."""
+    from pyengine.execute.memory import host_available_bytes
+    from pyengine.model.kv_cache import cache_bytes
+
+    need = cache_bytes(spec, sequences, capacity)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        have, what = free, f"{device} has {fmt_bytes(free)} free"
+    else:
+        have = host_available_bytes()
+        what = f"this host has {fmt_bytes(have)} available" if have is not None else ""
+    if have is not None and need > have:
+        rank = spec.stage("embed").gpus[0]
+        raise ResourceError(f"rank {rank}'s KV cache ({sequences} sequences x {capacity} positions)",
+                            fmt_bytes(need), f"{what}: fewer or shorter prompts, or a smaller max_new_tokens")
+
+
+
+def check_ranks_agree(transport: Any, world_size: int, prompts: list, max_new_tokens: int,
+                      timeout_s: float) -> None:
+    """Every rank was given the same prompts and max_new_tokens: rank 0's fingerprint goes to
+    all, each compares, and a sum tells every rank whether any differs, so all refuse together
+    (two small collectives per generate call, none per step; forward does not check, it would
+    cost them on every batch)."""
+    import hashlib
+
+    from pyengine.transport.base import complete
+
+    h = hashlib.blake2b(digest_size=7)
+    h.update(repr((max_new_tokens, [int(p.numel()) for p in prompts])).encode())
+    for p in prompts:
+        h.update(p.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    mine = int.from_bytes(h.digest(), "little")
+    dev, world = transport.device, tuple(range(world_size))
+    root = torch.full((1,), mine, dtype=torch.int64, device=dev)  # a fill: no host copy
+    complete([transport.broadcast(root, 0, world, name="generate.prompts")], timeout_s)
+    same = int(root.item()) == mine  # intended sync: once per generate call, before any work
+    differ = torch.full((1,), int(not same), dtype=torch.int64, device=dev)
+    complete([transport.all_reduce(differ, world, name="generate.prompts_differ")], timeout_s)
+    count = int(differ.item())  # intended sync: as above
+    if count:
+        raise InputError("prompts", f"{count} rank(s) differ from rank 0",
+                         "every rank must pass the same prompts and max_new_tokens")
