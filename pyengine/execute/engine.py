@@ -73,6 +73,7 @@ class Engine:
 
         prompts = prompt_list(prompts)  # read once: an iterator would be empty the second time
         check_generation(self.spec, prompts, max_new_tokens, steps_field="max_new_tokens")
+        max_new_tokens = int(max_new_tokens)  # a numpy integer too
         check_ranks_agree(self.transport, self.spec.world_size, prompts, max_new_tokens, self.spec.comm.timeout_s)
         need = (len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         if not (need[0] <= self._kv_checked[0] and need[1] <= self._kv_checked[1]):  # a cache that fits is kept

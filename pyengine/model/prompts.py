@@ -4,6 +4,7 @@ the model's positions. One InputError names the field, the value and the rule.""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,8 @@ def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_
     if not m.layered:
         raise InputError("model.num_layers", None, "generation needs a model of layers (the attention-free "
                                                    "block has no sequence to continue)")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) \
+            or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise InputError(steps_field, max_new_tokens, f"must be an integer in [1, {MAX_NEW_TOKENS}]")
     if not prompts:
         raise InputError(field, [], "needs at least one prompt")

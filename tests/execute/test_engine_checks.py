@@ -170,3 +170,12 @@ def test_spec_replace_and_load_spec_name_a_wrong_type():
     for bad in ({}, 3, b"tiny_cpu"):
         with pytest.raises(SpecError, match=r"^config = .*must be a file path, a packaged spec's name"):
             load_spec(bad)
+
+
+def test_generate_takes_a_numpy_integer_for_max_new_tokens():
+    import numpy as np
+
+    trs = LocalTransport.create(3, "cpu", 20)
+    out = each_rank(lambda r: Engine(LAYERED, trs[r], seed=3).generate([torch.tensor([3, 17])], np.int64(2)))
+    assert not any(isinstance(o, Exception) for o in out), out
+    assert len(out[0][0]) == 4
