@@ -32,7 +32,7 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
     skip_ids=True: an id of -1 marks a choice held by another GPU (expert parallel): it adds
     nothing, and a token with no id here gets a zero row. Without it ids must lie in [0, E).
     """
-    E, F, H = _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation)
+    E, F, H = _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation, skip_ids)
     T, k = topk_ids.shape
     if T * k == 0:
         return torch.zeros(T, H, device=u.device, dtype=u.dtype)
@@ -54,7 +54,7 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
     return y.to(u.dtype)
 
 
-def _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation):
+def _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation, skip_ids=False):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
     named = {"u": u, "w_up": w_up, "w_down": w_down, "topk_ids": topk_ids,
@@ -94,7 +94,7 @@ def _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation):
         if tuple(got) != tuple(want):
             raise ValueError(f"{name}.shape={tuple(named[name].shape)}: must be {rule}")
     k = topk_ids.shape[1]
-    if k > E:
+    if k > E and not skip_ids:  # with skipped (-1) choices a GPU may hold fewer experts than k
         raise ValueError(f"topk_ids.shape[1]={k}: top-k must be <= E={E}")
     if E == 0 or F == 0 or H == 0:
         raise ValueError(f"w_up.shape={tuple(w_up.shape)}: E, H and F_r must be >= 1")

@@ -84,3 +84,16 @@ def test_minus_one_needs_skip_ids_and_nothing_below_it_passes():
     ids[1, 0] = -2
     with pytest.raises(ValueError, match=r"must lie in -1 \(skipped\) or \[0, E=3\)"):
         moe_expert_shard(u, wg, wu, wd, ids, w, skip_ids=True)
+
+
+def test_more_choices_than_local_experts_with_skip_ids():
+    """Expert parallel: a GPU holding 1 expert sees top-2 rows (the other choice is -1 here)."""
+    u, wg, wu, wd, ids, w = make_inputs(9, 1, 1, 24, 17, "random", torch.float32)
+    ids = torch.stack([torch.zeros(9, dtype=torch.int32), torch.full((9,), -1, dtype=torch.int32)], 1)
+    ids[::2] = ids[::2].flip(1)  # the local choice in either slot
+    w = torch.softmax(torch.randn(9, 2, generator=torch.Generator().manual_seed(2)), 1)
+    out = moe_expert_shard(u, wg, wu, wd, ids.to(DEVICE), w.to(DEVICE), skip_ids=True)
+    ref = reference(u, wg, wu, wd, ids, w)
+    assert float((out.cpu() - ref).abs().max()) <= 2e-5 * max(1.0, float(ref.abs().max()))
+    with pytest.raises(ValueError, match="top-k must be <= E=1"):
+        moe_expert_shard(u, wg, wu, wd, ids.clamp(min=0).to(DEVICE), w.to(DEVICE))

@@ -1,0 +1,49 @@
+"""The expert-parallel pipeline with the Triton kernels in its expert stage (the GPU path: -1 slots
+left out by the kernels' alignment, no host sync), run on CPU under the interpreter: every expert
+call goes to moe_expert_shard as on CUDA, and the logits match the plain reference written in
+tests/execute/test_pipeline_ep.py (its own loop over tokens and choices)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import pyengine.model.stages.expert_parallel as ep_stage
+from execute.test_pipeline_ep import CASES, FP32_ATOL, FP32_RTOL, _expected
+from helpers import on_threads
+from pyengine.execute.engine import Engine
+from pyengine.kernels import moe_expert_shard
+from pyengine.model.weights import make_tokens
+from pyengine.transport.local import LocalTransport
+
+PICKED = ("even-split", "uneven-with-gpu0", "top3-asready", "empty-ranks")
+
+
+@pytest.fixture
+def kernels_everywhere(monkeypatch):
+    """expert_ffn's CUDA branch on any device: the kernels, skip_ids and all. Triton's interpreter
+    patches module state while a kernel runs, so the ranks' threads take turns (compiled kernels
+    on a GPU need no lock)."""
+    calls, interpreter = [], threading.Lock()
+
+    def via_kernels(w, u, top_ids, top_w, skip_ids=False):
+        calls.append(int(top_ids.shape[0]))
+        with interpreter:
+            return moe_expert_shard(u, w["w_gate"], w["w_up"], w["w_down"], top_ids, top_w,
+                                    check_ids=False, skip_ids=skip_ids)
+
+    monkeypatch.setattr(ep_stage, "expert_ffn", via_kernels)
+    return calls
+
+
+@pytest.mark.parametrize("name", PICKED)
+def test_ep_pipeline_through_the_kernels_matches_the_reference(kernels_everywhere, name):
+    spec = dict(CASES)[name]
+    transports = LocalTransport.create(3, "cpu", 30)
+    out = on_threads(lambda r: Engine(spec, transports[r], seed=5).forward(make_tokens(spec, seed=5)),
+                     timeout_s=120)
+    got = out[spec.stage("output").gpus[0]].numpy()
+    np.testing.assert_allclose(got, _expected(spec), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert kernels_everywhere, "the kernels were never called"
