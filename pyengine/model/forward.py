@@ -48,7 +48,7 @@ def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torc
 
         dtype = torch_dtype(spec.model.dtype)
         cache = KVCache(spec, batch.sequences, max(batch.lengths), ids.device, dtype)
-        positions = torch.tensor(batch.positions(), device=ids.device)
+        positions = torch.tensor(batch.positions()).to(ids.device, non_blocking=True)
         tables = chunk_tables(spec.model, chunk, positions, dtype)
     inputs: dict = {}
     for layer in embed.layers():

@@ -66,5 +66,5 @@ class KVCache:
                     self.v[layer, first:first + len(seqs), :, :n])
         import torch
 
-        idx = torch.tensor(seqs, device=self.k.device)
+        idx = torch.tensor(seqs).to(self.k.device, non_blocking=True)  # no stream sync (pageable, staged)
         return self.k[layer, idx, :, :n], self.v[layer, idx, :, :n]
