@@ -1,14 +1,17 @@
 """The expert-parallel pipeline with the Triton kernels in its expert stage (the GPU path: -1 slots
-left out by the kernels' alignment, no host sync), run on CPU under the interpreter: every expert
-call goes to moe_expert_shard as on CUDA, and the logits match the plain reference written in
-tests/execute/test_pipeline_ep.py (its own loop over tokens and choices)."""
+left out by the kernels' alignment, no host sync): on CPU under the interpreter every expert call
+goes to moe_expert_shard as on CUDA (on a GPU, the same test runs there, compiled), and the fp32
+logits match the plain reference written in tests/execute/test_pipeline_ep.py (its own loop over
+tokens and choices)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 import pytest
+import torch
 
 import pyengine.model.stages.expert_parallel as ep_stage
 from execute.test_pipeline_ep import CASES, FP32_ATOL, FP32_RTOL, _expected
@@ -38,12 +41,17 @@ def kernels_everywhere(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", PICKED)
-def test_ep_pipeline_through_the_kernels_matches_the_reference(kernels_everywhere, name):
+def test_ep_pipeline_through_the_kernels_matches_the_reference(kernels_everywhere, name, device):
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter (set where CUDA is absent)")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run with `pytest -m gpu` on a GPU machine)")
     spec = dict(CASES)[name]
-    transports = LocalTransport.create(3, "cpu", 30)
+    transports = LocalTransport.create(3, device, 30)
     out = on_threads(lambda r: Engine(spec, transports[r], seed=5).forward(make_tokens(spec, seed=5)),
                      timeout_s=120)
-    got = out[spec.stage("output").gpus[0]].numpy()
+    got = out[spec.stage("output").gpus[0]].cpu().numpy()
     np.testing.assert_allclose(got, _expected(spec), atol=FP32_ATOL, rtol=FP32_RTOL)
     assert kernels_everywhere, "the kernels were never called"
