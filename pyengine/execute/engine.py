@@ -68,18 +68,26 @@ class Engine:
         """Greedy generation (every rank calls it with the same prompts, 1-D id tensors of any
         lengths): per prompt, the prompt then its new ids, on every rank. Stops a sequence at
         one of spec.model.eos_token_ids or after max_new_tokens."""
-        from pyengine.execute.engine_checks import check_kv_fits, check_ranks_agree
+        from pyengine.execute.engine_checks import check_ranks_agree
         from pyengine.model.prompts import check_generation, prompt_list
 
         prompts = prompt_list(prompts)  # read once: an iterator would be empty the second time
         check_generation(self.spec, prompts, max_new_tokens, steps_field="max_new_tokens")
         max_new_tokens = int(max_new_tokens)  # a numpy integer too
         check_ranks_agree(self.transport, self.spec.world_size, prompts, max_new_tokens, self.spec.comm.timeout_s)
-        need = (len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-        if not (need[0] <= self._kv_checked[0] and need[1] <= self._kv_checked[1]):  # a cache that fits is kept
-            check_kv_fits(self.spec, *need, self.device)
-            self._kv_checked = (max(need[0], self._kv_checked[0]), max(need[1], self._kv_checked[1]))
+        self._check_kv_fits(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         if self._generator is None:
             self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device)
         self.last_generation = self._generator.generate(prompts, max_new_tokens, keep_logits=True)
         return self.last_generation.sequences
+
+    def _check_kv_fits(self, sequences: int, capacity: int) -> None:
+        """The KV cache against free memory, before any work; skipped when one at least this large
+        was checked before (the generator keeps a cache that fits, so it is already allocated)."""
+        from pyengine.execute.engine_checks import check_kv_fits
+
+        seen_sequences, seen_capacity = self._kv_checked
+        if sequences <= seen_sequences and capacity <= seen_capacity:
+            return
+        check_kv_fits(self.spec, sequences, capacity, self.device)
+        self._kv_checked = (max(sequences, seen_sequences), max(capacity, seen_capacity))
