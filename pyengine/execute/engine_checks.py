@@ -40,7 +40,11 @@ def check_engine(spec: Any, transport: Any, seed: Any, source: Any, device: Any)
         hint = (": open it with pyengine.model.checkpoint.open_checkpoint(folder)"
                 if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else "")
         raise InputError("source", type(source).__name__, f"must be a weight source{hint}")
-    if device is not None and torch.device(device) != torch.device(transport.device):
+    try:
+        wanted = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        raise InputError("device", device, "is not a torch device") from None
+    if wanted is not None and wanted != torch.device(transport.device):
         raise InputError("device", str(device), f"must be the transport's device ({transport.device})")
 
 

@@ -37,6 +37,8 @@ def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "", field: str = FI
         raise InputError(field, type(ids).__name__, "must be a tensor of token ids")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise InputError(field, str(ids.dtype), "token ids must be integers")
+    if ids.device.type == "meta":
+        raise InputError(field, "a meta tensor", "holds no values (ids on cpu or cuda)")
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])

@@ -112,6 +112,8 @@ class LocalTransport:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise TransportError(f"local transport: device = {device!r}: {e}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise TransportError(f"local transport: device = {str(device)!r}: must be 'cpu' or a CUDA device")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TransportError(f"local transport: device = {str(device)!r}: torch sees no CUDA "
                                  "device here (use 'cpu')")

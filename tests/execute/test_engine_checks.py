@@ -48,6 +48,7 @@ def each_rank(body, world: int = 3) -> list:
     (dict(seed="x"), "seed"),
     (dict(seed=1.5), "seed"),
     (dict(device="meta"), "device"),
+    (dict(device="bogus"), "device"),
 ])
 def test_bad_engine_arguments_are_named(kwargs, field):
     tr = LocalTransport.create(3, "cpu", 5)
@@ -152,6 +153,7 @@ def test_a_kv_cache_larger_than_memory_is_refused_on_every_rank_before_any_work(
     (("3",), "world_size = '3'"), ((2.5,), "world_size = 2.5"), ((None,), "world_size = None"),
     ((3, "cpu", 0), "timeout_s = 0"), ((3, "cpu", -1), "timeout_s = -1"),
     ((3, "cpu", float("nan")), "timeout_s = nan"), ((3, "nonsense"), "device = 'nonsense'"),
+    ((3, "meta"), "device = 'meta': must be 'cpu' or a CUDA device"),
 ])
 def test_local_transport_create_names_a_bad_argument(args, match):
     with pytest.raises(TransportError, match=match):
@@ -179,3 +181,9 @@ def test_generate_takes_a_numpy_integer_for_max_new_tokens():
     out = each_rank(lambda r: Engine(LAYERED, trs[r], seed=3).generate([torch.tensor([3, 17])], np.int64(2)))
     assert not any(isinstance(o, Exception) for o in out), out
     assert len(out[0][0]) == 4
+
+
+def test_meta_ids_are_refused_before_any_work():
+    engine = Engine(TINY, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    with pytest.raises(InputError, match=r"^ids = 'a meta tensor': holds no values"):
+        engine.forward(make_tokens(TINY).to("meta"))
