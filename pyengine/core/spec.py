@@ -176,8 +176,9 @@ class DeploymentSpec:
         return max(self.ranks) + 1
 
     def comm_groups(self) -> list[tuple[int, ...]]:
-        """Every collective group the runtime uses (the world, then the experts stage), in the
-        order each rank's transport must create them: pass as `groups=` to create_transport."""
+        """The collective groups a run of this spec creates (the world, then the experts stage;
+        every group the runtime's collectives use is among them), in the order each rank's
+        transport must create them: pass as `groups=` to create_transport."""
         return [tuple(range(self.world_size)), self.stage("experts").gpus]
 
     def micro_batch_sizes(self) -> list[int]:

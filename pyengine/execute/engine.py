@@ -30,7 +30,7 @@ class Engine:
 
         checks.check_engine(spec, transport, seed, source, device)
         if source is not None:
-            checks.check_source(spec, source)
+            source.check_spec(spec)  # a checkpoint: the part it holds and the logits' fields
         if weights is not None:
             checks.check_weights(spec, transport.rank, weights)
         self.spec, self.transport = spec, transport

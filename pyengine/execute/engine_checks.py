@@ -11,16 +11,12 @@ from typing import Any
 
 import torch
 
-from pyengine.core.errors import InputError, ResourceError, SpecError
+from pyengine.core.errors import InputError, ResourceError
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.units import fmt_bytes
 
 TRANSPORT_FIELDS = ("rank", "world_size", "device", "send", "recv", "broadcast", "abort")
-MATH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "norm_eps",
-               "renormalize")
-"""Model fields a checkpoint fixes and the logits depend on (dtype may differ: the weights are cast)."""
-WHOLE_MATH_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "rope_theta", "qk_norm", "attention_bias")
+SOURCE_FIELDS = ("weight", "embed_rows", "check_spec")
 
 
 def check_engine(spec: Any, transport: Any, seed: Any, source: Any, device: Any) -> None:
@@ -36,7 +32,7 @@ def check_engine(spec: Any, transport: Any, seed: Any, source: Any, device: Any)
                          f"must equal the spec's {spec.world_size} ranks")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError("seed", seed, "must be an integer")
-    if source is not None and not (hasattr(source, "weight") and hasattr(source, "embed_rows")):
+    if source is not None and not all(hasattr(source, a) for a in SOURCE_FIELDS):
         hint = (": open it with pyengine.model.checkpoint.open_checkpoint(folder)"
                 if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else "")
         raise InputError("source", type(source).__name__, f"must be a weight source{hint}")
@@ -61,31 +57,6 @@ def check_groups(transport: Any, table: Any, world_size: int) -> None:
         if not has(group):
             raise InputError("transport", f"no group {group}",
                              "create it with groups=spec.comm_groups() (every rank, in that order)")
-
-
-def check_source(spec: DeploymentSpec, source: Any) -> None:
-    """A checkpoint's model against the spec: the part it holds (whole model or one layer's block)
-    and every field the logits depend on."""
-    hf, layer = getattr(source, "hf", None), getattr(source, "layer", None)
-    if hf is None:
-        return  # not a checkpoint (e.g. seeded weights): nothing fixed to compare
-    m = spec.model
-    if m.layered and layer is not None:
-        raise SpecError("model.num_layers", m.num_layers,
-                        f"the source holds layer {layer}'s MoE block only; open the folder without "
-                        "layer= for the whole model")
-    if not m.layered and layer is None:
-        raise SpecError("model.num_layers", None,
-                        "the source is the whole model; open_checkpoint(folder, layer=N) for one layer's "
-                        "block, or build the spec with deployment_spec(source.hf, whole=True)")
-    fixed = hf.model_fields(whole=m.layered)
-    resolved = {"num_key_value_heads": m.kv_heads, "head_dim": m.head_size}
-    for key in MATH_FIELDS + (WHOLE_MATH_FIELDS if m.layered else ()):
-        mine = resolved.get(key, getattr(m, key))
-        if mine != fixed[key]:
-            raise SpecError(f"model.{key}", getattr(m, key),
-                            f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "
-                            f"{fixed[key]!r}); build the spec with deployment_spec(source.hf, ...)")
 
 
 def check_weights(spec: DeploymentSpec, rank: int, weights: Any) -> None:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pyengine.core.errors import InputError
+from pyengine.core.errors import InputError, SpecError
 from pyengine.core.files import unreadable_file
 from pyengine.core.spec import DeploymentSpec
-from pyengine.model.hf_config import HFModel, read_hf_config
+from pyengine.model.hf_config import NOT_IN_LOGITS, HFModel, read_hf_config
 from pyengine.model.stages import Shard
 from pyengine.model.tensors import PER_EXPERT, SHARED, attention_tensors
 from pyengine.model.weights import model_dtype
@@ -60,6 +60,7 @@ class CheckpointWeights:
 
     def __init__(self, folder: str, hf: HFModel, layer: int | None, tensors: dict[str, TensorInfo]):
         self.folder, self.hf, self.layer, self.tensors = folder, hf, layer, tensors
+        self._checked: DeploymentSpec | None = None
         self.names = hf.tensor_names(0 if layer is None else layer)
 
     def _layer(self, layer: int | None) -> int:
@@ -73,7 +74,7 @@ class CheckpointWeights:
     # ---- the WeightSource protocol ---------------------------------------------------
     def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
                device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
-        self._check_spec(spec)
+        self.check_spec(spec)
         dtype = model_dtype(spec)
         parts = [t.to(dtype) for t in self._read(self._reads(name, shard, layer), device)]  # cast there
         if name in TRANSPOSED:
@@ -87,7 +88,7 @@ class CheckpointWeights:
     def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
                    device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows of the embedding for `ids`, reading only the distinct rows asked for."""
-        self._check_spec(spec)
+        self.check_spec(spec)
         uniq, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
         reads = [_Read(self.names["embed"], (slice(a, b), slice(None))) for a, b in _runs(uniq.tolist())]
         rows = torch.cat(self._read(reads, device)).to(model_dtype(spec))
@@ -135,12 +136,27 @@ class CheckpointWeights:
                     out[i] = f.get_slice(reads[i].key)[reads[i].index].to(device)
         return out  # type: ignore[return-value]
 
-    def _check_spec(self, spec: DeploymentSpec) -> None:
+    def check_spec(self, spec: DeploymentSpec) -> None:
+        """SpecError unless `spec` runs this checkpoint: the part it holds (whole model or one
+        layer's block) and every model field the logits depend on (NOT_IN_LOGITS may differ)."""
+        if spec is self._checked:
+            return  # every weight read asks: the comparison is made once per spec
         m, hf = spec.model, self.hf
-        for key in ("hidden_size", "ffn_hidden_size", "num_experts", "vocab_size"):
-            if getattr(m, key) != getattr(hf, key):
-                raise ValueError(f"spec model.{key} = {getattr(m, key)} but the checkpoint has "
-                                 f"{getattr(hf, key)}: build the spec with hf_config.deployment_spec")
+        if m.layered and self.layer is not None:
+            raise SpecError("model.num_layers", m.num_layers,
+                            f"the source holds layer {self.layer}'s MoE block only; open the folder "
+                            "without layer= for the whole model")
+        if not m.layered and self.layer is None:
+            raise SpecError("model.num_layers", None,
+                            "the source is the whole model; open_checkpoint(folder, layer=N) for one "
+                            "layer's block, or build the spec with deployment_spec(source.hf, whole=True)")
+        resolved = {"num_key_value_heads": m.kv_heads, "head_dim": m.head_size}
+        for key, fixed in hf.model_fields(whole=m.layered).items():
+            if key not in NOT_IN_LOGITS and resolved.get(key, getattr(m, key)) != fixed:
+                raise SpecError(f"model.{key}", getattr(m, key),
+                                f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "
+                                f"{fixed!r}); build the spec with deployment_spec(source.hf, ...)")
+        self._checked = spec
 
 
 def _runs(sorted_ids: list[int]) -> list[tuple[int, int]]:

@@ -74,6 +74,9 @@ SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
+NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
+"""Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
+spec's dtype; positions and end-of-sequence ids bound generation, not the logits."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,10 @@ class WeightSource(Protocol):
         """One line for reports: what the weights are."""
         ...
 
+    def check_spec(self, spec: DeploymentSpec) -> None:
+        """SpecError unless these weights can run `spec` (before any rank works)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SeededWeights:
@@ -142,6 +146,9 @@ class SeededWeights:
 
     def describe(self) -> str:
         return f"seeded random weights (seed {self.seed})"
+
+    def check_spec(self, spec: DeploymentSpec) -> None:
+        """Seeded weights are made for whatever spec asks."""
 
 
 def as_source(source: WeightSource | int) -> WeightSource:
