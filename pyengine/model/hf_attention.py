@@ -24,10 +24,8 @@ def attention_fields(cfg: dict[str, Any], fam, get, hidden: int) -> dict[str, An
     head_dim = get.integer("head_dim", max(1, hidden // heads))
     rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    if theta is None:
-        theta = get.number("rope_theta", fam.rope_theta_default)
-    elif isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise InputError(f"{get.src}: rope_parameters.rope_theta", theta, "must be a positive number")
+    theta = (get.number("rope_theta", fam.rope_theta_default) if theta is None
+             else get.positive_number("rope_parameters.rope_theta", theta))
     return dict(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                 rope_theta=float(theta), qk_norm=fam.qk_norm,
                 attention_bias=get.flag("attention_bias", False) if fam.has_bias_option else False,

@@ -285,7 +285,10 @@ class _Getter:
         return v
 
     def number(self, key: str, default: float) -> float:
-        v = self._value(key, default)
+        return self.positive_number(key, self._value(key, default))
+
+    def positive_number(self, key: str, v: Any) -> float:
+        """`v`, read from `key` (a nested key's path too), as a positive float."""
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
             raise InputError(f"{self.src}: {key}", v, "must be a positive number")
         return float(v)
