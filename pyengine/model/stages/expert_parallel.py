@@ -42,6 +42,10 @@ class ExpertParallelStage(Stage):
         """Tokens sent to `rank` (those with at least one chosen expert there)."""
         return tokens * self.routing.token_share(self.placement[rank])
 
+    def _receives(self, rank: int) -> bool:
+        """An expert GPU receives its rows; the router's own GPU reads them from u in place."""
+        return rank not in self.spec.stage("embed").gpus
+
     def pairs_for(self, rank: int, tokens: int) -> float:
         """(token, expert) pairs `rank` computes."""
         return tokens * self.spec.model.top_k * self.routing.pair_share(self.placement[rank])
@@ -55,7 +59,7 @@ class ExpertParallelStage(Stage):
         hit = self.routing.experts_touched(self.placement[rank], tokens)
         per_expert = pairs / hit if hit else 0.0
         # The router's GPU gathers its tokens' rows from the full u; an expert GPU received them.
-        gather = [] if rank not in self.spec.stage("embed").gpus else [
+        gather = [] if self._receives(rank) else [
             KernelCost.memory("gather_rows", 2 * rows * h * es)]
         return [
             *gather,
@@ -78,8 +82,8 @@ class ExpertParallelStage(Stage):
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es = self.spec.model, self.elem
         h, f, k = m.hidden_size, m.ffn_hidden_size, m.top_k
-        rows, pairs = self.rows_for(rank, tokens), self.pairs_for(rank, tokens)
-        received = rank not in self.spec.stage("embed").gpus
+        rows = self.rows_for(rank, tokens)
+        received = self._receives(rank)
         act_in = Payload.DISPATCH.nbytes(self.spec, round(rows)) if received else 0
         out_rows = Payload.COMBINE.nbytes(self.spec, round(rows))
         # The kernels size their buffers by every choice of a row (k per row, -1 ones included):
