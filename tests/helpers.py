@@ -12,26 +12,42 @@ TINY_CONFIG = packaged_config("tiny_cpu.json")
 """2 x 24 tokens, H 48, F 40 split 0.4/0.6 over GPUs 1-2, E 5, k 2, V 101, fp32, m 3, partials."""
 
 
-def on_threads(body, world: int = 3, timeout_s: float = 60) -> list:
-    """body(rank) on one thread per virtual rank; their results in rank order. A rank that
-    raises fails the caller's test with its rank; one still running after timeout_s is a hang."""
+def _threads(body, world: int, timeout_s: float) -> tuple[list, bool]:
+    """body(rank) on one thread per virtual rank: per rank its result or the exception it
+    raised, and whether one was still running after timeout_s (a hang)."""
     import threading
 
-    out, errors = [None] * world, []
+    out: list = [None] * world
 
     def run(r):
         try:
             out[r] = body(r)
-        except BaseException as e:  # surfaced below, with its rank
-            errors.append((r, e))
+        except BaseException as e:  # handed to the caller, with its rank
+            out[r] = e
 
     threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout_s)
+    return out, any(t.is_alive() for t in threads)
+
+
+def each_rank(body, world: int = 3, timeout_s: float = 60) -> list:
+    """Per rank, in rank order, body(rank)'s result or the exception it raised (for tests of
+    what every rank refuses); a rank still running after timeout_s fails the caller's test."""
+    out, hung = _threads(body, world, timeout_s)
+    assert not hung, "a rank hung"
+    return out
+
+
+def on_threads(body, world: int = 3, timeout_s: float = 60) -> list:
+    """body(rank) on one thread per virtual rank; their results in rank order. A rank that
+    raises fails the caller's test with its rank; one still running after timeout_s is a hang."""
+    out, hung = _threads(body, world, timeout_s)
+    errors = [(r, o) for r, o in enumerate(out) if isinstance(o, BaseException)]
     assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a virtual rank hung"
+    assert not hung, "a virtual rank hung"
     return out
 
 

@@ -5,11 +5,10 @@ the argument and its value (found by a hostile pass over the API; each failed be
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
+from helpers import each_rank
 from pyengine.core.errors import InputError, ResourceError, SpecError
 from pyengine.core.spec import load_spec
 from pyengine.execute.engine import Engine
@@ -20,25 +19,6 @@ from pyengine.transport.local import LocalTransport
 TINY = load_spec("tiny_cpu")
 LAYERED = TINY.replace(model={"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                               "head_dim": 6}, comm={"timeout_s": 20})
-
-
-def each_rank(body, world: int = 3) -> list:
-    """body(rank) on a thread per rank; per rank its result or the exception it raised."""
-    out: list = [None] * world
-
-    def run(r):
-        try:
-            out[r] = body(r)
-        except Exception as e:  # recorded: the test checks every rank's outcome
-            out[r] = e
-
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    return out
 
 
 # ---- Engine's own arguments ---------------------------------------------------------------------
