@@ -23,6 +23,28 @@ MIN_STEP_S = 1.0  # a step with less time left than this is skipped, not started
 SLACK_S = 5.0  # kept back from the deadline for the last archive
 
 
+# Kernel test files run one by one first, under CUDA_LAUNCH_BLOCKING=1 and a short limit each: a
+# kernel that faults or hangs on first contact is named by its step and the suite goes on.
+FIRST_CONTACT = [
+    ("moe", "tests/kernels/test_kernels_moe.py"),
+    ("skip_ids", "tests/kernels/test_kernels_skip_ids.py"),
+    ("rmsnorm", "tests/kernels/test_kernels_residual_rmsnorm.py"),
+    ("deep_k", "tests/kernels/test_kernels_deep_k.py"),
+    ("ep_pipeline", "tests/kernels/test_kernels_in_ep_pipeline.py"),
+]
+FIRST_CONTACT_S = 45
+
+
+def pytest_cmd(py: str, args: str) -> str:
+    """-P: the repository root is not put on sys.path, so its top-level kernels/ shadows nothing."""
+    return f"{py} -P -m pytest -q -rs -p no:cacheprovider {args}"
+
+
+def first_contact(py: str) -> list[tuple[str, float, str]]:
+    return [(f"first_{name}", FIRST_CONTACT_S, "CUDA_LAUNCH_BLOCKING=1 " + pytest_cmd(py, f"-x {path}"))
+            for name, path in FIRST_CONTACT]
+
+
 def steps(py: str, work: str) -> list[tuple[str, float, str]]:
     """(name, own limit in s, shell command), most valuable first."""
     prof = f"{work}/device_profile.json"
@@ -32,15 +54,15 @@ def steps(py: str, work: str) -> list[tuple[str, float, str]]:
                     f"{py} -c 'import sys, torch, triton, numpy; print(sys.version, torch.__version__, "
                     "torch.version.cuda, triton.__version__, numpy.__version__)'; git rev-parse HEAD; date -Is"),
         ("build", 180, f"{py} -m pip install -q --no-build-isolation --no-deps -e ."),
-        ("test_kernels", 180, f"{py} -m pytest -m gpu -q -rs tests/kernels -p no:cacheprovider"),
+        *first_contact(py),
         ("bench_kernels", 90, f"{py} bench/bench_kernels.py --json"),
-        ("calibrate", 90, f"{py} -m pyengine calibrate --out {prof} --json"),
         ("run_seed", 60, f"{py} -m pyengine run --json --iters 10"),
-        ("run_ep", 60, f"{py} -m pyengine run --config pyengine/configs/seed_ep_3gpu.json --json --iters 10"),
         ("run_model", 60, f"{py} -m pyengine run {model} --json"),
         ("generate", 60, f"{py} -m pyengine generate {model} --max-new-tokens 32 --json"),
+        ("test_rest", 180, pytest_cmd(py, "-m gpu --ignore=tests/kernels")),
+        ("calibrate", 90, f"{py} -m pyengine calibrate --out {prof} --json"),
+        ("run_ep", 60, f"{py} -m pyengine run --config pyengine/configs/seed_ep_3gpu.json --json --iters 10"),
         ("plan_measured", 20, f"{py} -m pyengine plan --device {prof} --json"),
-        ("test_rest", 180, f"{py} -m pytest -m gpu -q -rs --ignore=tests/kernels -p no:cacheprovider"),
         ("bench_overlap", 60, f"{py} bench/bench_overlap.py --json"),
         ("bench_poll", 30, f"{py} bench/bench_poll.py --json"),
         ("bench_comm", 60, f"{py} -m pyengine bench comm --backend local --nranks 3 --op all_reduce "
@@ -48,8 +70,8 @@ def steps(py: str, work: str) -> list[tuple[str, float, str]]:
         ("kernels_compile", 90, f"{py} -m pyengine kernels compile --arch 90 --json"),
         ("tune", 120, f"{py} -m pyengine tune --out {work}/tuned_configs"),
         # Without PYTORCH_NO_CUDA_MEMORY_CACHING=1 the caching allocator hides overruns inside blocks.
-        ("sanitizer", 240, f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
-                           f"--error-exitcode 1 {py} -m pytest -m gpu -q -x tests/kernels -p no:cacheprovider"),
+        ("sanitizer", 240, "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
+                           "--error-exitcode 1 " + pytest_cmd(py, "-m gpu -x tests/kernels")),
     ]
 
 
@@ -128,7 +150,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
+    lines: list[str] = [f"deadline {a.deadline_s:.0f}s overall"]
     slack = min(SLACK_S, a.deadline_s * 0.1)
     for i, (name, own, cmd) in enumerate(steps(a.python, str(work))):
         left = a.deadline_s - slack - (time.monotonic() - start)
@@ -136,6 +158,7 @@ def main(argv=None) -> int:
             lines.append(f"{name} skipped ({left:.1f}s left) 0.0s")
         else:
             lines.append(run_step(name, min(own, left), _fake(cmd, i) if a.dry_run else cmd, work))
+        lines[-1] += f" (left {a.deadline_s - (time.monotonic() - start):.0f}s)"
         (work / "summary.txt").write_text("".join(line + "\n" for line in lines))
         publish(out, work, lines)
         print(lines[-1], flush=True)
