@@ -155,7 +155,11 @@ def add_streaming(row: dict, copy_rate: float | None) -> dict:
 def bench_tokens(T, args, dtype, log):
     import triton
 
-    from pyengine.kernels import moe_align_block_size, moe_expert_shard, tuning
+    from pyengine.kernels import tuning
+
+    from pyengine.kernels.moe_align import moe_align_block_size
+
+    from pyengine.kernels.moe_expert_shard import moe_expert_shard
     from pyengine.kernels.moe_column_swiglu import moe_column_swiglu
     from pyengine.kernels.moe_row_down import moe_row_down
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_overlap: no CUDA device visible (GPU-only benchmark)", file=sys.stderr)
         return 2
-    from pyengine.kernels import moe_expert_shard
+    from pyengine.kernels.moe_expert_shard import moe_expert_shard
 
     dev = torch.device("cuda")
     T, H, F, E, k = args.tokens, 4096, 7168, 8, 2

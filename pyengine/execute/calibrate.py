@@ -105,7 +105,7 @@ def measure_dense(device: torch.device, dtype_name: str, sizes: Sizes) -> list[T
 def measure_grouped(spec: DeploymentSpec, device: torch.device, sizes: Sizes) -> list[TimedCall]:
     """moe_expert_shard at the shard of the spec's first expert GPU, routing uniformly at random
     (each token a random k-subset of the E experts: what the planner's expected counts assume)."""
-    from pyengine.kernels import moe_expert_shard
+    from pyengine.kernels.moe_expert_shard import moe_expert_shard
 
     if spec.expert_parallel:
         raise ValueError("measure_grouped: times the tensor-parallel shard; the spec is expert-parallel")

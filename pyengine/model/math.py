@@ -36,7 +36,7 @@ def add_partials_and_norm(x: torch.Tensor, partials: list, w: torch.Tensor, eps:
     rounded once to x.dtype. On CUDA one fused Triton kernel reads every input once; h is
     written only when `keep_residual` (the next layer needs it; the output head does not)."""
     if x.device.type == "cuda":
-        from pyengine.kernels import fused_residual_rmsnorm
+        from pyengine.kernels.residual_rmsnorm import fused_residual_rmsnorm
 
         if keep_residual:
             return fused_residual_rmsnorm(x, partials, w, eps, return_residual=True)

@@ -12,7 +12,9 @@ import math
 import pytest
 import torch
 
-from pyengine.kernels import decode_configs, moe_expert_shard, tuning
+from pyengine.kernels import decode_configs, tuning
+
+from pyengine.kernels.moe_expert_shard import moe_expert_shard
 
 E, K_TOP, H, F = 5, 2, 40, 29  # H, F_r not multiples of 16: ragged tiles everywhere
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import triton
 
-from pyengine.kernels import moe_align_block_size
+from pyengine.kernels.moe_align import moe_align_block_size
 from pyengine.kernels.moe_column_swiglu import moe_column_swiglu
 from pyengine.kernels.moe_row_down import moe_row_down
 

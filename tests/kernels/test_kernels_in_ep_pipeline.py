@@ -17,7 +17,7 @@ import pyengine.model.stages.expert_parallel as ep_stage
 from execute.test_pipeline_ep import CASES, FP32_ATOL, FP32_RTOL, _expected
 from helpers import on_threads
 from pyengine.execute.engine import Engine
-from pyengine.kernels import moe_expert_shard
+from pyengine.kernels.moe_expert_shard import moe_expert_shard
 from pyengine.model.weights import make_tokens
 from pyengine.transport.local import LocalTransport
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyengine.kernels import fused_residual_rmsnorm
+from pyengine.kernels.residual_rmsnorm import fused_residual_rmsnorm
 from pyengine.kernels import residual_rmsnorm as mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from pyengine.kernels import moe_align_block_size, moe_expert_shard
+from pyengine.kernels.moe_align import moe_align_block_size
+
+from pyengine.kernels.moe_expert_shard import moe_expert_shard
 from test_kernels_moe import DEVICE, make_inputs
 
 

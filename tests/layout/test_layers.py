@@ -35,7 +35,7 @@ def _modules() -> dict[str, pathlib.Path]:
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT).with_suffix("")
         out[".".join(("pyengine", *rel.parts)).removesuffix(".__init__")] = path
-    kernels = pathlib.Path(__import__("pyengine.kernels").kernels.__file__).parent
+    kernels = pathlib.Path(list(__import__("pyengine.kernels").kernels.__path__)[0])
     for path in kernels.glob("*.py"):
         out[f"pyengine.kernels.{path.stem}".removesuffix(".__init__")] = path
     return out

@@ -85,7 +85,7 @@ def expert_ffn(w: Mapping[str, Any], u, top_ids, top_w, skip_ids: bool = False):
     """This shard's partial y_r [T, H] in u.dtype (every expert's F_r columns in `w`).
     skip_ids: ids of -1 are choices held elsewhere (expert parallel) and add nothing."""
     if u.device.type == "cuda":
-        from pyengine.kernels import moe_expert_shard
+        from pyengine.kernels.moe_expert_shard import moe_expert_shard
 
         # ids come from our own router (in range by construction): skip the range check,
         # whose host sync would stall the asynchronous issue of the pipeline.
