@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from pyengine.model.ops import KernelPath, TorchOps
+from pyengine.model.kernel_path import KernelPath
+from pyengine.model.ops_torch import TorchOps
 
 _INTERPRETER = threading.Lock()
 """Triton's interpreter patches module state while a kernel runs: on CPU the ranks' threads (the
@@ -24,6 +25,8 @@ local transport) take turns. Compiled kernels on a GPU need no lock."""
 
 class TritonOps(TorchOps):
     path = KernelPath.TRITON
+    not_graphable = "the decode attention gathers the longest sequence's blocks (no in-place decode " \
+                    "attention kernel yet)"
 
     def __init__(self, spec, device: torch.device):
         self.spec, self.device = spec, device
