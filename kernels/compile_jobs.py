@@ -16,6 +16,7 @@ import triton
 
 from pyengine.core import dtypes
 from pyengine.kernels import smem, tuning
+from pyengine.kernels.compile_jobs_decode import DecodeShapes, decode_jobs
 from pyengine.kernels.moe_align import max_padded_rows, moe_align_config
 from pyengine.kernels.moe_sum_pairs import moe_sum_pairs_config
 from pyengine.kernels import residual_rmsnorm as rmsnorm
@@ -31,8 +32,11 @@ KERNELS = {
     "_residual_rmsnorm_kernel": "pyengine.kernels.residual_rmsnorm",
     "_moe_align_kernel": "pyengine.kernels.moe_align",
     "_moe_sum_pairs_kernel": "pyengine.kernels.moe_sum_pairs",
+    "_decode_attention_split_kernel": "pyengine.kernels.decode_attention",
+    "_decode_attention_combine_kernel": "pyengine.kernels.decode_attention",
 }
-INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed", "_chunk_experts"}
+INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed", "_chunk_experts",
+                  "_split_bounds"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Shapes:
     num_partials: int  # tensors the output stage's residual+rmsnorm sums
     norm_tokens: tuple[int, ...] = ()  # rows of the residual+rmsnorm (default: tokens)
     decode_tokens: tuple[int, ...] = ()  # decode steps' rows: the expert GEMMs' decode tiles
+    decode: DecodeShapes | None = None  # the decode path's attention / router kernels, if any
 
 
 @dataclass
@@ -84,6 +89,9 @@ def build_jobs(shapes: Shapes, dtypes: list[str], arch: int, gpu: str | None = N
                     _merge(jobs, job)
         for t in sorted(set(shapes.norm_tokens or shapes.tokens)):
             for job in _rmsnorm_jobs(shapes, name, t, all_configs):
+                _merge(jobs, job)
+        if shapes.decode is not None:
+            for job in decode_jobs(shapes.decode, name, Job):
                 _merge(jobs, job)
     return list(jobs.values())
 

@@ -24,6 +24,7 @@ import triton
 import pyengine.kernels
 from pyengine.kernels import compile_check, compile_jobs, smem, tuning
 from pyengine.kernels.compile_jobs import Shapes, build_jobs
+from pyengine.kernels.compile_jobs_decode import DecodeShapes
 from pyengine.kernels.compile_target import stand_in_driver
 from pyengine.kernels.decode_configs import DECODE_TOKENS, decode_config
 
@@ -31,8 +32,12 @@ from pyengine.kernels.decode_configs import DECODE_TOKENS, decode_config
 pytestmark = pytest.mark.timeout(900)
 
 ARCH = 90
+# The decode path at the seed model's attention (the packaged seed has none: the check uses
+# seed_model_3gpu's): 32 heads, 8 kv heads, d 128, 16-key blocks, buckets of 1..256 rows.
+SEED_DECODE = DecodeShapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, block_size=16,
+                           max_positions=32768, E=8, top_k=2)
 SEED = Shapes(E=8, H=4096, top_k=2, ffn_shards=(7168, 7168), tokens=(256,) * 4, num_partials=1,
-              decode_tokens=DECODE_TOKENS)
+              decode_tokens=DECODE_TOKENS, decode=SEED_DECODE)
 ODD = [  # the shapes tests/kernels runs in the interpreter: non-multiples of 16, k=3, T=1
     Shapes(E=3, H=40, top_k=2, ffn_shards=(29,), tokens=(7,), num_partials=2),
     Shapes(E=5, H=24, top_k=3, ffn_shards=(13, 16), tokens=(37,), num_partials=4),
@@ -187,12 +192,15 @@ def test_shapes_from_spec():
     tiny = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "tiny_cpu.json"))
     # F=40 split 0.4/0.6, 48 tokens in 3 micro-batches, "partials": the output stage sums 2
     assert shapes_from_spec(tiny) == Shapes(E=5, H=48, top_k=2, ffn_shards=(16, 24), tokens=(16, 16, 16),
-                                            num_partials=2, decode_tokens=DECODE_TOKENS)
+                                            num_partials=2, decode_tokens=DECODE_TOKENS, decode=SEED_DECODE)
     ep = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "seed_ep_3gpu.json"))
     # experts 2/3/3 of 8, top-2, 256 tokens a micro-batch: 128 and 192 (token, expert) rows per
     # GEMM launch (top-1 form, whole F); the output stage's norm still sees all 256 tokens
     assert shapes_from_spec(ep) == Shapes(E=3, H=4096, top_k=1, ffn_shards=(14336,), tokens=(128, 192),
-                                          num_partials=1, norm_tokens=(256, 256, 256, 256))
+                                          num_partials=1, norm_tokens=(256, 256, 256, 256),
+                                          decode=SEED_DECODE)
+    model = shapes_from_spec(load_spec("seed_model_3gpu"))  # a model with attention: its own
+    assert model.decode == SEED_DECODE
 
 
 def test_worker_failure_is_raised():
