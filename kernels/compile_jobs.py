@@ -34,9 +34,11 @@ KERNELS = {
     "_moe_sum_pairs_kernel": "pyengine.kernels.moe_sum_pairs",
     "_decode_attention_split_kernel": "pyengine.kernels.decode_attention",
     "_decode_attention_combine_kernel": "pyengine.kernels.decode_attention",
+    "_qk_rope_cache_kernel": "pyengine.kernels.qk_rope_cache",
+    "_router_topk_kernel": "pyengine.kernels.router_topk",
 }
 INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed", "_chunk_experts",
-                  "_split_bounds"}
+                  "_split_bounds", "_take_largest"}
 
 
 @dataclass(frozen=True)

@@ -141,15 +141,18 @@ def _decode_attention_combine_kernel(
              res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-def decode_attention_config(head_dim: int, group: int, device: torch.device) -> dict:
+def decode_attention_config(head_dim: int, group: int, device: torch.device,
+                            dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tiles and launch options of the split kernel (static shapes only). ENV_PIN overrides
     BLOCK_N / num_warps / num_stages, e.g. PYENGINE_DECODE_ATTENTION_CONFIG="BLOCK_N=32"."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows; extra rows masked
     if device.type == "cpu":  # interpreter: small tiles make short test rows cross several
         cfg = dict(BLOCK_N=16, num_warps=1, num_stages=1)
-    else:  # K and V tiles of 64 keys (16 KB each at d=128 in bf16), double-buffered
-        cfg = dict(BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=2)
+    else:  # K and V tiles of 64 keys (16 KB each at d=128 in bf16), double-buffered; fp32
+        # dots run on FMA with operands in registers: 8 warps keep them from spilling
+        cfg = dict(BLOCK_N=64 if block_d <= 128 else 32, num_stages=2,
+                   num_warps=8 if dtype == torch.float32 else 4)
     cfg.update(_pinned())
     return dict(BLOCK_G=block_g, BLOCK_D=block_d, **cfg)
 
@@ -204,7 +207,7 @@ class DecodeAttention:
         self.device = torch.device(device)
         for kernel in (_decode_attention_split_kernel, _decode_attention_combine_kernel):
             tuning.check_runnable(kernel, self.device)
-        self.config = decode_attention_config(head_dim, heads // kv_heads, self.device)
+        self.config = decode_attention_config(head_dim, heads // kv_heads, self.device, dtype)
         sms = device_sms(self.device)
         self.splits = [split_count(n, kv_heads, max_blocks * block_size, self.config["BLOCK_N"], sms)
                        for n in range(max_rows + 1)]
@@ -293,5 +296,5 @@ def _check_call(q, k_cache, v_cache, block_table, slots, seq_lens, sinks, window
                              f"[{n}, {heads}, {d}] {q.dtype} on {q.device}")
         if out.stride(2) != 1:
             raise ValueError(f"out.stride()={out.stride()}: must have unit stride along d")
-    paged_checks.check_row_values(block_table, slots, num_blocks, block_size, seq_lens=seq_lens)
+    paged_checks.check_row_values(block_table, slots, num_blocks, block_size, {"seq_lens": seq_lens})
     return n, heads, d, kv_heads, block_size, block_table.shape[1]

@@ -41,13 +41,14 @@ def check_static(*, heads: int, kv_heads: int, head_dim: int, block_size: int,
         raise TypeError(f"dtype={dtype}: must be one of {FLOAT_DTYPES}")
 
 
-def check_cache(name: str, cache, *, kv_heads: int | None, head_dim: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[int, int, int]:
-    """(num_blocks, block_size, kv_heads) of one layer's contiguous K or V cache."""
+def check_cache(name: str, cache, *, kv_heads: int | None, head_dim: int | None,
+                dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(num_blocks, block_size, kv_heads) of one layer's contiguous K or V cache (kv_heads,
+    head_dim None: any)."""
     check_tensor(name, cache, dims=4, dtypes=(dtype,), device=device)
     num_blocks, block_size, heads, d = cache.shape
-    if d != head_dim or (kv_heads is not None and heads != kv_heads):
-        want = f"[num_blocks, block_size, {kv_heads or 'kv_heads'}, {head_dim}]"
+    if (head_dim is not None and d != head_dim) or (kv_heads is not None and heads != kv_heads):
+        want = f"[num_blocks, block_size, {kv_heads or 'kv_heads'}, {head_dim or 'd'}]"
         raise ValueError(f"{name}.shape={tuple(cache.shape)}: must be {want}")
     if not cache.is_contiguous():
         raise ValueError(f"{name}.stride()={cache.stride()}: must be contiguous")
@@ -69,9 +70,10 @@ def check_rows(n: int, device: torch.device, block_table, slots, **per_row) -> N
             raise ValueError(f"{name}.stride()={t.stride()}: must be contiguous")
 
 
-def check_row_values(block_table, slots, num_blocks: int, block_size: int, **keys_per_row) -> None:
-    """Values (one host sync): slots in [-1, num_slots); each live row's key count in
-    [0, max_blocks * block_size]; the blocks those keys use in [0, num_blocks)."""
+def check_row_values(block_table, slots, num_blocks: int, block_size: int,
+                     keys_per_row: dict) -> None:
+    """Values (one host sync): slots in [-1, num_slots); each live row's key count (name ->
+    [n] tensor) in [0, max_blocks * block_size]; the blocks those keys use in [0, num_blocks)."""
     num_slots, max_blocks = block_table.shape
     s = slots.cpu().long()
     if s.numel() and (int(s.min()) < -1 or int(s.max()) >= num_slots):
