@@ -118,7 +118,7 @@ def test_sinks_join_the_denominator():
     assert not torch.allclose(out, decode_attention(*case), atol=1e-3)
 
 
-@pytest.mark.parametrize("window", [5, 16, 64])  # inside a tile, one block, longer than row 1
+@pytest.mark.parametrize("window", [1, 5, 16, 64])  # own key only, inside a tile, one block, > row 1
 def test_sliding_window_keeps_the_last_keys(window):
     case = make_case(4, 1, 64, 16, [2, 17, 130], torch.float32, seed=window)
     check_close(decode_attention(*case, window=window), case, window=window)

@@ -13,6 +13,7 @@ import torch
 from pyengine.kernels import tuning
 from pyengine.kernels.launch_count import counting, count_launch
 from pyengine.kernels.moe_expert_shard import ExpertShard, moe_expert_shard
+from pyengine.kernels.moe_sum_pairs import moe_sum_pairs
 from pyengine.kernels.residual_rmsnorm import fused_residual_rmsnorm
 from test_kernels_moe import DEVICE, check_close, make_inputs
 from test_kernels_skip_ids import reference as reference_skip, with_held_elsewhere
@@ -134,3 +135,21 @@ def test_residual_rmsnorm_counts_its_launch():
     with counting() as c:
         fused_residual_rmsnorm(x, [x], torch.ones(40, device=DEVICE))
     assert c.triton == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sum_pairs_adds_k_rows_in_order_and_skips_held_elsewhere(dtype):
+    g = torch.Generator().manual_seed(0)
+    T, k, H = 5, 3, 1100  # H over one 1024-wide tile
+    per_pair = torch.randn(T * k, H, generator=g).to(DEVICE)
+    ids = torch.randint(0, 4, (T, k), generator=g, dtype=torch.int32)
+    ids[1, 2] = ids[3, 0] = -1
+    per_pair[T * k - 1 - 9] = float("nan")  # pair (1, 2): held elsewhere, never read
+    per_pair[9] = float("nan")  # pair (3, 0)
+    out = moe_sum_pairs(per_pair, ids.to(DEVICE), dtype, skip_ids=True)
+    rows = per_pair.cpu().view(T, k, H) * (ids >= 0)[:, :, None].float()
+    want = torch.nan_to_num(rows, nan=0.0).sum(1)  # fp32 sum, rounded once
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.cpu(), want.to(dtype), atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 1e-3)
+    with pytest.raises(ValueError, match=r"topk_ids.shape=\(5, 2\): must be \[T, k\] with T\*k = per_pair.shape\[0\] = 15"):
+        moe_sum_pairs(per_pair, ids[:, :2].to(DEVICE), dtype)
