@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.launch_count import count_launch
 
 MAX_PARTIALS = 4
 MAX_BLOCK_H = 8192  # one register-resident row up to this; longer rows loop over chunks
@@ -112,6 +113,7 @@ def _fused_residual_rmsnorm(x, partials, weight, out, h_out=None, eps=1e-5):
     ps = list(partials) + [x] * (MAX_PARTIALS - len(partials))
     (cfg,) = residual_rmsnorm_configs(H)
     grid = lambda META: (T,)
+    count_launch()
     _residual_rmsnorm_kernel[grid](
         x, *ps, weight, h_out if h_out is not None else out, out, H, eps,
         x.stride(0), *(p.stride(0) for p in ps), (h_out if h_out is not None else out).stride(0),
