@@ -14,6 +14,7 @@ Views, allocations without a fill and metadata ops launch nothing and are not co
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import Counter
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,18 +34,27 @@ class _AtenCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not (func.is_view or name in NO_KERNEL):
+        if not (func.is_view or name in NO_KERNEL or _inside_interpreter()):
             self.count += 1
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
 
+def _inside_interpreter() -> bool:
+    """The Triton interpreter (CPU) moves a kernel's arguments with torch ops of its own: on a GPU
+    those are not launches (the kernel is one, counted by the launcher)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if "triton" in frame.f_code.co_filename and "interpreter" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _triton_counting():
     """The Triton launchers' own counter (every launcher in pyengine.kernels reports to it)."""
-    try:
-        from pyengine.kernels.launch_count import counting
-    except ImportError:  # kernels without a counter: their launches are not seen
-        return contextlib.nullcontext(None)
+    from pyengine.kernels.launch_count import counting
+
     return counting()
 
 
@@ -60,7 +70,7 @@ class LaunchCounter:
         aten = _AtenCount()
         with _triton_counting() as triton, aten:
             yield
-        triton_n = getattr(triton, "triton", 0) if triton is not None else 0
+        triton_n = triton.triton
         self.by_action[name] += aten.count + triton_n
         self.ops.update(aten.ops)
         if triton_n:

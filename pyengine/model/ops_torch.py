@@ -28,6 +28,9 @@ class TorchOps:
         h = x + y.to(x.dtype)
         return (h if keep_residual else None), rmsnorm(h, w, eps)
 
+    def norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return rmsnorm(x, w, eps)
+
     def route(self, u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool):
         return route(u, router, k, renormalize)
 

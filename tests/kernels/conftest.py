@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def _interpreter_breakage() -> str | None:
     """One line naming the versions and the fix when the Triton interpreter cannot run a
