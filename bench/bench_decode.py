@@ -31,7 +31,7 @@ from pyengine.execute.graphs import GraphMode
 from pyengine.execute.launches import LaunchCounter
 from pyengine.execute.step_loop import StepLoop
 from pyengine.execute.step_plan import SeqWork, StepPlan
-from pyengine.model.weights import rank_weights
+from pyengine.model.weights import DeviceRandomWeights, rank_weights
 from pyengine.transport.local import LocalTransport
 
 MODEL = "pyengine/configs/seed_model_3gpu.json"
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per row")
     p.add_argument("--count", action="store_true", help="also count launches per step per rank")
     p.add_argument("--no-scale", action="store_true", help="on CPU, the model at full size")
+    p.add_argument("--weights", choices=["seeded", "device-random"],
+                   help="seeded (the engine's seeded values, made on the CPU) or drawn on the device "
+                        "(timing only); default: device-random on a GPU, seeded on CPU")
     p.add_argument("--json", action="store_true", help="JSON lines only")
     return p.parse_args(argv)
 
@@ -106,7 +109,7 @@ def run_case(spec: DeploymentSpec, n: int, groups: int, mode: str, args, dev: to
     capacity = args.prompt + WARMUP_STEPS + args.steps + 2
 
     def rank(r: int) -> dict:
-        w = rank_weights(spec, 0, r, dev)
+        w = rank_weights(spec, DeviceRandomWeights() if args.weights == "device-random" else 0, r, dev)
         loop = StepLoop(spec, r, transports[r], w, dev, slots=n, capacity=capacity,
                         graphs=GraphMode.AUTO if mode == "graphed" else GraphMode.OFF)
         seqs = [list(p) for p in prompts]
@@ -175,6 +178,7 @@ def add_rates(rows: list[dict], copy_rate: float | None, on_gpu: bool) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = device()
+    args.weights = args.weights or ("device-random" if dev.type == "cuda" else "seeded")
     spec = load_spec(args.config)
     if not spec.model.layered:
         print(f"bench_decode: --config {args.config}: a model of layers (model.num_layers) is needed",
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
 
         spec, note = scale_for_cpu(spec)
     copy_rate = copy_gb_s(dev)
-    env = {**provenance.record(dev), "copy_gb_s": copy_rate, "scaled": note, "config": args.config}
+    env = {**provenance.record(dev), "copy_gb_s": copy_rate, "scaled": note, "config": args.config,
+           "weights": args.weights}
     print(json.dumps({"env": env}), flush=True)
     rows = []
     for mode in args.modes:

@@ -70,10 +70,16 @@ class CudaGraphs:
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
         g = torch.cuda.CUDAGraph()
-        # thread_local: the local transport's other ranks keep issuing work from their threads
-        with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            out = fn()
-        g.replay()  # capture records without running: this step's results come from a replay
+        # capture_begin/end, not torch.cuda.graph(): that one synchronizes the whole device and
+        # empties the allocator's cache on entry, while the other ranks' threads keep working.
+        # thread_local: their CUDA calls meanwhile do not invalidate this capture.
+        with torch.cuda.stream(self.stream):
+            g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                g.capture_end()
+            g.replay()  # capture records without running: this step's results come from a replay
         return g, out
 
     def replay(self, graph: Any, fn: Callable[[], Any], out: Any) -> None:
@@ -132,6 +138,8 @@ class _Segment:
 class SegmentGraphs:
     backend: Any
     segments: dict[Any, _Segment] = field(default_factory=dict)
+    failed: str = ""
+    """Why capturing stopped (a capture that raised): its segments and all later ones run eagerly."""
 
     def run(self, key: Any, fn: Callable[[], Any], inputs: tuple) -> Any:
         """The segment's outputs: eager while warming up, then captured once, then replayed. `inputs`:
@@ -145,9 +153,15 @@ class SegmentGraphs:
             self.backend.replay(seg.graph, fn, seg.out)
             return seg.out
         seg.runs += 1
-        if seg.runs <= WARMUP_STEPS:
+        if seg.runs <= WARMUP_STEPS or self.failed:
             return fn()
-        seg.graph, seg.out = self.backend.capture(fn)
+        try:
+            seg.graph, seg.out = self.backend.capture(fn)
+        except HostSyncInSegment:
+            raise
+        except RuntimeError as e:  # the GPU refused the capture: eager from here on, and say why
+            self.failed = f"capture of {key} failed ({str(e).splitlines()[0][:160]}): eager from there on"
+            return fn()
         seg.inputs, seg.captured = addresses, True
         return seg.out
 

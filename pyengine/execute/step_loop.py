@@ -91,7 +91,7 @@ class StepLoop:
                                          max_blocks)
         decision = GraphDecision(True, "graph bookkeeping checked on the host") if graph_backend else \
             decide(GraphMode(graphs), device, self.ops)
-        self.graphs_on, self.graphs_reason, self._graph_backend = decision.enabled, decision.reason, graph_backend
+        self.graphs_on, self._graph_reason, self._graph_backend = decision.enabled, decision.reason, graph_backend
         self.launches = None
         """A LaunchCounter (pyengine.execute.launches) given to every decode runtime, when set."""
         self._decode: dict[DecodeShape, tuple[RankRuntime, StaticStep]] = {}
@@ -100,6 +100,12 @@ class StepLoop:
         """Testing hook (pyengine.execute.faults.Fault): fires in the decode runtimes only."""
 
     # ---- public ---------------------------------------------------------------------------------
+    @property
+    def graphs_reason(self) -> str:
+        """What the decode steps run as: captured (and what), or eager and why."""
+        failed = [rt.graphs.failed for rt, _ in self._decode.values() if rt.graphs is not None and rt.graphs.failed]
+        return failed[0] if failed else self._graph_reason
+
     def run(self, plan: StepPlan, *, timed: bool = True, keep_logits: bool = False) -> StepOutput:
         t0 = time.perf_counter()
         for slot in plan.release:

@@ -151,6 +151,44 @@ class SeededWeights:
         """Seeded weights are made for whatever spec asks."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRandomWeights:
+    """Random weights drawn on the device from `seed` (scale as the seeded ones): for timing and for
+    comparing two runs on one device, not the seeded values (those are drawn on the CPU, minutes for
+    the seeded whole model's 30 G parameters). Reproducible on one device type only."""
+
+    seed: int = 0
+
+    def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+               device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
+        shape = list(full_shape(spec.model, name))
+        if name in PER_EXPERT:
+            if shard.experts is not None:
+                shape[0] = len(shard.experts)
+            if shard.f_cols is not None:
+                shape[1 if name == "w_down" else 2] = shard.f_cols[1] - shard.f_cols[0]
+        g = torch.Generator(device=device)
+        g.manual_seed((self.seed * 1_000_003 + zlib.crc32(weight_key(name, layer).encode())) % (2**63))
+        t = torch.empty(shape, dtype=model_dtype(spec), device=device)
+        if len(shape) == 1:
+            return t.normal_(1.0 if "norm" in name else 0.0, 0.1, generator=g)
+        return t.normal_(0.0, 1.0 if name == "embed" else shape[-2] ** -0.5, generator=g)
+
+    def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
+                   layer: int | None = None) -> int:
+        return 0
+
+    def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.weight(spec, "embed", device=device)[ids.to(device)]
+
+    def describe(self) -> str:
+        return f"random weights drawn on the device (seed {self.seed}; not the seeded values)"
+
+    def check_spec(self, spec: DeploymentSpec) -> None:
+        """Made for whatever spec asks."""
+
+
 def as_source(source: WeightSource | int) -> WeightSource:
     """A WeightSource from a source or a plain seed (the seeded weights of that seed)."""
     return SeededWeights(source) if isinstance(source, int) else source
