@@ -16,6 +16,8 @@ than the number of tokens it already holds.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pyengine.model.sampling import pack_sampling, sample
@@ -86,13 +88,21 @@ class TinyModel:
 
 
 class FakeStepLoop:
-    def __init__(self, model: TinyModel, *, blocks: int = 64, block_size: int = 4, slots: int = 8):
+    def __init__(self, model: TinyModel, *, blocks: int = 64, block_size: int = 4, slots: int = 8,
+                 delay_s: float = 0.0, fail_at_step: int | None = None):
+        """`delay_s`: each step sleeps this long (a slower engine); `fail_at_step`: that step raises
+        (a rank that dies under the server)."""
         self.model, self.slots = model, slots
         self.blocks = FakeBlocks(blocks, block_size)
         self.cache: dict[int, list[int]] = {}
         self.plans: list = []
+        self.delay_s, self.fail_at_step = delay_s, fail_at_step
 
     def run(self, plan) -> list[int]:
+        if self.fail_at_step is not None and len(self.plans) >= self.fail_at_step:
+            raise RuntimeError(f"fake step loop: planted failure at step {len(self.plans)}")
+        if self.delay_s:
+            time.sleep(self.delay_s)
         self.plans.append(plan)
         for slot in plan.release:
             self.blocks.release(slot)
@@ -111,3 +121,19 @@ class FakeStepLoop:
         logits = torch.stack([self.model.logits(self.cache[w.slot]) for w in sampled])
         ids = sample(logits, *pack_sampling([(w.sampling, w.index) for w in sampled], "cpu"))
         return [int(t) for t in ids]
+
+
+def fake_setup(ctx, *, vocab: int = 40, blocks: int = 64, block_size: int = 4, slots: int = 8,
+               step_tokens: int = 16, max_positions: int | None = 64, stop_ids=(), delay_s: float = 0.0,
+               fail_at_step: int | None = None, fail_rank: int | None = None):
+    """pyengine.serve.runner's make_loop for the tests: a FakeStepLoop per rank (the same model on
+    every rank); `fail_rank` (with fail_at_step) is the rank whose loop fails."""
+    from pyengine.serve.runner import LoopSetup
+    from pyengine.serve.scheduler import Limits
+
+    fails = fail_at_step if fail_rank is None or fail_rank == ctx.rank else None
+    loop = FakeStepLoop(TinyModel(vocab), blocks=blocks, block_size=block_size, slots=slots, delay_s=delay_s,
+                        fail_at_step=fails)
+    limits = Limits(slots=slots, blocks=blocks, block_size=block_size, step_tokens=step_tokens,
+                    max_positions=max_positions, vocab_size=vocab)
+    return LoopSetup(loop, limits, tuple(stop_ids), kv_blocks_used=lambda: loop.blocks.used)

@@ -56,7 +56,8 @@ class Request:
     """Prompt tokens already fed (its prefill's progress)."""
     out: list[int] = field(default_factory=list)
     finish: Finish | None = None
-    abort_asked: bool = False
+    error: str = ""
+    """Why the server ended it (an abort at shutdown), for its client; empty otherwise."""
 
     @property
     def prefilling(self) -> bool:

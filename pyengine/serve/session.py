@@ -188,14 +188,16 @@ class Session:
     def _publish_finished(self) -> None:
         for req in self.scheduler.take_finished():
             handle = self._handles.pop(req.id)
-            handle.publish(None, req.finish)
+            handle.publish(None, req.finish, req.error)
             if self.observer is not None:
                 self.observer.ended(handle, req.finish)
 
-    def abort_all(self) -> None:
-        """End every request now (waiting and running); their slots go with the next plan."""
+    def abort_all(self, why: str = "") -> None:
+        """End every request now (waiting and running), telling its client `why`; their slots go
+        back with the next plan."""
         self._apply_inbox()
         for req in [*self.scheduler.waiting, *self.scheduler.running]:
+            req.error = why
             self.scheduler.abort(req.id)
         self._publish_finished()
 
@@ -219,7 +221,7 @@ class Session:
             return
         self._closed = True
         if self.scheduling:
-            self.abort_all()
+            self.abort_all("the server stopped before the request finished")
             if self.channel is not None:
                 self.channel.send(Kind.STOP)
 
