@@ -29,6 +29,7 @@ from pyengine.execute.results import ActionTime
 from pyengine.execute.timer import Timer
 from pyengine.model.batch import Batch
 from pyengine.model.payloads import Payload, PerRank, chunk_rows
+from pyengine.model.ops import ops_for
 from pyengine.model.stages import Work, stages_of
 from pyengine.model.tensors import LayerWeights
 from pyengine.schedule import Action, ActionId, Kind, Table, build
@@ -102,14 +103,30 @@ class RankRuntime:
         from pyengine.model.kv_cache import KVCache
 
         self.cache = cache if isinstance(cache, KVCache) else None
+        self.rope = None
+        self.ops = ops_for(spec, device)
+        if self.attends:
+            from pyengine.model.attention import fuse_qkv
+
+            fuse_qkv(weights, self.stages[0].layers())
         self._cache_shape = cache if isinstance(cache, tuple) else (self.batch.sequences, max(self.batch.lengths))
         self._pool: dict[ActionId, tuple[torch.Tensor, ...]] = {}  # receive buffers, reused
+        self.static = False
         self.routes: dict[tuple[int | None, int], torch.Tensor] = {}
         """(layer, micro-batch) -> the router's top-k ids in the last forward (router rank)."""
 
     # ---- public -----------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, *, timed: bool = True, batch: Batch | None = None) -> BatchResult:
-        """One forward of `batch` (default: the runtime's): ids hold its tokens, [B, S] or flat."""
+    def stream_context(self):
+        """Work issued inside runs on this rank's compute stream (ordered before its kernels)."""
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def forward(self, ids: torch.Tensor, *, timed: bool = True, batch: Batch | None = None,
+                tables: list | None = None) -> BatchResult:
+        """One forward of `batch` (default: the runtime's): ids hold its tokens, [B, S] or flat.
+        `tables` (a static decode step: the attention rank's chunk tables in persistent buffers,
+        already written; [] elsewhere) makes the forward static: every message has its chunk's
+        rows (no count messages, no host sync to size a receive) and the forward allocates nothing
+        that depends on the data."""
         batch = batch or self.batch
         if batch.micro_batches != self.batch.micro_batches or batch.kv_order() != self.batch.kv_order():
             raise ValueError(f"batch of {batch.micro_batches} micro-batches (chunk order "
@@ -130,7 +147,8 @@ class RankRuntime:
         self._mark0 = self.timer.mark()
         with ctx:
             try:
-                self._tables = self._prepare(batch)
+                self.static = tables is not None
+                self._tables = tables if self.static else self._prepare(batch)
                 self._run_all(flat)
             except BaseException:
                 self.transport.abort()  # fail this rank's pending ops everywhere: nobody waits on it
@@ -146,20 +164,32 @@ class RankRuntime:
         return BatchResult(logits, times, self._t0)
 
     def _prepare(self, batch: Batch) -> list:
-        """The attention rank's per-forward state: the KV cache (allocated once) and each
-        chunk's RoPE tables and masks, from one host-to-device copy of the positions."""
+        """The attention rank's per-forward state: the KV cache (allocated once, blocks handed out
+        as sequences grow) and each chunk's tables, from one host-to-device copy of the rows'
+        positions, slots and lengths."""
         if not self.attends:
             return []
-        from pyengine.model.attention import chunk_tables
+        from pyengine.model.attention import chunk_tables, host_meta, key_blocks
+
+        self._ensure_cache(max(s.seq for c in batch.chunks for s in c.segments) + 1, max(batch.lengths))
+        self.cache.grow({seq: n for seq, n in zip(batch.slots or range(batch.sequences), batch.lengths)})
+        rows = [host_meta(c) for c in batch.chunks]
+        meta = torch.tensor([sum((r[i] for r in rows), []) for i in range(3)], dtype=torch.int32)
+        meta = meta.to(self.device, non_blocking=True)  # pageable, staged by the driver: no stream sync
+        dtype = torch_dtype(self.spec.model.dtype)
+        return [chunk_tables(self.cache, self.rope, c, meta[:, c.lo:c.hi], dtype,
+                             key_blocks(c, self.cache.block_size)) for c in batch.chunks]
+
+    def _ensure_cache(self, slots: int, capacity: int) -> None:
+        from pyengine.model.attention import RopeTables
         from pyengine.model.kv_cache import KVCache
 
-        need = (max(s.seq for c in batch.chunks for s in c.segments) + 1, max(batch.lengths))
-        if self.cache is None or not self.cache.fits(*need):
-            shape = tuple(max(a, b) for a, b in zip(self._cache_shape, need))
+        if self.cache is None or not self.cache.fits(slots, capacity):
+            shape = tuple(max(a, b) for a, b in zip(self._cache_shape, (slots, capacity)))
             self.cache = KVCache(self.spec, *shape, self.device, torch_dtype(self.spec.model.dtype))
-        pos = torch.tensor(batch.positions(), dtype=torch.int64).to(self.device, non_blocking=True)
-        return [chunk_tables(self.spec.model, c, pos[c.lo:c.hi], torch_dtype(self.spec.model.dtype))
-                for c in batch.chunks]
+        if self.rope is None or self.rope.capacity < self.cache.capacity:
+            m = self.spec.model
+            self.rope = RopeTables.make(self.cache.capacity, m.head_size, m.rope_theta, self.device)
 
     # ---- actions --------------------------------------------------------------------------
     def _run_all(self, flat: torch.Tensor) -> None:
@@ -207,7 +237,7 @@ class RankRuntime:
                 inputs[payload].append(value)
         stage = self.stages[a.stage]
         work = Work(a.layer, chunk, self.cache, self._tables[a.micro_batch] if stage.attends else None,
-                    self._batch.logits_all)
+                    self._batch.logits_all, self.ops, self.static)
         out = stage.compute(self._weights(a.layer), flat[chunk.lo:chunk.hi], inputs, work)
         self._vals[a.key] = out
         if Payload.LOGITS in out:
@@ -228,7 +258,7 @@ class RankRuntime:
         if a.kind is Kind.SEND:
             value = self._vals[a.deps[0]][a.payload]
             tensors = value[peer] if isinstance(value, PerRank) else value
-            if not a.payload.sized:
+            if not self._sized(a):
                 return self._grouped(tr.send, tensors, peer, name), ()
             rows = tensors[0].shape[0]  # two-phase: the count first, then the rows (if any)
             count = _row_count(rows, self.device)
@@ -237,7 +267,7 @@ class RankRuntime:
             return handles, (count,)
         if a.kind is Kind.RECV:
             self._post_open(peer)  # messages from one peer are received in the order sent
-            if a.payload.sized:
+            if self._sized(a):
                 count = torch.empty(1, dtype=torch.int64, device=self.device)
                 self._open[peer] = a.key
                 return [tr.recv(count, peer, name=f"{name}.count")], (count,)
@@ -245,6 +275,11 @@ class RankRuntime:
             self._vals[a.key] = {a.payload: bufs}
             return self._grouped(tr.recv, bufs, peer, name), ()
         return self._reduce(a)
+
+    def _sized(self, a: Action) -> bool:
+        """Its rows follow the routing and travel behind a count; in a static step every message
+        has its chunk's rows."""
+        return a.payload.sized and not self.static
 
     def _grouped(self, op, tensors, peer: int, name: str) -> list:
         """The tensors of one message as one transport group (NCCL: one fused launch, not one

@@ -1,15 +1,18 @@
-"""One layer's attention on one micro-batch, over the KV cache (torch; SDPA on every device).
+"""One layer's attention on one micro-batch, over the paged KV cache (the torch path; SDPA).
 
-    a = rmsnorm(x) * attn_norm;  q, k, v = a @ wq (+bq), a @ wk (+bk), a @ wv (+bv)
+    a = rmsnorm(x) * attn_norm;  q, k, v = a @ [wq | wk | wv] (+ [bq | bk | bv])  (one GEMM)
     q, k normed (qk_norm: per_head over each head's d, or full over the whole projection)
     q, k rotated (RoPE, rotate-half, position = index in the sequence); k, v written to the cache
     o = softmax(q k^T / sqrt(d), causal over the sequence's cached keys) v  (GQA)
     x + o @ wo (+bo)
 
-Each sequence segment of the chunk attends only to its own sequence's keys: a prefill chunk
-reads the keys of its sequence's earlier chunks and its own (causal, lower-right aligned); a
-decode group (one token per sequence) is one batched call with a key-length mask. On CUDA,
-scaled_dot_product_attention picks the flash / memory-efficient kernels.
+Each sequence segment of a chunk attends only to its own sequence's keys: a prefill chunk reads the
+keys of its sequence's earlier chunks and its own (causal, lower-right aligned); a decode group (one
+token per sequence) is one batched call over its sequences' gathered blocks with a key-length mask,
+so its launches do not grow with the number of sequences. What every layer reuses for a chunk (RoPE
+rows, cache rows, lengths, the mask) is made once per forward (`ChunkTables`); the RoPE tables once
+per cache capacity (`RopeTables`). The Triton path (pyengine.model.ops_triton) replaces the norm +
+RoPE + cache write and the decode attention by fused kernels over the same tables.
 """
 
 from __future__ import annotations
@@ -22,15 +25,120 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from pyengine.model.batch import Chunk
-from pyengine.model.kv_cache import KVCache
+from pyengine.model.kv_cache import KVCache, blocks_for
 from pyengine.model.math import rmsnorm
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [t, d] for the rotate-half convention, computed in fp32, returned in `dtype`."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.to(torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+@dataclass(frozen=True, slots=True)
+class RopeTables:
+    """cos, sin of every position up to a capacity, fp32, made once: `half` [P, d/2] (what the fused
+    kernel reads) and `full` [P, d] (rotate-half: the half repeated)."""
+
+    cos_half: torch.Tensor
+    sin_half: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def make(cls, positions: int, head_dim: int, theta: float, device) -> RopeTables:
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        return cls(cos, sin, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.cos.shape[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkTables:
+    """What every layer's attention reads for one chunk, on the device, made once per forward (a
+    static decode step: written in place into persistent buffers)."""
+
+    positions: torch.Tensor
+    """[t] int32: each row's position in its sequence."""
+    slots: torch.Tensor
+    """[t] int32: each row's KV slot; -1 for a padding row."""
+    lengths: torch.Tensor
+    """[t] int32: keys each row's sequence holds once this chunk is cached (decode attention reads
+    that many); 0 for a padding row."""
+    rows: torch.Tensor
+    """[t] int64: each row's flat cache row (padding rows: the trash block)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    """[t, d] in the model dtype."""
+    rope: RopeTables
+    decode: bool
+    """A decode group: one token per row, each row its own sequence."""
+    key_blocks: int = 0
+    """Blocks the torch path's decode gather reads (the group's longest sequence)."""
+    mask: torch.Tensor | None = None
+    """[t, 1, 1, key_blocks * block_size] True where key j is inside row i's sequence (decode)."""
+
+
+def chunk_tables(cache: KVCache, rope: RopeTables, chunk: Chunk | None, meta: torch.Tensor,
+                 dtype: torch.dtype, key_blocks: int = 0) -> ChunkTables:
+    """`meta` [3, t] int32 on the device: positions, slots (-1: padding), lengths. `key_blocks` (decode
+    groups): blocks of the longest sequence (known on the host). `chunk` None: a static decode
+    group (one token per row, padding rows included)."""
+    positions, slots, lengths = meta[0], meta[1], meta[2]
+    table_rows = torch.where(slots < 0, cache.padding_slot, slots)
+    rows = cache.rows(table_rows, positions)
+    pos = positions.long()
+    cos, sin = rope.cos[pos].to(dtype), rope.sin[pos].to(dtype)
+    decode = chunk is None or _is_group(chunk)
+    mask = None
+    if decode:
+        n = key_blocks * cache.block_size
+        mask = (torch.arange(n, device=meta.device)[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]
+    return ChunkTables(positions, slots, lengths, rows, cos, sin, rope, decode, key_blocks, mask)
+
+
+def host_meta(chunk: Chunk, padding: int = 0) -> list[list[int]]:
+    """[positions, slots, lengths] of a chunk's rows, then `padding` padding rows."""
+    pos, slots, lengths = [], [], []
+    for seg in chunk.segments:
+        pos += range(seg.pos, seg.pos + seg.tokens)
+        slots += [seg.seq] * seg.tokens
+        lengths += [seg.keys] * seg.tokens
+    return [pos + [0] * padding, slots + [-1] * padding, lengths + [0] * padding]
+
+
+def key_blocks(chunk: Chunk, block_size: int) -> int:
+    return blocks_for(max(s.keys for s in chunk.segments), block_size)
+
+
+def _is_group(chunk: Chunk) -> bool:
+    return all(s.tokens == 1 for s in chunk.segments) and len(chunk.segments) > 1
+
+
+# ---- the torch path ---------------------------------------------------------------------------------
+def linear(a: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bias: str) -> torch.Tensor:
+    return torch.addmm(w[bias], a, w[name]) if bias in w else a @ w[name]
+
+
+def project_qkv(model, w: Mapping[str, torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """The fused projection [t, (heads + 2 kv) * d] (bias included): one GEMM."""
+    return linear(a, w, "wqkv", "bqkv")
+
+
+def split_qkv(model, qkv: torch.Tensor):
+    d = model.head_size
+    q, k, v = qkv.split([model.heads * d, model.kv_heads * d, model.kv_heads * d], dim=-1)
+    return q, k, v
+
+
+def norm_and_rotate(model, w: Mapping[str, torch.Tensor], qkv: torch.Tensor, tables: ChunkTables):
+    """q [t, heads, d], k and v [t, kv_heads, d] of the fused projection, normed and rotated."""
+    eps, d, t = model.norm_eps, model.head_size, qkv.shape[0]
+    q, k, v = split_qkv(model, qkv)
+    if model.qk_norm == "full":
+        q, k = rmsnorm(q, w["q_norm"], eps), rmsnorm(k, w["k_norm"], eps)
+    q, k, v = q.reshape(t, model.heads, d), k.reshape(t, model.kv_heads, d), v.reshape(t, model.kv_heads, d)
+    if model.qk_norm == "per_head":
+        q, k = rmsnorm(q, w["q_norm"], eps), rmsnorm(k, w["k_norm"], eps)
+    return _rotate(q, tables.cos, tables.sin), _rotate(k, tables.cos, tables.sin), v
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,83 +148,52 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def _linear(a: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bias: str) -> torch.Tensor:
-    out = a @ w[name]
-    return out + w[bias] if bias in w else out
+def attend_decode(cache: KVCache, layer: int, q: torch.Tensor, tables: ChunkTables) -> torch.Tensor:
+    """A decode group's attention: q [g, heads, d] over each row's cached keys -> [g, heads * d]."""
+    slots = torch.where(tables.slots < 0, cache.padding_slot, tables.slots)
+    ks, vs = cache.gather(layer, slots, tables.key_blocks)  # [g, kv, n, d]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=tables.mask, enable_gqa=True)
+    return o[:, :, 0, :].reshape(q.shape[0], -1)
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkTables:
-    """What every layer's attention needs for one chunk and reuses: the RoPE tables of its
-    positions and, for a decode group, the key-length mask. Made once per forward, on the
-    device, from the positions tensor (no host sync)."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    group_mask: torch.Tensor | None
-    """[g, 1, 1, n] True where key j is inside sequence i (decode groups only)."""
-
-
-def chunk_tables(model, chunk: Chunk, positions: torch.Tensor, dtype: torch.dtype) -> ChunkTables:
-    """`positions` [t]: the chunk's token positions, on the device."""
-    cos, sin = rope_tables(positions, model.head_size, model.rope_theta, dtype)
-    mask = None
-    if _is_group(chunk):
-        n = max(s.keys for s in chunk.segments)
-        mask = (torch.arange(n, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
-    return ChunkTables(cos, sin, mask)
-
-
-def _is_group(chunk: Chunk) -> bool:
-    return all(s.tokens == 1 for s in chunk.segments) and len(chunk.segments) > 1
-
-
-def project_qkv(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, tables: ChunkTables):
-    """q [t, heads, d], k and v [t, kv_heads, d] of normed rows a [t, H], normed and rotated."""
-    eps, d = model.norm_eps, model.head_size
-    q, k, v = _linear(a, w, "wq", "bq"), _linear(a, w, "wk", "bk"), _linear(a, w, "wv", "bv")
-    if model.qk_norm == "full":
-        q, k = rmsnorm(q, w["q_norm"], eps), rmsnorm(k, w["k_norm"], eps)
-    t = a.shape[0]
-    q, k, v = q.view(t, model.heads, d), k.view(t, model.kv_heads, d), v.view(t, model.kv_heads, d)
-    if model.qk_norm == "per_head":
-        q, k = rmsnorm(q, w["q_norm"], eps), rmsnorm(k, w["k_norm"], eps)
-    return _rotate(q, tables.cos, tables.sin), _rotate(k, tables.cos, tables.sin), v
-
-
-def attend(cache: KVCache, layer: int, chunk: Chunk, q: torch.Tensor, k: torch.Tensor,
-           v: torch.Tensor, tables: ChunkTables) -> torch.Tensor:
-    """Write the chunk's k, v to the cache and return the attention output [t, heads * d]."""
+def attend_prefill(cache: KVCache, layer: int, chunk: Chunk, q: torch.Tensor, tables: ChunkTables) -> torch.Tensor:
+    """Each segment over its sequence's cached keys (earlier chunks and its own), causal."""
+    out = torch.empty_like(q)
     lo = chunk.lo
     for seg in chunk.segments:
-        rows = slice(seg.lo - lo, seg.hi - lo)
-        cache.write(layer, seg, k[rows], v[rows])
-    t, heads, d = q.shape
-    if tables.group_mask is not None:  # decode: one batched call over the group
-        n = tables.group_mask.shape[-1]
-        ks, vs = cache.group(layer, chunk.sequences, n)  # [g, kv, n, d]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=tables.group_mask,
-                                           enable_gqa=True)
-        return o[:, :, 0, :].reshape(t, heads * d)
-    out = torch.empty_like(q)
-    for seg in chunk.segments:
-        rows = slice(seg.lo - lo, seg.hi - lo)
-        ks, vs = cache.keys(layer, seg.seq, seg.keys)
-        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, t_seg, d]
+        r = seg.lo - lo
+        ks, vs = cache.gather(layer, tables.slots[r:r + 1], blocks_for(seg.keys, cache.block_size))
+        ks, vs = ks[:, :, :seg.keys], vs[:, :, :seg.keys]
+        qs = q[r:r + seg.tokens].transpose(0, 1).unsqueeze(0)  # [1, heads, t_seg, d]
         mask = causal_lower_right(seg.tokens, seg.keys) if seg.pos and seg.tokens > 1 else None
-        o = F.scaled_dot_product_attention(qs, ks.unsqueeze(0), vs.unsqueeze(0), attn_mask=mask,
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
                                            is_causal=seg.pos == 0 and seg.tokens > 1, enable_gqa=True)
-        out[rows] = o[0].transpose(0, 1)
-    return out.reshape(t, heads * d)
+        out[r:r + seg.tokens] = o[0].transpose(0, 1)
+    return out.reshape(q.shape[0], -1)
 
 
-def attention_block(model, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache: KVCache,
-                    layer: int, chunk: Chunk, tables: ChunkTables, a: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-    """x + attention(x): the residual stream after layer `layer`'s attention. `a`, when given,
-    is rmsnorm(x) * attn_norm already computed (fused with the residual add that made x)."""
-    if a is None:
-        a = rmsnorm(x, w["attn_norm"], model.norm_eps)
-    q, k, v = project_qkv(model, w, a, tables)
-    o = attend(cache, layer, chunk, q, k, v, tables)
-    return x + _linear(o, w, "wo", "bo")
+def attention_torch(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache: KVCache, layer: int,
+                    chunk: Chunk, tables: ChunkTables) -> torch.Tensor:
+    """The attention output [t, heads * d] of normed rows a [t, H]; k, v written to the cache."""
+    q, k, v = norm_and_rotate(model, w, project_qkv(model, w, a), tables)
+    cache.write(layer, tables.rows, k, v)
+    if tables.decode:
+        return attend_decode(cache, layer, q, tables)
+    return attend_prefill(cache, layer, chunk, q, tables)
+
+
+def fuse_qkv(weights: dict[str, torch.Tensor], layers) -> None:
+    """Replace each layer's wq, wk, wv (and bq, bk, bv) by column views of one fused tensor, made
+    once at set-up (idempotent): the projection is then one GEMM."""
+    from pyengine.model.tensors import weight_key
+
+    for layer in layers:
+        for fused, parts in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
+            keys = [weight_key(p, layer) for p in parts]
+            if weight_key(fused, layer) in weights or not all(k in weights for k in keys):
+                continue
+            dim = weights[keys[0]].dim() - 1
+            cat = torch.cat([weights[k] for k in keys], dim=dim)
+            weights[weight_key(fused, layer)] = cat
+            for k, piece in zip(keys, cat.split([weights[k].shape[dim] for k in keys], dim=dim)):
+                weights[k] = piece

@@ -39,24 +39,31 @@ def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torc
     batch = Batch.prefill(list((batch or Batch.of_spec(spec)).new), 1)
     chunk = batch.chunks[0]
     cache = tables = None
-    if spec.model.layered:
-        import torch
+    import torch
 
+    from pyengine.model.ops import ops_for
+
+    ops = ops_for(one, ids.device)
+    if spec.model.layered:
         from pyengine.core.dtypes import torch_dtype
-        from pyengine.model.attention import chunk_tables
+        from pyengine.model.attention import RopeTables, chunk_tables, fuse_qkv, host_meta, key_blocks
         from pyengine.model.kv_cache import KVCache
 
         dtype = torch_dtype(spec.model.dtype)
         cache = KVCache(spec, batch.sequences, max(batch.lengths), ids.device, dtype)
-        positions = torch.tensor(batch.positions()).to(ids.device, non_blocking=True)
-        tables = chunk_tables(spec.model, chunk, positions, dtype)
+        cache.grow(dict(enumerate(batch.lengths)))
+        rope = RopeTables.make(cache.capacity, spec.model.head_size, spec.model.rope_theta, ids.device)
+        meta = torch.tensor(host_meta(chunk), dtype=torch.int32).to(ids.device, non_blocking=True)
+        tables = chunk_tables(cache, rope, chunk, meta, dtype, key_blocks(chunk, cache.block_size))
+        w = dict(w)  # the fused projection is added beside the caller's tensors, not into its dict
+        fuse_qkv(w, embed.layers())
     inputs: dict = {}
     for layer in embed.layers():
         lw = LayerWeights(w, layer)
-        out = embed.compute(lw, ids, inputs, Work(layer, chunk, cache, tables))
-        moe = experts.compute(lw, ids, {Payload.ACT: [out[Payload.ACT]]}, Work(layer, chunk))
+        out = embed.compute(lw, ids, inputs, Work(layer, chunk, cache, tables, ops=ops))
+        moe = experts.compute(lw, ids, {Payload.ACT: [out[Payload.ACT]]}, Work(layer, chunk, ops=ops))
         inputs = {Payload.RESID: [out[Payload.RESID]], Payload.PARTIAL: [moe[Payload.PARTIAL]]}
     last = output.layers()[0]
-    logits = output.compute(LayerWeights(w, last), ids, inputs, Work(last, chunk))
+    logits = output.compute(LayerWeights(w, last), ids, inputs, Work(last, chunk, ops=ops))
     return logits[Payload.LOGITS][0]
 

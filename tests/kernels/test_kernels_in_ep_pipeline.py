@@ -7,17 +7,15 @@ tokens and choices)."""
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-import pyengine.model.stages.expert_parallel as ep_stage
 from execute.test_pipeline_ep import CASES, FP32_ATOL, FP32_RTOL, _expected
 from helpers import on_threads
 from pyengine.execute.engine import Engine
-from pyengine.kernels.moe_expert_shard import moe_expert_shard
+from pyengine.model.ops_triton import TritonOps
 from pyengine.model.weights import make_tokens
 from pyengine.transport.local import LocalTransport
 
@@ -26,18 +24,18 @@ PICKED = ("even-split", "uneven-with-gpu0", "top3-asready", "empty-ranks")
 
 @pytest.fixture
 def kernels_everywhere(monkeypatch):
-    """expert_ffn's CUDA branch on any device: the kernels, skip_ids and all. Triton's interpreter
-    patches module state while a kernel runs, so the ranks' threads take turns (compiled kernels
-    on a GPU need no lock)."""
-    calls, interpreter = [], threading.Lock()
+    """The Triton path on any device (PYENGINE_KERNELS=triton): the expert stage calls
+    moe_expert_shard as on CUDA, skip_ids and all (the ranks' threads take turns in the
+    interpreter: TritonOps serialises its launches there)."""
+    calls = []
+    experts = TritonOps.experts
 
-    def via_kernels(w, u, top_ids, top_w, skip_ids=False):
+    def counted(self, w, u, top_ids, top_w, skip_ids=False):
         calls.append(int(top_ids.shape[0]))
-        with interpreter:
-            return moe_expert_shard(u, w["w_gate"], w["w_up"], w["w_down"], top_ids, top_w,
-                                    check_ids=False, skip_ids=skip_ids)
+        return experts(self, w, u, top_ids, top_w, skip_ids)
 
-    monkeypatch.setattr(ep_stage, "expert_ffn", via_kernels)
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    monkeypatch.setattr(TritonOps, "experts", counted)
     return calls
 
 

@@ -56,6 +56,19 @@ class Work:
     tables: Any = None
     logits_all: bool = True
     """False: the output head computes only the chunk's last-token rows (chunk.last_rows)."""
+    ops: Any = None
+    """The rank's kernels (pyengine.model.ops: the torch or the Triton path, prepared once);
+    None: the default path for the tensors' device."""
+    static: bool = False
+    """A static decode step: fixed-size messages (every row of the chunk), padding rows routed
+    nowhere (expert id -1), nothing sized by the data."""
+
+    def kernels_for(self, device) -> Any:
+        if self.ops is not None:
+            return self.ops
+        from pyengine.model.ops import ops_for
+
+        return ops_for(None, device)
 
 
 class Stage:
@@ -146,9 +159,9 @@ class Stage:
         """The model part this rank holds for this stage (the module-division verdict)."""
         raise NotImplementedError
 
-    def from_router(self, u: Any, top_ids: Any, top_w: Any) -> dict[Payload, Any]:
+    def from_router(self, u: Any, top_ids: Any, top_w: Any, static: bool = False) -> dict[Payload, Any]:
         """Experts stages only: the router's output (u, top-k ids, top-k weights) packaged as
-        the payload(s) this stage consumes."""
+        the payload(s) this stage consumes (`static`: every row to every consumer)."""
         raise NotImplementedError
 
     def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,

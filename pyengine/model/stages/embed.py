@@ -118,23 +118,29 @@ class EmbedStage(Stage):
             x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
         else:
             x, u, top_ids, top_w = self._layer(weights, ids, inputs, work)
-        return {**self.consumer.from_router(u, top_ids, top_w), Payload.RESID: (x,),
+        static = work is not None and work.static
+        return {**self.consumer.from_router(u, top_ids, top_w, static), Payload.RESID: (x,),
                 Payload.ROUTES: (top_ids,)}
 
     def _layer(self, w: Mapping[str, Any], ids, inputs: Inputs, work: Work):
-        from pyengine.model.attention import attention_block
-        from pyengine.model.math import add_partials_and_norm, rmsnorm, route
+        import torch
+
+        from pyengine.model.attention import linear
+        from pyengine.model.math import rmsnorm
 
         m = self.spec.model
-        a = None
+        ops = work.kernels_for(w["norm_in"].device)
         if self._after_first(work.layer):
             (x,), = inputs[Payload.RESID]
-            x, a = add_partials_and_norm(x, self.boundary.gather(inputs, x.shape[0]), w["attn_norm"], m.norm_eps)
+            x, a = ops.residual_norm(x, self.boundary.gather(inputs, x.shape[0]), w["attn_norm"], m.norm_eps)
         else:
             x = w["embed"][ids]
-        x = attention_block(m, w, x, work.cache, work.layer, work.chunk, work.tables, a)
-        u = rmsnorm(x, w["norm_in"], m.norm_eps)
-        top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize)
+            a = rmsnorm(x, w["attn_norm"], m.norm_eps)
+        o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
+        x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
+        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize)
+        if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
+            top_ids = torch.where(work.tables.slots[:, None] >= 0, top_ids, -1)
         return x, u, top_ids, top_w
 
 

@@ -19,7 +19,7 @@ from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.stages.experts import EXPERT_WEIGHTS, expert_ffn
+from pyengine.model.stages.experts import EXPERT_WEIGHTS
 
 
 class ExpertParallelStage(Stage):
@@ -96,14 +96,21 @@ class ExpertParallelStage(Stage):
         return f"experts {_ranges(self.placement[rank])}"
 
     # ---- compute ---------------------------------------------------------------------------
-    def from_router(self, u, top_ids, top_w) -> dict[Payload, Any]:
+    def from_router(self, u, top_ids, top_w, static: bool = False) -> dict[Payload, Any]:
         """The router's output packaged for each expert GPU: its tokens only (the router's own
-        GPU keeps the full u and reads its rows by token index, without a copy)."""
+        GPU keeps the full u and reads its rows by token index, without a copy). `static` (a
+        decode step): every row to every expert GPU, choices held elsewhere as -1 — a fixed-size
+        message, no row counts to bring to the host (at decode the rows are few and the expert
+        weights, not the activations, are what moves)."""
         import torch
 
         embed_rank = self.spec.stage("embed").gpus[0]
         luts = self._lut(u.device)
-        local = {rank: lut[top_ids.long()] for rank, lut in luts.items()}  # [t, k]; -1: elsewhere
+        ids = top_ids.long()
+        # [t, k] local ids; -1: held elsewhere (or a padding row's -1, kept)
+        local = {rank: torch.where(ids < 0, -1, lut[ids.clamp(min=0)]) for rank, lut in luts.items()}
+        if static:
+            return {Payload.DISPATCH: self._dense(u, local, top_w)}
         sent = torch.stack([(loc >= 0).any(dim=1) for loc in local.values()])  # [ranks, t]
         counts = sent.sum(dim=1).tolist()  # intended sync: every GPU's row count sizes its send
         order = torch.argsort((~sent).to(torch.int8), dim=1, stable=True)  # sent tokens first, in order
@@ -114,6 +121,16 @@ class ExpertParallelStage(Stage):
             w = torch.where(loc[idx] >= 0, top_w[idx], torch.zeros((), dtype=top_w.dtype, device=u.device))
             out[rank] = (u if rank == embed_rank else u[idx], meta, w.contiguous())
         return {Payload.DISPATCH: out}
+
+    def _dense(self, u, local: dict, top_w) -> PerRank:
+        import torch
+
+        token = torch.arange(u.shape[0], device=u.device, dtype=torch.int32).unsqueeze(1)
+        out = PerRank()
+        for rank, loc in local.items():
+            w = torch.where(loc >= 0, top_w, torch.zeros((), dtype=top_w.dtype, device=u.device))
+            out[rank] = (u, torch.cat([token, loc], dim=1), w)
+        return out
 
     def _lut(self, device) -> dict[int, Any]:
         """Per expert GPU: global expert id -> local index there (or -1), on `device`."""
@@ -139,7 +156,7 @@ class ExpertParallelStage(Stage):
         u = rows[token.long()] if rows.shape[0] != n else rows
         # local holds -1 for a choice held by another GPU: the kernels leave it out on the device
         # (no host sync to list this GPU's pairs), and sum each token's own choices in fp32.
-        y = expert_ffn(weights, u, local, w, skip_ids=True)
+        y = (work or Work(None, None)).kernels_for(u.device).experts(weights, u, local, w, skip_ids=True)
         return {Payload.COMBINE: (y, meta[:, :1].contiguous())}
 
 

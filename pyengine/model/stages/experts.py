@@ -1,8 +1,8 @@
 """Stage 1 (experts, tensor-parallel): each rank holds columns F_r of every expert and computes
 its partial y_r = sum over chosen (e, w) of w * (silu(u @ w_gate[e]) * (u @ w_up[e])) @ w_down[e].
 
-On CUDA the Triton kernels of pyengine.kernels run it; on CPU the same math runs in torch
-(the kernels themselves are tested on CPU under the Triton interpreter)."""
+The rank's ops run it (pyengine.model.ops): the Triton kernels of pyengine.kernels on the Triton path
+(the default on CUDA), the same math in torch on the torch path."""
 
 from __future__ import annotations
 
@@ -71,35 +71,14 @@ class ExpertsStage(Stage):
         a, b = self._cols[rank]
         return f"experts F[{a}:{b}]"
 
-    def from_router(self, u, top_ids, top_w) -> dict[Payload, Any]:
+    def from_router(self, u, top_ids, top_w, static: bool = False) -> dict[Payload, Any]:
         """The router's output packaged for this stage: every shard needs every token."""
         return {Payload.ACT: (u, top_ids, top_w)}
 
     def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
                 work: Work | None = None) -> dict[Payload, tuple]:
         (u, top_ids, top_w), = inputs[Payload.ACT]
-        return {Payload.PARTIAL: (expert_ffn(weights, u, top_ids, top_w),)}
-
-
-def expert_ffn(w: Mapping[str, Any], u, top_ids, top_w, skip_ids: bool = False):
-    """This shard's partial y_r [T, H] in u.dtype (every expert's F_r columns in `w`).
-    skip_ids: ids of -1 are choices held elsewhere (expert parallel) and add nothing."""
-    if u.device.type == "cuda":
-        from pyengine.kernels.moe_expert_shard import moe_expert_shard
-
-        # ids come from our own router (in range by construction): skip the range check,
-        # whose host sync would stall the asynchronous issue of the pipeline.
-        return moe_expert_shard(u, w["w_gate"], w["w_up"], w["w_down"], top_ids, top_w,
-                                check_ids=False, skip_ids=skip_ids)
-    import torch
-    import torch.nn.functional as F
-
-    y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
-    for e in torch.unique(top_ids).tolist():
-        if e < 0 and skip_ids:
-            continue
-        tok, slot = (top_ids == e).nonzero(as_tuple=True)
-        ue = u[tok]
-        a = F.silu(ue @ w["w_gate"][e]) * (ue @ w["w_up"][e])
-        y.index_add_(0, tok, (a @ w["w_down"][e]).float() * top_w[tok, slot, None])
-    return y.to(u.dtype)
+        work = work or Work(None, None)
+        # a static step's padding rows carry expert id -1: left out like a choice held elsewhere
+        y = work.kernels_for(u.device).experts(weights, u, top_ids, top_w, skip_ids=work.static)
+        return {Payload.PARTIAL: (y,)}

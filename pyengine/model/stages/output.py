@@ -67,13 +67,12 @@ class OutputStage(Stage):
             if not rows:
                 return {Payload.LOGITS: (x.new_empty(0, self.spec.model.vocab_size),)}
             if len(rows) < x.shape[0]:  # a decode group's rows are all last: no gather
-                x, partials = x[rows], [p[rows] for p in partials]
-        return {Payload.LOGITS: (output_head(self.spec, weights, x, partials),)}
+                import torch
 
-
-def output_head(spec, w: Mapping[str, Any], x, partials: list):
-    """logits [T, V] from the residual x and the experts' partial sums."""
-    from pyengine.model.math import add_partials_and_norm
-
-    _, normed = add_partials_and_norm(x, partials, w["norm_out"], spec.model.norm_eps, keep_residual=False)
-    return normed @ w["out"]
+                # a pageable copy the driver stages (no stream sync), not a host list as the index
+                idx = torch.tensor(rows).to(x.device, non_blocking=True)
+                x, partials = x.index_select(0, idx), [p.index_select(0, idx) for p in partials]
+        ops = (work or Work(None, None)).kernels_for(x.device)
+        _, normed = ops.residual_norm(x, partials, weights["norm_out"], self.spec.model.norm_eps,
+                                      keep_residual=False)
+        return {Payload.LOGITS: (normed @ weights["out"],)}
