@@ -130,3 +130,18 @@ def pack_sampling(rows: Sequence[tuple[SamplingLike, int]], device: torch.device
     block = torch.cat([floats.view(torch.int64), ints]).to(device, non_blocking=True)
     as_float = block[:2].view(torch.float64).float()
     return as_float[0], block[2], as_float[1], block[3], block[4]
+
+
+class _Greedy:
+    temperature, top_k, top_p, seed = 0.0, 0, 1.0, 0
+
+
+def sample_rows(logits: torch.Tensor, plan, rows: Sequence[int]) -> torch.Tensor:
+    """An id for every row of logits [R, V] of a step: plan.work[i]'s row is rows[i]; a sampled
+    work's row is drawn by its own settings and index, every other row (a prefill chunk that draws
+    nothing, a static step's padding) greedily. `plan`: a pyengine StepPlan."""
+    settings: list[tuple[SamplingLike, int]] = [(_Greedy, 0)] * logits.shape[0]
+    for w, row in zip(plan.work, rows):
+        if w.sample:
+            settings[row] = (w.sampling, w.index)
+    return sample(logits, *pack_sampling(settings, logits.device))

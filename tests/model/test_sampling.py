@@ -282,3 +282,22 @@ def test_sampling_on_the_gpu_waits_on_nothing_and_matches_the_cpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.cpu(), want)
+
+
+def test_sample_rows_draws_each_sampled_work_by_its_own_settings_and_the_rest_greedily():
+    from pyengine.execute.step_plan import Sampling, SeqWork, StepPlan
+    from pyengine.model.sampling import sample_rows
+
+    torch.manual_seed(6)
+    logits = torch.randn(6, 37)  # 4 works at rows 3, 0, 5, 1; rows 2 and 4 are padding
+    works = (SeqWork(0, (1,), 4, True, Sampling(0.9, 5, 0.9, 11), 3),
+             SeqWork(1, (2, 3), 0, False, Sampling(0.9, 0, 1.0, 12), 0),  # a chunk that draws nothing
+             SeqWork(2, (4,), 9, True, Sampling(), 7),
+             SeqWork(3, (5,), 2, True, Sampling(1.3, 0, 0.5, 2**62), 1))
+    rows = [3, 0, 5, 1]
+    got = sample_rows(logits, StepPlan(works), rows)
+    for w, row in zip(works, rows):
+        s = w.sampling if w.sample else Sampling()
+        alone = sample(logits[row:row + 1], *settings(1, s.temperature, s.top_k, s.top_p, s.seed, w.index))
+        assert got[row].item() == alone.item()
+    assert got[2].item() == logits[2].argmax().item() and got[4].item() == logits[4].argmax().item()
