@@ -47,6 +47,8 @@ class Limits:
     max_positions: int | None = None
     """The model's longest sequence (None: no limit)."""
     vocab_size: int | None = None
+    capacity: int | None = None
+    """Tokens one sequence may hold in the KV cache (its block table's length; None: no limit)."""
 
     def __post_init__(self) -> None:
         from pyengine.core.limits import MAX_INT, check_number
@@ -67,6 +69,10 @@ class Limits:
         if self.max_positions is not None and total > self.max_positions:
             raise InputError(field, prompt_tokens, f"tokens + {steps_field} {max_new_tokens} = {total} exceed "
                                                    f"the model's {self.max_positions} positions")
+        if self.capacity is not None and total > self.capacity:
+            raise InputError(field, prompt_tokens, f"tokens + {steps_field} {max_new_tokens} = {total} exceed "
+                                                   f"the {self.capacity} tokens a sequence may hold in this "
+                                                   "server's KV cache")
         need = self.blocks_for(total)
         if need > self.blocks:
             raise InputError(field, prompt_tokens, f"tokens + {steps_field} {max_new_tokens} = {total} need "

@@ -26,7 +26,7 @@ ALLOWED = {
     "cli": {"core", "model", "schedule", "predict", "execute", "transport", "report", "commbench",
             "kernels", "serve"},
     "_native": set(),
-    "__init__": {"core", "execute"},
+    "__init__": {"core", "execute", "serve"},
     "__main__": {"cli"},
 }
 
