@@ -118,13 +118,16 @@ def _common(body: dict, has_text: bool, max_tokens_field: str = "max_tokens") ->
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise bad("stream", stream, "must be true or false")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos", ignore_eos, "must be true or false")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options", options, "must be an object")
     try:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
                                 top_k=max(0, top_k), top_p=float(top_p), seed=_seed(body, temperature),
-                                stop_token_ids=_stop_ids(body))
+                                stop_token_ids=_stop_ids(body), ignore_eos=ignore_eos)
     except InputError as e:
         raise ApiError.from_input(e) from None
     return params, _stop(body, has_text), bool(stream), bool(options.get("include_usage", False))

@@ -38,6 +38,9 @@ class SamplingParams:
     """The noise's counter key: the same seed gives the same ids whatever else runs."""
     stop_token_ids: tuple[int, ...] = ()
     """Ids that end the request (kept as its last id), beside the model's end-of-sequence ids."""
+    ignore_eos: bool = False
+    """Run on past the model's end-of-sequence ids (to max_new_tokens or a stop id): fixed-length
+    outputs for benchmarks."""
 
     def __post_init__(self) -> None:
         from pyengine.model.prompts import MAX_NEW_TOKENS
@@ -47,6 +50,8 @@ class SamplingParams:
         check_number("top_k", self.top_k, lo=0, hi=2**31 - 1, integer=True)
         check_number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
         check_number("seed", self.seed, lo=0, hi=MAX_SAMPLING_SEED, integer=True)
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError("ignore_eos", self.ignore_eos, "must be true or false")
         ids = self.stop_token_ids
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise InputError("stop_token_ids", ids, "must be a list of token ids")

@@ -97,7 +97,8 @@ class Session:
         rid = next(self._ids)
         handle = RequestHandle(rid, len(prompt), None if self.background else self._pump)
         handle._abort = lambda: self._post(("abort", rid))
-        stop = self.scheduler.model_stop_ids | frozenset(params.stop_token_ids)
+        model_stops = frozenset() if params.ignore_eos else self.scheduler.model_stop_ids
+        stop = model_stops | frozenset(params.stop_token_ids)
         self._post(("submit", Request(rid, prompt, params, stop), handle))
         return handle
 
@@ -140,6 +141,7 @@ class Session:
         self._apply_inbox()
         plan = self.scheduler.schedule()
         if plan is None:
+            self.on_action("serve: idle", False)  # progress for the launcher's watch
             if self.channel is not None:
                 self.channel.send(Kind.IDLE)
             self._publish_finished()
