@@ -31,9 +31,9 @@ DISCONNECT_POLL_S = 0.25
 
 class Frontend:
     def __init__(self, session: Session, codec: TextCodec, *, model: str, metrics=None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, device: str = ""):
         self.session, self.codec, self.model, self.metrics = session, codec, model, metrics
-        self.max_model_len = max_model_len
+        self.max_model_len, self.device = max_model_len, device
         self.unavailable = ""
         """Why /health says 503 (shutting down, a rank failed); empty while healthy."""
         self._ids = itertools.count()
@@ -53,12 +53,12 @@ class Frontend:
         async def health():
             if self.unavailable:
                 return JSONResponse({"status": "unavailable", "reason": self.unavailable}, status_code=503)
-            return {"status": "ok"}
+            return {"status": "ok", "device": self.device}
 
         @app.get("/v1/models")
         async def models():
             card = {"id": self.model, "object": "model", "created": 0, "owned_by": "pyengine",
-                    "max_model_len": self.max_model_len}
+                    "max_model_len": self.max_model_len, "vocab_size": self.session.limits.vocab_size}
             return {"object": "list", "data": [card]}
 
         @app.get("/metrics")

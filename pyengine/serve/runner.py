@@ -101,7 +101,8 @@ def _serve_root(ctx, opts: ServeOptions, setup: LoopSetup, channel) -> ServeOutc
                       on_action=ctx.on_action)
     session.observer = ServeMetrics(session, setup.kv_blocks_used)
     frontend = Frontend(session, TextCodec.for_folder(opts.tokenizer_dir), model=opts.model,
-                        metrics=session.observer, max_model_len=setup.limits.max_positions)
+                        metrics=session.observer, max_model_len=setup.limits.capacity or setup.limits.max_positions,
+                        device=str(ctx.device))
     http = HttpThread(frontend.app(), opts.host, opts.port)
     port = http.start()
     print(f"pyengine serve: listening on http://{opts.host}:{port} (model {opts.model!r})", flush=True)
