@@ -1,6 +1,12 @@
 """MoE kernels vs cuBLAS baselines at the seed shapes (GPU only).
 
     python bench/bench_kernels.py [--tokens 1 8 16 32 64 256 1024] [--dtype bf16] [--peak-tflops X] [--json]
+    python bench/bench_kernels.py --decode [--json]   # decode path: paged attention, align
+
+--decode rows: paged split-K decode attention (32 heads, 8 kv heads, d 128, 16-key blocks) for
+8/64/256 sequences x 1k/4k/8k positions, its K/V bytes read / time beside the copy rate, with
+torch SDPA over a contiguous cache as the baseline; and the single-launch align against the
+torch alignment it replaced (~15 launches), at decode and prefill pair counts.
 
 Decode shapes (1-64 tokens per TP shard) stream the experts' weights: each row also reports the
 weight bytes the op reads (the experts this routing touches), the achieved GB/s and its share of a
@@ -12,6 +18,7 @@ row), so a run cut off returns every row that finished.
 Ops: column (gather + gate/up GEMMs + SwiGLU), row (down GEMM + router weight + k-sum) and
 the whole shard (align + both). Providers, all from the same run:
   triton   pyengine.kernels (the shard with check_ids=False, as the pipeline calls it)
+  prepared pyengine.kernels' ExpertShard (configs picked once, buffers kept: 4 launches)
   loop     torch per-expert loop on cuBLAS (sort, gather, per-expert GEMMs, index_add)
   grouped  torch._grouped_mm over expert-sorted rows (where this torch/GPU has it)
   dense    one cuBLAS GEMM of the same FLOPs (no routing): the practical ceiling
@@ -49,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--decode", action="store_true",
+                   help="the decode path instead: paged decode attention and the align")
+    p.add_argument("--seqs", type=int, nargs="+", default=[8, 64, 256], help="--decode: sequences")
+    p.add_argument("--positions", type=int, nargs="+", default=[1024, 4096, 8192],
+                   help="--decode: keys per sequence")
     return p.parse_args(argv)
 
 
@@ -159,7 +171,7 @@ def bench_tokens(T, args, dtype, log):
 
     from pyengine.kernels.moe_align import moe_align_block_size
 
-    from pyengine.kernels.moe_expert_shard import moe_expert_shard
+    from pyengine.kernels.moe_expert_shard import ExpertShard, moe_expert_shard
     from pyengine.kernels.moe_column_swiglu import moe_column_swiglu
     from pyengine.kernels.moe_row_down import moe_row_down
 
@@ -173,6 +185,7 @@ def bench_tokens(T, args, dtype, log):
     ids = torch.rand(T, E, device=dev, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
     w = torch.softmax(torch.randn(T, k, device=dev, generator=g), dim=1)
     wgu = torch.cat([wg, wu], dim=2)  # grouped/dense baselines: gate and up in one GEMM
+    prepared = ExpertShard(E, H, F, k, dtype, dev)
     order, counts = sort_pairs(ids, E)
     touched = int((counts > 0).sum())
     shape = dict(device=dev, dtype=dtype, E=E, H=H, F=F, num_tokens=T, top_k=k)
@@ -198,6 +211,7 @@ def bench_tokens(T, args, dtype, log):
             "dense": lambda: a_sorted @ wd[0]},
         "shard": {
             "triton": lambda: moe_expert_shard(u, wg, wu, wd, ids, w, check_ids=False),
+            "prepared": lambda: prepared(u, wg, wu, wd, ids, w),
             "loop": lambda: loop_shard(u, wg, wu, wd, ids, w, E, k, T),
             "grouped": lambda: grouped_row(grouped_column(u, wgu, order, counts, k), wd, w,
                                            order, counts, k, T),
@@ -261,6 +275,127 @@ def print_rows(env, rows, peak):
                  "x loop", "x dense", "% peak", "weights GB/s", "% copy", "published us", "note"], table)
 
 
+# ---- --decode: paged decode attention and the align -------------------------------------------
+DECODE_ATTN = dict(heads=32, kv_heads=8, head_dim=128, block_size=16)  # the seed model's attention
+ALIGN_CASES = [(1, 8, 256, 16), (64, 8, 256, 16), (256, 2, 8, 16), (8192, 8, 256, 64)]  # T, k, E, block_m
+
+
+def kv_bytes(seqs: int, positions: int, kv_heads: int, head_dim: int, elem: int) -> int:
+    """K and V bytes one decode step's attention must read: every cached key and value once."""
+    return 2 * seqs * positions * kv_heads * head_dim * elem
+
+
+def add_kv_rate(row: dict, copy_rate: float | None) -> dict:
+    """Achieved K/V read GB/s and its share of the measured copy rate."""
+    if "ms" in row and row.get("kv_bytes"):
+        row["kv_gb_s"] = row["kv_bytes"] / (row["ms"] * 1e-3) / 1e9
+        row["pct_copy"] = 100 * row["kv_gb_s"] / copy_rate if copy_rate else None
+    return row
+
+
+def add_decode_ratios(rows: list[dict]) -> None:
+    """x_baseline = the baseline's time / the row's, per (op, size): SDPA over a contiguous
+    cache for attention, the torch alignment for align."""
+    base = {(r["op"], r["size"]): r for r in rows if r["provider"] in ("sdpa", "torch") and "ms" in r}
+    for r in rows:
+        b = base.get((r["op"], r["size"]))
+        r["x_baseline"] = b["ms"] / r["ms"] if b is not None and "ms" in r else None
+
+
+def torch_align(ids, E, block_m, out):
+    """The alignment as ~15 torch launches (what the single-launch kernel replaced)."""
+    flat = ids.reshape(-1)
+    n, dev = flat.numel(), flat.device
+    key = torch.where(flat < 0, E, flat)
+    srt, order = torch.sort(key, stable=True)
+    bounds = torch.searchsorted(srt, torch.arange(E + 1, device=dev, dtype=srt.dtype))
+    counts = bounds[1:] - bounds[:-1]
+    padded = (counts + block_m - 1) // block_m * block_m
+    end = torch.cumsum(padded, 0)
+    e = srt.long().clamp(max=E - 1)
+    dest = torch.where(srt >= E, 0, (end - padded)[e] + torch.arange(n, device=dev) - bounds[e])
+    out.sorted_ids.fill_(n)
+    out.sorted_ids.scatter_reduce_(0, dest, torch.where(srt >= E, n, order).to(torch.int32), reduce="amin")
+    owner = torch.searchsorted(end, torch.arange(out.expert_ids.numel(), device=dev) * block_m, right=True)
+    out.expert_ids.copy_(torch.where(owner < E, owner, -1))
+    out.expert_counts.copy_(counts)
+    out.num_padded.copy_(end[-1:])
+
+
+def _time(fn, args) -> dict:
+    import triton
+
+    fn()  # compile outside the timed region
+    torch.cuda.synchronize()
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms,
+                                            quantiles=[0.5, 0.2, 0.8])
+    return {"ms": med, "p20_ms": p20, "p80_ms": p80}
+
+
+def bench_attention(seqs: int, positions: int, dtype, args) -> list[dict]:
+    from pyengine.kernels.decode_attention import DecodeAttention
+
+    h, kvh, d, bs = (DECODE_ATTN[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    dev, blocks = torch.device("cuda"), -(-positions // bs)
+    k_cache = torch.randn(seqs * blocks, bs, kvh, d, device=dev, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(seqs * blocks, device=dev).view(seqs, blocks).to(torch.int32)  # scattered
+    slots = torch.arange(seqs, device=dev, dtype=torch.int32)
+    lens = torch.full((seqs,), positions, device=dev, dtype=torch.int32)
+    q = torch.randn(seqs, h, d, device=dev, dtype=dtype)
+    attn, out = DecodeAttention(seqs, h, kvh, d, bs, blocks, dtype, dev), torch.empty_like(q)
+    kc = torch.randn(seqs, kvh, positions, d, device=dev, dtype=dtype)  # SDPA: contiguous per sequence
+    vc = torch.randn_like(kc)
+    size = f"{seqs}x{positions}"
+    common = dict(op="decode_attention", size=size, seqs=seqs, positions=positions,
+                  kv_bytes=kv_bytes(seqs, positions, kvh, d, q.element_size()))
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True)
+    rows = [{**common, "provider": "triton", "splits": attn.splits[seqs],
+             **_time(lambda: attn(q, k_cache, v_cache, table, slots, lens, out), args)}]
+    try:
+        rows.append({**common, "provider": "sdpa", **_time(sdpa, args)})
+    except (RuntimeError, TypeError) as e:
+        rows.append({**common, "provider": "sdpa", "error": f"{type(e).__name__}: {str(e)[:120]}"})
+    return rows
+
+
+def bench_align(T: int, k: int, E: int, block_m: int, args) -> list[dict]:
+    from pyengine.kernels.moe_align import _moe_align_block_size, empty_alignment
+
+    ids = torch.rand(T, E, device="cuda").argsort(dim=1)[:, :k].to(torch.int32).contiguous()
+    bufs = empty_alignment(T * k, E, block_m, ids.device)
+    common = dict(op="align", size=f"pairs={T * k} E={E} block_m={block_m}")
+    return [{**common, "provider": "triton", **_time(lambda: _moe_align_block_size(ids, E, block_m, bufs), args)},
+            {**common, "provider": "torch", **_time(lambda: torch_align(ids, E, block_m, bufs), args)}]
+
+
+def run_decode(args, copy_rate: float, emit) -> list[dict]:
+    dtype = dtypes.torch_dtype(args.dtype)
+    rows = []
+    for seqs in args.seqs:
+        for positions in args.positions:
+            rows += bench_attention(seqs, positions, dtype, args)
+            torch.cuda.empty_cache()
+    for case in ALIGN_CASES:
+        rows += bench_align(*case, args)
+    add_decode_ratios(rows)
+    for r in rows:
+        emit(add_kv_rate(r, copy_rate))
+    return rows
+
+
+def print_decode_rows(env, rows) -> None:
+    from pyengine.report.tables import print_table
+
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    print(f"# gpu: {env['gpu']}; copy: {env['copy_gb_s']:.0f} GB/s device-to-device, this run")
+    table = [[r["op"], r["size"], r["provider"], fmt(r.get("ms"), ".4f"), fmt(r.get("p20_ms"), ".4f"),
+              fmt(r.get("p80_ms"), ".4f"), fmt(r.get("kv_gb_s"), ".0f"), fmt(r.get("pct_copy"), ".0f"),
+              fmt(r.get("x_baseline"), ".2f"), r.get("error", "")[:40]] for r in rows]
+    print_table("Decode path kernels", [("op", "left"), ("size", "left"), ("provider", "left"), "median ms",
+                                        "p20", "p80", "K/V GB/s", "% copy", "x baseline", "note"], table)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -275,6 +410,12 @@ def main(argv=None) -> int:
     env["copy_gb_s"] = copy_rate
     if args.json:
         print(json.dumps({"env": env, "peak_tflops": peak}), flush=True)
+    if args.decode:
+        emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else (lambda r: None)
+        rows = run_decode(args, copy_rate, emit)
+        if not args.json:
+            print_decode_rows(env, rows)
+        return 0
     rows = []
     for T in args.tokens:
         done = bench_tokens(T, args, dtypes.torch_dtype(args.dtype), log)

@@ -16,7 +16,9 @@ import triton
 
 from pyengine.core import dtypes
 from pyengine.kernels import smem, tuning
-from pyengine.kernels.moe_align import max_padded_rows
+from pyengine.kernels.compile_jobs_decode import DecodeShapes, decode_jobs
+from pyengine.kernels.moe_align import max_padded_rows, moe_align_config
+from pyengine.kernels.moe_sum_pairs import moe_sum_pairs_config
 from pyengine.kernels import residual_rmsnorm as rmsnorm
 
 DTYPES = {short: dtypes.torch_dtype(name) for name, short in dtypes.SHORT.items()}
@@ -28,8 +30,15 @@ KERNELS = {
     "_moe_column_kernel": "pyengine.kernels.moe_column_swiglu",
     "_moe_row_kernel": "pyengine.kernels.moe_row_down",
     "_residual_rmsnorm_kernel": "pyengine.kernels.residual_rmsnorm",
+    "_moe_align_kernel": "pyengine.kernels.moe_align",
+    "_moe_sum_pairs_kernel": "pyengine.kernels.moe_sum_pairs",
+    "_decode_attention_split_kernel": "pyengine.kernels.decode_attention",
+    "_decode_attention_combine_kernel": "pyengine.kernels.decode_attention",
+    "_qk_rope_cache_kernel": "pyengine.kernels.qk_rope_cache",
+    "_router_topk_kernel": "pyengine.kernels.router_topk",
 }
-INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed"}
+INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed", "_chunk_experts",
+                  "_split_bounds", "_take_largest"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Shapes:
     num_partials: int  # tensors the output stage's residual+rmsnorm sums
     norm_tokens: tuple[int, ...] = ()  # rows of the residual+rmsnorm (default: tokens)
     decode_tokens: tuple[int, ...] = ()  # decode steps' rows: the expert GEMMs' decode tiles
+    decode: DecodeShapes | None = None  # the decode path's attention / router kernels, if any
 
 
 @dataclass
@@ -82,6 +92,9 @@ def build_jobs(shapes: Shapes, dtypes: list[str], arch: int, gpu: str | None = N
         for t in sorted(set(shapes.norm_tokens or shapes.tokens)):
             for job in _rmsnorm_jobs(shapes, name, t, all_configs):
                 _merge(jobs, job)
+        if shapes.decode is not None:
+            for job in decode_jobs(shapes.decode, name, Job):
+                _merge(jobs, job)
     return list(jobs.values())
 
 
@@ -109,8 +122,31 @@ def _moe_jobs(shapes: Shapes, dtype: str, f_r: int, t: int, arch: int, gpu: str,
         cand_align = tuning.align_for(None, None, fitting)
         runs += [(op, c, "candidate", cand_align) for op in tuning.OPS for c in tuning.GPU_CONFIGS[op]]
     where = f"T={t} F_r={f_r}"
-    return [job for op, cfg, source, al in runs
-            for job in _gemm_jobs(op, cfg, source, al, shapes, dtype, f_r, t, where)]
+    gemms = [job for op, cfg, source, al in runs
+             for job in _gemm_jobs(op, cfg, source, al, shapes, dtype, f_r, t, where)]
+    return gemms + [_align_job(shapes, dtype, t, align)] + _sum_pairs_jobs(shapes, dtype, t)
+
+
+def _align_job(shapes: Shapes, dtype: str, t: int, block_m: int) -> Job:
+    """The align launch of a shard call at t tokens (int32 ids) with the GEMMs' block."""
+    pairs = t * shapes.top_k
+    meta = moe_align_config(pairs, shapes.E, block_m)
+    args = ["*i32"] * 5 + [pairs, shapes.E, max_padded_rows(pairs, shapes.E, block_m)]
+    return Job("_moe_align_kernel", f"block_m={block_m}", dtype, {"num_warps": meta["num_warps"]},
+               "implied", args, meta, shapes=[f"T={t} pairs={pairs}"])
+
+
+def _sum_pairs_jobs(shapes: Shapes, dtype: str, t: int) -> list[Job]:
+    """The deterministic k-sum of a shard call (fp32 pair rows -> dtype), with and without
+    skipped ids (expert parallel's -1)."""
+    args = ["*fp32", "*i32", f"*{dtype}", shapes.H, shapes.H, shapes.H]
+    jobs = []
+    for skip in (False, True):
+        meta = dict(TOP_K=shapes.top_k, SKIP_IDS=skip, **moe_sum_pairs_config(shapes.H))
+        jobs.append(Job("_moe_sum_pairs_kernel", f"top_k={shapes.top_k},skip_ids={skip}", dtype,
+                        {"num_warps": meta["num_warps"]}, "implied", args, meta,
+                        shapes=[f"T={t} H={shapes.H}"]))
+    return jobs
 
 
 def _gemm_jobs(op: str, cfg: triton.Config, source: str, align: int, shapes: Shapes,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.launch_count import count_launch
 from pyengine.kernels.tiles import grouped_tile
 from pyengine.kernels.moe_align import MoeAlignment, max_padded_rows
 
@@ -123,14 +124,24 @@ def _moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, out, *,
         raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']}: must divide the "
                          f"alignment block_m={align.block_m}")
     tuning.check_runnable(_moe_column_kernel, u.device)
+    return _launch_column(u, w_gate if swiglu else None, w_up, align, top_k, out, config)
+
+
+def _launch_column(u, w_gate, w_up, align: MoeAlignment, top_k: int, out,
+                   config: triton.Config | None):
+    """The launch alone (no checks): SwiGLU when w_gate is given, else GELU."""
+    T, H = u.shape
+    F = w_up.shape[2]
+    rows = align.sorted_ids.numel()
     if rows == 0:
         return out
     grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]) * triton.cdiv(F, META["BLOCK_N"]),)
-    args = (u, w_gate if swiglu else w_up, w_up, out, align.sorted_ids, align.expert_ids,
-            align.num_padded, T * top_k, H, F, rows, tuning.m_bucket(T),
+    args = (u, w_gate if w_gate is not None else w_up, w_up, out, align.sorted_ids,
+            align.expert_ids, align.num_padded, T * top_k, H, F, rows, tuning.m_bucket(T),
             u.stride(0), u.stride(1), *w_up.stride(), out.stride(0), out.stride(1))
-    meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, SWIGLU=swiglu,
+    meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, SWIGLU=w_gate is not None,
                 DOT_PRECISION="ieee" if u.dtype == torch.float32 else None)  # no TF32 for fp32
+    count_launch()
     if config is None:
         _autotuned_kernel(u.device)[grid](*args, **meta)
     else:

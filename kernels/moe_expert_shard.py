@@ -1,19 +1,147 @@
 """One TP shard of the MoE block: y_r = sum over chosen (e, w) of w * act(u) @ w_down[e][F_r].
 
-align -> column GEMM (+ SwiGLU/GELU) -> row GEMM (+ router weight, k-sum). The shards'
-y_r add up to the full block's output (the caller reduces them; see residual_rmsnorm).
+align -> column GEMM (+ SwiGLU/GELU) -> row GEMM (+ router weight) -> k-sum and cast. The
+shards' y_r add up to the full block's output (the caller reduces them; see residual_rmsnorm).
+
+`ExpertShard` is the hot path: it checks the static shapes once, picks the GEMM configs once
+per token bucket, keeps the alignment and scratch buffers, and its call is exactly four
+Triton launches (align, column, row, k-sum; deterministic mode) with no validation and no
+host sync, so a CUDA graph can capture it. `moe_expert_shard` validates everything and
+allocates: the entry point for callers that are not on a hot path.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import triton
 
 from pyengine.kernels import tuning
-from pyengine.kernels.moe_align import empty_alignment, _moe_align_block_size
-from pyengine.kernels.moe_column_swiglu import ACTIVATIONS, moe_column_swiglu
-from pyengine.kernels.moe_row_down import moe_row_down
+from pyengine.kernels.decode_configs import DECODE_MAX_TOKENS
+from pyengine.kernels.moe_align import (MoeAlignment, _moe_align_block_size, _moe_align_kernel,
+                                        alignment_view, empty_alignment, max_padded_rows)
+from pyengine.kernels.moe_column_swiglu import ACTIVATIONS, _launch_column, _moe_column_kernel
+from pyengine.kernels.moe_row_down import _launch_row, _moe_row_kernel
+from pyengine.kernels.moe_sum_pairs import _launch_sum_pairs, _moe_sum_pairs_kernel
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class ShardPlan(NamedTuple):
+    """The GEMM configs (None: autotune) and the alignment block they share, for one bucket."""
+    column: triton.Config | None
+    row: triton.Config | None
+    block_m: int
+
+
+class _Scratch(NamedTuple):
+    """Buffers for up to `tokens` tokens at one alignment block."""
+    tokens: int
+    align: MoeAlignment
+    a: torch.Tensor  # (max rows, F) activations in aligned row order
+    per_pair: torch.Tensor  # (tokens * k, H) fp32 weighted pair rows (deterministic mode)
+
+
+class ExpertShard:
+    """A prepared expert shard: E experts, hidden H, this shard's F (F_r), top_k, dtype, device.
+
+    activation "swiglu" (w_gate used) or "gelu" (w_gate None); skip_ids: an id of -1 marks a
+    choice held by another GPU; deterministic=False sums the k rows with fp32 atomics (then a
+    call is 3 Triton launches plus a zero fill and a cast).
+    """
+
+    def __init__(self, E: int, H: int, F: int, top_k: int, dtype: torch.dtype,
+                 device: torch.device | str, *, activation: str = "swiglu",
+                 skip_ids: bool = False, deterministic: bool = True):
+        for name, value in (("E", E), ("H", H), ("F", F), ("top_k", top_k)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an int >= 1")
+        if top_k > E and not skip_ids:  # with skipped (-1) choices a GPU may hold fewer than k
+            raise ValueError(f"top_k={top_k}: must be <= E={E}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype={dtype}: must be one of {FLOAT_DTYPES}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
+        self.E, self.H, self.F, self.top_k, self.dtype = E, H, F, top_k, dtype
+        self.device = torch.device(device)
+        self.activation, self.skip_ids, self.deterministic = activation, skip_ids, deterministic
+        for kernel in (_moe_align_kernel, _moe_column_kernel, _moe_row_kernel, _moe_sum_pairs_kernel):
+            tuning.check_runnable(kernel, self.device)
+        self._plans: dict[int, ShardPlan] = {}
+        self._scratch: dict[int, _Scratch] = {}  # by block_m
+
+    def plan(self, num_tokens: int) -> ShardPlan:
+        """Configs for num_tokens, chosen once per bucket: each decode count up to
+        DECODE_MAX_TOKENS (the decode tiles depend on it), else tuning.m_bucket."""
+        key = num_tokens if num_tokens <= DECODE_MAX_TOKENS else tuning.m_bucket(num_tokens)
+        plan = self._plans.get(key)
+        if plan is None:
+            shape = dict(device=self.device, dtype=self.dtype, E=self.E, H=self.H, F=self.F,
+                         num_tokens=num_tokens, top_k=self.top_k)
+            col = tuning.select_config("column", **shape)
+            row = tuning.select_config("row", **shape)
+            plan = self._plans[key] = ShardPlan(col, row, tuning.align_block_m(col, row, self.device,
+                                                                               self.dtype))
+        return plan
+
+    def reserve(self, num_tokens: int) -> None:
+        """Allocate the buffers for up to num_tokens now (before a CUDA graph capture: buffers
+        never move once a count fits)."""
+        self._buffers(num_tokens, self.plan(num_tokens).block_m)
+
+    def check(self, u, w_gate, w_up, w_down, topk_ids, topk_weights) -> None:
+        """Validate one call's arguments against this shard (the call itself checks nothing)."""
+        E, F, H = _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights,
+                                self.activation, self.skip_ids)
+        got = dict(E=E, H=H, F=F, top_k=topk_ids.shape[1])
+        for name, value in got.items():
+            if value != getattr(self, name):
+                raise ValueError(f"{name}={value} (from the arguments' shapes): must equal "
+                                 f"the prepared {name}={getattr(self, name)}")
+        if u.dtype != self.dtype or u.device != self.device:
+            raise ValueError(f"u: dtype {u.dtype} on {u.device}: must be the prepared "
+                             f"{self.dtype} on {self.device}")
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name}.stride()={t.stride()}: must be contiguous")
+
+    def __call__(self, u, w_gate, w_up, w_down, topk_ids, topk_weights, out=None):
+        """y_r [T, H] in u.dtype (into `out` when given). No validation (see check)."""
+        T = u.shape[0]
+        if out is None:
+            out = torch.empty(T, self.H, device=u.device, dtype=u.dtype)
+        if T == 0:
+            return out
+        plan = self.plan(T)
+        scratch = self._buffers(T, plan.block_m)
+        num_pairs = T * self.top_k
+        align = alignment_view(scratch.align, num_pairs)
+        a = scratch.a[:align.sorted_ids.numel()]
+        gate = w_gate if self.activation == "swiglu" else None
+        _moe_align_block_size(topk_ids, self.E, plan.block_m, align)
+        _launch_column(u, gate, w_up, align, self.top_k, a, plan.column)
+        weights = topk_weights.reshape(-1)
+        if self.deterministic:
+            per_pair = scratch.per_pair[:num_pairs]
+            _launch_row(a, w_down, weights, align, self.top_k, per_pair, True, plan.row)
+            return _launch_sum_pairs(per_pair, topk_ids, out, self.top_k, self.skip_ids)
+        summed = torch.zeros(T, self.H, device=u.device, dtype=torch.float32)
+        _launch_row(a, w_down, weights, align, self.top_k, summed, False, plan.row)
+        return out.copy_(summed)
+
+    def _buffers(self, num_tokens: int, block_m: int) -> _Scratch:
+        have = self._scratch.get(block_m)
+        if have is None or have.tokens < num_tokens:
+            pairs = num_tokens * self.top_k
+            rows = max_padded_rows(pairs, self.E, block_m)
+            dev = self.device
+            per_pair = torch.empty(pairs if self.deterministic else 0, self.H, device=dev,
+                                   dtype=torch.float32)
+            have = self._scratch[block_m] = _Scratch(
+                num_tokens, empty_alignment(pairs, self.E, block_m, dev),
+                torch.empty(rows, self.F, device=dev, dtype=self.dtype), per_pair)
+        return have
 
 
 def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
@@ -28,7 +156,7 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
     activation "swiglu" uses w_gate; "gelu" computes gelu(u @ w_up[e]) and needs w_gate=None.
     deterministic=False sums the k rows with fp32 atomics (faster, last bits may vary).
     check_ids=True range-checks topk_ids, which costs one host sync; pass False on a hot
-    path whose router already guarantees the range.
+    path whose router already guarantees the range (better: an ExpertShard).
     skip_ids=True: an id of -1 marks a choice held by another GPU (expert parallel): it adds
     nothing, and a token with no id here gets a zero row. Without it ids must lie in [0, E).
     """
@@ -43,15 +171,9 @@ def moe_expert_shard(u: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.T
         if lo < low or hi >= E:
             rule = f"-1 (skipped) or [0, E={E})" if skip_ids else f"[0, E={E})"
             raise ValueError(f"topk_ids: values span [{lo}, {hi}]; must lie in {rule}")
-    shape = dict(device=u.device, dtype=u.dtype, E=E, H=H, F=F, num_tokens=T, top_k=k)
-    col_cfg = tuning.select_config("column", **shape)
-    row_cfg = tuning.select_config("row", **shape)
-    block_m = tuning.align_block_m(col_cfg, row_cfg, u.device, u.dtype)
-    align = _moe_align_block_size(topk_ids, E, block_m, empty_alignment(T * k, E, block_m, u.device))
-    a = moe_column_swiglu(u, w_gate, w_up, align, k, activation=activation, config=col_cfg)
-    y = moe_row_down(a, w_down, topk_weights, align, k, deterministic=deterministic, config=row_cfg,
-                     left_out=skip_ids)
-    return y.to(u.dtype)
+    shard = ExpertShard(E, H, F, k, u.dtype, u.device, activation=activation, skip_ids=skip_ids,
+                        deterministic=deterministic)
+    return shard(u, w_gate, w_up, w_down, topk_ids.contiguous(), topk_weights.contiguous())
 
 
 def _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation, skip_ids=False):

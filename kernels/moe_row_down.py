@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.launch_count import count_launch
 from pyengine.kernels.tiles import grouped_tile
 from pyengine.kernels.moe_align import MoeAlignment
 
@@ -114,14 +115,24 @@ def _moe_row_down(a, w_down, topk_weights, align: MoeAlignment, top_k: int, out,
         raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']}: must divide the "
                          f"alignment block_m={align.block_m}")
     tuning.check_runnable(_moe_row_kernel, a.device)
+    return _launch_row(a, w_down, topk_weights.reshape(-1), align, top_k, out, deterministic, config)
+
+
+def _launch_row(a, w_down, topk_weights, align: MoeAlignment, top_k: int, out,
+                deterministic: bool, config: triton.Config | None):
+    """The launch alone (no checks); topk_weights flat [T*k]."""
+    rows, F = a.shape
+    H = w_down.shape[2]
+    num_pairs = topk_weights.numel()
     if rows == 0:
         return out
     grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]) * triton.cdiv(H, META["BLOCK_N"]),)
-    args = (a, w_down, topk_weights.reshape(-1), out, align.sorted_ids, align.expert_ids,
+    args = (a, w_down, topk_weights, out, align.sorted_ids, align.expert_ids,
             align.num_padded, num_pairs, H, F, rows, tuning.m_bucket(num_pairs // top_k),
             a.stride(0), a.stride(1), *w_down.stride(), out.stride(0), out.stride(1))
     meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, ATOMIC=not deterministic,
                 DOT_PRECISION="ieee" if a.dtype == torch.float32 else None)  # no TF32 for fp32
+    count_launch()
     if config is None:
         _autotuned_kernel(a.device, not deterministic)[grid](*args, **meta)
     else:

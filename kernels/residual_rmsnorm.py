@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.launch_count import count_launch
 
 MAX_PARTIALS = 4
 MAX_BLOCK_H = 8192  # one register-resident row up to this; longer rows loop over chunks
@@ -74,7 +75,8 @@ def _residual_chunk(x_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, row, c0, H, stride_x,
     mask = offs < H
     # Fixed order x + p0 + p1 + ...: deterministic, and the same for any chunking.
     h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    h += tl.load(p0_ptr + row * stride_p0 + offs, mask=mask, other=0.0).to(tl.float32)
+    if NUM_PARTIALS > 0:
+        h += tl.load(p0_ptr + row * stride_p0 + offs, mask=mask, other=0.0).to(tl.float32)
     if NUM_PARTIALS > 1:
         h += tl.load(p1_ptr + row * stride_p1 + offs, mask=mask, other=0.0).to(tl.float32)
     if NUM_PARTIALS > 2:
@@ -112,6 +114,7 @@ def _fused_residual_rmsnorm(x, partials, weight, out, h_out=None, eps=1e-5):
     ps = list(partials) + [x] * (MAX_PARTIALS - len(partials))
     (cfg,) = residual_rmsnorm_configs(H)
     grid = lambda META: (T,)
+    count_launch()
     _residual_rmsnorm_kernel[grid](
         x, *ps, weight, h_out if h_out is not None else out, out, H, eps,
         x.stride(0), *(p.stride(0) for p in ps), (h_out if h_out is not None else out).stride(0),
@@ -161,6 +164,14 @@ def fused_residual_rmsnorm(x, partials, weight, eps: float = 1e-5, out=None, *,
     h_out = torch.empty_like(x) if return_residual else None
     _fused_residual_rmsnorm(x, partials, weight, out, h_out, eps)
     return (h_out, out) if return_residual else out
+
+
+def fused_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """rmsnorm(x) * weight in one launch (the same kernel with no partials): x [T, H] with unit
+    stride along H, weight [H]; computed in fp32, rounded once to x.dtype. No validation beyond the
+    output's (the engine's own tensors)."""
+    out = torch.empty_like(x)
+    return _fused_residual_rmsnorm(x, [], weight, out, None, eps)
 
 
 def _unit_inner(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run under the interpreter: triton.jit picks interpreter vs compiler
+# when a kernel module is imported, so it is set here, before any test module imports one (the
+# Triton path of the engine, PYENGINE_KERNELS=triton, runs in tests outside tests/kernels too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import TINY_CONFIG
 from pyengine.core.spec import load_spec

@@ -58,11 +58,27 @@ def shapes_from_spec(spec):
         pairs = {max(1, round(experts.pairs_for(r, t))) for r in experts.ranks for t in spec.micro_batch_sizes()}
         return Shapes(E=max(len(p) for p in spec.expert_placement()), H=m.hidden_size, top_k=1,
                       ffn_shards=(m.ffn_hidden_size,), tokens=tuple(sorted(pairs)), num_partials=partials,
-                      norm_tokens=tuple(spec.micro_batch_sizes()))  # the output stage sees every token
+                      norm_tokens=tuple(spec.micro_batch_sizes()),  # the output stage sees every token
+                      decode=decode_shapes_from_spec(spec))
     return Shapes(E=m.num_experts, H=m.hidden_size, top_k=m.top_k,
                   ffn_shards=tuple(end - start for _, start, end in spec.ffn_shards()),
                   tokens=tuple(spec.micro_batch_sizes()), num_partials=partials,
-                  decode_tokens=DECODE_TOKENS)
+                  decode_tokens=DECODE_TOKENS, decode=decode_shapes_from_spec(spec))
+
+
+def decode_shapes_from_spec(spec):
+    """The decode path's kernel shapes (attention, q/k norm + RoPE + cache write, router): the
+    spec's own attention, or, for a spec without attention (the block), the packaged seed
+    model's (seed_model_3gpu: 32 heads, 8 kv heads, d 128), so the default check compiles
+    the decode kernels too."""
+    from pyengine.core.spec import load_spec
+    from pyengine.kernels.compile_jobs_decode import DEFAULT_BLOCK_SIZE, DecodeShapes
+
+    m = spec.model if spec.model.layered else load_spec("seed_model_3gpu").model
+    return DecodeShapes(hidden=m.hidden_size, heads=m.heads, kv_heads=m.kv_heads,
+                        head_dim=m.head_size, block_size=DEFAULT_BLOCK_SIZE,
+                        max_positions=m.max_positions or max(m.seq_len, 4096),
+                        E=m.num_experts, top_k=m.top_k, qk_norm=m.qk_norm)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from pyengine.core.collectives import Collective
 from pyengine.core.dtypes import torch_dtype
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.faults import Fault
 from pyengine.execute.results import ActionTime
+from pyengine.execute.runtime_comm import CommActions
 from pyengine.execute.timer import Timer
 from pyengine.model.batch import Batch
-from pyengine.model.payloads import Payload, PerRank, chunk_rows
+from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.ops import ops_for
 from pyengine.model.stages import Work, stages_of
 from pyengine.model.tensors import LayerWeights
@@ -69,7 +69,7 @@ def _nvtx_range(name: str, cuda: bool):
     return torch.cuda.nvtx.range(name) if cuda else contextlib.nullcontext()
 
 
-class RankRuntime:
+class RankRuntime(CommActions):
     """One rank of the pipeline. `forward(ids)` returns logits [B, S, V] on the output rank.
 
     `batch` (default: the spec's own) fixes the micro-batch count and which chunks share a
@@ -112,6 +112,11 @@ class RankRuntime:
         self._cache_shape = cache if isinstance(cache, tuple) else (self.batch.sequences, max(self.batch.lengths))
         self._pool: dict[ActionId, tuple[torch.Tensor, ...]] = {}  # receive buffers, reused
         self.static = False
+        self._kept: dict[tuple, torch.Tensor] = {}  # a static runtime's collective buffers
+        self.graphs = None
+        """A static runtime's CUDA graphs (pyengine.execute.graphs.SegmentGraphs), set by its owner."""
+        self.launches = None
+        """A pyengine.execute.launches.LaunchCounter: counts each compute action's launches."""
         self.routes: dict[tuple[int | None, int], torch.Tensor] = {}
         """(layer, micro-batch) -> the router's top-k ids in the last forward (router rank)."""
 
@@ -144,7 +149,7 @@ class RankRuntime:
         self._t0 = time.perf_counter()
         self._timed = timed
         ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
-        self._mark0 = self.timer.mark()
+        self._mark0 = self.timer.mark() if timed else None
         with ctx:
             try:
                 self.static = tables is not None
@@ -212,9 +217,15 @@ class RankRuntime:
         if a.kind is Kind.COMPUTE:
             for d in a.deps:
                 self._wait(d)
-            start = self.timer.mark()
-            self._compute(a, flat)
-            self._times.append((a, "compute", start, self.timer.mark()))
+            start = self.timer.mark() if self._timed else None  # events only on timed forwards
+            with self._counting(a):
+                if self.graphs is not None and self.static:
+                    out = self.graphs.run(a.key, lambda: self._compute(a, flat), (flat, self._inputs(a)))
+                else:
+                    out = self._compute(a, flat)
+            self._store(a, out)
+            if self._timed:
+                self._times.append((a, "compute", start, self.timer.mark()))
             return
         for d in a.deps:  # a comm action consuming another comm action's result (send after reduce)
             if d in self._pending:
@@ -225,8 +236,8 @@ class RankRuntime:
         if not self.overlap:
             self._wait(a.key)
 
-    def _compute(self, a: Action, flat: torch.Tensor) -> None:
-        chunk = self._batch.chunks[a.micro_batch]
+    def _inputs(self, a: Action) -> dict[Payload, list[tuple]]:
+        """A compute's inputs: its deps' results grouped by payload, in dep order."""
         inputs: dict[Payload, list[tuple]] = defaultdict(list)
         for d in a.deps:
             for payload, value in self._vals[d].items():
@@ -235,10 +246,19 @@ class RankRuntime:
                         continue
                     value = value[self.rank]
                 inputs[payload].append(value)
+        return inputs
+
+    def _compute(self, a: Action, flat: torch.Tensor) -> dict[Payload, tuple]:
+        chunk = self._batch.chunks[a.micro_batch]
         stage = self.stages[a.stage]
         work = Work(a.layer, chunk, self.cache, self._tables[a.micro_batch] if stage.attends else None,
                     self._batch.logits_all, self.ops, self.static)
-        out = stage.compute(self._weights(a.layer), flat[chunk.lo:chunk.hi], inputs, work)
+        return stage.compute(self._weights(a.layer), flat[chunk.lo:chunk.hi], self._inputs(a), work)
+
+    def _counting(self, a: Action):
+        return self.launches.action(str(a.key)) if self.launches is not None else contextlib.nullcontext()
+
+    def _store(self, a: Action, out: dict[Payload, tuple]) -> None:
         self._vals[a.key] = out
         if Payload.LOGITS in out:
             self._logits[a.micro_batch] = out[Payload.LOGITS][0]
@@ -249,88 +269,6 @@ class RankRuntime:
         if layer not in self._layer_w:
             self._layer_w[layer] = LayerWeights(self.w, layer)
         return self._layer_w[layer]
-
-    def _tokens(self, a: Action) -> int:
-        return self._batch.chunks[a.micro_batch].tokens
-
-    def _issue(self, a: Action) -> tuple[list, tuple]:
-        tr, name, peer = self.transport, a.id, a.peers[0]
-        if a.kind is Kind.SEND:
-            value = self._vals[a.deps[0]][a.payload]
-            tensors = value[peer] if isinstance(value, PerRank) else value
-            if not self._sized(a):
-                return self._grouped(tr.send, tensors, peer, name), ()
-            rows = tensors[0].shape[0]  # two-phase: the count first, then the rows (if any)
-            count = _row_count(rows, self.device)
-            handles = [tr.send(count, peer, name=f"{name}.count")]
-            handles += self._grouped(tr.send, tensors, peer, name) if rows else []
-            return handles, (count,)
-        if a.kind is Kind.RECV:
-            self._post_open(peer)  # messages from one peer are received in the order sent
-            if self._sized(a):
-                count = torch.empty(1, dtype=torch.int64, device=self.device)
-                self._open[peer] = a.key
-                return [tr.recv(count, peer, name=f"{name}.count")], (count,)
-            bufs = self._buffers(a, self._tokens(a))
-            self._vals[a.key] = {a.payload: bufs}
-            return self._grouped(tr.recv, bufs, peer, name), ()
-        return self._reduce(a)
-
-    def _sized(self, a: Action) -> bool:
-        """Its rows follow the routing and travel behind a count; in a static step every message
-        has its chunk's rows."""
-        return a.payload.sized and not self.static
-
-    def _grouped(self, op, tensors, peer: int, name: str) -> list:
-        """The tensors of one message as one transport group (NCCL: one fused launch, not one
-        launch and one wait-loop entry per tensor)."""
-        if len(tensors) == 1:
-            return [op(tensors[0], peer, name=name)]
-        with self.transport.group():
-            return [op(t, peer, name=name) for t in tensors]
-
-    def _buffers(self, a: Action, rows: int) -> tuple[torch.Tensor, ...]:
-        """Receive buffers of `a` for `rows` rows: views of buffers kept from earlier forwards
-        (a sized payload's are allocated at its largest, the chunk's tokens), so the steady
-        state allocates nothing."""
-        full = [b for b in a.payload.buffers(self.spec, max(rows, self._tokens(a)))]
-        kept = self._pool.get(a.key)
-        if kept is None or any(k.shape[0] < b.rows or k.shape[1] != b.cols for k, b in zip(kept, full)):
-            kept = tuple(torch.empty(b.rows, b.cols, dtype=torch_dtype(b.dtype), device=self.device)
-                         for b in full)
-            self._pool[a.key] = kept
-        want = a.payload.buffers(self.spec, rows)
-        return tuple(k[: w.rows] for k, w in zip(kept, want))
-
-    def _post_open(self, peer: int) -> None:
-        """Post the rows of `peer`'s open sized receive: wait (host) for its count, allocate,
-        post. Done lazily (before the next receive from that peer, or when a consumer needs
-        it) so the host blocks as late as the message order allows."""
-        key = self._open.pop(peer, None)
-        if key is None:
-            return
-        p = self._pending[key]
-        complete(p.handles, self.timeout_s)
-        rows = _host_int(p.keep_alive[0], self._side)
-        bufs = self._buffers(p.action, rows)
-        self._vals[key] = {p.action.payload: bufs}
-        if rows:
-            p.handles += self._grouped(self.transport.recv, bufs, peer, p.action.id)
-
-    def _reduce(self, a: Action) -> tuple[list, tuple]:
-        (partial,) = self._vals[a.deps[0]][Payload.PARTIAL]
-        if a.payload.collective is Collective.ALL_REDUCE:  # in place: the partial becomes the sum
-            self._vals[a.key] = {a.payload: (partial,)}
-            return [self.transport.all_reduce(partial, a.peers, name=a.id)], ()
-        rows = chunk_rows(partial.shape[0], len(a.peers))
-        padded = partial
-        if rows * len(a.peers) != partial.shape[0]:  # NCCL's reduce-scatter takes equal chunks
-            padded = torch.zeros(rows * len(a.peers), partial.shape[1], dtype=partial.dtype,
-                                 device=partial.device)
-            padded[: partial.shape[0]] = partial
-        out = torch.empty(rows, partial.shape[1], dtype=partial.dtype, device=partial.device)
-        self._vals[a.key] = {a.payload: (out,)}
-        return [self.transport.reduce_scatter(out, padded, a.peers, name=a.id)], (padded,)
 
     # ---- waiting and timing -------------------------------------------------------------------
     def _wait(self, key: ActionId) -> None:
@@ -396,19 +334,3 @@ class RankRuntime:
             return (min(self._since0(e[0]) for e in evs), max(self._since0(e[1]) for e in evs))
         end = p.done_s if p.done_s is not None else time.perf_counter()
         return p.issued_s - self._t0, end - self._t0
-
-
-def _row_count(rows: int, device) -> torch.Tensor:
-    """A sized send's one-element row count, made by a fill kernel on the device: torch.tensor(
-    [rows], device=...) is a blocking pageable host->device copy (a sync) on every DISPATCH/COMBINE
-    send. The sends' intended syncs are elsewhere (the dispatch's counts, the receive's _host_int)."""
-    return torch.full((1,), rows, dtype=torch.int64, device=device)
-
-
-def _host_int(t: torch.Tensor, side_stream: Any) -> int:
-    """A received one-element count on the host. Its receive has completed (the caller waited on
-    the host), so a copy on a side stream reads it without waiting for the compute stream."""
-    if side_stream is None:
-        return int(t.item())  # intended sync: a sized receive's row count sizes its buffers
-    with torch.cuda.stream(side_stream):
-        return int(t.item())  # intended sync: a sized receive's row count sizes its buffers

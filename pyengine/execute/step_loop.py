@@ -24,6 +24,7 @@ import torch
 from pyengine.core.dtypes import torch_dtype
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.decode_state import DecodeShape, StaticStep, decode_shape
+from pyengine.execute.graphs import CudaGraphs, GraphDecision, GraphMode, SegmentGraphs, decide
 from pyengine.execute.results import ActionTime
 from pyengine.execute.runtime import RankRuntime
 from pyengine.execute.step_plan import StepPlan
@@ -61,7 +62,10 @@ class StepOutput:
 class StepLoop:
     def __init__(self, spec: DeploymentSpec, rank: int, transport, weights: dict, device: torch.device, *,
                  slots: int, capacity: int, blocks: int | None = None, block_size: int = BLOCK_SIZE,
-                 on_action: Callable[[str, bool], None] | None = None):
+                 on_action: Callable[[str, bool], None] | None = None, graphs: GraphMode = GraphMode.AUTO,
+                 graph_backend=None):
+        """`graphs`: capture the decode steps (pyengine.execute.graphs; `graphs_reason` says what was
+        decided and why). `graph_backend`: a testing hook (graphs.CheckedReplays on CPU)."""
         if not spec.model.layered:
             raise ValueError("the step loop needs a model of layers (model.num_layers): the attention-free "
                              "block has no sequence to continue")
@@ -85,6 +89,11 @@ class StepLoop:
             max_blocks = blocks_for(capacity, block_size)
             self.blocks = BlockAllocator(slots * max_blocks if blocks is None else blocks, block_size, slots,
                                          max_blocks)
+        decision = GraphDecision(True, "graph bookkeeping checked on the host") if graph_backend else \
+            decide(GraphMode(graphs), device, self.ops)
+        self.graphs_on, self.graphs_reason, self._graph_backend = decision.enabled, decision.reason, graph_backend
+        self.launches = None
+        """A LaunchCounter (pyengine.execute.launches) given to every decode runtime, when set."""
         self._decode: dict[DecodeShape, tuple[RankRuntime, StaticStep]] = {}
         self._eager: dict[tuple, RankRuntime] = {}
         self.fault = None
@@ -165,7 +174,11 @@ class StepLoop:
             rt = RankRuntime(self.spec, self.rank, self.transport, self.weights, self.device,
                              batch=shape.batch(), cache=self.cache, on_action=self.on_action)
             rt.rope, rt.ops = self.rope, self.ops
+            if self.graphs_on:
+                rt.graphs = SegmentGraphs(self._graph_backend or CudaGraphs(rt.stream))
             self._decode[shape] = (rt, StaticStep(shape, self.device))
+        rt = self._decode[shape][0]
+        rt.launches = self.launches
         return self._decode[shape]
 
     def _tables(self, state: StaticStep, batch: Batch) -> list:

@@ -1,9 +1,10 @@
 """The Triton path of the stages' kernels (pyengine.kernels), prepared once per rank.
 
-Input checks and config selection happen here, at set-up, not per call: the prepared launchers take
-the hot path's tensors as they are (the engine made them) and launch, with no host sync, so a
-decode step's kernels can be captured in a CUDA graph. Each op falls back to the torch path's where
-no Triton kernel exists for it.
+Input checks and config selection happen here, at set-up, not per call: the prepared launchers
+(`ExpertShard`, `RouterTopK`, `QKRopeCache`, `DecodeAttention`) take the hot path's tensors as the
+engine made them and launch, with no host sync and no allocation that could move, so a decode step's
+kernels can be captured in a CUDA graph. A decode group's attention: one QKV GEMM, one kernel for
+the q/k norm + RoPE + the paged KV write, two for flash-decoding over the cache in place.
 """
 
 from __future__ import annotations
@@ -15,20 +16,32 @@ from typing import Any
 
 import torch
 
-from pyengine.model.ops import KernelPath, TorchOps
+from pyengine.model.kernel_path import KernelPath
+from pyengine.model.ops_torch import TorchOps
 
 _INTERPRETER = threading.Lock()
 """Triton's interpreter patches module state while a kernel runs: on CPU the ranks' threads (the
 local transport) take turns. Compiled kernels on a GPU need no lock."""
 
+STATIC_ROWS = 256
+"""Calls of up to this many rows (a decode bucket) get launchers of their own, whose buffers never
+grow (a captured graph points at them); larger ones (a prefill) share one that grows."""
+
 
 class TritonOps(TorchOps):
     path = KernelPath.TRITON
+    graphable = True
+    not_graphable = ""
 
     def __init__(self, spec, device: torch.device):
         self.spec, self.device = spec, device
         self._turns = _INTERPRETER if device.type != "cuda" else contextlib.nullcontext()
+        self._shards: dict[tuple, Any] = {}
+        self._routers: dict[tuple, Any] = {}
+        self._attn: dict[int, Any] = {}
+        self._ropes: dict[tuple, Any] = {}
 
+    # ---- residual + norm, router, experts -----------------------------------------------------
     def residual_norm(self, x, partials, w, eps, keep_residual=True):
         from pyengine.kernels.residual_rmsnorm import fused_residual_rmsnorm
 
@@ -37,11 +50,87 @@ class TritonOps(TorchOps):
                 return fused_residual_rmsnorm(x, partials, w, eps, return_residual=True)
             return None, fused_residual_rmsnorm(x, partials, w, eps)
 
-    def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False):
-        from pyengine.kernels.moe_expert_shard import moe_expert_shard
+    def norm(self, x, w, eps):
+        from pyengine.kernels.residual_rmsnorm import fused_rmsnorm
 
-        # ids come from our own router (in range by construction): no range check, whose host
-        # sync would stall the asynchronous issue of the pipeline.
         with self._turns:
-            return moe_expert_shard(u, w["w_gate"], w["w_up"], w["w_down"], ids, weights, check_ids=False,
-                                    skip_ids=skip_ids)
+            return fused_rmsnorm(x, w, eps)
+
+    def route(self, u, router, k, renormalize):
+        """The router GEMM (cuBLAS), then softmax + top-k + renormalise in one kernel (ties to the
+        lower expert id)."""
+        from pyengine.kernels.router_topk import RouterTopK
+
+        key = (router.shape[1], k, renormalize)
+        if key not in self._routers:
+            self._routers[key] = RouterTopK(router.shape[1], k, self.device, variant="softmax",
+                                            renormalize=renormalize)
+        logits = u @ router
+        with self._turns:
+            return self._routers[key](logits)
+
+    def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False):
+        """align + column GEMM (SwiGLU) + row GEMM + the fixed-order k-sum: four launches. Ids of -1
+        (held elsewhere, or a padding row) add nothing."""
+        shard = self._shard(w, u)
+        with self._turns:
+            return shard(u, w["w_gate"], w["w_up"], w["w_down"], ids.contiguous(), weights.contiguous())
+
+    def _shard(self, w, u):
+        from pyengine.kernels.moe_expert_shard import ExpertShard
+
+        E, H, F = w["w_up"].shape
+        rows = u.shape[0] if u.shape[0] <= STATIC_ROWS else None
+        key = (E, H, F, u.dtype, rows)
+        if key not in self._shards:
+            shard = ExpertShard(E, H, F, self.spec.model.top_k, u.dtype, self.device, skip_ids=True)
+            if rows is not None:
+                shard.reserve(rows)
+            self._shards[key] = shard
+        return self._shards[key]
+
+    # ---- attention ------------------------------------------------------------------------------
+    def decode_tables(self, cache, rope, meta: torch.Tensor, dtype: torch.dtype, key_blocks: int):
+        """A static decode group's tables: views of its rows' metadata, nothing computed (the
+        kernels read positions, slots and lengths themselves)."""
+        from pyengine.model.attention import ChunkTables
+
+        return ChunkTables(meta[0], meta[1], meta[2], None, None, None, rope, True, key_blocks)
+
+    def attention(self, model, w, a, cache, layer, chunk, tables):
+        from pyengine.model.attention import attend_prefill, project_qkv
+
+        qkv = project_qkv(model, w, a)
+        q = torch.empty(a.shape[0], model.heads, model.head_size, dtype=a.dtype, device=a.device)
+        kc, vc = cache.layer_views(layer)
+        norms = {"q_norm_w": w["q_norm"], "k_norm_w": w["k_norm"]} if model.qk_norm != "none" else {}
+        with self._turns:
+            self._rope(model, cache.block_size, a.dtype)(qkv, tables.positions, tables.slots, cache.block_table, kc, vc,
+                                       tables.rope.cos_half, tables.rope.sin_half, q, eps=model.norm_eps,
+                                       **norms)
+            if tables.decode:
+                out = torch.empty_like(q)
+                self._decode_attention(model, cache, q.shape[0], a.dtype)(
+                    q, kc, vc, cache.block_table, tables.slots, tables.lengths, out)
+                return out.reshape(q.shape[0], -1)
+        return attend_prefill(cache, layer, chunk, q, tables)
+
+    def _rope(self, model, block_size: int, dtype):
+        from pyengine.kernels.qk_rope_cache import QKRopeCache
+
+        key = (block_size, dtype)
+        if key not in self._ropes:  # rows are a launch's grid only: any count
+            self._ropes[key] = QKRopeCache(1, model.heads, model.kv_heads, model.head_size, block_size,
+                                           dtype, self.device, qk_norm=model.qk_norm)
+        return self._ropes[key]
+
+    def _decode_attention(self, model, cache, rows: int, dtype):
+        from pyengine.kernels.decode_attention import DecodeAttention
+
+        cap = rows if rows <= STATIC_ROWS else -(-rows // STATIC_ROWS) * STATIC_ROWS
+        key = (cap, cache.block_size, cache.max_blocks)
+        if key not in self._attn:
+            self._attn[key] = DecodeAttention(cap, model.heads, model.kv_heads, model.head_size,
+                                              cache.block_size, cache.max_blocks, dtype, self.device)
+        return self._attn[key]
+

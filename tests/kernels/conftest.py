@@ -1,18 +1,11 @@
-"""Kernel tests run on CUDA when present, else on CPU under the Triton interpreter.
-
-triton.jit picks interpreter vs compiler when a kernel module is imported, so the variable
-is set here, before collection imports the test modules. It stays set for the process:
-the other test folders do not use triton.
-"""
+"""Kernel tests run on CUDA when present, else on CPU under the Triton interpreter (the variable is
+set by the root conftest, before any test module imports a kernel)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _interpreter_breakage() -> str | None:

@@ -24,6 +24,7 @@ import triton
 import pyengine.kernels
 from pyengine.kernels import compile_check, compile_jobs, smem, tuning
 from pyengine.kernels.compile_jobs import Shapes, build_jobs
+from pyengine.kernels.compile_jobs_decode import DecodeShapes
 from pyengine.kernels.compile_target import stand_in_driver
 from pyengine.kernels.decode_configs import DECODE_TOKENS, decode_config
 
@@ -31,16 +32,27 @@ from pyengine.kernels.decode_configs import DECODE_TOKENS, decode_config
 pytestmark = pytest.mark.timeout(900)
 
 ARCH = 90
+# The decode path at the seed model's attention (the packaged seed has none: the check uses
+# seed_model_3gpu's): 32 heads, 8 kv heads, d 128, 16-key blocks, buckets of 1..256 rows.
+SEED_DECODE = DecodeShapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, block_size=16,
+                           max_positions=32768, E=8, top_k=2)
 SEED = Shapes(E=8, H=4096, top_k=2, ffn_shards=(7168, 7168), tokens=(256,) * 4, num_partials=1,
-              decode_tokens=DECODE_TOKENS)
+              decode_tokens=DECODE_TOKENS, decode=SEED_DECODE)
+# The decode path at odd shapes: d=80 (padded to 128), GQA 2, 32-key blocks, the full-projection
+# norm, DeepSeek-V3's router (E=256, k=8, 8 groups keep 4), 1 and 3 rows.
+ODD_DECODE = DecodeShapes(hidden=40, heads=4, kv_heads=2, head_dim=80, block_size=32, max_positions=300,
+                          E=256, top_k=8, qk_norm="full", router_groups=(8, 4), rows=(1, 3))
 ODD = [  # the shapes tests/kernels runs in the interpreter: non-multiples of 16, k=3, T=1
-    Shapes(E=3, H=40, top_k=2, ffn_shards=(29,), tokens=(7,), num_partials=2),
+    Shapes(E=3, H=40, top_k=2, ffn_shards=(29,), tokens=(7,), num_partials=2, decode=ODD_DECODE),
     Shapes(E=5, H=24, top_k=3, ffn_shards=(13, 16), tokens=(37,), num_partials=4),
     Shapes(E=1, H=17, top_k=1, ffn_shards=(17,), tokens=(1,), num_partials=3),
 ]
 DTYPES = ["bf16", "fp16", "fp32"]
 TOO_BIG = "BLOCK_M=128,BLOCK_N=256,BLOCK_K=128,GROUP_M=8,num_warps=8,num_stages=4"  # ~641 KB
 SPILLS = "BLOCK_M=128,BLOCK_N=256,BLOCK_K=32,GROUP_M=8,num_warps=4,num_stages=2"  # 2 x 256 acc regs
+GEMMS = {"_moe_column_kernel", "_moe_row_kernel"}
+NO_DOT = {"_residual_rmsnorm_kernel", "_moe_align_kernel", "_moe_sum_pairs_kernel",
+          "_decode_attention_combine_kernel", "_qk_rope_cache_kernel", "_router_topk_kernel"}
 ROW_KEYS = {"kernel", "variant", "dtype", "config", "source", "shapes", "shared_bytes", "registers",
             "spill_bytes", "mma", "tmem_cols", "estimate_bytes", "pruned", "gates", "ok", "reason"}
 
@@ -49,14 +61,14 @@ def pinned_jobs(config: str) -> list:
     """The seed's kernels in bf16 as the engine runs them with the column GEMM's `config`
     pinned (what the CLI test below compiles: it then finds them in Triton's cache)."""
     with mock.patch.dict(os.environ, {"PYENGINE_MOE_COLUMN_CONFIG": config}):
-        return build_jobs(dataclasses.replace(SEED, decode_tokens=()), ["bf16"], ARCH)
+        return build_jobs(dataclasses.replace(SEED, decode_tokens=(), decode=None), ["bf16"], ARCH)
 
 
 @pytest.fixture(scope="module")
 def fast_rows():
     """One compile run (two workers) for every fast test: defaults, odd shapes, bad configs."""
     jobs = build_jobs(SEED, ["bf16"], ARCH)  # decode tiles: the model dtype only (compile time)
-    jobs += build_jobs(dataclasses.replace(SEED, decode_tokens=()), ["fp16", "fp32"], ARCH)
+    jobs += build_jobs(dataclasses.replace(SEED, decode_tokens=(), decode=None), ["fp16", "fp32"], ARCH)
     for shapes in ODD:
         jobs += build_jobs(shapes, DTYPES, ARCH)
     bad = pinned_jobs(TOO_BIG) + pinned_jobs(SPILLS)
@@ -72,9 +84,11 @@ def test_engine_configs_compile_for_sm90(fast_rows):
     for r in rows:
         assert ROW_KEYS <= set(r) and 0 <= r["shared_bytes"] <= smem.SHARED_LIMIT[ARCH]
         assert 0 < r["registers"] <= 255
-        if r["kernel"] == "_residual_rmsnorm_kernel":
-            assert r["mma"] == "none"
-        elif r["dtype"] == "fp32":  # input_precision="ieee": FMA, no tensor cores
+        if r["kernel"] in NO_DOT:
+            assert r["mma"] == "none", r
+        if r["kernel"] not in GEMMS:
+            continue
+        if r["dtype"] == "fp32":  # input_precision="ieee": FMA, no tensor cores
             assert r["mma"] == "none"
         else:  # wgmma needs >= 64 rows per warpgroup; smaller tiles use mma.sync
             assert r["mma"] == ("wgmma" if r["config"]["BLOCK_M"] >= 64 else "mma.sync")
@@ -108,6 +122,25 @@ def test_decode_tiles_compile(fast_rows):
             want = decode_config(op, num_tokens=t, top_k=2, E=8, N=N, K=K, dtype=torch.bfloat16, sms=132)
             assert r["config"] == tuning.config_to_dict(want) and r["source"] == "default"
             assert r["ok"] and r["spill_bytes"] == 0, r
+
+
+def test_decode_path_compiles_for_every_bucket(fast_rows):
+    """The decode-path kernels at the seed model's attention, each row bucket 1..256 (bf16), and
+    at the odd shapes in every dtype: they compile, fit, do not spill in bf16/fp16, and the
+    attention's dots run on tensor cores in bf16 (16-row head groups: mma.sync)."""
+    rows, _ = fast_rows
+    decode = {"_decode_attention_split_kernel", "_decode_attention_combine_kernel",
+              "_qk_rope_cache_kernel", "_router_topk_kernel"}
+    seed = [r for r in rows if r["kernel"] in decode and r["dtype"] == "bf16"]
+    for n in SEED_DECODE.rows:
+        assert {r["kernel"] for r in seed if any(s.startswith(f"rows={n} ") or s == f"rows={n}"
+                                                 for s in r["shapes"])} == decode, n
+    for r in (r for r in rows if r["kernel"] in decode):
+        assert r["ok"], r
+        if r["kernel"] == "_decode_attention_split_kernel":
+            assert r["mma"] == ("none" if r["dtype"] == "fp32" else "mma.sync"), r
+    kinds = {(r["variant"], r["dtype"]) for r in rows if r["kernel"] == "_router_topk_kernel"}
+    assert ("sigmoid_grouped,groups=8/4", "fp16") in kinds and ("softmax,groups=1/1", "bf16") in kinds
 
 
 def test_too_much_shared_memory_fails(fast_rows):
@@ -183,12 +216,15 @@ def test_shapes_from_spec():
     tiny = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "tiny_cpu.json"))
     # F=40 split 0.4/0.6, 48 tokens in 3 micro-batches, "partials": the output stage sums 2
     assert shapes_from_spec(tiny) == Shapes(E=5, H=48, top_k=2, ffn_shards=(16, 24), tokens=(16, 16, 16),
-                                            num_partials=2, decode_tokens=DECODE_TOKENS)
+                                            num_partials=2, decode_tokens=DECODE_TOKENS, decode=SEED_DECODE)
     ep = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "pyengine", "configs", "seed_ep_3gpu.json"))
     # experts 2/3/3 of 8, top-2, 256 tokens a micro-batch: 128 and 192 (token, expert) rows per
     # GEMM launch (top-1 form, whole F); the output stage's norm still sees all 256 tokens
     assert shapes_from_spec(ep) == Shapes(E=3, H=4096, top_k=1, ffn_shards=(14336,), tokens=(128, 192),
-                                          num_partials=1, norm_tokens=(256, 256, 256, 256))
+                                          num_partials=1, norm_tokens=(256, 256, 256, 256),
+                                          decode=SEED_DECODE)
+    model = shapes_from_spec(load_spec("seed_model_3gpu"))  # a model with attention: its own
+    assert model.decode == SEED_DECODE
 
 
 def test_worker_failure_is_raised():

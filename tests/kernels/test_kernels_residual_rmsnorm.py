@@ -119,3 +119,15 @@ def test_seed_shape_bf16(T):  # H=4096, two TP partials
     x, partials, weight = make(T, 4096, 2, torch.bfloat16, device="cuda")
     got = fused_residual_rmsnorm(x, partials, weight, return_residual=True)
     check(got, reference, x, partials, weight)
+
+
+@pytest.mark.parametrize("T,H", [(1, 8), (5, 37), (3, 64)])  # T=1; H not a power of two; chunked
+def test_plain_rmsnorm_is_the_kernel_without_partials(T, H, monkeypatch):
+    if H == 37:
+        monkeypatch.setattr(mod, "MAX_BLOCK_H", 8)  # several chunks per row
+    g = torch.Generator().manual_seed(T * H)
+    x, w = torch.randn(T, H, generator=g), torch.randn(H, generator=g)
+    xd = x.double()
+    want = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    got = mod.fused_rmsnorm(x.to(DEVICE), w.to(DEVICE), 1e-5).cpu()
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -126,7 +126,6 @@ class EmbedStage(Stage):
         import torch
 
         from pyengine.model.attention import linear
-        from pyengine.model.math import rmsnorm
 
         m = self.spec.model
         ops = work.kernels_for(w["norm_in"].device)
@@ -135,7 +134,7 @@ class EmbedStage(Stage):
             x, a = ops.residual_norm(x, self.boundary.gather(inputs, x.shape[0]), w["attn_norm"], m.norm_eps)
         else:
             x = w["embed"][ids]
-            a = rmsnorm(x, w["attn_norm"], m.norm_eps)
+            a = ops.norm(x, w["attn_norm"], m.norm_eps)
         o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
         top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize)

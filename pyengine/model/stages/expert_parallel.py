@@ -147,8 +147,6 @@ class ExpertParallelStage(Stage):
 
     def compute(self, weights: Mapping[str, Any], ids: Any, inputs: Inputs,
                 work: Work | None = None) -> dict[Payload, tuple]:
-        import torch
-
         (rows, meta, w), = inputs[Payload.DISPATCH]
         n = meta.shape[0]
         token, local = meta[:, 0], meta[:, 1:]

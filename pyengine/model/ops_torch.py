@@ -1,0 +1,61 @@
+"""The torch path of the stages' kernels: plain torch ops, the reference path on CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pyengine.model.kernel_path import KernelPath
+from pyengine.model.math import rmsnorm, route
+
+
+class TorchOps:
+    """Plain torch: the reference path on CPU. Its launch count per decode step does not depend on
+    the number of sequences (every loop runs over experts or segments, never over sequences)."""
+
+    path = KernelPath.TORCH
+    graphable = False
+    """Its decode step has no data-dependent shape or host sync (a CUDA graph may capture it)."""
+    not_graphable = "the decode attention gathers the longest sequence's blocks (a length the host picks " \
+                    "each step) and the experts list each expert's tokens (a host sync)"
+
+    def residual_norm(self, x: torch.Tensor, partials: list, w: torch.Tensor, eps: float,
+                      keep_residual: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(h, rmsnorm(h) * w), h = x + the partials summed in fp32 in order, rounded once."""
+        y = torch.stack([p.float() for p in partials]).sum(0)
+        h = x + y.to(x.dtype)
+        return (h if keep_residual else None), rmsnorm(h, w, eps)
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return rmsnorm(x, w, eps)
+
+    def route(self, u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool):
+        return route(u, router, k, renormalize)
+
+    def experts(self, w: Mapping[str, Any], u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                skip_ids: bool = False) -> torch.Tensor:
+        """This shard's partial [t, H] in u.dtype: every held expert in turn (ids of -1: held
+        elsewhere, in no expert's rows), each token's choices summed in fp32."""
+        import torch.nn.functional as F
+
+        y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+        for e in range(w["w_up"].shape[0]):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            ue = u[tok]
+            a = F.silu(ue @ w["w_gate"][e]) * (ue @ w["w_up"][e])
+            y.index_add_(0, tok, (a @ w["w_down"][e]).float() * weights[tok, slot, None])
+        return y.to(u.dtype)
+
+    def decode_tables(self, cache, rope, meta: torch.Tensor, dtype: torch.dtype, key_blocks: int):
+        """A static decode group's chunk tables from its rows' metadata [3, b] (made every step)."""
+        from pyengine.model.attention import chunk_tables
+
+        return chunk_tables(cache, rope, None, meta, dtype, key_blocks)
+
+    def attention(self, model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache, layer: int, chunk,
+                  tables) -> torch.Tensor:
+        from pyengine.model.attention import attention_torch
+
+        return attention_torch(model, w, a, cache, layer, chunk, tables)

@@ -1,0 +1,64 @@
+"""The decode step's launch budget, counted on the path a GPU runs (PYENGINE_KERNELS=triton, under the
+interpreter here): per layer and decode group, at most 14 kernel launches on the attention rank and 8
+on each TP expert rank, and the same counts at 8 and at 64 sequences; the torch path's launches per
+step do not grow with the number of sequences either. Counted per compute action (aten ops that
+launch a kernel + Triton launches, pyengine.execute.launches)."""
+
+import pytest
+import torch
+
+from helpers import TINY_CONFIG, on_threads
+from pyengine.core.spec import load_spec
+from pyengine.execute.launches import LaunchCounter
+from pyengine.execute.step_loop import StepLoop
+from pyengine.execute.step_plan import SeqWork, StepPlan
+from pyengine.model.weights import rank_weights
+from pyengine.transport.local import LocalTransport
+
+SPEC = load_spec(TINY_CONFIG).replace(model={
+    "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    schedule={"micro_batches": 2})
+ATTENTION_BUDGET, EXPERT_BUDGET = 14, 8
+
+
+def decode_launches(sequences: int) -> list[dict[str, int]]:
+    """Per rank: launches of each compute action of one steady decode step."""
+    transports = LocalTransport.create(3, "cpu", 120)
+
+    def rank(r):
+        loop = StepLoop(SPEC, r, transports[r], rank_weights(SPEC, 1, r, torch.device("cpu")),
+                        torch.device("cpu"), slots=sequences, capacity=8)
+        loop.run(StepPlan(tuple(SeqWork(s, (s % 90 + 1, 7), 0) for s in range(sequences))))
+        step = StepPlan(tuple(SeqWork(s, (3,), 2) for s in range(sequences)))
+        loop.run(step)  # warm: the decode shape's runtime and launchers made
+        loop.launches = LaunchCounter()
+        loop.run(StepPlan(tuple(SeqWork(s, (4,), 3) for s in range(sequences))))
+        return dict(loop.launches.by_action)
+    return on_threads(rank, timeout_s=900)
+
+
+def per_layer_part(counts: dict[str, int]) -> dict[str, int]:
+    """{action id without the micro-batch: the most launches of any group}."""
+    out: dict[str, int] = {}
+    for action, n in counts.items():
+        key = ".".join(p for p in action.split(".") if not p.startswith("mb"))
+        out[key] = max(out.get(key, 0), n)
+    return out
+
+
+@pytest.mark.slow
+def test_triton_path_budget_per_layer_and_group_same_at_8_and_64(monkeypatch):
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    few, many = decode_launches(8), decode_launches(64)
+    assert few == many  # the same launches whatever the batch
+    attention = per_layer_part(few[0])
+    layer_parts = {k: n for k, n in attention.items() if ".s0." in k}
+    assert len(layer_parts) == SPEC.model.num_layers and max(layer_parts.values()) <= ATTENTION_BUDGET, attention
+    for r in (1, 2):  # the TP expert ranks
+        experts = per_layer_part(few[r])
+        assert experts and max(experts.values()) <= EXPERT_BUDGET, experts
+
+
+def test_torch_path_launches_per_step_do_not_grow_with_sequences():
+    few, many = decode_launches(8), decode_launches(64)
+    assert [sum(c.values()) for c in few] == [sum(c.values()) for c in many]
