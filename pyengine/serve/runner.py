@@ -16,6 +16,7 @@ the root raises, so the launcher names the rank that caused it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -81,13 +82,20 @@ def serve_rank(ctx, opts: ServeOptions) -> ServeOutcome:
     from pyengine.serve.channel import PlanChannel
     from pyengine.serve.session import Session
 
-    setup = opts.make_loop(ctx)
-    channel = PlanChannel(ctx.transport, opts.root, ctx.world_size, opts.timeout_s)
-    if ctx.rank != opts.root:
-        session = Session(setup.loop, setup.limits, channel=channel, on_action=ctx.on_action)
-        session.follow()
-        return ServeOutcome(ctx.rank, session.steps)
-    return _serve_root(ctx, opts, setup, channel)
+    try:
+        setup = opts.make_loop(ctx)
+        channel = PlanChannel(ctx.transport, opts.root, ctx.world_size, opts.timeout_s)
+        if ctx.rank != opts.root:
+            session = Session(setup.loop, setup.limits, channel=channel, on_action=ctx.on_action)
+            session.follow()
+            return ServeOutcome(ctx.rank, session.steps)
+        return _serve_root(ctx, opts, setup, channel)
+    except BaseException:
+        # fail the peers' pending waits on this rank now, not at their timeout: rank 0 then answers
+        # its in-flight requests with 503 at once; the rank's own error is what the launcher reports
+        with contextlib.suppress(Exception):
+            ctx.transport.abort()
+        raise
 
 
 def _serve_root(ctx, opts: ServeOptions, setup: LoopSetup, channel) -> ServeOutcome:
