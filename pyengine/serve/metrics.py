@@ -40,6 +40,10 @@ class ServeMetrics:
         self.steps = Counter("pyengine_steps", "Steps of the step loop run", registry=reg)
         self.finished = Counter("pyengine_requests_finished", "Requests ended, by reason", ["reason"],
                                 registry=reg)
+        from pyengine.serve.request import Finish
+
+        for reason in Finish:  # every series from the start (a scrape sees 0, not a missing series)
+            self.finished.labels(reason=reason.value)
         self.rate = Gauge("pyengine_tokens_per_second", f"New ids per second over the last {RATE_WINDOW_S:g} s",
                           registry=reg)
         self.rate.set_function(self.tokens_per_second)

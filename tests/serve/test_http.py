@@ -238,3 +238,25 @@ def test_draining_past_the_grace_aborts_what_runs():
             with pytest.raises(openai.InternalServerError, match="shut down"):
                 f.result(timeout=60)
     assert srv.error is None and srv.outcome[0].aborted == 2
+
+
+def test_a_non_streaming_client_that_goes_away_aborts_its_request():
+    import http.client
+
+    server = InProcessServer(None, world=1, delay_s=0.05)  # 55 steps take ~3 s: it cannot finish first
+    try:
+        body = {"model": "tiny", "prompt": prompt_ids(2, 5), "max_tokens": 55, "temperature": 0}
+        conn = http.client.HTTPConnection("127.0.0.1", server.running.http.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 20
+        while server.metric("pyengine_kv_blocks_used") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # admitted and running
+        conn.sock.shutdown(2)
+        conn.close()
+        aborted = 'pyengine_requests_finished_total{reason="abort"}'
+        while time.monotonic() < deadline and not (server.metric(aborted) == 1
+                                                   and server.metric("pyengine_kv_blocks_used") == 0):
+            time.sleep(0.05)
+        assert server.metric(aborted) == 1 and server.metric("pyengine_kv_blocks_used") == 0
+    finally:
+        server.stop()
