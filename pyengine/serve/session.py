@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from pyengine.core.errors import InputError
@@ -48,6 +49,17 @@ class Observer(Protocol):
     def token(self, handle: RequestHandle, at: float) -> None: ...
 
     def ended(self, handle: RequestHandle, finish: Finish) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Submit:
+    request: Request
+    handle: RequestHandle
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: int
 
 
 class Closed(RuntimeError):
@@ -96,14 +108,14 @@ class Session:
             raise Closed(self.failure or "the server is shutting down: no new requests are admitted")
         rid = next(self._ids)
         handle = RequestHandle(rid, len(prompt), None if self.background else self._pump)
-        handle._abort = lambda: self._post(("abort", rid))
+        handle._abort = lambda: self._post(_Abort(rid))
         model_stops = frozenset() if params.ignore_eos else self.scheduler.model_stop_ids
         stop = model_stops | frozenset(params.stop_token_ids)
-        self._post(("submit", Request(rid, prompt, params, stop), handle))
+        self._post(_Submit(Request(rid, prompt, params, stop), handle))
         return handle
 
     def abort(self, handle: RequestHandle) -> None:
-        self._post(("abort", handle.id))
+        self._post(_Abort(handle.id))
 
     def stop_admitting(self, why: str = "") -> None:
         self._admitting = False
@@ -178,14 +190,13 @@ class Session:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item[0] == "submit":
-                _, req, handle = item
-                self._handles[req.id] = handle
-                self.scheduler.add(req)
+            if isinstance(item, _Submit):
+                self._handles[item.request.id] = item.handle
+                self.scheduler.add(item.request)
                 if self.observer is not None:
-                    self.observer.submitted(handle)
-            elif item[1] in self._handles:
-                self.scheduler.abort(item[1])
+                    self.observer.submitted(item.handle)
+            elif item.request_id in self._handles:
+                self.scheduler.abort(item.request_id)
 
     def _publish_finished(self) -> None:
         for req in self.scheduler.take_finished():
