@@ -116,3 +116,28 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_full_batch(checkpoint, tmp_p
     solo_ids = alone[0][0][0].result()
     assert full[0][0][3].result() == solo_ids and len(solo_ids) == 6
     assert len({tuple(h.result()) for h in full[0][0]}) > 1  # the crowd drew ids of its own
+
+
+def test_the_python_api_iterating_a_handle_steps_for_it(checkpoint, tmp_path):
+    import pyengine
+    from pyengine.core.errors import InputError
+
+    folder, model = checkpoint("mixtral")
+    source = open_checkpoint(folder)
+    spec = spec_for(tmp_path, source, "tp")
+    transports = LocalTransport.create(3, "cpu", 60)
+    ids = prompt(4, 6)
+
+    def body(rank):
+        engine = pyengine.Engine(spec, transports[rank], source=source)
+        with pytest.raises(InputError, match="capacity = 'str': must be a ServeCapacity"):
+            engine.start_serving("big")
+        engine.start_serving(ServeCapacity(slots=2, capacity=32, step_tokens=4))
+        if rank != 0:
+            engine.follow()
+            return None
+        streamed = list(engine.submit(ids, SamplingParams(max_new_tokens=5)))
+        engine.close_serving()
+        return streamed
+
+    assert on_threads(body, timeout_s=300)[0] == transformers_alone(model, ids, 5)
