@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["gpipe", "asready"], help="override schedule.kind (default: the config's)")
     p.add_argument("--timeout", type=float, help="override comm.timeout_s: seconds per action (default: the config's)")
     p.add_argument("--no-scale", action="store_true", help="on CPU, run a seeded model at full size")
+    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"],
+                   help="capture the decode steps in CUDA graphs (auto: where the ranks run on a GPU with the "
+                        "Triton kernels; the run says why not; on: refuse where they cannot)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--dump", help="write generated.pt (prompt + new ids per sequence), first_logits.pt "
                                   "(the first sequence's per-step logits) and spec.json here")

@@ -43,8 +43,9 @@ def launch(args, spec, source, prompts) -> int:
     fault = _fault(args.inject_fault, decode_table) if args.inject_fault else None
     capacity = max(lengths) + args.max_new_tokens
     check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False, scaled=bool(note))
+    _check_graphs(args.graphs, on_cpu)
     opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
-                           source=source, fault=fault, show_progress=not args.json)
+                           source=source, fault=fault, show_progress=not args.json, graphs=args.graphs)
     groups = spec.comm_groups()
     try:
         results = run_ranks(bind(generate_rank, spec, opts), spec.world_size, backend=backend, groups=groups,
@@ -62,6 +63,18 @@ def launch(args, spec, source, prompts) -> int:
         print_generation(summary)
     sys.stdout.flush()
     return 0 if _write(args, spec, results, backend) else 1
+
+
+def _check_graphs(mode: str, on_cpu: bool) -> None:
+    """--graphs on where the decode steps cannot be captured: refused before any rank starts."""
+    import torch
+
+    from pyengine.execute.graphs import GraphMode, decide
+    from pyengine.model.kernel_path import kernel_path
+    from pyengine.model.ops import ops_class
+
+    device = torch.device("cpu" if on_cpu else "cuda")
+    decide(GraphMode(mode), device, ops_class(kernel_path(device)))
 
 
 def _write(args, spec, results, backend) -> bool:

@@ -74,19 +74,14 @@ class StaticStep:
 
     def write(self, ids: list[int], slots: list[int], positions: list[int], sizes: list[int]) -> None:
         """Fill the buffers for one step: sequence i (in order) goes to its group's next row."""
+        b, total = self.shape.rows, self.shape.total
+        rows = [r for g, n in enumerate(sizes) for r in range(g * b, g * b + n)]
+        values = [[0] * total, [0] * total, [-1] * total, [0] * total]
+        for i, r in enumerate(rows):
+            values[IDS][r], values[POSITIONS][r], values[SLOTS][r] = ids[i], positions[i], slots[i]
+            values[LENGTHS][r] = positions[i] + 1
         host = self._host
-        host.zero_()
-        host[SLOTS].fill_(-1)
-        b = self.shape.rows
-        rows, at = [], 0
-        for g, n in enumerate(sizes):
-            rows += range(g * b, g * b + n)
-            at += n
-        idx = torch.tensor(rows, dtype=torch.int64)
-        host[IDS, idx] = torch.tensor(ids, dtype=torch.int64)
-        host[POSITIONS, idx] = torch.tensor(positions, dtype=torch.int64)
-        host[SLOTS, idx] = torch.tensor(slots, dtype=torch.int64)
-        host[LENGTHS, idx] = torch.tensor(positions, dtype=torch.int64) + 1
+        host.copy_(torch.tensor(values, dtype=torch.int64))
         # From pinned memory on CUDA: asynchronous, ordered on the current stream, no host sync.
         # The host buffer is rewritten only by the next step, after this one's ids reached the host.
         self.packed.copy_(host, non_blocking=True)

@@ -21,10 +21,12 @@ from pyengine.schedule import build
 class Engine:
     def __init__(self, spec: DeploymentSpec, transport, *, seed: int = 0,
                  weights: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
-                 source: WeightSource | None = None):
+                 source: WeightSource | None = None, graphs: str = "auto"):
         """`source` (e.g. pyengine.model.checkpoint.open_checkpoint(...)) gives this rank's weight
         slices; without it they are seeded by `seed` (the same seed on every rank); `weights`
         passes them ready-made (exactly pyengine.model.weights.rank_weights(spec, source, rank)).
+        `graphs` (auto | on | off): capture generate's decode steps in CUDA graphs (auto: where the
+        device and kernels allow; `graphs_reason` says what was decided).
         Every argument is checked here, on every rank alike (an InputError naming it)."""
         from pyengine.execute import engine_checks as checks
 
@@ -36,6 +38,7 @@ class Engine:
         self.spec, self.transport = spec, transport
         self.rank = transport.rank
         self.device = torch.device(device) if device is not None else transport.device
+        self.graphs = checks.check_graphs(graphs, self.device)
         self.table = build(spec)  # checked before anything runs
         checks.check_groups(transport, self.table, spec.world_size)
         if weights is None:
@@ -77,9 +80,15 @@ class Engine:
         check_ranks_agree(self.transport, self.spec.world_size, prompts, max_new_tokens, self.spec.comm.timeout_s)
         self._check_kv_fits(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         if self._generator is None:
-            self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device)
+            self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device,
+                                        graphs=self.graphs)
         self.last_generation = self._generator.generate(prompts, max_new_tokens, keep_logits=True)
         return self.last_generation.sequences
+
+    @property
+    def graphs_reason(self) -> str:
+        """What generate's decode steps ran as (captured, or eager and why); empty before one."""
+        return self._generator.graphs_reason if self._generator is not None else ""
 
     def _check_kv_fits(self, sequences: int, capacity: int) -> None:
         """The KV cache against free memory, before any work; skipped when one at least this large

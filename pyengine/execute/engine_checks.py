@@ -129,3 +129,17 @@ def check_ranks_agree(transport: Any, world_size: int, prompts: list, max_new_to
     if count:
         raise InputError("prompts", f"{count} rank(s) differ from rank 0",
                          "every rank must pass the same prompts and max_new_tokens")
+
+
+def check_graphs(graphs, device):
+    """Engine(graphs=...): a GraphMode, and `on` only where the decode steps can be captured."""
+    from pyengine.execute.graphs import GraphMode, decide
+    from pyengine.model.kernel_path import kernel_path
+    from pyengine.model.ops import ops_class
+
+    choices = [m.value for m in GraphMode]
+    if not isinstance(graphs, str) or graphs not in choices:
+        raise InputError("graphs", graphs, f"must be one of {', '.join(choices)}")
+    mode = GraphMode(graphs)
+    decide(mode, device, ops_class(kernel_path(device)))
+    return mode

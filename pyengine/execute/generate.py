@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyengine.core.spec import DeploymentSpec
+from pyengine.execute.graphs import GraphMode
 from pyengine.execute.results import ActionTime
 from pyengine.execute.step_loop import StepLoop, StepOutput
 from pyengine.execute.step_plan import SeqWork, StepPlan
@@ -56,12 +57,12 @@ class GenerateResult:
 
 class Generator:
     def __init__(self, spec: DeploymentSpec, rank: int, transport, weights: dict, device: torch.device,
-                 *, on_action: Callable[[str, bool], None] | None = None):
+                 *, on_action: Callable[[str, bool], None] | None = None, graphs: GraphMode = GraphMode.AUTO):
         if not spec.model.layered:
             raise ValueError("generation needs a model of layers (model.num_layers): the attention-free "
                              "block has no sequence to continue")
         self.spec, self.rank, self.transport, self.weights, self.device = spec, rank, transport, weights, device
-        self.on_action = on_action
+        self.on_action, self.graphs = on_action, graphs
         self.eos = set(spec.model.eos_token_ids or ())
         self._loop: StepLoop | None = None
         self.fault = None
@@ -103,10 +104,16 @@ class Generator:
     def _still_live(self, live, new: list[list[int]], max_new_tokens: int) -> list[int]:
         return [s for s in live if len(new[s]) < max_new_tokens and new[s][-1] not in self.eos]
 
+    @property
+    def graphs_reason(self) -> str:
+        """What the decode steps ran as (captured, or eager and why); empty before a generation."""
+        return self._loop.graphs_reason if self._loop is not None else ""
+
     def _loop_for(self, sequences: int, capacity: int) -> StepLoop:
         """The step loop (kept while its cache holds this generation; every slot freed for it)."""
         if self._loop is None or sequences > self._loop.slots or capacity > self._loop.capacity:
             self._loop = StepLoop(self.spec, self.rank, self.transport, self.weights, self.device,
-                                  slots=sequences, capacity=capacity, on_action=self.on_action)
+                                  slots=sequences, capacity=capacity, on_action=self.on_action,
+                                  graphs=self.graphs)
         self._loop.reset()
         return self._loop

@@ -14,6 +14,7 @@ from pyengine.core.progress import progress
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.faults import Fault
 from pyengine.execute.generate import Generator, StepRecord
+from pyengine.execute.graphs import GraphMode
 from pyengine.execute.launch import RankContext
 from pyengine.execute.results import GenerateMeasurement, StepMeasurement
 from pyengine.model.weights import SeededWeights, rank_read_bytes, rank_weights
@@ -35,6 +36,8 @@ class GenerateOptions:
     """Testing hook: kill or stall one rank at one action of a decode step."""
     show_progress: bool = False
     """Rank 0 draws a bar over the steps (on a terminal only: pyengine.core.progress)."""
+    graphs: str = "auto"
+    """CUDA graphs of the decode steps: auto | on | off (pyengine.execute.graphs)."""
 
     def weights(self):
         return self.source if self.source is not None else SeededWeights(self.seed)
@@ -42,7 +45,8 @@ class GenerateOptions:
 
 def generate_rank(ctx: RankContext, spec: DeploymentSpec, opts: GenerateOptions) -> GenerateMeasurement:
     weights = rank_weights(spec, opts.weights(), ctx.rank, ctx.device)
-    gen = Generator(spec, ctx.rank, ctx.transport, weights, ctx.device, on_action=ctx.on_action)
+    gen = Generator(spec, ctx.rank, ctx.transport, weights, ctx.device, on_action=ctx.on_action,
+                    graphs=GraphMode(opts.graphs))
     prompts = list(opts.prompts)
     for _ in range(opts.warmup):
         gen.generate(prompts, min(WARMUP_TOKENS, opts.max_new_tokens), timed=False)
@@ -54,7 +58,8 @@ def generate_rank(ctx: RankContext, spec: DeploymentSpec, opts: GenerateOptions)
     out = GenerateMeasurement(rank=ctx.rank, device=provenance.device_name(ctx.device),
                               steps=[_step(s, spec) for s in res.steps],
                               prompt_lengths=[int(p.numel()) for p in prompts],
-                              read_bytes=rank_read_bytes(spec, opts.weights(), ctx.rank))
+                              read_bytes=rank_read_bytes(spec, opts.weights(), ctx.rank),
+                              graphs=gen.graphs_reason)
     if ctx.rank == spec.stage("output").gpus[0]:
         out.sequences = [s.tolist() for s in res.sequences]
         out.first_logits = None if res.first_logits is None else res.first_logits.numpy()
@@ -67,7 +72,8 @@ def _step(s: StepRecord, spec: DeploymentSpec) -> StepMeasurement:
         row = []
         for mb in range(s.batch.micro_batches):
             ids = s.routes.get((layer, mb))
-            row.append(tuple(sorted(set(torch.unique(ids).tolist()))) if ids is not None else ())
+            # -1: a padding row of a static step (it chose no expert)
+            row.append(tuple(sorted(e for e in torch.unique(ids).tolist() if e >= 0)) if ids is not None else ())
         touched.append(row)
     return StepMeasurement(s.seconds, s.tokens, s.batch.micro_batches,
                            sum(c.keys_read for c in s.batch.chunks), s.times, s.t0,

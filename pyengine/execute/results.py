@@ -80,3 +80,5 @@ class GenerateMeasurement:
     first_logits: np.ndarray | None = None
     """The first sequence's logits at each of its steps [steps, V] (output rank)."""
     read_bytes: int = 0
+    graphs: str = ""
+    """What the decode steps ran as: captured in CUDA graphs, or eager and why."""

@@ -165,7 +165,7 @@ class StepLoop:
         with rt.stream_context():
             state.write([w.tokens[0] for w in plan.work], [w.slot for w in plan.work],
                         [w.past for w in plan.work], sizes)
-            tables = self._tables(state, batch) if self.attends else []
+            tables = self._tables(state, plan, sizes) if self.attends else []
         res = rt.forward(state.ids, timed=timed, batch=shape.batch(), tables=tables)
         return rt, batch, res, state.rows_of
 
@@ -181,15 +181,17 @@ class StepLoop:
         rt.launches = self.launches
         return self._decode[shape]
 
-    def _tables(self, state: StaticStep, batch: Batch) -> list:
-        """The attention rank's chunk tables of a static step, one per group (`batch`: the real
-        groups, whose longest sequences bound the torch path's reads)."""
-        from pyengine.model.attention import key_blocks
-
+    def _tables(self, state: StaticStep, plan: StepPlan, sizes: list[int]) -> list:
+        """The attention rank's chunk tables of a static step, one per group (each group's longest
+        sequence bounds the torch path's reads)."""
         dtype = torch_dtype(self.spec.model.dtype)
-        return [self.ops.decode_tables(self.cache, self.rope, state.group_meta(g), dtype,
-                                       key_blocks(chunk, self.cache.block_size))
-                for g, chunk in enumerate(batch.chunks)]
+        out, at = [], 0
+        for g, n in enumerate(sizes):
+            longest = max(w.past for w in plan.work[at:at + n]) + 1
+            out.append(self.ops.decode_tables(self.cache, self.rope, state.group_meta(g), dtype,
+                                              blocks_for(longest, self.cache.block_size)))
+            at += n
+        return out
 
     # ---- new ids --------------------------------------------------------------------------------
     def _pick(self, logits: torch.Tensor | None, rows: list[int], plan: StepPlan) -> list[int]:

@@ -10,11 +10,16 @@ from pyengine.model.kernel_path import KernelPath, kernel_path
 from pyengine.model.ops_torch import TorchOps
 
 
-def ops_for(spec, device: torch.device, path: KernelPath | None = None):
-    """The rank's ops (made once per runtime: the Triton path prepares its kernels here)."""
-    path = path or kernel_path(device)
+def ops_class(path: KernelPath) -> type:
+    """The ops type of a path (its traits: `graphable`, `not_graphable`), without preparing one."""
     if path is KernelPath.TORCH:
-        return TorchOps()
+        return TorchOps
     from pyengine.model.ops_triton import TritonOps
 
-    return TritonOps(spec, device)
+    return TritonOps
+
+
+def ops_for(spec, device: torch.device, path: KernelPath | None = None):
+    """The rank's ops (made once per runtime: the Triton path prepares its kernels here)."""
+    cls = ops_class(path or kernel_path(device))
+    return cls() if cls is TorchOps else cls(spec, device)

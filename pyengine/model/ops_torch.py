@@ -35,11 +35,15 @@ class TorchOps:
         return route(u, router, k, renormalize)
 
     def experts(self, w: Mapping[str, Any], u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                skip_ids: bool = False) -> torch.Tensor:
+                skip_ids: bool = False, static: bool = False) -> torch.Tensor:
         """This shard's partial [t, H] in u.dtype: every held expert in turn (ids of -1: held
-        elsewhere, in no expert's rows), each token's choices summed in fp32."""
+        elsewhere, in no expert's rows), each token's choices summed in fp32. `static` (a decode
+        step, a few rows): every held expert over every row, weighted by a dense gate matrix (a
+        zero where not chosen): the same ops whatever the routing, no host sync."""
         import torch.nn.functional as F
 
+        if static:
+            return _dense_experts(w, u, ids, weights)
         y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
         for e in range(w["w_up"].shape[0]):
             tok, slot = (ids == e).nonzero(as_tuple=True)
@@ -59,3 +63,14 @@ class TorchOps:
         from pyengine.model.attention import attention_torch
 
         return attention_torch(model, w, a, cache, layer, chunk, tables)
+
+
+def _dense_experts(w, u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    e = w["w_up"].shape[0]
+    gate = torch.zeros(u.shape[0], e + 1, dtype=torch.float32, device=u.device)  # column e: held elsewhere
+    gate.scatter_add_(1, torch.where(ids < 0, e, ids).long(), weights.float())
+    a = F.silu(torch.matmul(u, w["w_gate"])) * torch.matmul(u, w["w_up"])  # [E, t, F]
+    out = torch.bmm(a, w["w_down"]).float()  # [E, t, H]
+    return torch.einsum("eth,te->th", out, gate[:, :e]).to(u.dtype)

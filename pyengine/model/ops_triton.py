@@ -69,7 +69,7 @@ class TritonOps(TorchOps):
         with self._turns:
             return self._routers[key](logits)
 
-    def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False):
+    def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False, static=False):
         """align + column GEMM (SwiGLU) + row GEMM + the fixed-order k-sum: four launches. Ids of -1
         (held elsewhere, or a padding row) add nothing."""
         shard = self._shard(w, u)

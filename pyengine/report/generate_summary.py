@@ -50,6 +50,8 @@ class GenerateSummary:
     profile: str = ""
     read_bytes: dict[int, int] = field(default_factory=dict)
     generated: list[list[int]] = field(default_factory=list)
+    graphs: str = ""
+    """What the decode steps ran as: captured in CUDA graphs, or eager and why."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +104,8 @@ def summarize_generation(spec: DeploymentSpec, results: list[GenerateMeasurement
         backend, out.device, scaled, weights, len(out.sequences), sum(out.prompt_lengths), new,
         wall[0], _pct(decode, 50), _pct(decode, 99),
         decode_tokens / sum(decode) if decode else 0.0, busy, att / exp if exp else float("inf"),
-        streamed, rates, replay, roof, profile, {r.rank: r.read_bytes for r in results}, out.sequences)
+        streamed, rates, replay, roof, profile, {r.rank: r.read_bytes for r in results}, out.sequences,
+        results[0].graphs)
 
 
 def _streaming(spec: DeploymentSpec, results: list[GenerateMeasurement], tls: list[Timeline]):

@@ -36,3 +36,5 @@ def print_generation(s: GenerateSummary) -> None:
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, not a "
                   "3-GPU speed-up; `pyengine plan` gives the 3-GPU decode prediction.[/dim]")
     out.print(f"weights: {s.weights}")
+    if s.graphs:
+        out.print(f"decode steps: {s.graphs}")

@@ -66,6 +66,7 @@ def test_seeded_model_generates_what_an_independent_loop_does(tmp_path, unbatche
     assert out["ttft_s"] > 0 and out["itl_p50_s"] > 0 and out["new_tokens"] == 24
     assert set(out["weight_bytes_per_step"]) == {"1", "2"} and out["decode_balance"] > 0
     assert torch.load(tmp_path / "d" / "first_logits.pt").shape == (8, spec.model.vocab_size)
+    assert out["graphs"].startswith("eager decode: CUDA graphs need a GPU; the ranks run on cpu")
 
 
 @pytest.mark.slow
@@ -144,3 +145,8 @@ def test_rank_0_draws_one_bar_over_the_steps_unless_json(tmp_path, capsys, monke
     recording.bars.clear()
     assert main([*args, "--json"]) == 0
     assert recording.bars and not recording.drawn()
+
+
+def test_graphs_on_where_they_cannot_be_captured_is_refused(capsys, no_ranks):
+    line = refused(capsys, "--config", MODEL, "--max-new-tokens", "2", "--graphs", "on", "--backend", "gloo")
+    assert line.endswith("graphs = 'on': CUDA graphs need a GPU; the ranks run on cpu"), line

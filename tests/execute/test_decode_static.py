@@ -138,3 +138,17 @@ def test_an_input_that_moves_after_capture_is_refused(monkeypatch):
     monkeypatch.setattr(RankRuntime, "_buffers", fresh)
     with pytest.raises(AssertionError, match="an input moved since its capture"):
         script(SPEC, graph_backend=CheckedReplays())
+
+
+@pytest.mark.parametrize("graphs,rule", [("sideways", "must be one of auto, on, off"),
+                                         ("on", "CUDA graphs need a GPU; the ranks run on cpu")])
+def test_engine_graphs_argument_is_checked_up_front(graphs, rule):
+    from pyengine.core.errors import InputError
+    from pyengine.execute.engine import Engine
+
+    (tr,) = LocalTransport.create(1, "cpu", 5)
+    one = SPEC.replace(parallel={"stages": [{"name": "embed", "gpus": [0]},
+                                            {"name": "experts", "gpus": [0], "tensor_parallel_size": 1},
+                                            {"name": "output", "gpus": [0]}]}, hardware={"num_gpus": 1})
+    with pytest.raises(InputError, match=f"graphs = '{graphs}': {rule}"):
+        Engine(one, tr, graphs=graphs)

@@ -154,7 +154,8 @@ class ExpertParallelStage(Stage):
         u = rows[token.long()] if rows.shape[0] != n else rows
         # local holds -1 for a choice held by another GPU: the kernels leave it out on the device
         # (no host sync to list this GPU's pairs), and sum each token's own choices in fp32.
-        y = (work or Work(None, None)).kernels_for(u.device).experts(weights, u, local, w, skip_ids=True)
+        work = work or Work(None, None)
+        y = work.kernels_for(u.device).experts(weights, u, local, w, skip_ids=True, static=work.static)
         return {Payload.COMBINE: (y, meta[:, :1].contiguous())}
 
 

@@ -80,5 +80,6 @@ class ExpertsStage(Stage):
         (u, top_ids, top_w), = inputs[Payload.ACT]
         work = work or Work(None, None)
         # a static step's padding rows carry expert id -1: left out like a choice held elsewhere
-        y = work.kernels_for(u.device).experts(weights, u, top_ids, top_w, skip_ids=work.static)
+        y = work.kernels_for(u.device).experts(weights, u, top_ids, top_w, skip_ids=work.static,
+                                               static=work.static)
         return {Payload.PARTIAL: (y,)}
