@@ -71,9 +71,10 @@ class ServingLoop:
 
 
 def step_loop_setup(ctx, spec, *, source=None, seed: int = 0, capacity: ServeCapacity = ServeCapacity(),
-                    weights: dict | None = None):
+                    weights: dict | None = None, graphs=None):
     """This rank's serving step loop and the limits the scheduler plans within
-    (pyengine.serve.runner's make_loop, with the first three bound)."""
+    (pyengine.serve.runner's make_loop, with the first three bound). `graphs`: the step loop's
+    GraphMode (None: its default)."""
     from pyengine.execute.step_loop import StepLoop
     from pyengine.model.kv_cache import BLOCK_SIZE
     from pyengine.model.weights import rank_weights
@@ -82,8 +83,10 @@ def step_loop_setup(ctx, spec, *, source=None, seed: int = 0, capacity: ServeCap
     tokens, blocks, step_tokens = capacity.resolve(spec)
     if weights is None:
         weights = rank_weights(spec, source if source is not None else seed, ctx.rank, ctx.device)
+    extra = {} if graphs is None else {"graphs": graphs}
     loop = ServingLoop(StepLoop(spec, ctx.rank, ctx.transport, weights, ctx.device, slots=capacity.slots,
-                                capacity=tokens, blocks=blocks, block_size=BLOCK_SIZE, on_action=ctx.on_action))
+                                capacity=tokens, blocks=blocks, block_size=BLOCK_SIZE, on_action=ctx.on_action,
+                                **extra))
     limits = Limits(slots=capacity.slots, blocks=loop.total_blocks, block_size=BLOCK_SIZE, step_tokens=step_tokens,
                     max_positions=spec.model.max_positions, vocab_size=spec.model.vocab_size, capacity=tokens)
     return LoopSetup(loop, limits, tuple(spec.model.eos_token_ids or ()), kv_blocks_used=loop.blocks_used)
