@@ -51,7 +51,7 @@ class ServingEngine(Engine):
         self._check_kv_fits(capacity.slots, tokens)
         view = _RankView(self, on_action or (lambda action, waiting: None))
         setup = step_loop_setup(view, self.spec, capacity=capacity, weights=self.weights,
-                                graphs=getattr(self, "graphs", None))
+                                graphs=self.graphs)
         channel = PlanChannel(self.transport, root, self.spec.world_size, self.spec.comm.timeout_s)
         self._session = Session(setup.loop, setup.limits, channel=channel, stop_ids=setup.stop_ids,
                                 on_action=view.on_action)
