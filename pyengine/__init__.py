@@ -11,9 +11,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Engine":  # pulls in torch: loaded on first use only
-        from pyengine.execute.engine import Engine
+        # the execute layer's Engine with serving's submit / step / follow added
+        from pyengine.serve.engine_api import ServingEngine
 
-        return Engine
+        return ServingEngine
     raise AttributeError(f"module 'pyengine' has no attribute {name!r}")
 
 

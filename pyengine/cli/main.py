@@ -20,6 +20,7 @@ import threading
 _COMMANDS = {
     "run": "pyengine.cli.run",
     "generate": "pyengine.cli.generate",
+    "serve": "pyengine.cli.serve",
     "plan": "pyengine.cli.plan",
     "simulate": "pyengine.cli.plan",
     "bench": "pyengine.cli.bench",

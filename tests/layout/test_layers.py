@@ -22,10 +22,11 @@ ALLOWED = {
     "execute": {"core", "model", "schedule", "transport", "kernels"},
     "commbench": {"core", "transport", "execute", "report"},
     "report": {"core", "model", "schedule", "predict", "execute"},
+    "serve": {"core", "model", "execute", "transport"},
     "cli": {"core", "model", "schedule", "predict", "execute", "transport", "report", "commbench",
-            "kernels"},
+            "kernels", "serve"},
     "_native": set(),
-    "__init__": {"core", "execute"},
+    "__init__": {"core", "execute", "serve"},
     "__main__": {"cli"},
 }
 
