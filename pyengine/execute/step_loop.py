@@ -16,6 +16,7 @@ sequence whose logits are not finite gets -1 (a `NonFiniteLogits` error on every
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,10 @@ from pyengine.model.ops import ops_for
 from pyengine.transport.base import complete
 
 
+EAGER_RUNTIMES = 16
+"""Prefill runtimes kept (least recently used dropped): one per chunk structure."""
+
+
 class NonFiniteLogits(RuntimeError):
     """A sequence's logits held NaN or inf: no id is drawn from them."""
 
@@ -49,8 +54,8 @@ class StepOutput:
     """The new id of each of `plan.sampled`, in order (every rank)."""
     seconds: float
     """Wall time from the step's start to the ids on this rank's host."""
-    batch: Batch
-    """The step's batch as the plan has it (no padding rows)."""
+    batch: Batch | None
+    """The step's batch as the plan has it (no padding rows); None for a plan of releases only."""
     times: list[ActionTime] = field(default_factory=list)
     t0: float = 0.0
     routes: dict = field(default_factory=dict)
@@ -95,7 +100,7 @@ class StepLoop:
         self.launches = None
         """A LaunchCounter (pyengine.execute.launches) given to every decode runtime, when set."""
         self._decode: dict[DecodeShape, tuple[RankRuntime, StaticStep]] = {}
-        self._eager: dict[tuple, RankRuntime] = {}
+        self._eager: OrderedDict[tuple, RankRuntime] = OrderedDict()
         self.fault = None
         """Testing hook (pyengine.execute.faults.Fault): fires in the decode runtimes only."""
 
@@ -111,6 +116,8 @@ class StepLoop:
         for slot in plan.release:
             self.blocks.release(slot)
         self._check(plan)
+        if not plan.work:  # only releases: nothing runs on any rank
+            return StepOutput([], time.perf_counter() - t0, None)
         if plan.decode_only:
             rt, batch, res, rows = self._decode_step(plan, timed)
         else:
@@ -152,7 +159,11 @@ class StepLoop:
                       min(self.spec.schedule.micro_batches, sum(len(w.tokens) for w in plan.work)),
                       logits_all=False, slots=tuple(w.slot for w in plan.work))
         key = (batch.micro_batches, tuple(batch.kv_order()))
-        if key not in self._eager:
+        if key in self._eager:
+            self._eager.move_to_end(key)
+        else:
+            while len(self._eager) >= EAGER_RUNTIMES:  # a server meets ever new chunk structures
+                self._eager.popitem(last=False)
             self._eager[key] = RankRuntime(self.spec, self.rank, self.transport, self.weights, self.device,
                                            batch=batch, cache=self.cache, on_action=self.on_action)
             self._eager[key].rope, self._eager[key].ops = self.rope, self.ops

@@ -49,7 +49,7 @@ class BlockAllocator:
     reused lowest first), so every rank that replays the same plans holds the same tables."""
 
     def __init__(self, blocks: int, block_size: int, slots: int, max_blocks: int):
-        self.block_size, self.max_blocks = block_size, max_blocks
+        self.block_size, self.max_blocks, self.total = block_size, max_blocks, blocks
         self._free = list(range(blocks - 1, -1, -1))  # pop() hands out the lowest
         self.table: list[list[int]] = [[] for _ in range(slots)]
 

@@ -51,19 +51,15 @@ class ServeCapacity:
 
 
 class ServingLoop:
-    """A StepLoop as a session drives it: run(plan) -> the new ids of plan.sampled; a plan with
-    nothing to run (only slots to release) releases them without a step."""
+    """A StepLoop as a session drives it: run(plan) -> the new ids of plan.sampled (a plan with
+    only slots to release runs no step)."""
 
     def __init__(self, loop):
         self.loop = loop
         self.blocks = loop.blocks
-        self.total_blocks = loop.blocks.free  # nothing is held yet
+        self.total_blocks = loop.blocks.total
 
     def run(self, plan: StepPlan) -> list[int]:
-        if not plan.work:
-            for slot in plan.release:
-                self.loop.blocks.release(slot)
-            return []
         return self.loop.run(plan, timed=False).ids
 
     def blocks_used(self) -> int:
