@@ -84,8 +84,11 @@ def _calibrate(spec, base, gpu: str, interconnect: str):
     from pyengine.execute.calibrate import measure_compute
     from pyengine.predict.calibration import calibrated_profile
 
+    from pyengine.execute.calibrate_host import measure_host
+
     device = torch.device("cuda", 0)
     measured = measure_compute(spec, device)
+    host = measure_host(device)
     count = torch.cuda.device_count()
     sendrecv = allreduce = ()
     if count >= 2:
@@ -99,7 +102,7 @@ def _calibrate(spec, base, gpu: str, interconnect: str):
     return calibrated_profile(base, f"{base.name}-measured", spec.model.dtype, copy=measured.copy,
                               launch_s=measured.launch_s, dense=measured.dense, grouped=measured.grouped,
                               sendrecv=sendrecv, allreduce=allreduce, allreduce_gpus=count,
-                              interconnect=interconnect, provenance=prov)
+                              interconnect=interconnect, provenance=prov, host=host)
 
 
 def _link(op: str, nranks: int, backend: str = "nccl", sizes: tuple[int, ...] = LINK_SIZES) -> list[tuple[float, float]]:

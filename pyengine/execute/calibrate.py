@@ -1,7 +1,9 @@
 """What `pyengine calibrate` times on one GPU, for a device profile of it: HBM copy bandwidth, the
 fixed cost of a kernel launch, dense GEMM rates at several M (torch.matmul: cuBLAS), and this
-engine's own grouped expert GEMMs (pyengine.kernels.moe_expert_shard: the align, the column GEMM
-with its SwiGLU and the row GEMM) at several rows per expert.
+engine's own grouped expert GEMMs (pyengine.kernels.moe_expert_shard's prepared ExpertShard: the
+align, the column GEMM with its SwiGLU, the row GEMM and the k-row sum) at several rows per expert.
+The host's own costs (a launch, a graph replay, the runtime's work per action) are timed by
+pyengine.execute.calibrate_host.
 
 Every call is timed with CUDA events after warm-up (pyengine.execute.timer.median_time: the
 median of `iters` calls, each alone between two events), on operands larger than L2 so each
@@ -105,7 +107,7 @@ def measure_dense(device: torch.device, dtype_name: str, sizes: Sizes) -> list[T
 def measure_grouped(spec: DeploymentSpec, device: torch.device, sizes: Sizes) -> list[TimedCall]:
     """moe_expert_shard at the shard of the spec's first expert GPU, routing uniformly at random
     (each token a random k-subset of the E experts: what the planner's expected counts assume)."""
-    from pyengine.kernels.moe_expert_shard import moe_expert_shard
+    from pyengine.kernels.moe_expert_shard import ExpertShard
 
     if spec.expert_parallel:
         raise ValueError("measure_grouped: times the tensor-parallel shard; the spec is expert-parallel")
@@ -117,6 +119,7 @@ def measure_grouped(spec: DeploymentSpec, device: torch.device, sizes: Sizes) ->
     w_gate, w_up = (torch.randn(m.num_experts, m.hidden_size, f, device=device, dtype=dtype, generator=g)
                     / m.hidden_size ** 0.5 for _ in range(2))
     w_down = torch.randn(m.num_experts, f, m.hidden_size, device=device, dtype=dtype, generator=g) / f ** 0.5
+    shard = ExpertShard(m.num_experts, m.hidden_size, f, m.top_k, dtype, device)  # checks once
     out = []
     for t in sizes.grouped_tokens:
         u = torch.randn(t, m.hidden_size, device=device, dtype=dtype, generator=g)
@@ -124,7 +127,7 @@ def measure_grouped(spec: DeploymentSpec, device: torch.device, sizes: Sizes) ->
         w = torch.softmax(torch.randn(t, m.top_k, device=device, generator=g), dim=1)
 
         def call() -> None:
-            moe_expert_shard(u, w_gate, w_up, w_down, ids, w, check_ids=False)
+            shard(u, w_gate, w_up, w_down, ids, w)
 
         out.append((tuple(stage.kernels(t, rank)), median_time(call, device, sizes.iters, sizes.warmup)))
     return out

@@ -122,7 +122,7 @@ def calibrated_profile(base: DeviceProfile, name: str, dtype: str, *, copy: Sequ
                        launch_s: float, dense: Sequence[Sample], grouped: Sequence[Sample],
                        sendrecv: Sequence[tuple[float, float]] = (), allreduce: Sequence[tuple[float, float]] = (),
                        allreduce_gpus: int = 0, interconnect: str = "nvlink",
-                       provenance: Mapping[str, str] | None = None) -> DeviceProfile:
+                       provenance: Mapping[str, str] | None = None, host=None) -> DeviceProfile:
     """`base` (a preset: the datasheet peaks) with every number these measurements determine
     replaced, each with a "measured" source; the link numbers only when send/recv and all-reduce
     were timed (on one GPU they keep base's published values and sources). In order: the launch,
@@ -155,6 +155,13 @@ def calibrated_profile(base: DeviceProfile, name: str, dtype: str, *, copy: Sequ
         what = f"ring all-reduce over {allreduce_gpus} GPUs, {_sizes(b for b, _ in allreduce)}"
         sources["link_efficiency"] = _measured(f"bus bandwidth (slope) of {what}, over the {interconnect} line rate")
         sources["collective_base_us"] = _measured(f"intercept of {what}, less its ring steps x collective_step_us")
+    if host is not None:  # pyengine.execute.calibrate_host.HostMeasurements
+        values.update(host_launch_us=host.launch_s * 1e6, graph_replay_us=host.replay_s * 1e6,
+                      action_host_us=host.action_s * 1e6)
+        sources.update(host_launch_us=_measured("host time per 1-element kernel issued back to back"),
+                       graph_replay_us=_measured("host time per replay of a one-kernel CUDA graph"),
+                       action_host_us=_measured("rank 0's host time per action of an eager decode step of "
+                                                "a small 4-layer model, its launches excluded"))
     return dataclasses.replace(base, name=name, **values, sources={**base.sources, **sources},
                                provenance=dict(provenance or {}))
 

@@ -17,6 +17,7 @@ from pyengine.model.batch import Batch
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages import StageKind, stages_of
 from pyengine.predict.devices import DeviceProfile
+from pyengine.predict.host import decode_host
 from pyengine.predict.layouts import alternatives, describe
 from pyengine.predict.plan import DecodePlan
 from pyengine.predict.prediction import predict
@@ -59,5 +60,6 @@ def decode_plan(spec: DeploymentSpec, device: DeviceProfile, new_tokens: int,
     layouts = [(describe(spec), mean, True)]
     for alt in alternatives(spec, device, routing):
         layouts.append((describe(alt), mean_step_s(alt, device, new_tokens, routing)[2], False))
+    host = decode_host(spec, device, spec.model.seq_len + new_tokens // 2)
     return DecodePlan(new_tokens, first, last, mean, spec.model.batch_size / mean,
-                      weight_bytes_per_step(spec, routing), by, best, layouts)
+                      weight_bytes_per_step(spec, routing), by, best, layouts, host)

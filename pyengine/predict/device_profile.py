@@ -109,6 +109,12 @@ class DeviceProfile:
     """Fixed cost of every kernel (launch, ramp and tail): dominates at tiny shapes."""
     reserved_gb: float = 1.0
     """Memory not available to the model: CUDA context, NCCL buffers, allocator slack."""
+    host_launch_us: float = 5.0
+    """Host time to issue one kernel (eager): what a decode step's launches cost the CPU."""
+    action_host_us: float = 25.0
+    """Host time of the runtime's own work per schedule action (its Python, events, transport call)."""
+    graph_replay_us: float = 5.0
+    """Host time to issue one captured CUDA graph (one per compute action of a graphed decode step)."""
     sources: dict[str, Source] = field(default_factory=dict, compare=False)
     """Where each number comes from, by field name (a field missing here is UNCALIBRATED)."""
     provenance: dict[str, str] = field(default_factory=dict, compare=False)

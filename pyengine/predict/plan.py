@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 from pyengine.core.spec import DeploymentSpec
@@ -96,6 +97,8 @@ class DecodePlan:
     best_groups: int = 1
     layouts: list[tuple[str, float, bool]] = field(default_factory=list)
     """(layout, mean step time, this config's own) for the spec's layout and its alternatives."""
+    host: Any = None
+    """pyengine.predict.host.StepHost of the mean step: host vs device time per rank, eager and graphed."""
 
 @dataclass(slots=True)
 class Plan:
@@ -153,7 +156,13 @@ class Plan:
             "layers_fit": self.layers_fit,
             "decode": None if self.decode is None else {
                 **asdict(self.decode), "by_groups": {str(m): v for m, v in self.decode.by_groups.items()},
-                "weight_bytes_per_step": {str(r): v for r, v in self.decode.weight_bytes_per_step.items()}},
+                "weight_bytes_per_step": {str(r): v for r, v in self.decode.weight_bytes_per_step.items()},
+                "host": None if self.decode.host is None else {
+                    "device_step_s": self.decode.host.device_step_s,
+                    "eager_step_s": self.decode.host.step_s(False),
+                    "graphed_step_s": self.decode.host.step_s(True),
+                    "ranks": {str(r): {**asdict(h), "eager": h.bound(False), "graphed": h.bound(True)}
+                              for r, h in self.decode.host.ranks.items()}}},
         }
 
 

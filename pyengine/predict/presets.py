@@ -51,6 +51,14 @@ H100_SOURCES: dict[str, Source] = {
                                   "its compiled-kernel binder with 19 arguments costs 5.6 us (a GB200 host: "
                                   "the launch path is host-side)"),
     "pcie_latency_us": Source(A, "6 us: no published PCIe message latency used (the pre-calibration value)"),
+    "host_launch_us": Source(P, "meta-pytorch/tritonbench PR #1017: a no-op Triton kernel launched through its "
+                                "compiled-kernel binder costs 5.6 us of host time; PyTorch eager ops cost "
+                                "5 to 7 us each (the same order: 5.6 taken)"),
+    "action_host_us": Source(A, "25 us: this runtime's Python per schedule action (dependency waits, events, "
+                                "the transport call); no published figure applies; `pyengine calibrate` "
+                                "measures it"),
+    "graph_replay_us": Source(A, "one graph launch taken to cost the host one kernel launch (5.6 us); "
+                                 "`pyengine calibrate` measures it"),
     "reserved_gb": Source(A, "1 GB for the CUDA context, NCCL buffers and allocator slack; not measured"),
 }
 
@@ -61,11 +69,12 @@ H100 = DeviceProfile(
     hbm_efficiency=0.8609, link_efficiency=367.5 / 450, gemm_efficiency=794.5 / 989, gemm_half_rows=0.0,
     grouped_gemm_efficiency=794.5 / 989, grouped_gemm_half_rows=225.5,
     collective_base_us=3.5, collective_step_us=0.0, kernel_launch_us=5.6, reserved_gb=1.0,
-    sources=H100_SOURCES)
+    host_launch_us=5.6, action_host_us=25.0, graph_replay_us=5.6, sources=H100_SOURCES)
 
 CALIBRATED = ("hbm_efficiency", "link_efficiency", "gemm_efficiency", "gemm_half_rows", "grouped_gemm_efficiency",
               "grouped_gemm_half_rows", "nvlink_latency_us", "collective_base_us", "collective_step_us",
-              "kernel_launch_us", "pcie_latency_us", "reserved_gb")
+              "kernel_launch_us", "pcie_latency_us", "reserved_gb", "host_launch_us", "action_host_us",
+              "graph_replay_us")
 """The numbers h200 and seed32g take over from h100."""
 
 

@@ -190,9 +190,29 @@ def _decode(p: Plan) -> Verdict | None:
            f"{best_label} decodes {own / best_t - 1:.0%} faster."))
 
 
+def _host(p: Plan) -> Verdict | None:
+    """Host time of a decode step beside its device time, eager and graphed, per rank."""
+    h = p.decode.host if p.decode is not None else None
+    if h is None:
+        return None
+    ranks = "; ".join(f"GPU {r}: {x.actions} actions, {x.kernels} kernels -> host {fmt_s(x.eager_s)} eager "
+                      f"({x.bound(False)}), {fmt_s(x.graphed_s)} graphed ({x.bound(True)}), device "
+                      f"{fmt_s(x.device_s)}" for r, x in h.ranks.items())
+    src = "; ".join(f"{f} {getattr(p.device, f):g} us ({p.device.sources.get(f, 'uncalibrated')})"
+                    for f in ("host_launch_us", "action_host_us", "graph_replay_us"))
+    bound = [r for r, x in h.ranks.items() if x.bound(True) == "host-bound"]
+    return Verdict(
+        "decode host time", f"eager {fmt_s(h.step_s(False))}, graphed {fmt_s(h.step_s(True))} per step",
+        not bound,
+        f"One decode step at the mean position: device {fmt_s(h.device_step_s)} (simulated); with the host's "
+        f"time per rank it takes {fmt_s(h.step_s(False))} eager and {fmt_s(h.step_s(True))} with CUDA graphs. "
+        f"{ranks}. " + (f"Graphed decode is still host-bound on GPU(s) {bound}." if bound else
+                        "With graphs every rank is device-bound.") + f" Host costs: {src}.")
+
+
 CHECKS: tuple[Callable[[Plan], Verdict | None], ...] = (
     _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut,
-    _layout, _ping_pong, _decode)
+    _layout, _ping_pong, _decode, _host)
 """One check per claim, in the order `plan` prints them (None: does not apply to this model)."""
 
 

@@ -9,6 +9,7 @@ import torch
 
 from pyengine.cli.main import main
 from pyengine.execute import calibrate as measure
+from pyengine.execute import calibrate_host
 from pyengine.model.costs import KernelCost
 from pyengine.model.stages import StageKind, stages_of
 from pyengine.predict.devices import PRESETS, SourceKind, load_profile
@@ -58,6 +59,7 @@ def test_a_faked_h100_gives_a_profile_plan_reads(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(measure, "measure_compute", _fake_measurements)
+    monkeypatch.setattr(calibrate_host, "measure_host", lambda *a: calibrate_host.HostMeasurements(6e-6, 4e-6, 3e-5))
     out = tmp_path / "h100.json"
     assert main(["calibrate", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -67,8 +69,10 @@ def test_a_faked_h100_gives_a_profile_plan_reads(capsys, tmp_path, monkeypatch):
     assert p.gemm_efficiency == pytest.approx(0.75, rel=1e-3) and p.gemm_half_rows == pytest.approx(0, abs=1.0)
     assert p.grouped_gemm_efficiency == pytest.approx(0.6, rel=1e-2)
     assert p.grouped_gemm_half_rows == pytest.approx(120, rel=2e-2)
+    assert (p.host_launch_us, p.graph_replay_us, p.action_host_us) == pytest.approx((6.0, 4.0, 30.0))
     measured = {"hbm_efficiency", "kernel_launch_us", "gemm_efficiency", "gemm_half_rows",
-                "grouped_gemm_efficiency", "grouped_gemm_half_rows"}
+                "grouped_gemm_efficiency", "grouped_gemm_half_rows", "host_launch_us", "graph_replay_us",
+                "action_host_us"}
     for f in h100.sources:  # one GPU: the link numbers stay the preset's published ones
         if f in measured:
             assert p.source(f).kind is SourceKind.MEASURED, f
@@ -100,6 +104,7 @@ def test_two_faked_gpus_measure_the_links(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(measure, "measure_compute", _fake_measurements)
+    monkeypatch.setattr(calibrate_host, "measure_host", lambda *a: calibrate_host.HostMeasurements(6e-6, 4e-6, 3e-5))
     sizes = (1e3, 1e6, 1e8)
     fake = {"sendrecv": [(b, 2e-6 + b / 300e9) for b in sizes],
             "all_reduce": [(b, 5e-6 + 1.0 * b / 360e9) for b in sizes]}  # bus factor 2(2-1)/2 = 1

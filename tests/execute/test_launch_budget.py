@@ -12,7 +12,9 @@ from pyengine.core.spec import load_spec
 from pyengine.execute.launches import LaunchCounter
 from pyengine.execute.step_loop import StepLoop
 from pyengine.execute.step_plan import SeqWork, StepPlan
+from pyengine.model.stages import StageKind
 from pyengine.model.weights import rank_weights
+from pyengine.predict.host import LAUNCHES
 from pyengine.transport.local import LocalTransport
 
 SPEC = load_spec(TINY_CONFIG).replace(model={
@@ -21,12 +23,18 @@ SPEC = load_spec(TINY_CONFIG).replace(model={
 ATTENTION_BUDGET, EXPERT_BUDGET = 14, 8
 
 
-def decode_launches(sequences: int) -> list[dict[str, int]]:
+EP = SPEC.replace(parallel={"stages": [
+    {"name": "embed", "gpus": [0]},
+    {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0], [1, 2], [3, 4]]},
+    {"name": "output", "gpus": [0]}]})
+
+
+def decode_launches(sequences: int, spec=SPEC) -> list[dict[str, int]]:
     """Per rank: launches of each compute action of one steady decode step."""
     transports = LocalTransport.create(3, "cpu", 120)
 
     def rank(r):
-        loop = StepLoop(SPEC, r, transports[r], rank_weights(SPEC, 1, r, torch.device("cpu")),
+        loop = StepLoop(spec, r, transports[r], rank_weights(spec, 1, r, torch.device("cpu")),
                         torch.device("cpu"), slots=sequences, capacity=8)
         loop.run(StepPlan(tuple(SeqWork(s, (s % 90 + 1, 7), 0) for s in range(sequences))))
         step = StepPlan(tuple(SeqWork(s, (3,), 2) for s in range(sequences)))
@@ -57,6 +65,17 @@ def test_triton_path_budget_per_layer_and_group_same_at_8_and_64(monkeypatch):
     for r in (1, 2):  # the TP expert ranks
         experts = per_layer_part(few[r])
         assert experts and max(experts.values()) <= EXPERT_BUDGET, experts
+    # the planner's host-time model prices exactly these counts
+    assert (attention["l0.s0.COMPUTE"], attention["l1.s0.COMPUTE"], attention["l1.s2.COMPUTE"]) == (
+        LAUNCHES[(StageKind.EMBED, "first")], LAUNCHES[(StageKind.EMBED, "later")], LAUNCHES[(StageKind.OUTPUT, "last")])
+    assert set(per_layer_part(few[1]).values()) == {LAUNCHES[(StageKind.EXPERTS, "tensor")]}
+
+
+@pytest.mark.slow
+def test_triton_path_expert_parallel_launches_are_what_the_planner_prices(monkeypatch):
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    ranks = decode_launches(8, EP)
+    assert set(per_layer_part(ranks[1]).values()) == {LAUNCHES[(StageKind.EXPERTS, "expert")]}, ranks[1]
 
 
 def test_torch_path_launches_per_step_do_not_grow_with_sequences():
