@@ -8,6 +8,9 @@ import torch
 # Triton path of the engine, PYENGINE_KERNELS=triton, runs in tests outside tests/kernels too).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# NCCL checks its buffers' pointers only when asked (read once per process, at its first call): the
+# native tests make it refuse a null buffer to drive the abort path.
+os.environ.setdefault("NCCL_CHECK_POINTERS", "1")
 
 from helpers import TINY_CONFIG
 from pyengine.core.spec import load_spec

@@ -329,7 +329,7 @@ def test_wait_timeout_names_global_ranks_and_aborts_the_whole_set():
 def test_failed_op_aborts_the_set_naming_global_ranks():
     comm = _one_rank_comm(ranks=[3])
     stream = C.Stream(0, 0)
-    with pytest.raises(C.Error) as info:  # NCCL refuses null buffers with count > 0
+    with pytest.raises(C.Error) as info:  # with NCCL_CHECK_POINTERS=1 (tests/conftest.py), NCCL refuses null buffers
         comm.all_reduce(0, 0, 16, C.DType.float32, C.RedOp.sum, stream, "null")
     text = str(info.value)
     assert "NCCL all_reduce 'null' (rank 3, group (3,), device 0)" in text
