@@ -18,6 +18,7 @@ scaled like `pyengine run`, and `growth` is each row's step time over the 8-sequ
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -101,7 +102,8 @@ def touched_experts(routes: dict) -> dict[int, set[int]]:
 
 
 # ---- one row ------------------------------------------------------------------------------------
-def run_case(spec: DeploymentSpec, n: int, groups: int, mode: str, args, dev: torch.device) -> dict:
+def run_case(spec: DeploymentSpec, n: int, groups: int, mode: str, args, dev: torch.device,
+             weights: list[dict]) -> dict:
     spec = spec.replace(schedule={"micro_batches": groups})
     transports = LocalTransport.create(spec.world_size, dev.type, spec.comm.timeout_s)
     g = torch.Generator().manual_seed(n * 31 + groups)
@@ -109,8 +111,7 @@ def run_case(spec: DeploymentSpec, n: int, groups: int, mode: str, args, dev: to
     capacity = args.prompt + WARMUP_STEPS + args.steps + 2
 
     def rank(r: int) -> dict:
-        w = rank_weights(spec, DeviceRandomWeights() if args.weights == "device-random" else 0, r, dev)
-        loop = StepLoop(spec, r, transports[r], w, dev, slots=n, capacity=capacity,
+        loop = StepLoop(spec, r, transports[r], weights[r], dev, slots=n, capacity=capacity,
                         graphs=GraphMode.AUTO if mode == "graphed" else GraphMode.OFF)
         seqs = [list(p) for p in prompts]
         out = loop.run(StepPlan(tuple(SeqWork(s, tuple(p), 0) for s, p in enumerate(prompts))), timed=False)
@@ -193,13 +194,18 @@ def main(argv=None) -> int:
     env = {**provenance.record(dev), "copy_gb_s": copy_rate, "scaled": note, "config": args.config,
            "weights": args.weights}
     print(json.dumps({"env": env}), flush=True)
+    source = DeviceRandomWeights() if args.weights == "device-random" else 0
+    weights = [rank_weights(spec, source, r, dev) for r in range(spec.world_size)]  # once: every row's
     rows = []
     for mode in args.modes:
         for groups in args.groups:
             for n in args.sequences:
                 if groups > n:
                     continue
-                rows.append(run_case(spec, n, groups, mode, args, dev))
+                rows.append(run_case(spec, n, groups, mode, args, dev, weights))
+                gc.collect()  # the row's caches, static buffers and graphs go before the next
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
     add_rates(rows, copy_rate, dev.type == "cuda")
     for r in rows:
         print(json.dumps(r), flush=True)

@@ -23,16 +23,16 @@ MIN_STEP_S = 1.0  # a step with less time left than this is skipped, not started
 SLACK_S = 5.0  # kept back from the deadline for the last archive
 
 
-# Kernel test files run one by one first, under CUDA_LAUNCH_BLOCKING=1 and a short limit each: a
-# kernel that faults or hangs on first contact is named by its step and the suite goes on.
 FIRST_CONTACT = [
-    ("moe", "tests/kernels/test_kernels_moe.py"),
-    ("skip_ids", "tests/kernels/test_kernels_skip_ids.py"),
-    ("rmsnorm", "tests/kernels/test_kernels_residual_rmsnorm.py"),
-    ("deep_k", "tests/kernels/test_kernels_deep_k.py"),
-    ("ep_pipeline", "tests/kernels/test_kernels_in_ep_pipeline.py"),
+    ("decode_attention", "tests/kernels/test_kernels_decode_attention.py"),
+    ("qk_rope_cache", "tests/kernels/test_kernels_qk_rope_cache.py"),
+    ("router_topk", "tests/kernels/test_kernels_router_topk.py"),
+    ("moe_align", "tests/kernels/test_kernels_moe_align.py"),
+    ("expert_shard", "tests/kernels/test_kernels_expert_shard_prepared.py"),
 ]
-FIRST_CONTACT_S = 45
+"""The decode path's kernels, new to a GPU: each file alone, under CUDA_LAUNCH_BLOCKING=1 and a short
+limit, so a kernel that faults or hangs is named by its step and the suite goes on."""
+FIRST_CONTACT_S = 40
 
 
 def pytest_cmd(py: str, args: str) -> str:
@@ -41,33 +41,32 @@ def pytest_cmd(py: str, args: str) -> str:
 
 
 def first_contact(py: str) -> list[tuple[str, float, str]]:
-    return [(f"first_{name}", FIRST_CONTACT_S, "CUDA_LAUNCH_BLOCKING=1 " + pytest_cmd(py, f"-x {path}"))
+    return [(f"first_{name}", FIRST_CONTACT_S, "CUDA_LAUNCH_BLOCKING=1 " + pytest_cmd(py, f"-v -x {path}"))
             for name, path in FIRST_CONTACT]
 
 
 def steps(py: str, work: str) -> list[tuple[str, float, str]]:
     """(name, own limit in s, shell command), most valuable first."""
     prof = f"{work}/device_profile.json"
-    model = "--config pyengine/configs/seed_model_3gpu.json"
+    decode = (f"{py} bench/bench_decode.py --sequences 1 64 256 --groups 1 2 --prompt 128 --steps 10 "
+              "--count --json")
     return [
         ("env", 30, "nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv; "
                     f"{py} -c 'import sys, torch, triton, numpy; print(sys.version, torch.__version__, "
                     "torch.version.cuda, triton.__version__, numpy.__version__)'; git rev-parse HEAD; date -Is"),
         ("build", 180, f"{py} -m pip install -q --no-build-isolation --no-deps -e ."),
         *first_contact(py),
-        ("bench_kernels", 90, f"{py} bench/bench_kernels.py --json"),
+        ("graphs", 120, pytest_cmd(py, "-v -x tests/execute/test_decode_graphs_gpu.py")),
+        ("bench_decode", 150, decode),
+        ("bench_kernels_decode", 60, f"{py} bench/bench_kernels.py --decode --json"),
+        ("calibrate", 60, f"{py} -m pyengine calibrate --out {prof} --json"),
+        ("plan_measured", 20, f"{py} -m pyengine plan --config pyengine/configs/seed_model_3gpu.json "
+                              f"--device {prof} --json"),
+        ("test_rest", 150, pytest_cmd(py, "-m gpu --ignore=tests/kernels --durations=10")),
+        ("bench_kernels", 60, f"{py} bench/bench_kernels.py --json"),
+        ("kernels_gpu", 120, pytest_cmd(py, "-m gpu --durations=10 tests/kernels")),
         ("run_seed", 60, f"{py} -m pyengine run --json --iters 10"),
-        ("run_model", 60, f"{py} -m pyengine run {model} --json"),
-        ("generate", 60, f"{py} -m pyengine generate {model} --max-new-tokens 32 --json"),
-        ("test_rest", 180, pytest_cmd(py, "-m gpu --ignore=tests/kernels")),
-        ("calibrate", 90, f"{py} -m pyengine calibrate --out {prof} --json"),
-        ("run_ep", 60, f"{py} -m pyengine run --config pyengine/configs/seed_ep_3gpu.json --json --iters 10"),
-        ("plan_measured", 20, f"{py} -m pyengine plan --device {prof} --json"),
         ("bench_overlap", 60, f"{py} bench/bench_overlap.py --json"),
-        ("bench_poll", 30, f"{py} bench/bench_poll.py --json"),
-        ("bench_comm", 60, f"{py} -m pyengine bench comm --backend local --nranks 3 --op all_reduce "
-                           "-b 8K -e 64M -f 4 --json"),
-        ("kernels_compile", 90, f"{py} -m pyengine kernels compile --arch 90 --json"),
         ("tune", 120, f"{py} -m pyengine tune --out {work}/tuned_configs"),
         # Without PYTORCH_NO_CUDA_MEMORY_CACHING=1 the caching allocator hides overruns inside blocks.
         ("sanitizer", 240, "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "

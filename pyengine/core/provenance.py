@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 
 def git_commit() -> str:
-    """Short commit of the checkout this package runs from ('unknown' outside git)."""
+    """Short commit of the checkout this package runs from ('unknown' outside git); PYENGINE_COMMIT,
+    when set, names it instead (a copy of a tree whose .git is not the one it came from)."""
+    if os.environ.get("PYENGINE_COMMIT"):
+        return os.environ["PYENGINE_COMMIT"][:12]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
