@@ -48,7 +48,7 @@ def first_contact(py: str) -> list[tuple[str, float, str]]:
 def steps(py: str, work: str) -> list[tuple[str, float, str]]:
     """(name, own limit in s, shell command), most valuable first."""
     prof = f"{work}/device_profile.json"
-    decode = (f"{py} bench/bench_decode.py --sequences 1 64 256 --groups 1 2 --prompt 128 --steps 10 "
+    decode = (f"{py} bench/bench_decode.py --sequences 1 64 256 --groups 2 --prompt 128 --steps 10 "
               "--count --json")
     return [
         ("env", 30, "nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv; "

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from pyengine.kernels.launch_count import count_launch
+
 WARMUP_STEPS = 1
 """Eager runs of a segment before its capture: kernels compiled, the allocator warm, buffers made."""
 
@@ -151,6 +153,7 @@ class SegmentGraphs:
                 raise RuntimeError(f"segment {key}: an input moved since its capture "
                                    f"({_moved(seg.inputs, addresses)}): a graph would read the old one")
             self.backend.replay(seg.graph, fn, seg.out)
+            count_launch()  # one graph launch replaces the segment's kernels
             return seg.out
         seg.runs += 1
         if seg.runs <= WARMUP_STEPS or self.failed:
