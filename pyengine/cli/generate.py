@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pyengine.core.cli_help import TOKENS_HELP
+from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "(any lengths) (default: seeded prompts of the config's "
                                                     "batch_size x seq_len)")
     p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="new tokens per sequence at most")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
-                   help="where the ranks run: auto = nccl with a GPU per rank, local (threads) on one GPU, gloo on CPU")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations first")
     p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and prompts")
     p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches (decode: groups of sequences; default: the config's)")

@@ -16,8 +16,6 @@ def _prompts(args, spec):
 
 
 def launch(args, spec, source, prompts) -> int:
-    import torch
-
     from pyengine.cli.fit import check_run_fits
     from pyengine.cli.run import _fault
     from pyengine.execute.generate_measure import GenerateOptions, generate_rank
@@ -32,7 +30,7 @@ def launch(args, spec, source, prompts) -> int:
     backend = pick_backend(spec.world_size, args.backend)
     check_backend(backend, spec.world_size)
     note = ""
-    on_cpu = backend.value == "gloo" or (backend.value == "local" and not torch.cuda.is_available())
+    on_cpu = not backend.on_gpu()
     if on_cpu and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
     prompts = prompts if prompts is not None else _prompts(args, spec)
@@ -42,7 +40,7 @@ def launch(args, spec, source, prompts) -> int:
     decode_table = build(spec, batch=Batch.decode([max(lengths)] * len(lengths), spec.schedule.micro_batches))
     fault = _fault(args.inject_fault, decode_table) if args.inject_fault else None
     capacity = max(lengths) + args.max_new_tokens
-    check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False, scaled=bool(note))
+    check_run_fits(spec, [spec], backend, capacity=capacity, reference=False, scaled=bool(note))
     opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
                            source=source, fault=fault, show_progress=not args.json)
     groups = spec.comm_groups()
@@ -55,7 +53,7 @@ def launch(args, spec, source, prompts) -> int:
     if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
         return 0
     weights = source.describe() if source is not None else f"seeded random weights (seed {args.seed})"
-    summary = summarize_generation(spec, results, backend=backend.value, scaled=note, weights=weights)
+    summary = summarize_generation(spec, results, backend=backend, scaled=note, weights=weights)
     if args.json:
         print_json(summary)
     else:
@@ -78,10 +76,8 @@ def _write(args, spec, results, backend) -> bool:
 
     def png() -> None:
         from pyengine.report.gantt import write_gantt
-        from pyengine.report.run_view import rank_unit
-
         write_gantt(tl, args.png, title=f"pyengine generate ({backend.value}, measured)",
-                    unit=rank_unit(backend.value))
+                    unit=backend.rank_unit)
 
     writes = [(flag, path, fn) for flag, path, fn in (
         ("--trace", args.trace, trace), ("--png", args.png, png),

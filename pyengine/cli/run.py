@@ -8,6 +8,7 @@ import os
 import sys
 
 from pyengine.core.cli_help import TOKENS_HELP
+from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP
 
 PROFILE_ITERS = 5
 
@@ -23,8 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=None, help="run only this decoder layer of --weights, as the "
                                                            "attention-free MoE block (default: the whole model)")
     p.add_argument("--tokens", metavar="FILE", help=f"{TOKENS_HELP} (default: seeded ids of the config's shape)")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
-                   help="where the ranks run: auto = nccl with a GPU per rank, local (threads) on one GPU, gloo on CPU")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and tokens")
@@ -122,10 +122,8 @@ def run(args: argparse.Namespace) -> int:
     source, tokens = open_inputs(args)
     spec = resolve_spec(args, source, tokens)  # every config error surfaces here, before any process starts
     from pyengine.cli.fit import check_run_fits
-    from pyengine.execute.launch import Backend, LaunchError, bind, check_backend, pick_backend, run_ranks
+    from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
     from pyengine.execute.measure import STREAM_BATCHES, RunOptions, measure_rank, stream_spec, variants
-    import torch
-
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.model.stages import rank_flops
     from pyengine.report.run_summary import summarize
@@ -135,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     backend = pick_backend(spec.world_size, args.backend)
     check_backend(backend, spec.world_size)
     note = ""
-    on_cpu = backend is Backend.GLOO or (backend is Backend.LOCAL and not torch.cuda.is_available())
+    on_cpu = not backend.on_gpu()
     if on_cpu and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
     if tokens is not None:
@@ -158,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                       profile=args.profile, fault=fault, source=source, tokens=tokens,
                       show_progress=not args.json)
     runs = list(variants(spec, baselines).values())
-    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value, scaled=bool(note))
+    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend, scaled=bool(note))
     groups = spec.comm_groups()
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
@@ -170,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
         return 0
-    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note,
+    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend, scaled=note,
                         weights=opts.weights().describe())
     if args.json:
         from pyengine.report.jsonable import to_jsonable
@@ -198,9 +196,9 @@ def _write_artifacts(args, summary, spec, results, backend, ids) -> bool:
 
     def png() -> None:
         from pyengine.report.gantt import write_gantt
-        from pyengine.report.run_view import chart_title, rank_unit
+        from pyengine.report.run_view import chart_title
 
-        write_gantt(tl, args.png, title=chart_title(summary), unit=rank_unit(backend.value))
+        write_gantt(tl, args.png, title=chart_title(summary), unit=backend.rank_unit)
 
     writes = [(flag, path, fn) for flag, path, fn in (
         ("--trace", args.trace, trace), ("--png", args.png, png),

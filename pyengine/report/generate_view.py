@@ -28,11 +28,11 @@ def print_generation(s: GenerateSummary) -> None:
               + ", ".join(f"rank {r}: {b:.0%}" for r, b in s.decode_busy.items())
               + f"; attention busy / experts busy = {s.decode_balance:.2f}", soft_wrap=True)
     if s.weight_bytes_per_step:
-        each = ", ".join(f"GPU {r}: {fmt_bytes(b)} per step at {s.weight_gb_s[r]:.1f} GB/s"
+        each = ", ".join(f"{s.backend.rank_unit} {r}: {fmt_bytes(b)} per step at {s.weight_gb_s[r]:.1f} GB/s"
                          for r, b in s.weight_bytes_per_step.items())
         out.print(f"expert weights streamed (the experts each micro-batch's tokens chose, per layer): {each}",
                   soft_wrap=True)
-    if s.backend != "nccl":
+    if s.backend.shares_one_device:
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, not a "
                   "3-GPU speed-up; `pyengine plan` gives the 3-GPU decode prediction.[/dim]")
     out.print(f"weights: {s.weights}")

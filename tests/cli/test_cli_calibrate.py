@@ -9,6 +9,7 @@ import torch
 
 from pyengine.cli.main import main
 from pyengine.execute import calibrate as measure
+from pyengine.execute.backends import Backend
 from pyengine.model.costs import KernelCost
 from pyengine.model.stages import StageKind, stages_of
 from pyengine.predict.devices import PRESETS, SourceKind, load_profile
@@ -87,7 +88,7 @@ def test_the_link_sweep_runs_on_the_comm_harness():
     from pyengine.cli.calibrate import _link
 
     for op in ("sendrecv", "all_reduce"):
-        got = _link(op, 2, backend="gloo", sizes=(8, 4096))
+        got = _link(op, 2, backend=Backend.GLOO, sizes=(8, 4096))
         assert [b for b, _ in got] == [8, 4096] and all(s > 0 for _, s in got)
 
 

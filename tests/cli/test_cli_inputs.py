@@ -14,6 +14,7 @@ from helpers import TINY_CONFIG
 from pyengine.cli.main import main
 from pyengine.core.errors import ResourceError
 from pyengine.core.spec import load_spec
+from pyengine.execute.backends import Backend
 
 
 @pytest.fixture
@@ -140,9 +141,9 @@ def test_nccl_uses_the_spec_gpu_memory_like_plan(tmp_path):
     spec = load_spec(None)
     small = spec.replace(hardware={"gpu_memory_gb": 2})
     assert fits(spec, PRESETS["seed32g"]) and not fits(small, PRESETS["seed32g"])
-    check_run_fits(spec, [spec], "nccl")
+    check_run_fits(spec, [spec], Backend.NCCL)
     with pytest.raises(ResourceError) as e:
-        check_run_fits(small, [small], "nccl")
+        check_run_fits(small, [small], Backend.NCCL)
     text = str(e.value)  # rank 0 also holds the single-device reference: it is the first to overflow
     assert text.startswith("rank 0 (stage embed, output) needs ") and "weights" in text
     assert "reference" in text and "the budget is 2.00 GB of GPU memory per rank" in text
