@@ -1,5 +1,5 @@
 """Hostile files and environments, refused in one line naming the flag (or variable) and the
-value, exit 2, before any rank starts: empty, garbage and looping token files."""
+value, exit 2, before any rank starts: empty, garbage, looping, sparse and quantized token files."""
 
 from __future__ import annotations
 
@@ -47,8 +47,37 @@ def _folder(path):
     path.mkdir()
 
 
+def _sparse(path):
+    import torch
+
+    torch.save(torch.tensor([[1, 0, 3]]).to_sparse(), path)
+
+
+def _sparse_csr(path):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # "support is in beta": a file may still hold one
+        warnings.simplefilter("ignore")
+        torch.save(torch.tensor([[1, 0, 3]]).to_sparse_csr(), path)
+
+
+def _quantized(path):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # quantized tensors are deprecated: a file may still hold one
+        warnings.simplefilter("ignore")
+        torch.save(torch.quantize_per_tensor(torch.tensor([1.0, 2.0]), 1.0, 0, torch.qint8), path)
+
+
 @pytest.mark.parametrize("command", ["run", "generate"])
 @pytest.mark.parametrize("name,make,words", [
+    ("ids.pt", _sparse, "holds a sparse_coo tensor: token ids must be a dense tensor"),
+    ("ids.pt", _sparse_csr, "holds a sparse_csr tensor: token ids must be a dense tensor"),
+    ("ids.pt", _quantized, "holds torch.qint8: token ids must be integers"),
     ("ids.npy", _empty, "is empty (0 bytes)"),
     ("ids.pt", _empty, "is empty (0 bytes)"),
     ("ids.pt", _garbage, "cannot be read as a torch file"),
@@ -62,6 +91,14 @@ def test_bad_token_files_are_one_line(tmp_path, capsys, no_ranks, command, name,
     line = refused(capsys, *COMMANDS[command], "--tokens", str(path))
     assert "--tokens" in line and str(path) in line and words in line, line
     assert "weights_only" not in line  # never advise loading a file's arbitrary code
+
+
+def test_a_list_holding_a_sparse_prompt_is_one_line(tmp_path, capsys, no_ranks):
+    import torch
+
+    torch.save([torch.tensor([1, 2]), torch.tensor([1, 0, 3]).to_sparse()], tmp_path / "p.pt")
+    line = refused(capsys, *COMMANDS["generate"], "--tokens", str(tmp_path / "p.pt"))
+    assert "prompt 1 holds a sparse_coo tensor: token ids must be a dense tensor" in line, line
 
 
 @pytest.mark.parametrize("env,name", [

@@ -167,3 +167,12 @@ def test_meta_ids_are_refused_before_any_work():
     engine = Engine(TINY, LocalTransport.create(3, "cpu", 5)[0], seed=3)
     with pytest.raises(InputError, match=r"^ids = 'a meta tensor': holds no values"):
         engine.forward(make_tokens(TINY).to("meta"))
+
+
+def test_sparse_ids_and_prompts_are_refused_before_any_work():
+    engine = Engine(TINY, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    with pytest.raises(InputError, match=r"^ids = 'a sparse_coo tensor': token ids must be a dense tensor"):
+        engine.forward(make_tokens(TINY).to_sparse())
+    layered = Engine(LAYERED, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    with pytest.raises(InputError, match=r"^prompts\[0\] = 'a sparse_coo tensor': token ids must be a dense"):
+        layered.generate([torch.tensor([3, 17]).to_sparse()], 2)
