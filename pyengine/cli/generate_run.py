@@ -18,7 +18,7 @@ def _prompts(args, spec):
 def launch(args, spec, source, prompts) -> int:
     from pyengine.cli.fit import check_run_fits
     from pyengine.cli.run import _fault
-    from pyengine.execute.generate_measure import GenerateOptions, generate_rank
+    from pyengine.execute.generate_measure import GenerateOptions, PackedPrompts, generate_rank
     from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.model.batch import Batch
@@ -41,7 +41,7 @@ def launch(args, spec, source, prompts) -> int:
     fault = _fault(args.inject_fault, decode_table) if args.inject_fault else None
     capacity = max(lengths) + args.max_new_tokens
     check_run_fits(spec, [spec], backend, capacity=capacity, reference=False, scaled=bool(note))
-    opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
+    opts = GenerateOptions(PackedPrompts.of(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
                            source=source, fault=fault, show_progress=not args.json)
     groups = spec.comm_groups()
     try:

@@ -144,3 +144,31 @@ def test_rank_0_draws_one_bar_over_the_steps_unless_json(tmp_path, capsys, monke
     recording.bars.clear()
     assert main([*args, "--json"]) == 0
     assert recording.bars and not recording.drawn()
+
+
+def _few_descriptors():
+    """In the child before exec: at most 256 open files (the usual default is 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+
+
+@pytest.mark.slow
+def test_twenty_thousand_prompts_on_gloo_under_a_low_file_limit(tmp_path):
+    """The prompts travel to the rank processes as one packed tensor: sent one tensor each, every
+    prompt took a shared-memory file descriptor and 1,500 already broke a 1024 limit."""
+    from helpers import small_spec
+
+    spec = json.loads(small_spec(model={"num_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+                                 schedule={"micro_batches": 1}).to_json())
+    del spec["model"]["batch_size"], spec["model"]["seq_len"]
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    torch.save([torch.tensor([i % 37]) for i in range(20_000)], tmp_path / "p.pt")
+    r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "--config", str(tmp_path / "c.json"),
+                        "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "1", "--warmup", "0",
+                        "--backend", "gloo", "--json", "--dump", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=300, preexec_fn=_few_descriptors)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["sequences"] == 20_000
+    assert len(torch.load(tmp_path / "d" / "generated.pt")) == 20_000
