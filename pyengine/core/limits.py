@@ -21,6 +21,14 @@ MIN_TIMEOUT_S = 1e-3
 """Shortest per-action timeout: below a millisecond no wait can succeed, not even on one host."""
 MAX_TIMEOUT_S = 86_400.0
 """Longest per-action timeout (a day): beyond it timedelta and thread waits overflow."""
+MAX_LAYERS = 1024
+"""Most decoder layers a model may have. The deepest published models have about 130; every
+prediction and schedule holds each layer's actions, so a model of 100,000 layers would be priced
+for many minutes before anything said a word: refused at once instead."""
+MAX_EXPERTS = 4096
+"""Most experts a model may have. Published MoE models have at most a few hundred; expert-parallel
+layouts list every expert id, so 10 million experts made each candidate layout a ten-million-entry
+config and a refusal took seconds to minutes: refused at once instead."""
 MAX_ITERS = 1_000_000
 """Most timed or warm-up iterations a command accepts."""
 MAX_SEED = 2**62
