@@ -39,6 +39,9 @@ class EmbedStage(Stage):
     def _after_first(self, layer: int | None) -> bool:
         return layer is not None and layer > 0
 
+    def cost_layer(self, layer: int | None) -> int | None:
+        return 1 if self._after_first(layer) else layer  # the kernels only ask whether it is the first
+
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.RESID, StageKind.EMBED, layer - 1),) if self._after_first(layer) else ()
 
