@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args) -> None:
-    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.cli.generate_run import DUMP_FILES
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_dir, check_file
     from pyengine.core.errors import UsageError
     from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
     from pyengine.model.prompts import MAX_NEW_TOKENS
@@ -53,7 +54,8 @@ def _check_args(args) -> None:
         check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
     check_file("--trace", args.trace, TRACE_EXTENSIONS)
     check_file("--png", args.png, PNG_EXTENSIONS)
-    check_dir("--dump", args.dump)
+    check_dir("--dump", args.dump, DUMP_FILES)
+    check_apart({"--trace": args.trace, "--png": args.png}, "--dump", args.dump, DUMP_FILES)
 
 
 def _spec(args, source, prompts):

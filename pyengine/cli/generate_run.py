@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+DUMP_FILES = ("generated.pt", "first_logits.pt", "spec.json")
+"""What --dump writes (first_logits.pt when the first sequence's logits were kept)."""
+
 
 def _prompts(args, spec):
     """The prompts: the file's, or seeded ones of the config's batch_size x seq_len."""
@@ -91,10 +94,11 @@ def write_dump(target: str, spec, out) -> None:
     from pyengine.cli.paths import fresh_dir
 
     with fresh_dir(target) as path:  # whole or not at all, even with runs side by side
-        torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
+        generated, first_logits, spec_file = DUMP_FILES
+        torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, generated))
         if out.first_logits is not None:
-            torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
-        with open(os.path.join(path, "spec.json"), "w") as f:
+            torch.save(torch.from_numpy(out.first_logits), os.path.join(path, first_logits))
+        with open(os.path.join(path, spec_file), "w") as f:
             f.write(spec.to_json())
 
 

@@ -197,13 +197,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_file, write_outputs
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_file, write_outputs
     from pyengine.core.units import fmt_pct, fmt_s
     from pyengine.predict.simulate import simulate
     from pyengine.report import gantt, jsonable, plan_view, tables, trace
 
     check_file("--trace", args.trace, TRACE_EXTENSIONS)  # before the work, not after it
     check_file("--png", args.png, PNG_EXTENSIONS)
+    check_apart({"--trace": args.trace, "--png": args.png}, "--dump", None, ())
     spec, dev, note, model_note, routing = _load(args)
     if args.schedule is not None:
         spec = spec.replace(schedule={"kind": args.schedule})

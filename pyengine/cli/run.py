@@ -11,6 +11,8 @@ from pyengine.core.cli_help import TOKENS_HELP
 from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP
 
 PROFILE_ITERS = 5
+DUMP_FILES = ("tokens.pt", "logits.pt", "spec.json")
+"""What --dump writes, in this order."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every flag, before the config is read: numbers in range, output paths writable."""
-    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_dir, check_file
     from pyengine.core.errors import UsageError
     from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
 
@@ -56,7 +58,8 @@ def _check_args(args: argparse.Namespace) -> None:
         check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
     check_file("--trace", args.trace, TRACE_EXTENSIONS)
     check_file("--png", args.png, PNG_EXTENSIONS)
-    check_dir("--dump", args.dump)
+    check_dir("--dump", args.dump, DUMP_FILES)
+    check_apart({"--trace": args.trace, "--png": args.png}, "--dump", args.dump, DUMP_FILES)
     if args.layer is not None and not args.weights:
         raise UsageError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
 
@@ -213,9 +216,10 @@ def _dump(target: str, spec, results, ids) -> None:
 
     with fresh_dir(target) as path:  # whole or not at all, even with runs side by side
         out = results[spec.stage("output").gpus[0]]
-        torch.save(ids, os.path.join(path, "tokens.pt"))
+        tokens, logits_file, spec_file = DUMP_FILES
+        torch.save(ids, os.path.join(path, tokens))
         m = spec.model
         logits = torch.from_numpy(out.logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
-        torch.save(logits, os.path.join(path, "logits.pt"))
-        with open(os.path.join(path, "spec.json"), "w") as f:
+        torch.save(logits, os.path.join(path, logits_file))
+        with open(os.path.join(path, spec_file), "w") as f:
             f.write(spec.to_json())

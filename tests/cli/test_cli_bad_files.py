@@ -159,3 +159,35 @@ def test_a_dump_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     write_dump(str(target), spec, _Out())
     assert sorted(os.listdir(target)) == ["generated.pt", "mine.txt", "spec.json"]
     assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_an_existing_dump_with_a_folder_in_a_files_place_is_left_untouched(tmp_path):
+    """A folder named spec.json appearing after the checks: no file of the dump is replaced."""
+    from pyengine.cli.generate_run import write_dump
+    from pyengine.core.spec import load_spec
+
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "generated.pt").write_text("old")
+    (target / "spec.json").mkdir()
+    with pytest.raises(OSError, match="spec.json is not a file; no file of the dump was written"):
+        write_dump(str(target), load_spec(MODEL), _Out())
+    assert (target / "generated.pt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_a_dump_folder_with_a_folder_in_a_files_place_is_refused_first(tmp_path, capsys, no_ranks, command):
+    (tmp_path / "d" / "spec.json").mkdir(parents=True)
+    line = refused(capsys, *COMMANDS[command], "--dump", str(tmp_path / "d"))
+    assert "holds spec.json, which is not a file" in line, line
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+@pytest.mark.parametrize("trace,dump", [("same.json", "same.json"), ("d/spec.json", "d"),
+                                        ("d/./spec.json", "d/")])
+def test_outputs_naming_the_same_path_are_refused_first(tmp_path, capsys, no_ranks, command, trace, dump):
+    (tmp_path / "d").mkdir()
+    line = refused(capsys, *COMMANDS[command], "--trace", str(tmp_path / trace), "--dump", str(tmp_path / dump))
+    assert "--trace" in line and "is also where --dump" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # nothing written
