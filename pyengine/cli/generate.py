@@ -59,31 +59,47 @@ def _check_args(args) -> None:
 
 
 def _spec(args, source, prompts):
-    """The spec with batch_size / seq_len from the prompts (a config giving them must agree)."""
+    """The spec with the flags that override the config, and batch_size / seq_len from the
+    prompts (a config giving them must agree), checked once."""
+    from pyengine.cli.config_arg import flag_blame, flagged_config
     from pyengine.core.errors import SpecError
     from pyengine.core.spec import DeploymentSpec
-    from pyengine.core.spec_parse import parse_json
 
-    if source is not None:
-        from pyengine.model.hf_config import deployment_spec
-
-        return deployment_spec(source.hf, args.config, whole=True,
-                               batch=None if prompts is None else _shape(prompts))
-    if args.config is None:
+    if source is None and args.config is None:
         raise SpecError("--config", None, "needs a model of layers (e.g. pyengine/configs/seed_model_3gpu.json) "
                                           "or --weights DIR")
+    data = flagged_config(args, layout_only=source is not None)
+    shape = None if prompts is None else _shape(prompts)
+    if shape is not None:
+        _fewer_chunks(data, shape[0] * shape[1])
     try:
-        with open(args.config, "rb") as f:
-            data = parse_json(f.read(), args.config)
-    except OSError as e:
-        raise SpecError("config", args.config, f"cannot be read: {e.strerror}") from None
-    if prompts is not None and isinstance(data, dict) and isinstance(data.get("model"), dict):
-        for key, value in zip(("batch_size", "seq_len"), _shape(prompts)):
-            if key in data["model"] and data["model"][key] != value:
-                raise SpecError(f"model.{key}", data["model"][key],
-                                f"disagrees with the prompts ({value}); leave it out")
-            data["model"][key] = value
-    return DeploymentSpec.from_dict(data)
+        if source is not None:
+            from pyengine.model.hf_config import deployment_spec
+
+            return deployment_spec(source.hf, data, whole=True, batch=shape)
+        if shape is not None and isinstance(data, dict) and isinstance(data.get("model"), dict):
+            for key, value in zip(("batch_size", "seq_len"), shape):
+                if key in data["model"] and data["model"][key] != value:
+                    raise SpecError(f"model.{key}", data["model"][key],
+                                    f"disagrees with the prompts ({value}); leave it out")
+                data["model"][key] = value
+        return DeploymentSpec.from_dict(data)
+    except SpecError as e:
+        raise flag_blame(args, e) from None
+
+
+def _fewer_chunks(data, tokens: int) -> None:
+    """Prompts of fewer tokens (sequences x longest) than the config's micro-batches: the prefill
+    runs in that many chunks instead (as decode runs fewer groups once fewer sequences are live),
+    where the spec rule would have refused prompts shorter than the schedule."""
+    from pyengine.core.spec import ScheduleSpec
+
+    sched = data.get("schedule", {}) if isinstance(data, dict) else None
+    if not isinstance(sched, dict):
+        return  # the validation says what is wrong with it
+    m = sched.get("micro_batches", ScheduleSpec().micro_batches)
+    if isinstance(m, int) and not isinstance(m, bool) and m > tokens:
+        data.setdefault("schedule", sched)["micro_batches"] = tokens
 
 
 def _shape(prompts) -> tuple[int, int]:
@@ -101,9 +117,7 @@ def generate(args: argparse.Namespace) -> int:
         from pyengine.model.tokens import load_prompts
 
         prompts = load_prompts(args.tokens)
-    from pyengine.cli.run import with_flags
-
-    spec = with_flags(args, _spec(args, source, prompts))
+    spec = _spec(args, source, prompts)
     from pyengine.cli.generate_run import launch
 
     return launch(args, spec, source, prompts)

@@ -80,30 +80,24 @@ def open_inputs(args: argparse.Namespace):
 
 def resolve_spec(args: argparse.Namespace, source=None, tokens=None):
     """The config (or, with a checkpoint, the config's layout around the checkpoint's model
-    sizes), the command-line overrides, and the batch shape of a --tokens file."""
-    from pyengine.core.spec import load_spec
+    sizes) with the flags that override it, then the batch shape of a --tokens file."""
+    from pyengine.cli.config_arg import flag_blame, flagged_config
+    from pyengine.core.errors import SpecError
+    from pyengine.core.spec import DeploymentSpec
 
-    if source is None:
-        spec = load_spec(args.config)
-    else:
-        from pyengine.model.hf_config import deployment_spec
+    data = flagged_config(args, layout_only=source is not None)
+    try:
+        if source is None:
+            spec = DeploymentSpec.from_dict(data)
+        else:
+            from pyengine.model.hf_config import deployment_spec
 
-        spec = deployment_spec(source.hf, args.config, whole=source.layer is None)
-    model = {"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]} if tokens is not None else None
-    return with_flags(args, spec, model)
-
-
-def with_flags(args: argparse.Namespace, spec, model: dict | None = None):
-    """`spec` with the flags that override it (--schedule, --micro-batches, --timeout; `model`:
-    the batch shape the tokens set), shared by run and generate."""
-    changes: dict = {"model": model} if model else {}
-    if args.schedule:
-        changes.setdefault("schedule", {})["kind"] = args.schedule
-    if args.micro_batches is not None:
-        changes.setdefault("schedule", {})["micro_batches"] = args.micro_batches
-    if args.timeout is not None:
-        changes["comm"] = {"timeout_s": args.timeout}
-    return spec.replace(**changes) if changes else spec
+            spec = deployment_spec(source.hf, data, whole=source.layer is None)
+        if tokens is not None:
+            spec = spec.replace(model={"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]})
+    except SpecError as e:
+        raise flag_blame(args, e) from None
+    return spec
 
 
 def _fault(text: str, table):

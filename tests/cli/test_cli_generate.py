@@ -172,3 +172,38 @@ def test_twenty_thousand_prompts_on_gloo_under_a_low_file_limit(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["sequences"] == 20_000
     assert len(torch.load(tmp_path / "d" / "generated.pt")) == 20_000
+
+
+def _small_layered(tmp_path, **schedule) -> str:
+    """A small model of 2 layers, its batch left to the prompts (micro_batches 4 by default)."""
+    from helpers import small_spec
+
+    spec = json.loads(small_spec(model={"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                                 schedule=schedule).to_json())
+    del spec["model"]["batch_size"], spec["model"]["seq_len"]
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    return str(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("lengths", [(1,), (2,), (1, 1, 1)])  # fewer tokens than the 4 micro-batches
+def test_prompts_shorter_than_the_micro_batches_prefill_in_fewer_chunks(tmp_path, capsys, lengths):
+    torch.save([torch.arange(n) + 3 for n in lengths], tmp_path / "p.pt")
+    assert main(["generate", "--config", _small_layered(tmp_path), "--tokens", str(tmp_path / "p.pt"),
+                 "--max-new-tokens", "3", "--warmup", "0", "--backend", "local", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sequences"] == len(lengths) and out["new_tokens"] == 3 * len(lengths)
+
+
+def test_micro_batches_flag_is_applied_before_the_config_is_checked(tmp_path, capsys, no_ranks):
+    """The flag names itself when it is what breaks a rule; a config the flag repairs is accepted."""
+    import argparse
+
+    from pyengine.cli.run import resolve_spec
+
+    cfg = json.loads(open(TINY).read())
+    cfg["schedule"]["micro_batches"] = 100  # above the 48 tokens of 2 x 24
+    (tmp_path / "m.json").write_text(json.dumps(cfg))
+    args = argparse.Namespace(config=str(tmp_path / "m.json"), schedule=None, micro_batches=3, timeout=None)
+    assert resolve_spec(args).schedule.micro_batches == 3
+    assert main(["run", "--config", str(tmp_path / "m.json"), "--micro-batches", "49"]) == 2
+    assert "--micro-batches = 49: must be <= the token count" in capsys.readouterr().err
