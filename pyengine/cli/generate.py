@@ -42,7 +42,7 @@ def _check_args(args) -> None:
     from pyengine.cli.generate_run import DUMP_FILES
     from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_dir, check_file
     from pyengine.core.errors import UsageError
-    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_WHY, check_number
     from pyengine.model.prompts import MAX_NEW_TOKENS
 
     check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_NEW_TOKENS, integer=True, error=UsageError)
@@ -51,7 +51,8 @@ def _check_args(args) -> None:
     if args.micro_batches is not None:
         check_number("--micro-batches", args.micro_batches, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
     if args.timeout is not None:
-        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError,
+                     why=TIMEOUT_WHY)
     check_file("--trace", args.trace, TRACE_EXTENSIONS)
     check_file("--png", args.png, PNG_EXTENSIONS)
     check_dir("--dump", args.dump, DUMP_FILES)

@@ -49,13 +49,14 @@ def _check_args(args: argparse.Namespace) -> None:
     """Every flag, before the config is read: numbers in range, output paths writable."""
     from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_dir, check_file
     from pyengine.core.errors import UsageError
-    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_WHY, check_number
 
     check_number("--iters", args.iters, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
     check_number("--warmup", args.warmup, lo=0, hi=MAX_ITERS, integer=True, error=UsageError)
     check_number("--seed", args.seed, lo=0, hi=MAX_SEED, integer=True, error=UsageError)
     if args.timeout is not None:
-        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError,
+                     why=TIMEOUT_WHY)
     check_file("--trace", args.trace, TRACE_EXTENSIONS)
     check_file("--png", args.png, PNG_EXTENSIONS)
     check_dir("--dump", args.dump, DUMP_FILES)

@@ -29,7 +29,7 @@ from pyengine.commbench.collectives import OPS
 from pyengine.core import dtypes
 from pyengine.core.cli_help import Parser
 from pyengine.core.errors import UsageError
-from pyengine.core.limits import MAX_ITERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+from pyengine.core.limits import MAX_ITERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_WHY, check_number
 from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP, Backend
 
 DEFAULT_NRANKS = 3
@@ -86,7 +86,7 @@ def options(args: argparse.Namespace, nranks: int):
     number("-f", args.stepfactor, lo=1, integer=True)
     number("-n", args.iters, lo=1, hi=MAX_ITERS, integer=True)
     number("-w", args.warmup_iters, lo=0, hi=MAX_ITERS, integer=True)
-    number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S)
+    number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, why=TIMEOUT_WHY)
     if not 0 <= args.root < nranks:
         raise UsageError("-r", args.root, f"must be in [0, nranks={nranks})")
     rows = _row_count(args.minbytes, args.maxbytes, args.stepfactor)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from pyengine.core.dtypes import MODEL_DTYPES
 from pyengine.core.errors import SpecError
 from pyengine.core.limits import (MAX_EXPERTS, MAX_INT, MAX_LAYERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S,
-                                   check_number)
+                                   TIMEOUT_WHY, check_number)
 
 
 
@@ -96,7 +96,7 @@ def validate(spec: DeploymentSpec) -> None:
     _one_of("comm.boundary", spec.comm.boundary, BOUNDARIES)
     _positive("comm.timeout_s", spec.comm.timeout_s)
     check_number("comm.timeout_s", spec.comm.timeout_s, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S,
-                 error=SpecError)
+                 error=SpecError, why=TIMEOUT_WHY)
     if m.tokens > MAX_INT:
         raise SpecError("model.batch_size", m.batch_size,
                         f"batch_size*seq_len = {m.tokens} tokens is beyond a 32-bit index ({MAX_INT})")
