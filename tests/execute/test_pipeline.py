@@ -16,6 +16,7 @@ import torch
 
 import references
 
+from pyengine.core.errors import InputError
 from pyengine.core.spec import DeploymentSpec, load_spec
 from pyengine.execute.engine import Engine
 from pyengine.execute.procs import spawn_ranks
@@ -137,7 +138,7 @@ def test_engine_rejects_wrong_token_shape():
 
     spec = CASES[0][1]
     eng = Engine(spec, LocalTransport.create(3, "cpu", 5)[1], seed=3)
-    with pytest.raises(ValueError, match=r"ids.shape = \(1, 13\)"):
+    with pytest.raises(InputError, match=r"ids.shape = \(1, 13\)"):
         eng.forward(torch.zeros(1, 13, dtype=torch.int64))
 
 
