@@ -194,6 +194,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as e:
-        parser.print_usage(sys.stderr)
         print(f"{parser.prog}: {e.kind}: {e}", file=sys.stderr)
         return 2
