@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
-from pyengine.core.errors import UsageError
+from pyengine.core.errors import UsageError, one_line
 from pyengine.core.files import broken_link
 
 TRACE_EXTENSIONS = (".json",)
@@ -146,8 +146,8 @@ def write_outputs(command: str, writes: Iterable[tuple[str, str, Callable[[], No
         try:
             write()
             done.append(flag)
-            print(f"wrote {OUTPUT_NAMES.get(flag, flag.lstrip('-'))} {path}", file=sys.stderr)
+            print(f"wrote {OUTPUT_NAMES.get(flag, flag.lstrip('-'))} {one_line(path)}", file=sys.stderr)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
-            print(f"pyengine {command}: could not write {flag} {path}: {reason}", file=sys.stderr)
+            print(one_line(f"pyengine {command}: could not write {flag} {path}: {reason}"), file=sys.stderr)
     return done

@@ -45,5 +45,6 @@ class Parser(argparse.ArgumentParser):
 
 def parse_error_line(prog: str, message: str) -> str:
     """`prog: bad option: <argparse's message> (see `prog --help`)`, on one line."""
-    text = " ".join(message.split())  # argparse's messages may wrap
-    return f"{prog}: bad option: {text} (see `{prog} --help`)\n"
+    from pyengine.core.errors import one_line
+
+    return f"{one_line(prog)}: bad option: {one_line(message)} (see `{prog} --help`)\n"

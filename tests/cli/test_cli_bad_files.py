@@ -191,3 +191,18 @@ def test_outputs_naming_the_same_path_are_refused_first(tmp_path, capsys, no_ran
     line = refused(capsys, *COMMANDS[command], "--trace", str(tmp_path / trace), "--dump", str(tmp_path / dump))
     assert "--trace" in line and "is also where --dump" in line, line
     assert sorted(os.listdir(tmp_path)) == ["d"]  # nothing written
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_a_path_holding_a_newline_is_echoed_escaped_on_one_line(tmp_path, capsys, no_ranks, command):
+    path = str(tmp_path / "no\nsuch" / "t.json")  # its folder (named with a newline) does not exist
+    line = refused(capsys, *COMMANDS[command], "--trace", path)
+    assert "no\\nsuch/t.json'" in line and "the folder" in line and "no\\nsuch does not exist" in line, line
+
+
+def test_a_written_path_holding_a_newline_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "new\nline"
+    folder.mkdir()
+    assert main(["simulate", "--config", TINY_CONFIG, "--trace", str(folder / "t.json"), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"wrote trace {tmp_path}/new\\nline/t.json"], err
