@@ -17,14 +17,15 @@ FLAG_FIELDS = {"--schedule": ("schedule", "kind"), "--micro-batches": ("schedule
 
 def flagged_config(args: argparse.Namespace, layout_only: bool = False) -> Any:
     """The parsed --config (default: the packaged seed) with the flags given set in it, not yet
-    validated. `layout_only`: drop the default's model (a checkpoint gives it)."""
+    validated. `layout_only`: of the default's model keep only the batch shape (a checkpoint
+    gives the rest)."""
     from pyengine.core.spec import read_config
 
     data = read_config(args.config)
     if not isinstance(data, dict):
         return data  # validation names what is wrong with it
-    if layout_only and args.config is None:
-        data.pop("model", None)
+    if layout_only and args.config is None and isinstance(data.get("model"), dict):
+        data["model"] = {k: v for k, v in data["model"].items() if k in ("batch_size", "seq_len")}
     for flag, (section, key) in FLAG_FIELDS.items():
         value = getattr(args, _dest(flag), None)
         if value is not None and isinstance(data.setdefault(section, {}), dict):

@@ -72,6 +72,8 @@ def _spec(args, source, prompts):
     data = flagged_config(args, layout_only=source is not None)
     shape = None if prompts is None else _shape(prompts)
     if shape is not None:
+        if args.config is None and isinstance(data, dict):
+            data["model"] = {}  # the default layout's batch shape yields to the prompts'
         _fewer_chunks(data, shape[0] * shape[1])
     try:
         if source is not None:
