@@ -61,12 +61,9 @@ def check_dir(flag: str, path: str | None, files: tuple[str, ...] = ()) -> None:
 
 
 def _blocked(folder: str, files: Iterable[str]) -> str | None:
-    """The first of `files` that exists in `folder` as something a file cannot replace."""
-    for name in files:
-        target = os.path.join(folder, name)
-        if os.path.lexists(target) and (os.path.isdir(target) or broken_link(target) is not None):
-            return name
-    return None
+    """The first of `files` that exists in `folder` as a folder (a link to one included), which
+    a file cannot replace."""
+    return next((name for name in files if os.path.isdir(os.path.join(folder, name))), None)
 
 
 def check_apart(files: dict[str, str | None], dump_flag: str, dump: str | None,
