@@ -19,8 +19,10 @@ INTEGER_DTYPES = frozenset(d for d in (getattr(torch, n, None) for n in (
 
 
 def id_problem(t: torch.Tensor) -> tuple[str, str] | None:
-    """(what `t` is, the rule it breaks) when it cannot hold token ids: a sparse or other
-    non-dense layout, a meta tensor, a dtype that is not an integer type; None when it can."""
+    """(what `t` is, the rule it breaks) when it cannot hold token ids: a nested, sparse or other
+    non-dense tensor, a meta tensor, a dtype that is not an integer type; None when it can."""
+    if t.is_nested:  # one tensor of rows of different lengths: the prompts' list form is what fits
+        return "a nested tensor", "token ids must be a dense tensor (prompts of different lengths: a list of 1-D tensors)"
     if t.layout is not torch.strided:
         return f"a {str(t.layout).removeprefix('torch.')} tensor", "token ids must be a dense tensor (.to_dense())"
     if t.device.type == "meta":

@@ -73,8 +73,19 @@ def _quantized(path):
         torch.save(torch.quantize_per_tensor(torch.tensor([1.0, 2.0]), 1.0, 0, torch.qint8), path)
 
 
+def _nested(path):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # "prototype stage": a file may still hold one
+        warnings.simplefilter("ignore")
+        torch.save(torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])]), path)
+
+
 @pytest.mark.parametrize("command", ["run", "generate"])
 @pytest.mark.parametrize("name,make,words", [
+    ("ids.pt", _nested, "holds a nested tensor: token ids must be a dense tensor"),
     ("ids.pt", _sparse, "holds a sparse_coo tensor: token ids must be a dense tensor"),
     ("ids.pt", _sparse_csr, "holds a sparse_csr tensor: token ids must be a dense tensor"),
     ("ids.pt", _quantized, "holds torch.qint8: token ids must be integers"),
