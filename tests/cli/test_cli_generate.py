@@ -207,3 +207,12 @@ def test_micro_batches_flag_is_applied_before_the_config_is_checked(tmp_path, ca
     assert resolve_spec(args).schedule.micro_batches == 3
     assert main(["run", "--config", str(tmp_path / "m.json"), "--micro-batches", "49"]) == 2
     assert "--micro-batches = 49: must be <= the token count" in capsys.readouterr().err
+
+
+def test_one_new_token_reports_no_decode_instead_of_nan(tmp_path, capsys):
+    """With --max-new-tokens 1 the prefill makes every new token: no decode figures to show."""
+    torch.save([torch.tensor([3, 4])], tmp_path / "p.pt")
+    assert main(["generate", "--config", _small_layered(tmp_path), "--tokens", str(tmp_path / "p.pt"),
+                 "--max-new-tokens", "1", "--warmup", "0", "--backend", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "no decode step ran" in out and "nan" not in out and "inf" not in out
