@@ -9,7 +9,7 @@ wait starts (_C._poll_overhead), for the old sleep-first policy ("legacy": sleep
 doubling to 1 ms) and the one in use ("fast": spin 20 us, yield to 220 us, then sleeps of
 20-200 us under 1 us timer slack):
   late  = how long after the condition became true the loop returned (the host time the
-          policy adds to each wait; issue 12's target is <= 10 us per issued op)
+          policy adds to each wait; the target is <= 10 us per issued op)
   cpu   = thread CPU time per wait (what spinning/yielding costs the core)
 A real probe (ncclCommGetAsyncError, cudaEventQuery) costs more than the clock read used here,
 so on a GPU machine late grows by about one probe.

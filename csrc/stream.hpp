@@ -1,5 +1,5 @@
-// CUDA streams and events for pyengine._C. Cross-stream ordering goes through
-// events (STYLE 10); every call that may block releases the GIL.
+// CUDA streams and events for pyengine._C. Cross-stream ordering goes through events,
+// never a host synchronisation between streams; every call that may block releases the GIL.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,6 +1,7 @@
 """A GPU kernel of known duration for timing tests: torch.cuda._sleep spins for a number of
 GPU clock cycles, so its length depends on the device's SM clock (about 1 s per 2e9 cycles on
-an H100). Tests measure the rate here instead of assuming one (issue 12)."""
+an H100). Tests measure the rate here instead of assuming one: a bound written for one GPU's
+clock fails on another's."""
 
 import torch
 

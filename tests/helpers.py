@@ -12,6 +12,38 @@ TINY_CONFIG = packaged_config("tiny_cpu.json")
 """2 x 24 tokens, H 48, F 40 split 0.4/0.6 over GPUs 1-2, E 5, k 2, V 101, fp32, m 3, partials."""
 
 
+SMALL = {  # B 2 x S 13 (odd), H 24, F 29 (prime: no tile divides it), E 5, k 2, V 37, fp32, m 4
+    "hardware": {"num_gpus": 3, "gpu_memory_gb": 32, "interconnect": "nvlink"},
+    "model": {"batch_size": 2, "seq_len": 13, "hidden_size": 24, "ffn_hidden_size": 29,
+              "num_experts": 5, "top_k": 2, "vocab_size": 37, "dtype": "float32"},
+    "parallel": {"stages": [{"name": "embed", "gpus": [0]},
+                            {"name": "experts", "gpus": [1, 2], "tensor_parallel_size": 2},
+                            {"name": "output", "gpus": [0]}]},
+    "schedule": {"kind": "gpipe", "micro_batches": 4},
+    "comm": {"boundary": "all_reduce", "overlap": True, "timeout_s": 20},
+}
+"""The one full spec the tests write out: the seed's V (TP over GPUs 1-2, embed and output on
+GPU 0) at small odd sizes. Tests change it through small_spec, section by section."""
+
+
+def small_spec(*, experts: dict | None = None, output: int = 0, **sections):
+    """SMALL with each given section's keys replacing its own (`model={"top_k": 1}` keeps the
+    rest of the model); `experts`: the experts stage's keys (with "parallel_mode": "expert" the
+    TP size is dropped); `output`: the output stage's GPU."""
+    from pyengine.core.spec import DeploymentSpec
+
+    d = {k: dict(v) for k, v in SMALL.items()}
+    for key, value in sections.items():
+        d[key] = {**SMALL.get(key, {}), **value}
+    if experts is not None or output != 0:
+        st = dict(SMALL["parallel"]["stages"][1])
+        if (experts or {}).get("parallel_mode") == "expert":
+            st.pop("tensor_parallel_size")
+        st.update(experts or {})
+        d["parallel"] = {"stages": [{"name": "embed", "gpus": [0]}, st, {"name": "output", "gpus": [output]}]}
+    return DeploymentSpec.from_dict(d)
+
+
 def _threads(body, world: int, timeout_s: float) -> tuple[list, bool]:
     """body(rank) on one thread per virtual rank: per rank its result or the exception it
     raised, and whether one was still running after timeout_s (a hang)."""

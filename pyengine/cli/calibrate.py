@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from pyengine.execute.backends import Backend
+
 LINK_SIZES = tuple(8 * 4 ** i for i in range(13))
 """Message sizes of the send/recv and all-reduce sweeps: 8 B to 128 MiB, x4."""
 GPU_PRESETS = (("H200", "h200"), ("H100", "h100"))
@@ -105,14 +107,14 @@ def _calibrate(spec, base, gpu: str, interconnect: str):
                               interconnect=interconnect, provenance=prov, host=host)
 
 
-def _link(op: str, nranks: int, backend: str = "nccl", sizes: tuple[int, ...] = LINK_SIZES) -> list[tuple[float, float]]:
+def _link(op: str, nranks: int, backend: Backend = Backend.NCCL, sizes: tuple[int, ...] = LINK_SIZES) -> list[tuple[float, float]]:
     """(bytes, seconds) per size of `op` over `nranks` GPUs, from the comm harness (NCCL; the
     tests run it on gloo)."""
     from pyengine.commbench.harness import BenchOptions, bench_rank, combine
-    from pyengine.execute.launch import Backend, bind, run_ranks
+    from pyengine.execute.launch import bind, run_ranks
 
     opts = BenchOptions(op=op, sizes=sizes, dtype="float32", iters=20, warmup=5, check=False, root=0, timeout_s=60.0)
-    per_rank = run_ranks(bind(bench_rank, opts), nranks, backend=Backend(backend), groups=[tuple(range(nranks))],
+    per_rank = run_ranks(bind(bench_rank, opts), nranks, backend=backend, groups=[tuple(range(nranks))],
                          timeout_s=opts.timeout_s, job_timeout_s=opts.timeout_s * (len(opts.sizes) + 2) + 60)
     return [(row["size"], row["time_us"] * 1e-6) for row in combine(per_rank, op, nranks)]
 

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pyengine.core.errors import ResourceError
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.units import fmt_bytes
-from pyengine.execute.memory import Budget, budget
+from pyengine.execute.backends import Backend
+from pyengine.execute.memory import Budget
 from pyengine.model.stages import stages_on
 from pyengine.predict.devices import PRESETS, DeviceProfile
 from pyengine.predict.resources import activation_bytes, memory_bytes, state_bytes, weight_bytes
@@ -59,16 +60,15 @@ def run_needs(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec],
             for r in spec.ranks]
 
 
-def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], backend: str,
+def check_run_fits(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec], backend: Backend,
                    capacity: int | None = None, reference: bool = True, scaled: bool = False) -> None:
     """ResourceError naming the rank, its stages, the need and the budget, or nothing
     (`capacity`: KV-cache tokens per sequence, generation's prompt + new tokens; `scaled`: `spec`
     is the config scaled for CPU, which the message says, since `plan` prices the config as given)."""
-    gpu = backend == "nccl" or (backend == "local" and _has_cuda())
-    device = PRESETS["seed32g"] if gpu else dataclasses.replace(PRESETS["seed32g"], reserved_gb=0.0)
+    device = PRESETS["seed32g"] if backend.on_gpu() else dataclasses.replace(PRESETS["seed32g"], reserved_gb=0.0)
     needs = run_needs(spec, variant_specs, device, capacity, reference)
-    b = budget(backend, spec.world_size)
-    if backend == "nccl":  # the spec's GPUs, or this machine's if smaller (the plan's fit check)
+    b = backend.memory_budget(spec.world_size)
+    if backend.gpu_per_rank:  # the spec's GPUs, or this machine's if smaller (the plan's fit check)
         cap = int(spec.hardware.gpu_memory_gb * 1e9)
         what = f"GPU memory per rank (hardware.gpu_memory_gb = {spec.hardware.gpu_memory_gb:g})"
         if b is not None and b.bytes < cap:
@@ -124,8 +124,3 @@ def check(needs: Sequence[Need], b: Budget) -> None:
                         f"{big.stages}): {fmt_bytes(big.total)} = {big.parts()}){overhead}",
                         f"the budget is {fmt_bytes(b.bytes)} of {b.what}")
 
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pyengine.core.cli_help import TOKENS_HELP
+from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "(any lengths) (default: seeded prompts of the config's "
                                                     "batch_size x seq_len)")
     p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="new tokens per sequence at most")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
-                   help="where the ranks run: auto = nccl with a GPU per rank, local (threads) on one GPU, gloo on CPU")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations first")
     p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and prompts")
     p.add_argument("--micro-batches", type=int, help="override schedule.micro_batches (decode: groups of sequences; default: the config's)")
@@ -42,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args) -> None:
-    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.cli.generate_run import DUMP_FILES
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_dir, check_file
     from pyengine.core.errors import UsageError
-    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_WHY, check_number
     from pyengine.model.prompts import MAX_NEW_TOKENS
 
     check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_NEW_TOKENS, integer=True, error=UsageError)
@@ -53,38 +54,58 @@ def _check_args(args) -> None:
     if args.micro_batches is not None:
         check_number("--micro-batches", args.micro_batches, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
     if args.timeout is not None:
-        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError,
+                     why=TIMEOUT_WHY)
     check_file("--trace", args.trace, TRACE_EXTENSIONS)
     check_file("--png", args.png, PNG_EXTENSIONS)
-    check_dir("--dump", args.dump)
+    check_dir("--dump", args.dump, DUMP_FILES)
+    check_apart({"--trace": args.trace, "--png": args.png}, "--dump", args.dump, DUMP_FILES)
 
 
 def _spec(args, source, prompts):
-    """The spec with batch_size / seq_len from the prompts (a config giving them must agree)."""
+    """The spec with the flags that override the config, and batch_size / seq_len from the
+    prompts (a config giving them must agree), checked once."""
+    from pyengine.cli.config_arg import flag_blame, flagged_config
     from pyengine.core.errors import SpecError
     from pyengine.core.spec import DeploymentSpec
-    from pyengine.core.spec_parse import parse_json
 
-    if source is not None:
-        from pyengine.model.hf_config import deployment_spec
-
-        return deployment_spec(source.hf, args.config, whole=True,
-                               batch=None if prompts is None else _shape(prompts))
-    if args.config is None:
+    if source is None and args.config is None:
         raise SpecError("--config", None, "needs a model of layers (e.g. pyengine/configs/seed_model_3gpu.json) "
                                           "or --weights DIR")
+    data = flagged_config(args, layout_only=source is not None)
+    shape = None if prompts is None else _shape(prompts)
+    if shape is not None:
+        if args.config is None and isinstance(data, dict):
+            data["model"] = {}  # the default layout's batch shape yields to the prompts'
+        _fewer_chunks(data, shape[0] * shape[1])
     try:
-        with open(args.config, "rb") as f:
-            data = parse_json(f.read(), args.config)
-    except OSError as e:
-        raise SpecError("config", args.config, f"cannot be read: {e.strerror}") from None
-    if prompts is not None and isinstance(data, dict) and isinstance(data.get("model"), dict):
-        for key, value in zip(("batch_size", "seq_len"), _shape(prompts)):
-            if key in data["model"] and data["model"][key] != value:
-                raise SpecError(f"model.{key}", data["model"][key],
-                                f"disagrees with the prompts ({value}); leave it out")
-            data["model"][key] = value
-    return DeploymentSpec.from_dict(data)
+        if source is not None:
+            from pyengine.model.hf_config import deployment_spec
+
+            return deployment_spec(source.hf, data, whole=True, batch=shape)
+        if shape is not None and isinstance(data, dict) and isinstance(data.get("model"), dict):
+            for key, value in zip(("batch_size", "seq_len"), shape):
+                if key in data["model"] and data["model"][key] != value:
+                    raise SpecError(f"model.{key}", data["model"][key],
+                                    f"disagrees with the prompts ({value}); leave it out")
+                data["model"][key] = value
+        return DeploymentSpec.from_dict(data)
+    except SpecError as e:
+        raise flag_blame(args, e) from None
+
+
+def _fewer_chunks(data, tokens: int) -> None:
+    """Prompts of fewer tokens (sequences x longest) than the config's micro-batches: the prefill
+    runs in that many chunks instead (as decode runs fewer groups once fewer sequences are live),
+    where the spec rule would have refused prompts shorter than the schedule."""
+    from pyengine.core.spec import ScheduleSpec
+
+    sched = data.get("schedule", {}) if isinstance(data, dict) else None
+    if not isinstance(sched, dict):
+        return  # the validation says what is wrong with it
+    m = sched.get("micro_batches", ScheduleSpec().micro_batches)
+    if isinstance(m, int) and not isinstance(m, bool) and m > tokens:
+        data.setdefault("schedule", sched)["micro_batches"] = tokens
 
 
 def _shape(prompts) -> tuple[int, int]:
@@ -102,9 +123,7 @@ def generate(args: argparse.Namespace) -> int:
         from pyengine.model.tokens import load_prompts
 
         prompts = load_prompts(args.tokens)
-    from pyengine.cli.run import with_flags
-
-    spec = with_flags(args, _spec(args, source, prompts))
+    spec = _spec(args, source, prompts)
     from pyengine.cli.generate_run import launch
 
     return launch(args, spec, source, prompts)

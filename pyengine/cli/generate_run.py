@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+DUMP_FILES = ("generated.pt", "first_logits.pt", "spec.json")
+"""What --dump writes (first_logits.pt when the first sequence's logits were kept)."""
+
 
 def _prompts(args, spec):
     """The prompts: the file's, or seeded ones of the config's batch_size x seq_len."""
@@ -16,11 +19,9 @@ def _prompts(args, spec):
 
 
 def launch(args, spec, source, prompts) -> int:
-    import torch
-
     from pyengine.cli.fit import check_run_fits
     from pyengine.cli.run import _fault
-    from pyengine.execute.generate_measure import GenerateOptions, generate_rank
+    from pyengine.execute.generate_measure import GenerateOptions, PackedPrompts, generate_rank
     from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.model.batch import Batch
@@ -32,7 +33,7 @@ def launch(args, spec, source, prompts) -> int:
     backend = pick_backend(spec.world_size, args.backend)
     check_backend(backend, spec.world_size)
     note = ""
-    on_cpu = backend.value == "gloo" or (backend.value == "local" and not torch.cuda.is_available())
+    on_cpu = not backend.on_gpu()
     if on_cpu and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
     prompts = prompts if prompts is not None else _prompts(args, spec)
@@ -42,9 +43,9 @@ def launch(args, spec, source, prompts) -> int:
     decode_table = build(spec, batch=Batch.decode([max(lengths)] * len(lengths), spec.schedule.micro_batches))
     fault = _fault(args.inject_fault, decode_table) if args.inject_fault else None
     capacity = max(lengths) + args.max_new_tokens
-    check_run_fits(spec, [spec], backend.value, capacity=capacity, reference=False, scaled=bool(note))
+    check_run_fits(spec, [spec], backend, capacity=capacity, reference=False, scaled=bool(note))
     _check_graphs(args.graphs, on_cpu)
-    opts = GenerateOptions(tuple(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
+    opts = GenerateOptions(PackedPrompts.of(prompts), args.max_new_tokens, warmup=args.warmup, seed=args.seed,
                            source=source, fault=fault, show_progress=not args.json, graphs=args.graphs)
     groups = spec.comm_groups()
     try:
@@ -56,7 +57,7 @@ def launch(args, spec, source, prompts) -> int:
     if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
         return 0
     weights = source.describe() if source is not None else f"seeded random weights (seed {args.seed})"
-    summary = summarize_generation(spec, results, backend=backend.value, scaled=note, weights=weights)
+    summary = summarize_generation(spec, results, backend=backend, scaled=note, weights=weights)
     if args.json:
         print_json(summary)
     else:
@@ -91,10 +92,8 @@ def _write(args, spec, results, backend) -> bool:
 
     def png() -> None:
         from pyengine.report.gantt import write_gantt
-        from pyengine.report.run_view import rank_unit
-
         write_gantt(tl, args.png, title=f"pyengine generate ({backend.value}, measured)",
-                    unit=rank_unit(backend.value))
+                    unit=backend.rank_unit)
 
     writes = [(flag, path, fn) for flag, path, fn in (
         ("--trace", args.trace, trace), ("--png", args.png, png),
@@ -108,10 +107,11 @@ def write_dump(target: str, spec, out) -> None:
     from pyengine.cli.paths import fresh_dir
 
     with fresh_dir(target) as path:  # whole or not at all, even with runs side by side
-        torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, "generated.pt"))
+        generated, first_logits, spec_file = DUMP_FILES
+        torch.save([torch.tensor(s, dtype=torch.int64) for s in out.sequences], os.path.join(path, generated))
         if out.first_logits is not None:
-            torch.save(torch.from_numpy(out.first_logits), os.path.join(path, "first_logits.pt"))
-        with open(os.path.join(path, "spec.json"), "w") as f:
+            torch.save(torch.from_numpy(out.first_logits), os.path.join(path, first_logits))
+        with open(os.path.join(path, spec_file), "w") as f:
             f.write(spec.to_json())
 
 

@@ -118,8 +118,16 @@ def _interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
 def _dispatch(argv: list[str]) -> int:
     from pyengine.core.errors import InputError
 
-    args = build_parser(argv).parse_args(argv)
+    from pyengine.core.cli_help import parse_error_line
+
+    if not any(not a.startswith("-") for a in argv) and not {"-h", "--help", "--version"} & set(argv):
+        sys.stderr.write(parse_error_line("pyengine", f"needs a command: one of {', '.join(dict.fromkeys(_COMMANDS))}"))
+        return 2
+    args, unknown = build_parser(argv).parse_known_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "suite", None))))
+    if unknown:  # the top parser would name itself, not the command that does not know them
+        sys.stderr.write(parse_error_line(f"pyengine {command}", f"unrecognized arguments: {' '.join(unknown)}"))
+        return 2
     try:
         return int(args.func(args) or 0)
     except InputError as e:

@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
-from pyengine.core.errors import UsageError
+from pyengine.core.errors import UsageError, one_line
 from pyengine.core.files import broken_link
 
 TRACE_EXTENSIONS = (".json",)
@@ -40,8 +40,9 @@ def check_file(flag: str, path: str | None, extensions: tuple[str, ...]) -> None
         raise UsageError(flag, path, "exists and is not writable")
 
 
-def check_dir(flag: str, path: str | None) -> None:
-    """`path` is a folder that exists, or one that can be created in an existing folder."""
+def check_dir(flag: str, path: str | None, files: tuple[str, ...] = ()) -> None:
+    """`path` is a folder that exists, or one that can be created in an existing folder; in an
+    existing one, none of the `files` it will receive is in the way (a folder of that name)."""
     if path is None:
         return
     if not path:
@@ -52,8 +53,39 @@ def check_dir(flag: str, path: str | None) -> None:
             raise UsageError(flag, path, "exists and is not a folder")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(flag, path, "is a folder that is not writable")
+        blocked = _blocked(path, files)
+        if blocked:
+            raise UsageError(flag, path, f"holds {blocked}, which is not a file; the dump writes a file there")
         return
     _check_parent(flag, path)
+
+
+def _blocked(folder: str, files: Iterable[str]) -> str | None:
+    """The first of `files` that exists in `folder` as a folder (a link to one included), which
+    a file cannot replace."""
+    return next((name for name in files if os.path.isdir(os.path.join(folder, name))), None)
+
+
+def check_apart(files: dict[str, str | None], dump_flag: str, dump: str | None,
+                dump_files: tuple[str, ...]) -> None:
+    """No two output flags name the same path, and no file flag names the dump folder or a file
+    the dump writes: the second write would fail after the whole run, or overwrite the first."""
+    taken: dict[str, str] = {}
+    if dump:
+        taken[_same(dump)] = dump_flag
+        taken.update({_same(os.path.join(dump, name)): f"{dump_flag} (its {name})" for name in dump_files})
+    for flag, path in files.items():
+        if not path:
+            continue
+        other = taken.get(_same(path))
+        if other is not None:
+            raise UsageError(flag, path, f"is also where {other} writes: give each output its own path")
+        taken[_same(path)] = flag
+
+
+def _same(path: str) -> str:
+    """One spelling per file (symlinks resolved, ./ and .. folded)."""
+    return os.path.normcase(os.path.realpath(path))
 
 
 def _check_link(flag: str, path: str) -> None:
@@ -79,7 +111,11 @@ def fresh_dir(path: str) -> Iterator[str]:
             return
         except OSError:
             pass  # an existing folder with files in it: keep them, replace ours one by one
-        for name in os.listdir(tmp):
+        names = os.listdir(tmp)
+        blocked = _blocked(path, names)
+        if blocked is not None:  # refuse before replacing any: never a half-updated dump
+            raise IsADirectoryError(f"{os.path.join(path, blocked)} is not a file; no file of the dump was written")
+        for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,8 +143,8 @@ def write_outputs(command: str, writes: Iterable[tuple[str, str, Callable[[], No
         try:
             write()
             done.append(flag)
-            print(f"wrote {OUTPUT_NAMES.get(flag, flag.lstrip('-'))} {path}", file=sys.stderr)
+            print(f"wrote {OUTPUT_NAMES.get(flag, flag.lstrip('-'))} {one_line(path)}", file=sys.stderr)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
-            print(f"pyengine {command}: could not write {flag} {path}: {reason}", file=sys.stderr)
+            print(one_line(f"pyengine {command}: could not write {flag} {path}: {reason}"), file=sys.stderr)
     return done

@@ -161,8 +161,16 @@ def _plan(args: argparse.Namespace) -> int:
         raise UsageError("--top", args.top, "needs --search (it limits the candidates shown)")
     args.top = DEFAULT_TOP if args.top is None else args.top
     check_number("--top", args.top, lo=1, hi=MAX_INT, integer=True, error=UsageError)
-    spec, dev, note, model_note, routing = _load(args)
     check_number("--max-new-tokens", args.max_new_tokens, lo=1, hi=MAX_INT, integer=True, error=UsageError)
+    spec, dev, note, model_note, routing = _load(args)
+    m = spec.model
+    if m.layered:  # the decode it prices must fit the model's positions, as generate's must
+        from pyengine.model.prompts import past_positions
+
+        if past_positions(m, m.seq_len, args.max_new_tokens):
+            raise UsageError("--max-new-tokens", args.max_new_tokens,
+                             f"the prompts' {m.seq_len} tokens (model.seq_len) + {args.max_new_tokens} new "
+                             f"exceed the model's {m.max_positions} positions")
     p = planner.plan(spec, dev, routing, new_tokens=args.max_new_tokens)
     cands = search.search(spec, dev, rank_by=args.rank_by, routing=routing,
                                   show_progress=not args.json) if args.search else None
@@ -189,13 +197,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_file, write_outputs
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_file, write_outputs
     from pyengine.core.units import fmt_pct, fmt_s
     from pyengine.predict.simulate import simulate
     from pyengine.report import gantt, jsonable, plan_view, tables, trace
 
     check_file("--trace", args.trace, TRACE_EXTENSIONS)  # before the work, not after it
     check_file("--png", args.png, PNG_EXTENSIONS)
+    check_apart({"--trace": args.trace, "--png": args.png}, "--dump", None, ())
     spec, dev, note, model_note, routing = _load(args)
     if args.schedule is not None:
         spec = spec.replace(schedule={"kind": args.schedule})

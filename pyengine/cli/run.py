@@ -8,8 +8,11 @@ import os
 import sys
 
 from pyengine.core.cli_help import TOKENS_HELP
+from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP
 
 PROFILE_ITERS = 5
+DUMP_FILES = ("tokens.pt", "logits.pt", "spec.json")
+"""What --dump writes, in this order."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=None, help="run only this decoder layer of --weights, as the "
                                                            "attention-free MoE block (default: the whole model)")
     p.add_argument("--tokens", metavar="FILE", help=f"{TOKENS_HELP} (default: seeded ids of the config's shape)")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "local", "gloo"],
-                   help="where the ranks run: auto = nccl with a GPU per rank, local (threads) on one GPU, gloo on CPU")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--seed", type=int, default=0, help="seed of the seeded weights and tokens")
@@ -45,18 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every flag, before the config is read: numbers in range, output paths writable."""
-    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_dir, check_file
+    from pyengine.cli.paths import PNG_EXTENSIONS, TRACE_EXTENSIONS, check_apart, check_dir, check_file
     from pyengine.core.errors import UsageError
-    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+    from pyengine.core.limits import MAX_ITERS, MAX_SEED, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_WHY, check_number
 
     check_number("--iters", args.iters, lo=1, hi=MAX_ITERS, integer=True, error=UsageError)
     check_number("--warmup", args.warmup, lo=0, hi=MAX_ITERS, integer=True, error=UsageError)
     check_number("--seed", args.seed, lo=0, hi=MAX_SEED, integer=True, error=UsageError)
     if args.timeout is not None:
-        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError)
+        check_number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, error=UsageError,
+                     why=TIMEOUT_WHY)
     check_file("--trace", args.trace, TRACE_EXTENSIONS)
     check_file("--png", args.png, PNG_EXTENSIONS)
-    check_dir("--dump", args.dump)
+    check_dir("--dump", args.dump, DUMP_FILES)
+    check_apart({"--trace": args.trace, "--png": args.png}, "--dump", args.dump, DUMP_FILES)
     if args.layer is not None and not args.weights:
         raise UsageError("--layer", args.layer, "needs --weights (a layer of which checkpoint?)")
 
@@ -77,30 +81,24 @@ def open_inputs(args: argparse.Namespace):
 
 def resolve_spec(args: argparse.Namespace, source=None, tokens=None):
     """The config (or, with a checkpoint, the config's layout around the checkpoint's model
-    sizes), the command-line overrides, and the batch shape of a --tokens file."""
-    from pyengine.core.spec import load_spec
+    sizes) with the flags that override it, then the batch shape of a --tokens file."""
+    from pyengine.cli.config_arg import flag_blame, flagged_config
+    from pyengine.core.errors import SpecError
+    from pyengine.core.spec import DeploymentSpec
 
-    if source is None:
-        spec = load_spec(args.config)
-    else:
-        from pyengine.model.hf_config import deployment_spec
+    data = flagged_config(args, layout_only=source is not None)
+    try:
+        if source is None:
+            spec = DeploymentSpec.from_dict(data)
+        else:
+            from pyengine.model.hf_config import deployment_spec
 
-        spec = deployment_spec(source.hf, args.config, whole=source.layer is None)
-    model = {"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]} if tokens is not None else None
-    return with_flags(args, spec, model)
-
-
-def with_flags(args: argparse.Namespace, spec, model: dict | None = None):
-    """`spec` with the flags that override it (--schedule, --micro-batches, --timeout; `model`:
-    the batch shape the tokens set), shared by run and generate."""
-    changes: dict = {"model": model} if model else {}
-    if args.schedule:
-        changes.setdefault("schedule", {})["kind"] = args.schedule
-    if args.micro_batches is not None:
-        changes.setdefault("schedule", {})["micro_batches"] = args.micro_batches
-    if args.timeout is not None:
-        changes["comm"] = {"timeout_s": args.timeout}
-    return spec.replace(**changes) if changes else spec
+            spec = deployment_spec(source.hf, data, whole=source.layer is None)
+        if tokens is not None:
+            spec = spec.replace(model={"batch_size": tokens.shape[0], "seq_len": tokens.shape[1]})
+    except SpecError as e:
+        raise flag_blame(args, e) from None
+    return spec
 
 
 def _fault(text: str, table):
@@ -122,10 +120,8 @@ def run(args: argparse.Namespace) -> int:
     source, tokens = open_inputs(args)
     spec = resolve_spec(args, source, tokens)  # every config error surfaces here, before any process starts
     from pyengine.cli.fit import check_run_fits
-    from pyengine.execute.launch import Backend, LaunchError, bind, check_backend, pick_backend, run_ranks
+    from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
     from pyengine.execute.measure import STREAM_BATCHES, RunOptions, measure_rank, stream_spec, variants
-    import torch
-
     from pyengine.execute.scaling import scale_for_cpu
     from pyengine.model.stages import rank_flops
     from pyengine.report.run_summary import summarize
@@ -135,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     backend = pick_backend(spec.world_size, args.backend)
     check_backend(backend, spec.world_size)
     note = ""
-    on_cpu = backend is Backend.GLOO or (backend is Backend.LOCAL and not torch.cuda.is_available())
+    on_cpu = not backend.on_gpu()
     if on_cpu and not args.no_scale and source is None:
         spec, note = scale_for_cpu(spec)
     if tokens is not None:
@@ -158,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                       profile=args.profile, fault=fault, source=source, tokens=tokens,
                       show_progress=not args.json)
     runs = list(variants(spec, baselines).values())
-    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend.value, scaled=bool(note))
+    check_run_fits(spec, runs + [stream_spec(v, STREAM_BATCHES) for v in runs], backend, scaled=bool(note))
     groups = spec.comm_groups()
     try:
         results = run_ranks(bind(measure_rank, spec, opts), spec.world_size, backend=backend,
@@ -170,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if results is None:  # a non-zero torchrun rank: rank 0 reports for everyone
         return 0
-    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend.value, scaled=note,
+    summary = summarize(spec, variants(spec, opts.baselines), results, backend=backend, scaled=note,
                         weights=opts.weights().describe())
     if args.json:
         from pyengine.report.jsonable import to_jsonable
@@ -198,9 +194,9 @@ def _write_artifacts(args, summary, spec, results, backend, ids) -> bool:
 
     def png() -> None:
         from pyengine.report.gantt import write_gantt
-        from pyengine.report.run_view import chart_title, rank_unit
+        from pyengine.report.run_view import chart_title
 
-        write_gantt(tl, args.png, title=chart_title(summary), unit=rank_unit(backend.value))
+        write_gantt(tl, args.png, title=chart_title(summary), unit=backend.rank_unit)
 
     writes = [(flag, path, fn) for flag, path, fn in (
         ("--trace", args.trace, trace), ("--png", args.png, png),
@@ -215,9 +211,10 @@ def _dump(target: str, spec, results, ids) -> None:
 
     with fresh_dir(target) as path:  # whole or not at all, even with runs side by side
         out = results[spec.stage("output").gpus[0]]
-        torch.save(ids, os.path.join(path, "tokens.pt"))
+        tokens, logits_file, spec_file = DUMP_FILES
+        torch.save(ids, os.path.join(path, tokens))
         m = spec.model
         logits = torch.from_numpy(out.logits).reshape(m.batch_size, m.seq_len, m.vocab_size)
-        torch.save(logits, os.path.join(path, "logits.pt"))
-        with open(os.path.join(path, "spec.json"), "w") as f:
+        torch.save(logits, os.path.join(path, logits_file))
+        with open(os.path.join(path, spec_file), "w") as f:
             f.write(spec.to_json())

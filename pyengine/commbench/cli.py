@@ -29,7 +29,8 @@ from pyengine.commbench.collectives import OPS
 from pyengine.core import dtypes
 from pyengine.core.cli_help import Parser
 from pyengine.core.errors import UsageError
-from pyengine.core.limits import MAX_ITERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+from pyengine.core.limits import MAX_ITERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_WHY, check_number
+from pyengine.execute.backends import BACKEND_CHOICES, BACKEND_HELP, Backend
 
 DEFAULT_NRANKS = 3
 DATATYPES = sorted({*dtypes.BYTES, *dtypes.ALIASES})
@@ -58,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check results (#wrong): 1 yes, 0 no")
     parser.add_argument("-d", "--datatype", choices=DATATYPES, default="float", help="element type")
     parser.add_argument("-r", "--root", type=int, default=0, help="broadcast root rank")
-    parser.add_argument("--backend", choices=("auto", "nccl", "gloo", "local"), default="auto",
-                        help="auto: nccl under torchrun or with a GPU per rank, local with a GPU, else gloo")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
     parser.add_argument("--nranks", type=int, default=None,
                         help=f"ranks (default: {DEFAULT_NRANKS}; under torchrun: WORLD_SIZE)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -86,7 +86,7 @@ def options(args: argparse.Namespace, nranks: int):
     number("-f", args.stepfactor, lo=1, integer=True)
     number("-n", args.iters, lo=1, hi=MAX_ITERS, integer=True)
     number("-w", args.warmup_iters, lo=0, hi=MAX_ITERS, integer=True)
-    number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S)
+    number("--timeout", args.timeout, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S, why=TIMEOUT_WHY)
     if not 0 <= args.root < nranks:
         raise UsageError("-r", args.root, f"must be in [0, nranks={nranks})")
     rows = _row_count(args.minbytes, args.maxbytes, args.stepfactor)
@@ -127,12 +127,11 @@ def _row_count(lo: int, hi: int, factor: int) -> int:
     return rows
 
 
-def check_memory(opts, backend: str, nranks: int) -> None:
+def check_memory(opts, backend: Backend, nranks: int) -> None:
     """-e (the largest buffers) must fit this machine's memory for `backend` (exit 2 otherwise)."""
     from pyengine.core.units import fmt_bytes
-    from pyengine.execute.memory import budget
 
-    b = budget(backend, nranks)
+    b = backend.memory_budget(nranks)
     if b is None:
         return
     size = max(opts.sizes)
@@ -166,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     opts = options(args, nranks)
     backend = pick_backend(nranks, args.backend)
     check_backend(backend, nranks)
-    check_memory(opts, backend.value, nranks)
+    check_memory(opts, backend, nranks)
     try:
         per_rank = run_ranks(bind(bench_rank, opts), nranks, backend=backend,
                              groups=[tuple(range(nranks))], timeout_s=opts.timeout_s,
@@ -178,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
         return 0  # a non-zero torchrun rank: rank 0 prints
     import torch
 
-    device = (torch.device("cuda", torch.cuda.current_device()) if backend.value != "gloo"
-              and torch.cuda.is_available() else torch.device("cpu"))
+    device = torch.device("cuda", torch.cuda.current_device()) if backend.on_gpu() else torch.device("cpu")
     rows = combine(per_rank, opts.op, nranks)
     meta = {"op": opts.op, "backend": backend.value, "nranks": nranks,
             "type": dtypes.NCCL_TESTS_NAMES.get(opts.dtype, opts.dtype),
@@ -196,6 +194,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as e:
-        parser.print_usage(sys.stderr)
         print(f"{parser.prog}: {e.kind}: {e}", file=sys.stderr)
         return 2

@@ -32,8 +32,19 @@ def shows_default(action: argparse.Action) -> bool:
 
 class Parser(argparse.ArgumentParser):
     """ArgumentParser with DefaultsFormatter; its subparsers are Parsers too (argparse makes
-    them of the parent's class), so one class here covers every subcommand."""
+    them of the parent's class), so one class here covers every subcommand. A parse error is one
+    line and exit 2, as every other refusal is, not argparse's usage block above it."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, parse_error_line(self.prog, message))
+
+
+def parse_error_line(prog: str, message: str) -> str:
+    """`prog: bad option: <argparse's message> (see `prog --help`)`, on one line."""
+    from pyengine.core.errors import one_line
+
+    return f"{one_line(prog)}: bad option: {one_line(message)} (see `{prog} --help`)\n"

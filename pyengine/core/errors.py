@@ -19,7 +19,13 @@ def echo(value: Any) -> str:
         return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
     if len(text) > ECHO_LIMIT:
         text = f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
-    return text.replace("\n", "\\n")
+    return one_line(text)
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: a line break inside it (a path may hold one) shown as \\n or \\r, so
+    a message never spills onto a second line that reads as something else."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class InputError(ValueError):
@@ -29,7 +35,7 @@ class InputError(ValueError):
 
     def __init__(self, field: str, value: Any, rule: str):
         self.field, self.value, self.rule = field, value, rule
-        super().__init__(f"{field} = {echo(value)}: {rule}")
+        super().__init__(one_line(f"{field} = {echo(value)}: {rule}"))
 
 
 class UsageError(InputError):
@@ -51,4 +57,4 @@ class ResourceError(InputError):
 
     def __init__(self, where: str, need: str, budget: str):
         self.field, self.value, self.rule = where, need, budget
-        ValueError.__init__(self, f"{where} needs {need}; {budget}")
+        ValueError.__init__(self, one_line(f"{where} needs {need}; {budget}"))

@@ -17,10 +17,22 @@ MAX_INT = 2**31 - 1
 """Largest integer in a spec: every count and size fits a 32-bit index (kernels index with int32)."""
 MAX_INT_DIGITS = 19
 """Longest integer literal read from JSON (a 5000-digit literal must not reach int())."""
-MIN_TIMEOUT_S = 1e-3
-"""Shortest per-action timeout: below a millisecond no wait can succeed, not even on one host."""
+MIN_TIMEOUT_S = 1.0
+"""Shortest per-action timeout. The ranks' first waits (connecting their transports, the start-up
+barrier) take tens to hundreds of milliseconds on a loaded host: with 1 ms every job died at
+start-up, blaming a healthy rank as stalled."""
+TIMEOUT_WHY = " seconds per action (below 1 s the ranks cannot even connect at start-up)"
+"""What a refused timeout is told, after its range."""
 MAX_TIMEOUT_S = 86_400.0
 """Longest per-action timeout (a day): beyond it timedelta and thread waits overflow."""
+MAX_LAYERS = 1024
+"""Most decoder layers a model may have. The deepest published models have about 130; every
+prediction and schedule holds each layer's actions, so a model of 100,000 layers would be priced
+for many minutes before anything said a word: refused at once instead."""
+MAX_EXPERTS = 4096
+"""Most experts a model may have. Published MoE models have at most a few hundred; expert-parallel
+layouts list every expert id, so 10 million experts made each candidate layout a ten-million-entry
+config and a refusal took seconds to minutes: refused at once instead."""
 MAX_ITERS = 1_000_000
 """Most timed or warm-up iterations a command accepts."""
 MAX_SEED = 2**62
@@ -29,9 +41,9 @@ MAX_SEED = 2**62
 
 def check_number(field: str, value: Any, *, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, integer: bool = False,
-                 error: type[InputError] = InputError) -> None:
+                 error: type[InputError] = InputError, why: str = "") -> None:
     """Raise `error(field, value, rule)` unless `value` is a finite number (an int when
-    `integer`) within [lo, hi] ((lo, hi] when `lo_open`)."""
+    `integer`) within [lo, hi] ((lo, hi] when `lo_open`); `why` follows a refused range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(field, value, "must be an integer" if integer else "must be a number")
     if integer and not isinstance(value, int):
@@ -41,7 +53,7 @@ def check_number(field: str, value: Any, *, lo: float | None = None, hi: float |
     low_ok = lo is None or (value > lo if lo_open else value >= lo)
     if low_ok and (hi is None or value <= hi):
         return
-    raise error(field, value, f"must be {_range(lo, hi, lo_open)}")
+    raise error(field, value, f"must be {_range(lo, hi, lo_open)}{why}")
 
 
 def _range(lo: float | None, hi: float | None, lo_open: bool) -> str:

@@ -267,30 +267,37 @@ def _is_packaged_name(path: str) -> bool:
     return "/" not in path and os.sep not in path and not path.endswith(".json")
 
 
-def _load_packaged(name: str) -> DeploymentSpec:
+def _read_packaged(name: str) -> Any:
     if name not in packaged_spec_names():
         raise SpecError("config", name, f"no packaged spec of that name; packaged: {packaged_spec_names()}")
     text = resources.files("pyengine").joinpath(f"configs/{name}.json").read_text()
-    return DeploymentSpec.from_json(text, f"{name}.json")
+    return parse_json(text, f"{name}.json")
 
 
-def load_spec(path: str | os.PathLike | None = None) -> DeploymentSpec:
-    """Load and validate a spec: a file path, a packaged spec's name (load_spec("tiny_cpu") reads
-    pyengine/configs/tiny_cpu.json), or None for the packaged seed (seed_3gpu)."""
+def read_config(path: str | os.PathLike | None = None) -> Any:
+    """The parsed JSON of a config, not yet validated: a file path, a packaged spec's name, or
+    None for the packaged seed. For callers that set fields first (command-line flags such as
+    --micro-batches), so that the config is checked once, as the job will run it."""
     if path is None:
-        return _load_packaged("seed_3gpu")
+        return _read_packaged("seed_3gpu")
     if not isinstance(path, (str, os.PathLike)):
         raise SpecError("config", type(path).__name__, "must be a file path, a packaged spec's name or "
                                                       "None (a dict: DeploymentSpec.from_dict)")
     path = os.fspath(path)
     if _is_packaged_name(path):
-        return _load_packaged(path)
+        return _read_packaged(path)
     try:
         with open(path, "rb") as f:
             text = f.read()
     except OSError as e:
         raise SpecError("config", path, f"cannot be read: {e.strerror}") from None
-    return DeploymentSpec.from_json(text, path)
+    return parse_json(text, path)
+
+
+def load_spec(path: str | os.PathLike | None = None) -> DeploymentSpec:
+    """Load and validate a spec: a file path, a packaged spec's name (load_spec("tiny_cpu") reads
+    pyengine/configs/tiny_cpu.json), or None for the packaged seed (seed_3gpu)."""
+    return DeploymentSpec.from_dict(read_config(path))
 
 
 def _plain(obj: Any) -> Any:

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 from pyengine.core.dtypes import MODEL_DTYPES
 from pyengine.core.errors import SpecError
-from pyengine.core.limits import MAX_INT, MAX_TIMEOUT_S, MIN_TIMEOUT_S, check_number
+from pyengine.core.limits import (MAX_EXPERTS, MAX_INT, MAX_LAYERS, MAX_TIMEOUT_S, MIN_TIMEOUT_S,
+                                   TIMEOUT_WHY, check_number)
 
 
 
@@ -77,6 +78,9 @@ def validate(spec: DeploymentSpec) -> None:
                  "top_k", "vocab_size"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.norm_eps", m.norm_eps)
+    if m.num_experts > MAX_EXPERTS:
+        raise SpecError("model.num_experts", m.num_experts, f"must be <= {MAX_EXPERTS} (published MoE "
+                                                            "models have at most a few hundred)")
     if m.top_k > m.num_experts:
         raise SpecError("model.top_k", m.top_k, f"must be <= model.num_experts ({m.num_experts})")
     _one_of("model.dtype", m.dtype, MODEL_DTYPES)
@@ -92,7 +96,7 @@ def validate(spec: DeploymentSpec) -> None:
     _one_of("comm.boundary", spec.comm.boundary, BOUNDARIES)
     _positive("comm.timeout_s", spec.comm.timeout_s)
     check_number("comm.timeout_s", spec.comm.timeout_s, lo=MIN_TIMEOUT_S, hi=MAX_TIMEOUT_S,
-                 error=SpecError)
+                 error=SpecError, why=TIMEOUT_WHY)
     if m.tokens > MAX_INT:
         raise SpecError("model.batch_size", m.batch_size,
                         f"batch_size*seq_len = {m.tokens} tokens is beyond a 32-bit index ({MAX_INT})")
@@ -115,6 +119,9 @@ def _validate_layers(m) -> None:
             raise SpecError(f"model.{key}", getattr(m, key), "needs model.num_layers")
     else:
         _positive("model.num_layers", m.num_layers)
+        if m.num_layers > MAX_LAYERS:
+            raise SpecError("model.num_layers", m.num_layers, f"must be <= {MAX_LAYERS} (the deepest "
+                                                              "published models have about 130)")
         if m.num_attention_heads is None:
             raise SpecError("model.num_attention_heads", None, "is required with model.num_layers")
         _positive("model.num_attention_heads", m.num_attention_heads)
@@ -229,4 +236,5 @@ def _expert_parallel_stage(spec: DeploymentSpec, p: str, st) -> None:
             seen[x] = gpu
     missing = sorted(set(range(e)) - set(seen))
     if missing:
-        raise SpecError(f"{p}.expert_ids", ids, f"experts {missing} are placed on no GPU")
+        shown = ", ".join(map(str, missing[:8])) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise SpecError(f"{p}.expert_ids", ids, f"experts [{shown}] are placed on no GPU")

@@ -58,11 +58,13 @@ class Engine:
         checked as the CLI checks --tokens (InputError, a ValueError) before any rank works."""
         from pyengine.model.tokens import check_ids
 
+        from pyengine.core.errors import InputError
+
         m = self.spec.model
         check_ids(ids, m.vocab_size, field="ids")
         if tuple(ids.shape) != (m.batch_size, m.seq_len):
-            raise ValueError(f"ids.shape = {tuple(ids.shape)}: expected (batch_size, seq_len) = "
-                             f"({m.batch_size}, {m.seq_len})")
+            raise InputError("ids.shape", tuple(ids.shape),
+                             f"must be (batch_size, seq_len) = ({m.batch_size}, {m.seq_len}), the spec's")
         # any integer dtype in, int64 (the gathers' index type) on the runtime's device
         self.last = self._runtime.forward(ids.to(torch.int64))
         return self.last.logits
@@ -71,19 +73,25 @@ class Engine:
         """Greedy generation (every rank calls it with the same prompts, 1-D id tensors of any
         lengths): per prompt, the prompt then its new ids, on every rank. Stops a sequence at
         one of spec.model.eos_token_ids or after max_new_tokens."""
-        from pyengine.execute.engine_checks import check_ranks_agree
-        from pyengine.model.prompts import check_generation, prompt_list
+        from pyengine.execute.engine_checks import refuse_together
 
-        prompts = prompt_list(prompts)  # read once: an iterator would be empty the second time
-        check_generation(self.spec, prompts, max_new_tokens, steps_field="max_new_tokens")
-        max_new_tokens = int(max_new_tokens)  # a numpy integer too
-        check_ranks_agree(self.transport, self.spec.world_size, prompts, max_new_tokens, self.spec.comm.timeout_s)
-        self._check_kv_fits(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        prompts, max_new_tokens = refuse_together(self.transport, self.spec.world_size, self.spec.comm.timeout_s,
+                                                  lambda: self._generate_args(prompts, max_new_tokens))
         if self._generator is None:
             self._generator = Generator(self.spec, self.rank, self.transport, self.weights, self.device,
                                         graphs=self.graphs)
         self.last_generation = self._generator.generate(prompts, max_new_tokens, keep_logits=True)
         return self.last_generation.sequences
+
+    def _generate_args(self, prompts, max_new_tokens) -> tuple[list[torch.Tensor], int]:
+        """This rank's checks of generate's arguments: (prompts as a list, max_new_tokens as an int)."""
+        from pyengine.model.prompts import check_generation, prompt_list
+
+        prompts = prompt_list(prompts)  # read once: an iterator would be empty the second time
+        check_generation(self.spec, prompts, max_new_tokens, steps_field="max_new_tokens")
+        max_new_tokens = int(max_new_tokens)  # a numpy integer too
+        self._check_kv_fits(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        return prompts, max_new_tokens
 
     @property
     def graphs_reason(self) -> str:

@@ -7,7 +7,8 @@ Every rank checks the same things from the same arguments, so every rank refuses
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +18,7 @@ from pyengine.core.units import fmt_bytes
 
 TRANSPORT_FIELDS = ("rank", "world_size", "device", "send", "recv", "broadcast", "abort")
 SOURCE_FIELDS = ("weight", "embed_rows", "check_spec")
+T = TypeVar("T")
 
 
 def check_engine(spec: Any, transport: Any, seed: Any, source: Any, device: Any) -> None:
@@ -103,32 +105,55 @@ def check_kv_fits(spec: DeploymentSpec, sequences: int, capacity: int, device: t
                             fmt_bytes(need), f"{what}: fewer or shorter prompts, or a smaller max_new_tokens")
 
 
-
-def check_ranks_agree(transport: Any, world_size: int, prompts: list, max_new_tokens: int,
-                      timeout_s: float) -> None:
-    """Every rank was given the same prompts and max_new_tokens: rank 0's fingerprint goes to
-    all, each compares, and a sum tells every rank whether any differs, so all refuse together
-    (two small collectives per generate call, none per step; forward does not check, it would
-    cost them on every batch)."""
-    import hashlib
-
+def refuse_together(transport: Any, world_size: int, timeout_s: float, check: Callable[[], T]) -> T:
+    """`check()` (this rank's own checks of its generate arguments), then a vote of every rank, so
+    that all refuse together: a rank whose arguments `check` refused raises its own error, and
+    every other rank an InputError saying so, instead of waiting out the timeout for it in the
+    first step. The vote also refuses prompts or max_new_tokens that differ from rank 0's: rank 0's
+    fingerprint goes to all, and one all-reduce counts the ranks that differ and that refused
+    (two small collectives per generate call, none per step; forward does not vote, it would cost
+    them on every batch)."""
     from pyengine.transport.base import complete
+
+    try:
+        checked, refusal = check(), None
+    except InputError as e:  # ResourceError included: a rank short of memory refuses too
+        checked, refusal = None, e
+    mine = -1 if refusal is not None else _fingerprint(*checked)
+    dev, world = transport.device, tuple(range(world_size))
+    try:
+        root = torch.full((1,), mine, dtype=torch.int64, device=dev)  # a fill: no host copy
+        complete([transport.broadcast(root, 0, world, name="generate.prompts")], timeout_s)
+        differs = int(int(root.item()) != mine)  # intended sync: once per generate call, before any work
+        vote = torch.full((2,), differs, dtype=torch.int64, device=dev)
+        vote[1] = int(refusal is not None)  # fills, no host copy: (differs, refused)
+        complete([transport.all_reduce(vote, world, name="generate.vote")], timeout_s)
+        differ, refused = vote.tolist()  # intended sync: as above
+    except Exception as e:
+        if refusal is None:
+            raise
+        refusal.add_note(f"(the other ranks could not be told: {type(e).__name__})")
+        raise refusal from None
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise InputError("prompts", f"refused on {refused} rank(s)", "every rank must pass the same valid prompts "
+                                                                     "and max_new_tokens (the refusing rank says why)")
+    if differ:
+        raise InputError("prompts", f"{differ} rank(s) differ from rank 0",
+                         "every rank must pass the same prompts and max_new_tokens")
+    return checked
+
+
+def _fingerprint(prompts: list, max_new_tokens: int) -> int:
+    """63 bits of a hash of the prompts and max_new_tokens (never -1, the refusing ranks' mark)."""
+    import hashlib
 
     h = hashlib.blake2b(digest_size=7)
     h.update(repr((max_new_tokens, [int(p.numel()) for p in prompts])).encode())
     for p in prompts:
         h.update(p.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    mine = int.from_bytes(h.digest(), "little")
-    dev, world = transport.device, tuple(range(world_size))
-    root = torch.full((1,), mine, dtype=torch.int64, device=dev)  # a fill: no host copy
-    complete([transport.broadcast(root, 0, world, name="generate.prompts")], timeout_s)
-    same = int(root.item()) == mine  # intended sync: once per generate call, before any work
-    differ = torch.full((1,), int(not same), dtype=torch.int64, device=dev)
-    complete([transport.all_reduce(differ, world, name="generate.prompts_differ")], timeout_s)
-    count = int(differ.item())  # intended sync: as above
-    if count:
-        raise InputError("prompts", f"{count} rank(s) differ from rank 0",
-                         "every rank must pass the same prompts and max_new_tokens")
+    return int.from_bytes(h.digest(), "little")
 
 
 def check_graphs(graphs, device):

@@ -24,9 +24,28 @@ WARMUP_TOKENS = 2
 
 
 @dataclass(frozen=True, slots=True)
+class PackedPrompts:
+    """Prompts as one tensor and their lengths: what travels to the rank processes. Pickled for a
+    spawned process, every tensor becomes a shared-memory file descriptor, so 1,500 prompts sent
+    one tensor each ran out of descriptors under the common limit of 1024; packed, they take one."""
+
+    ids: torch.Tensor
+    """Every prompt's int64 ids, one after the other (CPU)."""
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, prompts) -> PackedPrompts:
+        prompts = [p.reshape(-1).to(torch.int64).cpu() for p in prompts]
+        return cls(torch.cat(prompts), tuple(int(p.numel()) for p in prompts))
+
+    def unpack(self) -> list[torch.Tensor]:
+        return list(torch.split(self.ids, list(self.lengths)))
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateOptions:
-    prompts: tuple[Any, ...]
-    """1-D int64 id tensors (CPU), one per sequence."""
+    prompts: PackedPrompts
+    """The prompts, one sequence each."""
     max_new_tokens: int
     warmup: int = 1
     seed: int = 0
@@ -47,7 +66,7 @@ def generate_rank(ctx: RankContext, spec: DeploymentSpec, opts: GenerateOptions)
     weights = rank_weights(spec, opts.weights(), ctx.rank, ctx.device)
     gen = Generator(spec, ctx.rank, ctx.transport, weights, ctx.device, on_action=ctx.on_action,
                     graphs=GraphMode(opts.graphs))
-    prompts = list(opts.prompts)
+    prompts = opts.prompts.unpack()
     for _ in range(opts.warmup):
         gen.generate(prompts, min(WARMUP_TOKENS, opts.max_new_tokens), timed=False)
     gen.fault = opts.fault

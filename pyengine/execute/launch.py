@@ -15,7 +15,6 @@ it was in, not the peer that noticed: every rank keeps its liveness and last act
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
 import pickle
@@ -26,17 +25,9 @@ from typing import Any, TypeVar
 import torch
 
 from pyengine.core.errors import UsageError
+from pyengine.execute.backends import BACKEND_CHOICES, Backend
 
 T = TypeVar("T")
-
-
-class Backend(str, enum.Enum):
-    NCCL = "nccl"
-    GLOO = "gloo"
-    LOCAL = "local"
-
-
-BACKEND_CHOICES = ("auto", *(b.value for b in Backend))
 
 
 class LaunchError(RuntimeError):
@@ -111,7 +102,7 @@ def check_backend(backend: Backend, world_size: int) -> None:
     GPU per rank (under torchrun: this process's LOCAL_RANK GPU). EnvError when torchrun's
     variables are bad, whatever the backend."""
     env = torchrun_env()
-    if backend is not Backend.NCCL:
+    if not backend.gpu_per_rank:
         return
     n = _gpus()
     need = env.local_rank + 1 if env is not None else world_size
@@ -130,9 +121,9 @@ def run_ranks(body: Callable[[RankContext], T], world_size: int, *, backend: Bac
     the bodies use, identical on all ranks; `timeout_s` bounds each wait; the job fails when no
     rank has made progress for `job_timeout_s` (so a long healthy run is never cut short).
     For the process backends `body` must pickle (a module-level function or a partial of one)."""
-    if backend is not Backend.LOCAL and under_torchrun():
+    if backend.process_per_rank and under_torchrun():
         return _torchrun_rank(body, world_size, backend, groups, timeout_s)
-    if backend is Backend.LOCAL:
+    if not backend.process_per_rank:
         from pyengine.execute.threads import ThreadFailure, run_threads
 
         try:
@@ -155,7 +146,7 @@ def _spawn(body: Callable, world: int, backend: Backend, groups, timeout_s: floa
 
     board = Board.for_processes(world, mp.get_context("spawn"))
     store = host_store(world, timeout_s)
-    extra = {"OMP_NUM_THREADS": "1"} if backend is Backend.GLOO else {}
+    extra = {} if backend.on_gpu() else {"OMP_NUM_THREADS": "1"}  # CPU ranks share the cores
     quiet = {"TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "FATAL")}  # c10d's own
     # error lines repeat, with C++ frames, what the one-line error below says
     try:
@@ -168,7 +159,7 @@ def _spawn(body: Callable, world: int, backend: Backend, groups, timeout_s: floa
 
 
 def _device(backend: Backend, rank: int) -> torch.device:
-    if backend is Backend.GLOO:
+    if not backend.on_gpu():
         return torch.device("cpu")
     env = torchrun_env()
     local = env.local_rank if env is not None else rank
@@ -189,7 +180,7 @@ def _process_rank(rank: int, world: int, port: int, body: Callable, backend: Bac
     from pyengine.execute.liveness import Beacon
     from pyengine.transport.store import STARTUP_TIMEOUT_S, connect_store, wait_for_ranks
 
-    if backend is Backend.GLOO:
+    if not backend.on_gpu():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     with Beacon(board, rank, heartbeat=True) as beacon:
         with beacon.waiting("store and peers"):  # waiting, so never "stalled" in start-up

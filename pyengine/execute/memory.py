@@ -1,9 +1,5 @@
-"""How much memory the ranks of a job may use on this machine, per backend, before any starts.
-
-gloo      every rank is a process on this host: they share the host's available memory, and
-          each costs PROCESS_BYTES (interpreter, torch, gloo buffers) besides its tensors;
-local     all virtual ranks share one device: the GPU's memory, or the host's on CPU;
-nccl      one GPU per rank: each rank has the smallest visible GPU's memory to itself.
+"""Memory a job's ranks may draw on, as measured on this machine: a budget's record, the host's
+available memory and the GPUs' (which backend draws on which: `Backend.memory_budget`).
 Host memory is /proc/meminfo's MemAvailable (what can be allocated without swapping);
 without /proc, the free physical pages. None when neither can be read: the check is skipped.
 """
@@ -52,20 +48,3 @@ def gpu_bytes(count: int) -> int | None:
         return None
     n = min(count, torch.cuda.device_count())
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(n))
-
-
-def budget(backend: str, world_size: int) -> Budget | None:
-    """The memory the job's ranks may use on this machine (see the module docstring)."""
-    if backend == "nccl":
-        cap = gpu_bytes(world_size)
-        return None if cap is None else Budget(cap, False, "GPU memory per rank (torch.cuda)")
-    if backend == "local":
-        cap = gpu_bytes(1)
-        if cap is not None:
-            return Budget(cap, True, "memory of the one GPU all virtual ranks share")
-        host = host_available_bytes()
-        return None if host is None else Budget(host - PROCESS_BYTES, True,
-                                                "available host memory (MemAvailable)")
-    host = host_available_bytes()
-    return None if host is None else Budget(host, True, "available host memory (MemAvailable)",
-                                            per_rank_overhead=PROCESS_BYTES)

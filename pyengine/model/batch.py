@@ -14,6 +14,7 @@ The attention-free block uses the same object: B sequences of S tokens, past 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -117,9 +118,9 @@ class Batch:
 
     @classmethod
     def of_spec(cls, spec: DeploymentSpec) -> Batch:
-        """The spec's own batch: batch_size sequences of seq_len tokens, prefilled."""
-        m = spec.model
-        return cls.prefill([m.seq_len] * m.batch_size, spec.schedule.micro_batches)
+        """The spec's own batch: batch_size sequences of seq_len tokens, prefilled (one object per
+        spec: its chunks are worked out once, however often the spec's costs are asked)."""
+        return _spec_batch(spec)
 
     # ---- the flat axis ----------------------------------------------------------------------
     @property
@@ -144,7 +145,7 @@ class Batch:
         out, lo = [], 0
         ends = {start + n - 1 for start, n in zip(self.starts, self.new)}
         for n in near_even_split(self.tokens, self.micro_batches):
-            last = tuple(r - lo for r in range(lo, lo + n) if r in ends)
+            last = tuple(sorted(r - lo for r in ends if lo <= r < lo + n))  # per sequence, not per token
             out.append(Chunk(lo, lo + n, self._segments(lo, lo + n), last))
             lo += n
         return tuple(out)
@@ -184,3 +185,9 @@ class Batch:
     def lengths(self) -> tuple[int, ...]:
         """Each sequence's length after this forward (what the KV cache then holds)."""
         return tuple(p + n for p, n in zip(self.past, self.new))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_batch(spec: DeploymentSpec) -> Batch:
+    m = spec.model
+    return Batch.prefill([m.seq_len] * m.batch_size, spec.schedule.micro_batches)

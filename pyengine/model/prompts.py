@@ -54,7 +54,16 @@ def check_generation(spec: DeploymentSpec, prompts: Sequence[torch.Tensor], max_
             shape = list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
             raise InputError(f"{field}[{i}]", shape, "must be a non-empty 1-D tensor of token ids")
         check_ids(p, m.vocab_size, field=f"{field}[{i}]")
-        if m.max_positions is not None and p.numel() + max_new_tokens > m.max_positions:
-            raise InputError(f"{field}[{i}]", int(p.numel()),
-                             f"tokens + {steps_field} {max_new_tokens} exceed the model's "
-                             f"{m.max_positions} positions")
+        check_positions(m, int(p.numel()), max_new_tokens, f"{field}[{i}]", steps_field)
+
+
+def past_positions(model, tokens: int, max_new_tokens: int) -> bool:
+    """Whether `tokens` plus `max_new_tokens` new ones overrun the model's positions (filling
+    them exactly is fine): generate's prompts and plan's priced decode after seq_len alike."""
+    return model.max_positions is not None and tokens + max_new_tokens > model.max_positions
+
+
+def check_positions(model, tokens: int, max_new_tokens: int, field: str, steps_field: str) -> None:
+    if past_positions(model, tokens, max_new_tokens):
+        raise InputError(field, tokens, f"tokens + {steps_field} {max_new_tokens} exceed the model's "
+                                        f"{model.max_positions} positions")

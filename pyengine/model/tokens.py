@@ -13,6 +13,23 @@ from pyengine.core.errors import InputError
 from pyengine.core.files import unreadable_file
 
 FIELD = "--tokens"
+INTEGER_DTYPES = frozenset(d for d in (getattr(torch, n, None) for n in (
+    "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")) if d is not None)
+"""What token ids may be stored as (quantized and floating types are not ids)."""
+
+
+def id_problem(t: torch.Tensor) -> tuple[str, str] | None:
+    """(what `t` is, the rule it breaks) when it cannot hold token ids: a nested, sparse or other
+    non-dense tensor, a meta tensor, a dtype that is not an integer type; None when it can."""
+    if t.is_nested:  # one tensor of rows of different lengths: the prompts' list form is what fits
+        return "a nested tensor", "token ids must be a dense tensor (prompts of different lengths: a list of 1-D tensors)"
+    if t.layout is not torch.strided:
+        return f"a {str(t.layout).removeprefix('torch.')} tensor", "token ids must be a dense tensor (.to_dense())"
+    if t.device.type == "meta":
+        return "a meta tensor", "holds no values (ids on cpu or cuda)"
+    if t.dtype not in INTEGER_DTYPES:
+        return str(t.dtype), "token ids must be integers"
+    return None
 
 
 def load_tokens(path: str | os.PathLike) -> torch.Tensor:
@@ -23,8 +40,9 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
         raise InputError(FIELD, path, "must be a .pt (torch tensor) or .npy (numpy array) file of ids")
     _check_readable(path)
     ids = _read_pt(path) if ext == ".pt" else _read_npy(path)
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise InputError(FIELD, path, f"holds {ids.dtype}: token ids must be integers")
+    problem = id_problem(ids)
+    if problem is not None:
+        raise InputError(FIELD, path, "holds {}: {}".format(*problem))
     if ids.dim() not in (1, 2) or ids.numel() == 0:
         raise InputError(FIELD, path, f"has shape {list(ids.shape)}: must be a non-empty [B, S] or [T]")
     return (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64).contiguous()
@@ -35,10 +53,9 @@ def check_ids(ids: torch.Tensor, vocab_size: int, why: str = "", field: str = FI
     offending id and where it is (the CLI's --tokens and the library's ids alike)."""
     if not isinstance(ids, torch.Tensor):
         raise InputError(field, type(ids).__name__, "must be a tensor of token ids")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise InputError(field, str(ids.dtype), "token ids must be integers")
-    if ids.device.type == "meta":
-        raise InputError(field, "a meta tensor", "holds no values (ids on cpu or cuda)")
+    problem = id_problem(ids)
+    if problem is not None:
+        raise InputError(field, *problem)
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
@@ -78,8 +95,10 @@ def load_prompts(path: str | os.PathLike) -> list[torch.Tensor]:
         if isinstance(obj, (list, tuple)):
             if not obj or not all(isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() for p in obj):
                 raise InputError(FIELD, path, "must hold a non-empty list of non-empty 1-D id tensors")
-            if any(p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool for p in obj):
-                raise InputError(FIELD, path, "token ids must be integers")
+            for i, p in enumerate(obj):
+                problem = id_problem(p)
+                if problem is not None:
+                    raise InputError(FIELD, path, "prompt {} holds {}: {}".format(i, *problem))
             return [p.to(torch.int64).contiguous() for p in obj]
     return list(load_tokens(path))
 

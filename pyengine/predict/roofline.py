@@ -68,9 +68,11 @@ def op_costs(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
     batch = batch or Batch.of_spec(spec)
     dtype, link = spec.model.dtype, spec.hardware.interconnect
     memo: dict[tuple, float] = {}
+    stages = stages_of(spec, routing)
 
-    def cost(a: Action) -> float:
-        key = (a.rank, a.kind, a.stage, a.micro_batch, a.payload, a.peers, a.layer)
+    def cost(a: Action) -> float:  # messages do not depend on the layer; computes on its cost class
+        layer = stages[a.stage].cost_layer(a.layer) if a.kind is Kind.COMPUTE else None
+        key = (a.rank, a.kind, a.stage, a.micro_batch, a.payload, a.peers, layer)
         if key not in memo:
             if a.kind is Kind.COMPUTE:
                 memo[key] = sum(dev.kernel_s(k, dtype) for k in compute_kernels(spec, a, routing, batch))

@@ -12,6 +12,7 @@ import numpy as np
 
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Span, Timeline
+from pyengine.execute.backends import Backend
 from pyengine.execute.results import GenerateMeasurement, StepMeasurement
 from pyengine.model.batch import Batch
 from pyengine.model.stages import StageKind, stages_of
@@ -23,7 +24,7 @@ from pyengine.schedule import build
 
 @dataclass(slots=True)
 class GenerateSummary:
-    backend: str
+    backend: Backend
     device: str
     scaled: str
     weights: str
@@ -86,7 +87,7 @@ def step_batch(results: list[GenerateMeasurement], i: int) -> Batch:
     return Batch.decode([lengths[s] + i - 1 for s in live], results[0].steps[i].micro_batches, slots=live)
 
 
-def summarize_generation(spec: DeploymentSpec, results: list[GenerateMeasurement], *, backend: str,
+def summarize_generation(spec: DeploymentSpec, results: list[GenerateMeasurement], *, backend: Backend,
                          scaled: str = "", weights: str = "") -> GenerateSummary:
     out = next(r for r in results if r.sequences is not None)
     steps = len(results[0].steps)

@@ -12,6 +12,7 @@ import numpy as np
 from pyengine.core import claims
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.timeline import Span, Timeline
+from pyengine.execute.backends import Backend
 from pyengine.execute.check import LogitsCheck, check_logits
 from pyengine.execute.results import RankMeasurement
 from pyengine.model.routing import uniform
@@ -77,7 +78,7 @@ class RoutingSummary:
 
 @dataclass(slots=True)
 class RunSummary:
-    backend: str
+    backend: Backend
     device: str
     scaled: str
     tokens_per_batch: int
@@ -141,7 +142,7 @@ def _variant(spec: DeploymentSpec, results: list[RankMeasurement], name: str) ->
 
 
 def summarize(spec: DeploymentSpec, variant_specs: dict[str, DeploymentSpec],
-              results: list[RankMeasurement], *, backend: str, scaled: str = "",
+              results: list[RankMeasurement], *, backend: Backend, scaled: str = "",
               weights: str = "") -> RunSummary:
     out_rank = results[spec.stage("output").gpus[0]]
     tokens = spec.model.tokens

@@ -30,11 +30,6 @@ def claim_line(c: ClaimResult) -> str:
             f"({spread}) → {VERDICTS[c.holds]} on this backend")
 
 
-def rank_unit(backend: str) -> str:
-    """What a rank is called: a GPU under NCCL; a rank on the CPU backends, which have no GPUs."""
-    return "GPU" if backend == "nccl" else "rank"
-
-
 def chart_title(summary: RunSummary, variant: str = "pipeline") -> str:
     """The Gantt chart's title: which variant, which iteration the timeline is, and its latency."""
     v = summary.variants[variant]
@@ -79,13 +74,13 @@ def print_summary(summary: RunSummary) -> None:
                   f"{pp.balance_replayed:.2f}{pred}); {each}", soft_wrap=True)
     r = summary.routing
     if r is not None:
-        per_gpu = ", ".join(f"{rank_unit(summary.backend)} {g}: {sum(v)} pairs (uniform {sum(r.gpu_pairs_predicted[g]):.0f})"
+        per_gpu = ", ".join(f"{summary.backend.rank_unit} {g}: {sum(v)} pairs (uniform {sum(r.gpu_pairs_predicted[g]):.0f})"
                             for g, v in r.gpu_pairs.items())
         out.print(f"routing: busiest expert {r.imbalance:.2f}x the mean; expert-stage load {per_gpu}",
                   soft_wrap=True)
     for c in summary.claims:
         out.print(claim_line(c), soft_wrap=True)
-    if summary.backend != "nccl":
+    if summary.backend.shares_one_device:
         out.print("[dim]note: all ranks share one device here, so these figures test the engine, "
                   "not a 3-GPU speed-up; see `pyengine plan` for the 3-GPU prediction.[/dim]")
     if any(summary.read_bytes.values()):

@@ -11,6 +11,7 @@ depends on the attention of the earlier chunks of its sequence in the same layer
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections import defaultdict
 
@@ -29,11 +30,20 @@ Item = tuple[int, int | None, int]
 
 def build(spec: DeploymentSpec, kind: str | None = None, batch: Batch | None = None) -> Table:
     """Per-rank action tables for `spec` (kind defaults to spec.schedule.kind) over `batch`
-    (default: the spec's own; a decode step or prompts of other lengths pass theirs), checked."""
+    (default: the spec's own; a decode step or prompts of other lengths pass theirs), checked.
+    Each distinct (spec, kind, batch) is built and checked once per process: a plan prices the
+    same tables many times over (its verdicts, baselines, decode steps), and a model of many
+    layers makes each build costly. The caller gets its own copy of the lists."""
     kind = kind or spec.schedule.kind
     if kind not in SCHEDULE_KINDS:
         raise ScheduleError(f"schedule kind = {kind!r}: must be one of {list(SCHEDULE_KINDS)}")
-    flow = _Flow(spec, batch or Batch.of_spec(spec))
+    table = _built(spec, kind, batch or Batch.of_spec(spec))
+    return {r: list(actions) for r, actions in table.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _built(spec: DeploymentSpec, kind: str, batch: Batch) -> Table:
+    flow = _Flow(spec, batch)
     table = flow.witness(kind)
     check(table, flow.kv_constraints())
     return table
@@ -67,6 +77,14 @@ class _Flow:
         # experts layer -> (stage, layer, rank) of the compute that consumes its hand-off
         self.hand_off_to = {src: (st.kind, layer, st.ranks[0]) for st in self.stages
                             for layer in st.layers() for src in st.hand_off_from(layer)}
+        # (stage, layer) of a compute -> (consumer, payload) for every compute that reads it,
+        # asked once here: scanning every consumer's every layer per compute made a build
+        # quadratic in the layer count (100 layers: 2 million inputs() calls per build)
+        self.consumers: dict[tuple[int, int | None], list] = defaultdict(list)
+        for consumer in self.stages:
+            for cl in consumer.layers():
+                for src in consumer.inputs(cl):
+                    self.consumers[(src.stage, src.layer)].append((consumer, src.payload))
 
     def kv_constraints(self) -> list[Order]:
         return [(st.ranks[0], compute_id(st.kind, a, layer), compute_id(st.kind, b, layer))
@@ -83,12 +101,9 @@ class _Flow:
     def after_compute(self, stage: int, layer: int | None, mb: int, rank: int, done: set) -> list[list[Action]]:
         c = compute_id(stage, mb, layer)
         groups: list[list[Action]] = []
-        for consumer in self.stages:
-            for cl in consumer.layers():
-                for src in consumer.inputs(cl):
-                    if (src.stage, src.layer) == (stage, layer):
-                        groups += [pair(rank, q, stage, consumer.kind, mb, src.payload, (c,), layer)
-                                   for q in consumer.ranks if q != rank]
+        for consumer, payload in self.consumers.get((stage, layer), ()):
+            groups += [pair(rank, q, stage, consumer.kind, mb, payload, (c,), layer)
+                       for q in consumer.ranks if q != rank]
         if stage == StageKind.EXPERTS:
             groups += self._hand_off(layer, mb, rank, done)
         return groups

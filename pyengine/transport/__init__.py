@@ -46,26 +46,36 @@ def create_transport(backend: str, *, rank: int, world_size: int,
       MASTER_ADDR:MASTER_PORT hosted by rank 0 (torchrun's environment).
     For "local" (threads in one process) use LocalTransport.create(world_size, device, timeout_s).
     """
-    if backend == "nccl":
-        from pyengine.transport.nccl import NcclTransport
+    make = _MULTI_PROCESS.get(backend)
+    if make is None:
+        if backend == LOCAL:
+            raise TransportError("the local backend has one process and N virtual ranks: use "
+                                 "LocalTransport.create(world_size, device, timeout_s)")
+        raise TransportError(f"unknown transport backend {backend!r} (nccl, gloo or local)")
+    return make(rank, world_size, device, groups, store, timeout_s)
 
-        return NcclTransport(rank=rank, world_size=world_size,
-                             device=device if device is not None else rank, groups=groups,
-                             store=store, timeout_s=timeout_s)
-    if backend == "gloo":
-        from pyengine.transport.gloo import GlooTransport
-        from pyengine.transport.store import store_from_env
 
-        if device is not None and torch.device(device).type != "cpu":
-            raise TransportError(f"gloo transport runs on CPU, got device {device}")
-        if store is None:
-            store = store_from_env(rank, world_size, timeout_s)
-        return GlooTransport(rank=rank, world_size=world_size, store=store, groups=groups,
-                             timeout_s=timeout_s)
-    if backend == "local":
-        raise TransportError("the local backend has one process and N virtual ranks: use "
-                             "LocalTransport.create(world_size, device, timeout_s)")
-    raise TransportError(f"unknown transport backend {backend!r} (nccl, gloo or local)")
+def _nccl(rank: int, world_size: int, device, groups, store, timeout_s: float) -> Transport:
+    from pyengine.transport.nccl import NcclTransport
+
+    return NcclTransport(rank=rank, world_size=world_size, device=device if device is not None else rank,
+                         groups=groups, store=store, timeout_s=timeout_s)
+
+
+def _gloo(rank: int, world_size: int, device, groups, store, timeout_s: float) -> Transport:
+    from pyengine.transport.gloo import GlooTransport
+    from pyengine.transport.store import store_from_env
+
+    if device is not None and torch.device(device).type != "cpu":
+        raise TransportError(f"gloo transport runs on CPU, got device {device}")
+    if store is None:
+        store = store_from_env(rank, world_size, timeout_s)
+    return GlooTransport(rank=rank, world_size=world_size, store=store, groups=groups, timeout_s=timeout_s)
+
+
+LOCAL = "local"
+_MULTI_PROCESS = {"nccl": _nccl, "gloo": _gloo}
+"""The backends with a process per rank, by name, and how each connects this rank."""
 
 
 def __getattr__(attr: str) -> Any:

@@ -18,7 +18,8 @@ ordered with each other by the transport: to send the result of an all_reduce
 on (1, 2) over the world communicator, ``wait()`` on the all_reduce handle
 before issuing the send (the send's comm stream then waits on the caller's
 stream, which waits on the all_reduce). Separate streams are what lets one
-communicator be aborted while another one's op is stuck (issue 12).
+communicator be aborted while another one's op is stuck (with one shared
+stream, the abort would wait for the op queued behind the stuck one, forever).
 
 Completion and failure: ``Handle.synchronize(timeout_s)`` blocks the host
 (GIL released) polling the completion event and the async errors of every

@@ -1,5 +1,7 @@
 """Tiny random checkpoints of the three families, built once per session with transformers."""
 
+import json
+
 import pytest
 import torch
 
@@ -24,3 +26,20 @@ def checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def layout_config(tmp_path):
+    """layout_config(stages, m, boundary="all_reduce", kind="gpipe", model=None) -> the path of a
+    deployment config around a checkpoint: 3 GPUs of 32 GB, the given stages and schedule, and no
+    model sizes but the batch shape in `model` (the sizes are the checkpoint's)."""
+    def write(stages, m: int, boundary: str = "all_reduce", kind: str = "gpipe", model: dict | None = None) -> str:
+        cfg = {"hardware": {"num_gpus": 3, "gpu_memory_gb": 32}, "parallel": {"stages": stages},
+               "schedule": {"kind": kind, "micro_batches": m}, "comm": {"boundary": boundary, "timeout_s": 30}}
+        if model:
+            cfg["model"] = model
+        path = tmp_path / f"layout-{len(list(tmp_path.glob('layout-*.json')))}.json"
+        path.write_text(json.dumps(cfg))
+        return str(path)
+
+    return write

@@ -32,13 +32,6 @@ LAYOUTS = {
 }
 
 
-def layout(path, name: str, m: int) -> str:
-    path.write_text(json.dumps({"hardware": {"num_gpus": 3, "gpu_memory_gb": 32},
-                                "parallel": {"stages": LAYOUTS[name]},
-                                "schedule": {"micro_batches": m}, "comm": {"timeout_s": 30}}))
-    return str(path)
-
-
 @torch.no_grad()
 def transformers_generate(model, eos: int | None):
     """Per prompt: transformers' greedy ids (prompt + new), and the first prompt's per-step logits."""
@@ -66,10 +59,10 @@ CASES = [(f, lay, m) for f in ("mixtral", "qwen3_moe", "olmoe") for lay in LAYOU
 
 
 @pytest.mark.parametrize("family,layout_name,m", CASES, ids=[f"{f}-{lay}-m{m}" for f, lay, m in CASES])
-def test_generate_matches_transformers(checkpoint, tmp_path, family, layout_name, m):
+def test_generate_matches_transformers(checkpoint, layout_config, family, layout_name, m):
     folder, model = checkpoint(family, norm_topk_prob=family == "qwen3_moe")
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, layout(tmp_path / "c.json", layout_name, m), whole=True,
+    spec = deployment_spec(source.hf, layout_config(LAYOUTS[layout_name], m), whole=True,
                            batch=(len(PROMPTS), 8))
     free, _ = transformers_generate(model, None)
     eos = int(free[1][len(PROMPTS[1]) + 2])  # the second prompt's third new id: it must stop there
@@ -86,11 +79,11 @@ def test_generate_matches_transformers(checkpoint, tmp_path, family, layout_name
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,layout_name", [("mixtral", "ep-with-gpu0"), ("qwen3_moe", "tp"), ("olmoe", "tp")])
-def test_cli_generate_on_gloo_matches_transformers(checkpoint, tmp_path, family, layout_name):
+def test_cli_generate_on_gloo_matches_transformers(checkpoint, layout_config, tmp_path, family, layout_name):
     folder, model = checkpoint(family)
     torch.save(PROMPTS, tmp_path / "prompts.pt")
     r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "--weights", str(folder),
-                        "--config", layout(tmp_path / "c.json", layout_name, 2), "--tokens",
+                        "--config", layout_config(LAYOUTS[layout_name], 2), "--tokens",
                         str(tmp_path / "prompts.pt"), "--max-new-tokens", str(NEW), "--warmup", "0",
                         "--json", "--dump", str(tmp_path / "d")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

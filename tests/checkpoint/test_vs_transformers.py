@@ -41,15 +41,10 @@ LAYOUTS = {
 }
 
 
-def write_config(path, layout: str, batch: int = 2, seq: int = 11) -> str:
-    """A deployment config without model sizes (they come from the checkpoint)."""
-    parallel, boundary = LAYOUTS[layout]
-    cfg = {"hardware": {"num_gpus": 3, "gpu_memory_gb": 32},
-           "model": {"batch_size": batch, "seq_len": seq},
-           "parallel": parallel, "schedule": {"kind": "gpipe", "micro_batches": 3},
-           "comm": {"boundary": boundary, "timeout_s": 30}}
-    path.write_text(json.dumps(cfg))
-    return str(path)
+def layout_of(name: str) -> dict:
+    """layout_config's arguments for a layout: its stages and boundary, m 3, a 2 x 11 batch."""
+    parallel, boundary = LAYOUTS[name]
+    return {"stages": parallel["stages"], "m": 3, "boundary": boundary, "model": {"batch_size": 2, "seq_len": 11}}
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -70,10 +65,10 @@ CASES = [(fam, dtype, sharded, layout)
 
 @pytest.mark.parametrize("family,dtype,sharded,layout", CASES,
                          ids=[f"{f}-{d}-{'sharded' if s else 'single'}-{lay}" for f, d, s, lay in CASES])
-def test_engine_matches_transformers(checkpoint, tmp_path, family, dtype, sharded, layout):
+def test_engine_matches_transformers(checkpoint, layout_config, family, dtype, sharded, layout):
     folder, model = checkpoint(family, dtype, sharded, norm_topk_prob=family == "qwen3_moe")
     source = open_checkpoint(folder, LAYER)
-    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", layout))
+    spec = deployment_spec(source.hf, layout_config(**layout_of(layout)))
     assert spec.model.dtype == dtype and spec.model.renormalize == (family != "olmoe")
     ids = torch.randint(0, spec.model.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
     got = run_engine(spec, source, ids)
@@ -82,16 +77,16 @@ def test_engine_matches_transformers(checkpoint, tmp_path, family, dtype, sharde
     assert rel_err(got, ref) <= TOLERANCE[dtype], rel_err(got, ref)
 
 
-def test_tied_embeddings_use_the_embedding_as_the_head(checkpoint, tmp_path):
+def test_tied_embeddings_use_the_embedding_as_the_head(checkpoint, layout_config):
     folder, model = checkpoint("olmoe", tie=True)
     source = open_checkpoint(folder, LAYER)
     assert source.names["out"] == "model.embed_tokens.weight"
-    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", "uneven-tp"))
+    spec = deployment_spec(source.hf, layout_config(**layout_of("uneven-tp")))
     ids = torch.arange(22).reshape(2, 11) % spec.model.vocab_size
     assert rel_err(run_engine(spec, source, ids), tiny_hf.reference_logits(model, LAYER, ids)) <= 1e-5
 
 
-def test_a_different_layer_gives_different_logits(checkpoint, tmp_path):
+def test_a_different_layer_gives_different_logits(checkpoint):
     # guards the comparison itself: layers differ, so reading the wrong one cannot pass
     folder, model = checkpoint("mixtral")
     ids = torch.arange(22).reshape(2, 11) % 37
@@ -108,11 +103,11 @@ def pyengine(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("family,dtype,layout", [("mixtral", "float32", "uneven-tp"),
                                                  ("olmoe", "bfloat16", "output-on-gpu2")])
-def test_cli_run_weights_matches_transformers(checkpoint, tmp_path, family, dtype, layout):
+def test_cli_run_weights_matches_transformers(checkpoint, layout_config, tmp_path, family, dtype, layout):
     folder, model = checkpoint(family, dtype, sharded=True)
     ids = np.random.default_rng(3).integers(0, 37, size=(3, 7))
     np.save(tmp_path / "ids.npy", ids)
-    cfg = write_config(tmp_path / "c.json", layout)
+    cfg = layout_config(**layout_of(layout))
     r = pyengine("run", "--weights", str(folder), "--layer", str(LAYER), "--config", cfg,
                  "--tokens", str(tmp_path / "ids.npy"), "--iters", "1", "--warmup", "0", "--no-baselines",
                  "--json", "--dump", str(tmp_path / "dump"))

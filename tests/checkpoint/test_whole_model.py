@@ -38,14 +38,7 @@ LAYOUTS = {
 }
 
 
-def write_config(path, layout: str, m: int, boundary: str = "all_reduce", kind: str = "gpipe") -> str:
-    cfg = {"hardware": {"num_gpus": 3, "gpu_memory_gb": 32},
-           "model": {"batch_size": 2, "seq_len": 11},
-           "parallel": {"stages": LAYOUTS[layout]},
-           "schedule": {"kind": kind, "micro_batches": m},
-           "comm": {"boundary": boundary, "timeout_s": 30}}
-    path.write_text(json.dumps(cfg))
-    return str(path)
+BATCH = {"batch_size": 2, "seq_len": 11}
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -63,10 +56,10 @@ CASES = [(fam, layout, m) for fam in ("mixtral", "qwen3_moe", "olmoe") for layou
 
 
 @pytest.mark.parametrize("family,layout,m", CASES, ids=[f"{f}-{lay}-m{m}" for f, lay, m in CASES])
-def test_whole_model_matches_transformers_fp32(checkpoint, tmp_path, family, layout, m):
+def test_whole_model_matches_transformers_fp32(checkpoint, layout_config, family, layout, m):
     folder, model = checkpoint(family, norm_topk_prob=family == "qwen3_moe")
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", layout, m), whole=True)
+    spec = deployment_spec(source.hf, layout_config(LAYOUTS[layout], m, model=BATCH), whole=True)
     assert spec.model.num_layers == 3 and spec.model.kv_heads == 1
     got = engine_logits(spec, source, IDS)
     with torch.no_grad():
@@ -76,22 +69,22 @@ def test_whole_model_matches_transformers_fp32(checkpoint, tmp_path, family, lay
 
 
 @pytest.mark.parametrize("boundary,kind", [("partials", "asready"), ("reduce_scatter", "gpipe")])
-def test_other_boundaries_and_asready(checkpoint, tmp_path, boundary, kind):
+def test_other_boundaries_and_asready(checkpoint, layout_config, boundary, kind):
     folder, model = checkpoint("qwen3_moe", norm_topk_prob=True)
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", "tp-even", 4, boundary, kind), whole=True)
+    spec = deployment_spec(source.hf, layout_config(LAYOUTS["tp-even"], 4, boundary, kind, model=BATCH), whole=True)
     with torch.no_grad():
         ref = model(IDS).logits
     assert rel_err(engine_logits(spec, source, IDS), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["mixtral", "olmoe"])
-def test_whole_model_bf16_within_bf16_rounding(checkpoint, tmp_path, family):
+def test_whole_model_bf16_within_bf16_rounding(checkpoint, layout_config, family):
     """bf16: the engine's error against an fp32 run of the same (bf16) weights is no worse than
     twice transformers' own bf16 error against it, plus a floor of a few bf16 ulps of the logits."""
     folder, model = checkpoint(family, "bfloat16")
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", "ep-with-gpu0", 3), whole=True)
+    spec = deployment_spec(source.hf, layout_config(LAYOUTS["ep-with-gpu0"], 3, model=BATCH), whole=True)
     got = engine_logits(spec, source, IDS)
     with torch.no_grad():
         theirs = model(IDS).logits
@@ -101,10 +94,10 @@ def test_whole_model_bf16_within_bf16_rounding(checkpoint, tmp_path, family):
     assert rel_err(got, exact) <= 2 * rel_err(theirs, exact) + floor, (rel_err(got, exact), rel_err(theirs, exact))
 
 
-def test_ranks_read_only_their_slices(checkpoint, tmp_path):
+def test_ranks_read_only_their_slices(checkpoint, layout_config):
     folder, _ = checkpoint("mixtral")
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, write_config(tmp_path / "c.json", "tp-even", 2), whole=True)
+    spec = deployment_spec(source.hf, layout_config(LAYOUTS["tp-even"], 2, model=BATCH), whole=True)
     reads = {r: rank_read_bytes(spec, source, r) for r in range(3)}
     h, f, e, v, layers, q, kv = 22, 13, 5, 37, 3, 22, 2  # 11 heads x 2, 1 kv head x 2
     per_layer_attn = (h + h * q + 2 * h * kv + q * h + h + h * e) * 4  # norms, q, k, v, o, router
@@ -116,10 +109,10 @@ def test_ranks_read_only_their_slices(checkpoint, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
-def test_cli_run_whole_model_on_gloo(checkpoint, tmp_path, family):
+def test_cli_run_whole_model_on_gloo(checkpoint, layout_config, tmp_path, family):
     folder, model = checkpoint(family, sharded=True)
     torch.save(IDS, tmp_path / "ids.pt")
-    cfg = write_config(tmp_path / "c.json", "tp-uneven-out2", 3)
+    cfg = layout_config(LAYOUTS["tp-uneven-out2"], 3, model=BATCH)
     r = subprocess.run([sys.executable, "-m", "pyengine", "run", "--weights", str(folder), "--config", cfg,
                         "--tokens", str(tmp_path / "ids.pt"), "--iters", "1", "--warmup", "0",
                         "--no-baselines", "--json", "--dump", str(tmp_path / "dump")],

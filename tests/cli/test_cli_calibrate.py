@@ -10,6 +10,7 @@ import torch
 from pyengine.cli.main import main
 from pyengine.execute import calibrate as measure
 from pyengine.execute import calibrate_host
+from pyengine.execute.backends import Backend
 from pyengine.model.costs import KernelCost
 from pyengine.model.stages import StageKind, stages_of
 from pyengine.predict.devices import PRESETS, SourceKind, load_profile
@@ -91,30 +92,32 @@ def test_the_link_sweep_runs_on_the_comm_harness():
     from pyengine.cli.calibrate import _link
 
     for op in ("sendrecv", "all_reduce"):
-        got = _link(op, 2, backend="gloo", sizes=(8, 4096))
+        got = _link(op, 2, backend=Backend.GLOO, sizes=(8, 4096))
         assert [b for b, _ in got] == [8, 4096] and all(s > 0 for _, s in got)
 
 
-def test_two_faked_gpus_measure_the_links(capsys, tmp_path, monkeypatch):
-    """send/recv 2 us + bytes / 300 GB/s; all-reduce over 2 GPUs 5 us + bus bytes / 360 GB/s."""
+@pytest.mark.parametrize("gpus,bus_factor", [(2, 1.0), (3, 4 / 3)])  # 2(n-1)/n: 1 hides algbw vs busbw
+def test_faked_gpus_measure_the_links(capsys, tmp_path, monkeypatch, gpus, bus_factor):
+    """send/recv 2 us + bytes / 300 GB/s; all-reduce over n GPUs 5 us + bus bytes / 360 GB/s,
+    so the fit must turn message bytes into bus bytes (x 4/3 over 3 GPUs) to find 360 GB/s."""
     import pyengine.cli.calibrate as cal
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(measure, "measure_compute", _fake_measurements)
     monkeypatch.setattr(calibrate_host, "measure_host", lambda *a: calibrate_host.HostMeasurements(6e-6, 4e-6, 3e-5))
     sizes = (1e3, 1e6, 1e8)
     fake = {"sendrecv": [(b, 2e-6 + b / 300e9) for b in sizes],
-            "all_reduce": [(b, 5e-6 + 1.0 * b / 360e9) for b in sizes]}  # bus factor 2(2-1)/2 = 1
+            "all_reduce": [(b, 5e-6 + bus_factor * b / 360e9) for b in sizes]}
     monkeypatch.setattr(cal, "_link", lambda op, n: fake[op])
     out = tmp_path / "p.json"
     assert main(["calibrate", "--out", str(out)]) == 0
     p = load_profile(out)
     assert p.nvlink_latency_us == pytest.approx(2.0, rel=1e-6)
     assert p.link_efficiency == pytest.approx(360 / 450, rel=1e-6)
-    # 2 GPUs: 2 ring steps at h100's 0 us each, so the whole intercept is the fixed latency
+    # 2(n-1) ring steps at h100's 0 us each, so the whole intercept is the fixed latency
     assert p.collective_base_us == pytest.approx(5.0, rel=1e-6)
     for f in ("nvlink_latency_us", "link_efficiency", "collective_base_us"):
         assert p.source(f).kind is SourceKind.MEASURED, f

@@ -150,3 +150,75 @@ def test_rank_0_draws_one_bar_over_the_steps_unless_json(tmp_path, capsys, monke
 def test_graphs_on_where_they_cannot_be_captured_is_refused(capsys, no_ranks):
     line = refused(capsys, "--config", MODEL, "--max-new-tokens", "2", "--graphs", "on", "--backend", "gloo")
     assert line.endswith("graphs = 'on': CUDA graphs need a GPU; the ranks run on cpu"), line
+
+
+def _few_descriptors():
+    """In the child before exec: at most 256 open files (the usual default is 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+
+
+@pytest.mark.slow
+def test_twenty_thousand_prompts_on_gloo_under_a_low_file_limit(tmp_path):
+    """The prompts travel to the rank processes as one packed tensor: sent one tensor each, every
+    prompt took a shared-memory file descriptor and 1,500 already broke a 1024 limit."""
+    from helpers import small_spec
+
+    spec = json.loads(small_spec(model={"num_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+                                 schedule={"micro_batches": 1}).to_json())
+    del spec["model"]["batch_size"], spec["model"]["seq_len"]
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    torch.save([torch.tensor([i % 37]) for i in range(20_000)], tmp_path / "p.pt")
+    r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "--config", str(tmp_path / "c.json"),
+                        "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "1", "--warmup", "0",
+                        "--backend", "gloo", "--json", "--dump", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=300, preexec_fn=_few_descriptors)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["sequences"] == 20_000
+    assert len(torch.load(tmp_path / "d" / "generated.pt")) == 20_000
+
+
+def _small_layered(tmp_path, **schedule) -> str:
+    """A small model of 2 layers, its batch left to the prompts (micro_batches 4 by default)."""
+    from helpers import small_spec
+
+    spec = json.loads(small_spec(model={"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                                 schedule=schedule).to_json())
+    del spec["model"]["batch_size"], spec["model"]["seq_len"]
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    return str(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("lengths", [(1,), (2,), (1, 1, 1)])  # fewer tokens than the 4 micro-batches
+def test_prompts_shorter_than_the_micro_batches_prefill_in_fewer_chunks(tmp_path, capsys, lengths):
+    torch.save([torch.arange(n) + 3 for n in lengths], tmp_path / "p.pt")
+    assert main(["generate", "--config", _small_layered(tmp_path), "--tokens", str(tmp_path / "p.pt"),
+                 "--max-new-tokens", "3", "--warmup", "0", "--backend", "local", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sequences"] == len(lengths) and out["new_tokens"] == 3 * len(lengths)
+
+
+def test_micro_batches_flag_is_applied_before_the_config_is_checked(tmp_path, capsys, no_ranks):
+    """The flag names itself when it is what breaks a rule; a config the flag repairs is accepted."""
+    import argparse
+
+    from pyengine.cli.run import resolve_spec
+
+    cfg = json.loads(open(TINY).read())
+    cfg["schedule"]["micro_batches"] = 100  # above the 48 tokens of 2 x 24
+    (tmp_path / "m.json").write_text(json.dumps(cfg))
+    args = argparse.Namespace(config=str(tmp_path / "m.json"), schedule=None, micro_batches=3, timeout=None)
+    assert resolve_spec(args).schedule.micro_batches == 3
+    assert main(["run", "--config", str(tmp_path / "m.json"), "--micro-batches", "49"]) == 2
+    assert "--micro-batches = 49: must be <= the token count" in capsys.readouterr().err
+
+
+def test_one_new_token_reports_no_decode_instead_of_nan(tmp_path, capsys):
+    """With --max-new-tokens 1 the prefill makes every new token: no decode figures to show."""
+    torch.save([torch.tensor([3, 4])], tmp_path / "p.pt")
+    assert main(["generate", "--config", _small_layered(tmp_path), "--tokens", str(tmp_path / "p.pt"),
+                 "--max-new-tokens", "1", "--warmup", "0", "--backend", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "no decode step ran" in out and "nan" not in out and "inf" not in out

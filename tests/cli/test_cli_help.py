@@ -57,3 +57,29 @@ def test_token_files_are_described_once():
 def test_profile_says_it_does_nothing_on_cpu():
     (profile,) = [a for name, _, a in ALL if name == "pyengine run" and "--profile" in a.option_strings]
     assert "no effect on CPU" in profile.help
+
+
+@pytest.mark.parametrize("argv,line", [
+    ([], "pyengine: bad option: needs a command: one of run, generate, plan, simulate, bench, tune, "
+         "kernels, calibrate (see `pyengine --help`)"),
+    (["run", "--bogus"], "pyengine run: bad option: unrecognized arguments: --bogus (see `pyengine run --help`)"),
+    (["bench", "comm", "--bogus", "1"],
+     "pyengine bench comm: bad option: unrecognized arguments: --bogus 1 (see `pyengine bench comm --help`)"),
+    (["generate"], "pyengine generate: bad option: the following arguments are required: --max-new-tokens "
+                   "(see `pyengine generate --help`)"),
+    (["generate", "--max-new-tokens", "1e3"], "pyengine generate: bad option: argument --max-new-tokens: "
+                                              "invalid int value: '1e3' (see `pyengine generate --help`)"),
+    (["plan", "--device"], "pyengine plan: bad option: argument --device: expected one argument "
+                           "(see `pyengine plan --help`)"),
+])
+def test_parse_errors_are_one_line_and_exit_2(capsys, argv, line):
+    """As every other refusal: one line naming the option, no usage block above it."""
+    from pyengine.cli.main import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    assert code == 2 and cap.out == ""
+    assert cap.err.splitlines() == [line], cap.err

@@ -14,6 +14,7 @@ from helpers import TINY_CONFIG
 from pyengine.cli.main import main
 from pyengine.core.errors import ResourceError
 from pyengine.core.spec import load_spec
+from pyengine.execute.backends import Backend
 
 
 @pytest.fixture
@@ -40,16 +41,18 @@ def _refused(capsys, *argv) -> str:
     (("--timeout", "nan"), "--timeout = nan: must be a finite number"),
     (("--timeout", "inf"), "--timeout = inf: must be a finite number"),
     (("--timeout", "1e400"), "--timeout = inf"),
-    (("--timeout", "0"), "--timeout = 0.0: must be in [0.001, 86400]"),
-    (("--timeout", "1e-9"), "must be in [0.001, 86400]"),
-    (("--timeout", "1e9"), "must be in [0.001, 86400]"),
+    (("--timeout", "0"), "--timeout = 0.0: must be in [1, 86400] seconds per action"),
+    (("--timeout", "0.001"), "below 1 s the ranks cannot even connect at start-up"),  # died blaming a rank
+    (("--timeout", "0.999"), "must be in [1, 86400]"),
+    (("--timeout", "1e-9"), "must be in [1, 86400]"),
+    (("--timeout", "1e9"), "must be in [1, 86400]"),
     (("--iters", str(10**12)), "--iters = 1000000000000: must be in [1, 1000000]"),
     (("--iters", "0"), "--iters = 0"),
     (("--warmup", "-1"), "--warmup = -1"),
     (("--seed", "-1"), "--seed = -1"),
     (("--seed", str(2**70)), "--seed"),
-    (("--micro-batches", str(10**30)), "schedule.micro_batches"),
-    (("--micro-batches", "0"), "schedule.micro_batches = 0: must be > 0"),
+    (("--micro-batches", str(10**30)), f"--micro-batches = {10**30}: is out of range"),  # the flag, named
+    (("--micro-batches", "0"), "--micro-batches = 0: must be > 0"),
 ])
 def test_bad_numbers_exit_2(capsys, no_ranks, flags, words):
     line = _refused(capsys, "run", "--config", TINY_CONFIG, *flags)
@@ -140,9 +143,9 @@ def test_nccl_uses_the_spec_gpu_memory_like_plan(tmp_path):
     spec = load_spec(None)
     small = spec.replace(hardware={"gpu_memory_gb": 2})
     assert fits(spec, PRESETS["seed32g"]) and not fits(small, PRESETS["seed32g"])
-    check_run_fits(spec, [spec], "nccl")
+    check_run_fits(spec, [spec], Backend.NCCL)
     with pytest.raises(ResourceError) as e:
-        check_run_fits(small, [small], "nccl")
+        check_run_fits(small, [small], Backend.NCCL)
     text = str(e.value)  # rank 0 also holds the single-device reference: it is the first to overflow
     assert text.startswith("rank 0 (stage embed, output) needs ") and "weights" in text
     assert "reference" in text and "the budget is 2.00 GB of GPU memory per rank" in text

@@ -88,3 +88,20 @@ def test_simulate_json_tiny(capsys):
 def test_top_without_search_is_refused(capsys):
     assert main(["plan", "--top", "3"]) == 2
     assert "--top = 3: needs --search" in capsys.readouterr().err
+
+
+def test_plan_refuses_a_decode_past_the_models_positions(capsys, monkeypatch):
+    """As generate does: the seeded model has 32,768 positions and prompts of 1,024 tokens."""
+    from helpers import packaged_config
+    import pyengine.predict.planner as planner
+
+    model = packaged_config("seed_model_3gpu.json")
+    monkeypatch.setattr(planner, "plan", lambda *a, **k: pytest.fail("priced before refusing"))
+    assert main(["plan", "--config", model, "--max-new-tokens", "40000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--max-new-tokens = 40000" in err
+    assert "1024 tokens (model.seq_len) + 40000 new exceed the model's 32768 positions" in err
+    assert main(["plan", "--config", model, "--max-new-tokens", "31745"]) == 2  # one past
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert main(["plan", "--config", model, "--max-new-tokens", "31744", "--json"]) == 0  # exactly fills them

@@ -272,3 +272,36 @@ def test_load_spec_unknown_name_lists_the_packaged_names():
     with pytest.raises(SpecError) as e:
         load_spec("tiny_gpu")
     assert e.value.field == "config" and "tiny_cpu" in str(e.value) and "seed_3gpu" in str(e.value)
+
+
+@pytest.mark.parametrize("path,value,words", [
+    ("model.num_experts", 10**7, "must be <= 4096"),
+    ("model.num_experts", 4097, "must be <= 4096"),  # one past the limit
+])
+def test_absurd_sizes_are_refused_by_the_spec_itself(path, value, words):
+    """Refused by the rules, before any layout lists ten million experts (that refusal took 10 s)."""
+    with pytest.raises(SpecError) as e:
+        _spec(_set(path, value))
+    assert e.value.field == path and words in str(e.value)
+
+
+@pytest.mark.parametrize("layers,ok", [(1024, True), (1025, False), (100_000, False)])
+def test_layer_count_limit(layers, ok):
+    from helpers import packaged_config
+
+    spec = load_spec(packaged_config("seed_model_3gpu.json"))
+    if ok:
+        assert spec.replace(model={"num_layers": layers}).model.num_layers == layers
+        return
+    with pytest.raises(SpecError) as e:
+        spec.replace(model={"num_layers": layers})
+    assert e.value.field == "model.num_layers" and "must be <= 1024" in str(e.value)
+
+
+def test_many_missing_experts_are_counted_not_listed():
+    ids = [[0, 1], [2, 3]]
+    with pytest.raises(SpecError) as e:
+        _spec(lambda d: (d["model"].update(num_experts=4000),
+                         _experts(gpus=[1, 2], parallel_mode="expert", expert_ids=ids)(d)))
+    assert "experts [4, 5, 6, 7, 8, 9, 10, 11, ... (3996 in all)] are placed on no GPU" in str(e.value)
+    assert len(str(e.value)) < 300

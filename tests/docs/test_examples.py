@@ -1,5 +1,6 @@
-"""The README's commands that use the shipped examples/ files run as written, on a tiny
-checkpoint in place of /models/<name> (and a layer and a generation length it has)."""
+"""The commands of the README and docs/ that use the shipped examples/ files run as written, on a
+tiny checkpoint in place of /models/<name> (and a layer and a generation length it has), from a
+fresh folder (what they write lands there, not in the repository)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ import pytest
 import tiny_hf
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
-COMMANDS = [line.split("#")[0].strip() for line in README.splitlines()
-            if line.startswith("pyengine ") and "examples/" in line]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _commands(text: str) -> list[str]:
+    """Lines starting `pyengine `, a trailing backslash joining the next line."""
+    lines = text.replace("\\\n", " ").splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.startswith("pyengine ")]
+
+
+COMMANDS = [c for doc in DOCS for c in _commands(doc.read_text()) if "examples/" in c]
 FAST = {"run": ["--iters", "1", "--warmup", "0"], "generate": [], "plan": []}
 
 
@@ -44,6 +52,7 @@ def checkpoint(tmp_path_factory) -> str:
 
 def _runnable(command: str, checkpoint: str) -> list[str]:
     command = re.sub(r"/models/\S+", checkpoint, command)
+    command = re.sub(r"(?<=\s)(examples|pyengine)/", lambda m: f"{ROOT}/{m.group(1)}/", command)  # from any folder
     command = re.sub(r"--layer \d+", "--layer 1", command)
     command = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 3", command)
     words = shlex.split(command)[1:]
@@ -52,6 +61,6 @@ def _runnable(command: str, checkpoint: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
-def test_readme_command_runs(command, checkpoint):
-    r = subprocess.run(_runnable(command, checkpoint), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_doc_command_runs(command, checkpoint, tmp_path):
+    r = subprocess.run(_runnable(command, checkpoint), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{command}\n{r.stderr[-2000:]}"

@@ -20,18 +20,9 @@ from pyengine.model.weights import make_tokens
 from pyengine.predict.roofline import message_bytes
 from pyengine.schedule import Kind, build
 from pyengine.transport.local import LocalTransport
-from helpers import on_threads
+from helpers import on_threads, small_spec
 
-BASE = {  # T = 25 (odd), H 24, F 29, E 5, k 2, V 37, fp32
-    "hardware": {"num_gpus": 3, "gpu_memory_gb": 32, "interconnect": "nvlink"},
-    "model": {"batch_size": 1, "seq_len": 25, "hidden_size": 24, "ffn_hidden_size": 29,
-              "num_experts": 5, "top_k": 2, "vocab_size": 37, "dtype": "float32"},
-    "parallel": {"stages": [{"name": "embed", "gpus": [0]},
-                            {"name": "experts", "gpus": [1, 2], "tensor_parallel_size": 2},
-                            {"name": "output", "gpus": [0]}]},
-    "schedule": {"kind": "gpipe", "micro_batches": 2},
-    "comm": {"boundary": "all_reduce", "overlap": True, "timeout_s": 20},
-}
+BASE = dict(model={"batch_size": 1, "seq_len": 25}, schedule={"micro_batches": 2})  # T = 25 (odd)
 THREE_WAY = {"stages": [  # 3-way TP over every GPU, output inside the group on GPU 1
     {"name": "embed", "gpus": [0]},
     {"name": "experts", "gpus": [0, 1, 2], "tensor_parallel_size": 3, "shard_fractions": [0.2, 0.3, 0.5]},
@@ -39,7 +30,7 @@ THREE_WAY = {"stages": [  # 3-way TP over every GPU, output inside the group on 
 
 
 def _cases():
-    base = DeploymentSpec.from_dict(BASE)
+    base = small_spec(**BASE)
     for b in ("all_reduce", "reduce_scatter", "partials"):
         # group (1, 2), output 0 outside it; micro-batches of 13 and 12 tokens
         yield pytest.param(base.replace(comm={"boundary": b}), id=f"pair-{b}")
@@ -107,7 +98,7 @@ def test_bytes_handed_to_the_transport_are_the_predicted_bytes(spec):
 def test_odd_reduce_scatter_bytes_by_hand():
     """Three-way reduce-scatter of micro-batches of 9, 8, 8 tokens (H=24, fp32 = 96 bytes a row):
     chunks of ceil(9/3) = ceil(8/3) = 3 rows; every member's input padded to 9 rows."""
-    spec = DeploymentSpec.from_dict(BASE).replace(comm={"boundary": "reduce_scatter"}, parallel=THREE_WAY,
+    spec = small_spec(**BASE).replace(comm={"boundary": "reduce_scatter"}, parallel=THREE_WAY,
                                                   schedule={"micro_batches": 3})
     recs = _run(spec)
     row = 24 * 4

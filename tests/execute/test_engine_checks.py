@@ -5,6 +5,8 @@ the argument and its value (found by a hostile pass over the API; each failed be
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -101,12 +103,37 @@ def test_generate_reads_an_iterator_of_prompts_once():
 
 
 def test_generate_refuses_one_tensor_and_names_its_own_arguments():
-    engine = Engine(LAYERED, LocalTransport.create(3, "cpu", 5)[0], seed=3)
-    with pytest.raises(InputError, match=r"prompts = .*one tensor of shape \[3\].*\[ids\]"):
-        engine.generate(torch.tensor([3, 17, 5]), 2)
-    with pytest.raises(InputError, match=r"^max_new_tokens = 0"):
-        engine.generate([torch.tensor([3])], 0)
-    assert engine.last_generation is None and engine.last is None
+    trs = LocalTransport.create(3, "cpu", 20)
+    engines = each_rank(lambda r: Engine(LAYERED, trs[r], seed=3))
+    for bad, words in [((torch.tensor([3, 17, 5]), 2), r"^prompts = .*one tensor of shape \[3\].*\[ids\]"),
+                       (([torch.tensor([3])], 0), r"^max_new_tokens = 0")]:
+        out = each_rank(lambda r: engines[r].generate(*bad))
+        assert all(isinstance(o, InputError) and re.search(words, str(o)) for o in out), out
+    assert all(e.last_generation is None and e.last is None for e in engines)
+
+
+def test_one_ranks_invalid_prompt_is_refused_on_every_rank_at_once():
+    """Rank 1 alone passes an id outside the vocabulary: it names it, the others say a rank refused,
+    all within moments (they used to wait out the transport's timeout for rank 1, then abort)."""
+    import time
+
+    trs = LocalTransport.create(3, "cpu", 60)
+    engines = each_rank(lambda r: Engine(LAYERED, trs[r], seed=3))
+    start = time.monotonic()
+    out = each_rank(lambda r: engines[r].generate([torch.tensor([3, 17, 10**6 if r == 1 else 5])], 2))
+    assert time.monotonic() - start < 30  # far below the 60 s timeout
+    assert isinstance(out[1], InputError) and "outside the vocabulary" in str(out[1]), out
+    assert all(isinstance(out[r], InputError) and "prompts = 'refused on 1 rank(s)'" in str(out[r]) for r in (0, 2)), out
+    same = each_rank(lambda r: engines[r].generate([torch.tensor([3, 17, 5])], 2))  # and the engines still work
+    assert all(torch.equal(s[0], same[0][0]) for s in same)
+
+
+def test_a_wrong_shaped_forward_input_is_an_input_error():
+    engine = Engine(TINY, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    m = TINY.model
+    with pytest.raises(InputError, match=rf"^ids.shape = \(1, 5\): must be \(batch_size, seq_len\) = "
+                                         rf"\({m.batch_size}, {m.seq_len}\)"):
+        engine.forward(torch.zeros(1, 5, dtype=torch.int64))
 
 
 def test_different_prompts_on_different_ranks_are_refused_on_every_rank():
@@ -167,3 +194,12 @@ def test_meta_ids_are_refused_before_any_work():
     engine = Engine(TINY, LocalTransport.create(3, "cpu", 5)[0], seed=3)
     with pytest.raises(InputError, match=r"^ids = 'a meta tensor': holds no values"):
         engine.forward(make_tokens(TINY).to("meta"))
+
+
+def test_sparse_ids_and_prompts_are_refused_before_any_work():
+    engine = Engine(TINY, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    with pytest.raises(InputError, match=r"^ids = 'a sparse_coo tensor': token ids must be a dense tensor"):
+        engine.forward(make_tokens(TINY).to_sparse())
+    layered = Engine(LAYERED, LocalTransport.create(3, "cpu", 5)[0], seed=3)
+    with pytest.raises(InputError, match=r"^prompts\[0\] = 'a sparse_coo tensor': token ids must be a dense"):
+        layered.generate([torch.tensor([3, 17]).to_sparse()], 2)

@@ -16,24 +16,15 @@ import torch
 
 import references
 
+from pyengine.core.errors import InputError
 from pyengine.core.spec import DeploymentSpec, load_spec
 from pyengine.execute.engine import Engine
 from pyengine.execute.procs import spawn_ranks
 from pyengine.model import weights as model
 from pyengine.model.stages import Shard
 from pyengine.transport.store import connect_store
-from helpers import on_threads
+from helpers import on_threads, small_spec
 
-TINY = {
-    "hardware": {"num_gpus": 3, "gpu_memory_gb": 32, "interconnect": "nvlink"},
-    "model": {"batch_size": 2, "seq_len": 13, "hidden_size": 24, "ffn_hidden_size": 29,
-              "num_experts": 5, "top_k": 2, "vocab_size": 37, "dtype": "float32"},
-    "parallel": {"stages": [{"name": "embed", "gpus": [0]},
-                            {"name": "experts", "gpus": [1, 2], "tensor_parallel_size": 2},
-                            {"name": "output", "gpus": [0]}]},
-    "schedule": {"kind": "gpipe", "micro_batches": 4},
-    "comm": {"boundary": "all_reduce", "overlap": True, "timeout_s": 20},
-}
 FP32_ATOL = FP32_RTOL = 1e-5  # fp32 logits ~N(0, 1); only summation order differs
 
 
@@ -45,7 +36,7 @@ def _layout(experts: list[int], fractions=None) -> dict:
 
 
 def _specs() -> list[tuple[str, DeploymentSpec]]:
-    base = DeploymentSpec.from_dict(TINY)
+    base = small_spec()
     cases = []
     for kind in ("gpipe", "asready"):
         for m in (1, 3, 4):  # 3 does not divide the 26 tokens: uneven micro-batches
@@ -147,7 +138,7 @@ def test_engine_rejects_wrong_token_shape():
 
     spec = CASES[0][1]
     eng = Engine(spec, LocalTransport.create(3, "cpu", 5)[1], seed=3)
-    with pytest.raises(ValueError, match=r"ids.shape = \(1, 13\)"):
+    with pytest.raises(InputError, match=r"ids.shape = \(1, 13\)"):
         eng.forward(torch.zeros(1, 13, dtype=torch.int64))
 
 

@@ -42,7 +42,7 @@ def test_overlap_is_visible_in_the_measured_timeline():
     spec = _spec(seq_len=1024)
     opts = RunOptions(iters=3, warmup=2, baselines=True)
     results = _launch(spec, opts)
-    summary = summarize(spec, variants(spec, True), results, backend="local")
+    summary = summarize(spec, variants(spec, True), results, backend=Backend.LOCAL)
     tl = summary.variants["pipeline"].timeline
     # Some comm span of micro-batch i runs while a compute span of another micro-batch runs
     # on the same rank: the receive/reduction is hidden behind compute.

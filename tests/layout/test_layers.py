@@ -132,8 +132,19 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
+MAX_LINES = 400
+CSRC = ROOT.parent / "csrc"
+
+
 def test_no_file_over_400_lines():
-    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400}
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_no_native_source_over_400_lines():
+    sources = sorted(p for p in CSRC.iterdir() if p.suffix in {".cpp", ".hpp", ".h", ".cu"})
+    assert sources, f"no C++ sources under {CSRC}"
+    long = {p.name: n for p in sources if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
 
 

@@ -77,6 +77,20 @@ def test_weight_memory_and_parts(tiny_spec):
     assert (work, held) == (2 * 16 * 48 * 4 + 16 * 5 * 4 + 16 * 2 * 8, 16 * 48 * 4)
 
 
+def test_attention_gpu_working_set_of_a_layer_by_hand(tiny_spec):
+    """Per token of a layer on the attention GPU (H 48, 6 heads and 2 kv heads of d 8, fp32): x
+    and u (H each), router logits (E fp32) and top-k (k id + weight, 8 B), then the attention's
+    a (48), q (48), k (16), v (16) and output (48) before the o-projection, and the partials of
+    both expert GPUs coming back (H each); x waits between layers."""
+    spec = tiny_spec.replace(model={"num_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2})
+    embed = stages_of(spec)[StageKind.EMBED]
+    t = 16
+    router = 2 * t * 48 * 4 + t * 5 * 4 + t * 2 * 8
+    attention = t * (48 + 48 + 16 + 16 + 48) * 4
+    partials = 2 * t * 48 * 4
+    assert embed.working_set(t, 0) == (router + attention + partials, t * 48 * 4)
+
+
 def test_shards_are_slices_of_the_full_weights(tiny_spec):
     full = init_weights(tiny_spec, seed=3)
     experts = stages_of(tiny_spec)[StageKind.EXPERTS]

@@ -5,7 +5,7 @@ routing; load-balanced placements; the search's expert-count candidates; the lay
 import pytest
 import torch
 
-from pyengine.core.spec import DeploymentSpec, load_spec
+from pyengine.core.spec import load_spec
 from pyengine.model.payloads import Payload
 from pyengine.model.routing import MeasuredRouting, Routing
 from pyengine.model.stages import StageKind, rank_flops, stages_of
@@ -15,18 +15,14 @@ from pyengine.predict.resources import traffic, weight_bytes
 from pyengine.predict.roofline import message_bytes
 from pyengine.predict.search import search
 from pyengine.schedule import Kind, build
+from helpers import small_spec
 
 # T=30 (m=3: 10 tokens each), H=16, F=24, E=6, k=2, V=50, fp32; experts 0 | 1,2 | 3,4,5 on GPUs
 # 0 | 1 | 2, output on GPU 2.
-ODD = DeploymentSpec.from_dict({
-    "hardware": {"num_gpus": 3, "gpu_memory_gb": 32},
-    "model": {"batch_size": 1, "seq_len": 30, "hidden_size": 16, "ffn_hidden_size": 24,
-              "num_experts": 6, "top_k": 2, "vocab_size": 50, "dtype": "float32"},
-    "parallel": {"stages": [{"name": "embed", "gpus": [0]},
-                            {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert",
-                             "expert_ids": [[0], [1, 2], [3, 4, 5]]},
-                            {"name": "output", "gpus": [2]}]},
-    "schedule": {"micro_batches": 3}})
+ODD = small_spec(model={"batch_size": 1, "seq_len": 30, "hidden_size": 16, "ffn_hidden_size": 24,
+                        "num_experts": 6, "vocab_size": 50},
+                 experts={"gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0], [1, 2], [3, 4, 5]]},
+                 output=2, schedule={"micro_batches": 3})
 
 
 def test_expected_rows_and_pairs_under_uniform_routing():

@@ -199,8 +199,8 @@ def test_reduce_on_subgroup_then_send_on_world():
 def _stuck_subgroup_then_abort(rank, nranks, port):
     """Rank 2 never joins the all_reduce on (1, 2) and rank 0 never receives rank 1's send
     on the world communicator, so rank 1 has a stuck op on each of its two communicators.
-    Its synchronize times out and aborts both together; that must return (issue 12:
-    aborting one while the other's op was stuck behind it on a shared stream never did)."""
+    Its synchronize times out and aborts both together; that must return (aborting one while
+    the other's op was stuck behind it on a shared stream never did)."""
     tr = _nccl(rank, nranks, port, [(0, 1, 2), (1, 2)], timeout_s=60)
     if rank != 1:
         tr.store.wait(["rank1-done"], datetime.timedelta(seconds=80))

@@ -2,186 +2,23 @@
 one comm stream per communicator, the order of calls (ready event -> op -> completion event),
 group semantics (handles incomplete inside the block, every op recorded at its end, failures),
 synchronize's error path, abort, the init-time connection of every peer and communicator,
-and local/global rank mapping. What NCCL and CUDA do is covered by the gpu-marked tests."""
+and local/global rank mapping (the fakes: fake_nccl.py). The transport contract every backend
+keeps (data, timeouts, abort) runs over it in test_transport_contract.py. What NCCL and CUDA do
+is covered by the gpu-marked tests."""
 
 from __future__ import annotations
 
-import itertools
-from types import SimpleNamespace
-
 import pytest
-import torch
 import torch.distributed as dist
 
 import pyengine.transport.nccl as nccl_mod
+from fake_nccl import FakeC, FakeTensor, install
 from pyengine.transport import Handle, Transport, TransportError
-
-_ids = itertools.count(1)
-
-
-class FakeError(RuntimeError):
-    pass
-
-
-class FakeStream:
-    def __init__(self, device=None, priority=0):
-        self.cuda_stream = next(_ids)
-
-
-class FakeTorchEvent:
-    def __init__(self, enable_timing=False):
-        self.recorded_on = None
-
-    def record(self, stream=None):
-        self.recorded_on = stream
-
-
-class FakeC:
-    """Records every call as a tuple in self.log."""
-
-    Error = FakeError
-
-    def __init__(self):
-        self.log: list[tuple] = []
-        self.depth = 0
-        self.group_end_error: str | None = None
-        self.wait_error: str | None = None
-        self.done: set[int] = set()  # event ids the fake device has completed
-        self.sets: list = []
-        fake = self
-
-        class Event:
-            def __init__(self, device=0, enable_timing=False):
-                self.id = next(_ids)
-                self.recorded = None
-
-            def record(self, stream):
-                self.recorded = stream
-                fake.log.append(("record", self.id, stream))
-
-            def wait(self, stream):
-                fake.log.append(("stream_waits", stream, self.id))
-
-            def query(self):
-                return self.recorded is not None and self.id in fake.done
-
-        class CommSet:
-            def __init__(self):
-                self.members = []
-                self.aborts = 0
-                fake.sets.append(self)
-
-            def abort(self, timeout_s):
-                self.aborts += 1
-                for m in self.members:
-                    m.alive = False
-                fake.log.append(("abort_set", timeout_s))
-                return []
-
-        class Communicator:
-            @staticmethod
-            def unique_id():
-                return b"x" * 128
-
-            def __init__(self, uid, nranks, rank, device, timeout_s, ranks=None, comm_set=None):
-                self.ranks, self.rank, self.alive = list(ranks), rank, True
-                comm_set.members.append(self)
-                fake.log.append(("init", tuple(self.ranks)))
-
-            def _op(self, op, peer, stream, name):
-                """Logs (op, group, local peer or None, stream, name, group depth)."""
-                if not self.alive:
-                    raise FakeError(f"NCCL {op}: the communicator was aborted")
-                fake.log.append((op, tuple(self.ranks), peer, stream, name, fake.depth))
-
-            def send(self, ptr, count, dtype, peer, stream, name):
-                self._op("send", peer, stream, name)
-
-            def recv(self, ptr, count, dtype, peer, stream, name):
-                self._op("recv", peer, stream, name)
-
-            def all_reduce(self, sp, rp, count, dtype, op, stream, name):
-                self._op("all_reduce", None, stream, name)
-
-            def reduce_scatter(self, sp, rp, count, dtype, op, stream, name):
-                self._op("reduce_scatter", None, stream, name)
-
-            def broadcast(self, sp, rp, count, dtype, root, stream, name):
-                self._op("broadcast", root, stream, name)
-
-            def wait(self, event, timeout_s, op, name, peer):
-                fake.log.append(("wait", tuple(self.ranks), op, name, peer, timeout_s))
-                if fake.wait_error:
-                    for s in fake.sets:
-                        s.abort(timeout_s)
-                    raise FakeError(fake.wait_error)
-
-            def destroy(self):
-                self.alive = False
-                fake.log.append(("destroy", tuple(self.ranks)))
-
-        self.Event, self.CommSet, self.Communicator = Event, CommSet, Communicator
-        self.RedOp = SimpleNamespace(sum="sum")
-        self.DType = SimpleNamespace(float32="f32", float16="f16", bfloat16="bf16", int32="i32",
-                                     int64="i64", uint8="u8", float64="f64")
-
-    def group_start(self):
-        self.depth += 1
-        self.log.append(("group_start",))
-
-    def group_end(self):
-        self.depth -= 1
-        self.log.append(("group_end",))
-        if self.group_end_error:
-            raise FakeError(self.group_end_error)
-
-    def group_depth(self):
-        return self.depth
-
-
-class FakeTensor:
-    """What NcclTransport reads from a tensor, on a pretend GPU (rank 1's by default)."""
-
-    def __init__(self, n=4, dtype=torch.float32, device=torch.device("cuda", 1)):
-        self.device, self.dtype, self.shape = torch.device(device), dtype, (n,)
-        self._n = n
-        self.recorded_streams = []
-
-    def __getitem__(self, item):
-        return FakeTensor(1, self.dtype, self.device)
-
-    def is_contiguous(self):
-        return True
-
-    def data_ptr(self):
-        return 4096
-
-    def numel(self):
-        return self._n
-
-    def dim(self):
-        return 1
-
-    def record_stream(self, stream):
-        self.recorded_streams.append(stream)
-
 
 @pytest.fixture
 def fake(monkeypatch):
     C = FakeC()
-    monkeypatch.setattr(nccl_mod, "native", lambda: C)
-    monkeypatch.setattr(nccl_mod, "as_tensor", lambda obj: obj)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "Event", FakeTorchEvent)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    current = FakeStream()
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
-    def fake_tensor(n=1, device=None, **_):
-        return FakeTensor(n, device=device)
-
-    monkeypatch.setattr(torch, "ones", fake_tensor)
-    monkeypatch.setattr(torch, "zeros", fake_tensor)
-    C.current = current
+    install(monkeypatch, C)
     return C
 
 

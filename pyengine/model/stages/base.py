@@ -107,6 +107,12 @@ class Stage:
         return ()
 
     # ---- costs --------------------------------------------------------------------------------
+    def cost_layer(self, layer: int | None) -> int | None:
+        """A layer whose compute costs the same as `layer`'s (its kernels ask nothing else of
+        the layer): the roofline prices one representative and reuses it, so pricing a model
+        of many layers does not grow with them. The default shares nothing."""
+        return layer
+
     def flops(self, tokens: int, rank: int, layer: int | None = None, chunk: Chunk | None = None) -> float:
         return sum(k.flops for k in self.kernels(tokens, rank, layer, chunk))
 

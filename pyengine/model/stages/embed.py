@@ -39,6 +39,9 @@ class EmbedStage(Stage):
     def _after_first(self, layer: int | None) -> bool:
         return layer is not None and layer > 0
 
+    def cost_layer(self, layer: int | None) -> int | None:
+        return 1 if self._after_first(layer) else layer  # the kernels only ask whether it is the first
+
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.RESID, StageKind.EMBED, layer - 1),) if self._after_first(layer) else ()
 
@@ -98,8 +101,8 @@ class EmbedStage(Stage):
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
         work = 2 * t * m.hidden_size * es + t * m.num_experts * 4 + t * m.top_k * 8  # x, u, logits, top-k
-        if m.layered:  # a, q, k, v, attention out, and the incoming partials
-            work += t * (m.hidden_size + 2 * (m.heads + m.kv_heads) * m.head_size) * es
+        if m.layered:  # a (H), q and the attention output (heads·d each), k and v (kv·d each), partials
+            work += t * (m.hidden_size + 2 * m.heads * m.head_size + 2 * m.kv_heads * m.head_size) * es
             work += int(self.boundary.incoming_bytes(self.consumer, t))
             return work, t * m.hidden_size * es  # x waits here between layers
         keeps_x = rank in self.spec.stage("output").gpus  # x waits here for the residual add

@@ -50,6 +50,9 @@ class ExpertParallelStage(Stage):
         """(token, expert) pairs `rank` computes."""
         return tokens * self.spec.model.top_k * self.routing.pair_share(self.placement[rank])
 
+    def cost_layer(self, layer: int | None) -> int | None:
+        return None  # every layer's experts cost the same: the kernels never ask the layer
+
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
         m, es = self.spec.model, self.elem

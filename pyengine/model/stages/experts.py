@@ -33,6 +33,9 @@ class ExpertsStage(Stage):
         a, b = self._cols[rank]
         return b - a
 
+    def cost_layer(self, layer: int | None) -> int | None:
+        return None  # every layer's experts cost the same: the kernels never ask the layer
+
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
         from pyengine.model.routing import uniform
