@@ -34,28 +34,35 @@ def _capacity(args, spec):
 
 
 def _spec(args, source, slots: int, step_tokens: int):
-    """The model and layout; batch_size x seq_len set to one step's tokens (the activations' size)."""
-    from pyengine.cli.generate import _spec as generate_spec
-    from pyengine.cli.run import with_flags
+    """The model and layout with the flags that override the config, checked once; batch_size x
+    seq_len are one step's tokens (the activations' size), whatever the config says of them."""
+    from pyengine.cli.config_arg import flag_blame, flagged_config
     from pyengine.core.errors import SpecError
+    from pyengine.core.spec import DeploymentSpec
 
-    seq = max(1, math.ceil(step_tokens / slots))
-    if source is not None:
-        from pyengine.model.hf_config import deployment_spec
+    shape = (slots, max(1, math.ceil(step_tokens / slots)))
+    data = flagged_config(args, layout_only=source is not None)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        for key in ("batch_size", "seq_len"):
+            data["model"].pop(key, None)
+    try:
+        if source is not None:
+            from pyengine.model.hf_config import deployment_spec
 
-        spec = deployment_spec(source.hf, args.config, whole=True, batch=(slots, seq))
-    else:
-        spec = generate_spec(args, None, None).replace(model={"batch_size": slots, "seq_len": seq})
-        if not spec.model.layered:
-            raise SpecError("model.num_layers", None, "serve needs a model of layers (the attention-free "
-                                                      "block has no sequence to continue)")
-    return with_flags(args, spec)
+            return deployment_spec(source.hf, data, whole=True, batch=shape)
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data["model"].update(batch_size=shape[0], seq_len=shape[1])
+        spec = DeploymentSpec.from_dict(data)
+    except SpecError as e:
+        raise flag_blame(args, e) from None
+    if not spec.model.layered:
+        raise SpecError("model.num_layers", None, "serve needs a model of layers (the attention-free "
+                                                  "block has no sequence to continue)")
+    return spec
 
 
 def launch(args, source) -> int:
     import multiprocessing as mp
-
-    import torch
 
     from pyengine.cli.fit import check_run_fits
     from pyengine.execute.launch import LaunchError, bind, check_backend, pick_backend, run_ranks
@@ -68,12 +75,12 @@ def launch(args, source) -> int:
     spec = _spec(args, source, slots, step_guess)
     backend = pick_backend(spec.world_size, args.backend)
     check_backend(backend, spec.world_size)
-    on_cpu = backend.value == "gloo" or (backend.value == "local" and not torch.cuda.is_available())
+    on_cpu = not backend.on_gpu()
     note = ""
     if on_cpu and source is None:
         spec, note = scale_for_cpu(spec)
     capacity, (tokens, _, _) = _capacity(args, spec)
-    check_run_fits(spec, [spec], backend.value, capacity=tokens, reference=False, scaled=bool(note))
+    check_run_fits(spec, [spec], backend, capacity=tokens, reference=False, scaled=bool(note))
     if note:
         print(f"pyengine serve: {note}", file=sys.stderr)
     model = args.served_model_name or (os.path.basename(os.path.normpath(args.weights)) if args.weights
@@ -84,7 +91,7 @@ def launch(args, source) -> int:
         make_loop=functools.partial(step_loop_setup, spec=spec, source=source, seed=args.seed, capacity=capacity),
         host=args.host, port=args.port, model=model, tokenizer_dir=args.weights, grace_s=args.grace,
         timeout_s=spec.comm.timeout_s, drain=drain,
-        on_started=started.append if backend.value == "local" else None)
+        on_started=None if backend.process_per_rank else started.append)
     with _drain_on_signals(drain, args.grace):
         try:
             results = run_ranks(bind(serve_rank, opts), spec.world_size, backend=backend, groups=spec.comm_groups(),

@@ -60,7 +60,7 @@ def test_profile_says_it_does_nothing_on_cpu():
 
 
 @pytest.mark.parametrize("argv,line", [
-    ([], "pyengine: bad option: needs a command: one of run, generate, plan, simulate, bench, tune, "
+    ([], "pyengine: bad option: needs a command: one of run, generate, serve, plan, simulate, bench, tune, "
          "kernels, calibrate (see `pyengine --help`)"),
     (["run", "--bogus"], "pyengine run: bad option: unrecognized arguments: --bogus (see `pyengine run --help`)"),
     (["bench", "comm", "--bogus", "1"],

@@ -13,7 +13,10 @@ import pytest
 import tiny_hf
 
 ROOT = Path(__file__).resolve().parents[2]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+CLIENT = "OpenAI(base_url"
+"""The serving client example: a client of `pyengine serve`, run against it by test_serve_example."""
+BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+          if CLIENT not in b]
 TORCHRUN = "# torchrun --standalone --nproc-per-node=3 "
 EXPECT = {"forward.py": "rank 0: logits (2, 24, 101)", "checkpoint.py": "new ids: [["}
 
