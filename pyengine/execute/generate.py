@@ -25,7 +25,7 @@ import torch
 from pyengine.core.spec import DeploymentSpec
 from pyengine.execute.graphs import GraphMode
 from pyengine.execute.results import ActionTime
-from pyengine.execute.step_loop import StepLoop, StepOutput
+from pyengine.execute.step_loop import NonFiniteLogits, StepLoop, StepOutput
 from pyengine.execute.step_plan import SeqWork, StepPlan
 from pyengine.model.batch import Batch
 
@@ -94,7 +94,10 @@ class Generator:
 
     def _step(self, loop: StepLoop, plan: StepPlan, new: list[list[int]], first_logits: list, timed: bool,
               keep_logits: bool) -> StepRecord:
-        out: StepOutput = loop.run(plan, timed=timed, keep_logits=keep_logits and plan.work[0].slot == 0)
+        try:
+            out: StepOutput = loop.run(plan, timed=timed, keep_logits=keep_logits and plan.work[0].slot == 0)
+        except NonFiniteLogits as e:  # the loop knows slots; the generation knows which step it was
+            raise NonFiniteLogits(e.slots, step=len(new[plan.work[0].slot])) from None
         for w, token in zip(plan.sampled, out.ids):
             new[w.slot].append(token)
         if out.logits is not None:

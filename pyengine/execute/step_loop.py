@@ -42,9 +42,10 @@ EAGER_RUNTIMES = 16
 class NonFiniteLogits(RuntimeError):
     """A sequence's logits held NaN or inf: no id is drawn from them."""
 
-    def __init__(self, slots: list[int]):
-        self.slots = slots
-        super().__init__(f"non-finite logits (NaN or inf) for the sequence(s) in KV slot(s) {slots}: "
+    def __init__(self, slots: list[int], step: int | None = None):
+        self.slots, self.step = slots, step
+        where = "" if step is None else (" at the prefill (step 0)" if step == 0 else f" at decode step {step}")
+        super().__init__(f"non-finite logits (NaN or inf){where} for the sequence(s) in KV slot(s) {slots}: "
                          "no id drawn from them (check the weights and the dtype's range)")
 
 

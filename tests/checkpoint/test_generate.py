@@ -33,10 +33,10 @@ LAYOUTS = {
 
 
 @torch.no_grad()
-def transformers_generate(model, eos: int | None):
+def transformers_generate(model, eos: int | None, prompts=PROMPTS):
     """Per prompt: transformers' greedy ids (prompt + new), and the first prompt's per-step logits."""
     seqs, first = [], None
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(prompts):
         out = model.generate(p[None], max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
         seqs.append(out.sequences[0])
@@ -45,12 +45,12 @@ def transformers_generate(model, eos: int | None):
     return seqs, first
 
 
-def engine_generate(spec, source):
+def engine_generate(spec, source, prompts=PROMPTS):
     transports = LocalTransport.create(3, "cpu", 30)
 
     def body(r):
         e = Engine(spec, transports[r], source=source)
-        return e.generate(PROMPTS, NEW), e.last_generation.first_logits
+        return e.generate(prompts, NEW), e.last_generation.first_logits
 
     return on_threads(body, timeout_s=180)
 
@@ -75,6 +75,21 @@ def test_generate_matches_transformers(checkpoint, layout_config, family, layout
     got_logits = out[0][1]
     assert got_logits.shape == want_logits.shape
     assert (got_logits - want_logits).abs().max() / want_logits.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_a_prefill_chunk_with_exactly_one_non_final_row(checkpoint, layout_config, layout_name):
+    """Prompts of 1 and 2 tokens in one chunk (m = 1): rows [last, not last, last], so the output
+    gather skips exactly one row, its edge case."""
+    folder, model = checkpoint("mixtral")
+    source = open_checkpoint(folder)
+    prompts = [torch.tensor([7]), torch.tensor([12, 4])]
+    spec = deployment_spec(source.hf, layout_config(LAYOUTS[layout_name], 1), whole=True, batch=(2, 2))
+    want, want_logits = transformers_generate(model, None, prompts)
+    out = engine_generate(spec.replace(model={"eos_token_ids": None}), source, prompts)
+    for rank_seqs, _ in out:
+        assert [s.tolist() for s in rank_seqs] == [s.tolist() for s in want]
+    assert (out[0][1] - want_logits).abs().max() / want_logits.abs().max() < 1e-5
 
 
 @pytest.mark.slow
