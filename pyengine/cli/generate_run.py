@@ -38,6 +38,10 @@ def launch(args, spec, source, prompts) -> int:
         spec, note = scale_for_cpu(spec)
     prompts = prompts if prompts is not None else _prompts(args, spec)
     check_generation(spec, prompts, args.max_new_tokens, field="--tokens")
+    if spec.model.unreachable_eos:
+        print(f"pyengine generate: note: eos_token_ids {list(spec.model.unreachable_eos)} lie outside the "
+              f"vocabulary [0, {spec.model.vocab_size}): never drawn, so --max-new-tokens ends every sequence",
+              file=sys.stderr)
     lengths = [int(p.numel()) for p in prompts]
     build(spec, batch=Batch.prefill(lengths, min(spec.schedule.micro_batches, sum(lengths)), False))
     decode_table = build(spec, batch=Batch.decode([max(lengths)] * len(lengths), spec.schedule.micro_batches))

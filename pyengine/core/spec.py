@@ -75,7 +75,14 @@ class ModelSpec:
     max_positions: int | None = None
     """Longest sequence the model supports (max_position_embeddings); None: no limit."""
     eos_token_ids: tuple[int, ...] | None = None
-    """End-of-sequence ids that stop a sequence in `pyengine generate` (None: none)."""
+    """End-of-sequence ids that stop a sequence in `pyengine generate` (None: none). An id outside
+    the vocabulary is allowed (OLMoE's default 50279 beside a smaller test vocabulary): it can
+    never be drawn, which `unreachable_eos` names and generate says."""
+
+    @property
+    def unreachable_eos(self) -> tuple[int, ...]:
+        """End-of-sequence ids no logit can produce (outside [0, vocab_size))."""
+        return tuple(e for e in self.eos_token_ids or () if e >= self.vocab_size)
 
     @property
     def tokens(self) -> int:

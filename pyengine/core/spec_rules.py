@@ -141,8 +141,8 @@ def _validate_layers(m) -> None:
             raise SpecError("model.seq_len", m.seq_len,
                             f"exceeds model.max_positions ({m.max_positions})")
     for i, e in enumerate(m.eos_token_ids or ()):
-        if not 0 <= e < m.vocab_size:
-            raise SpecError(f"model.eos_token_ids[{i}]", e, f"is outside the vocabulary [0, {m.vocab_size})")
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+            raise SpecError(f"model.eos_token_ids[{i}]", e, "must be a token id (a non-negative integer)")
 
 
 def _validate_stages(spec: DeploymentSpec) -> None:

@@ -222,3 +222,18 @@ def test_one_new_token_reports_no_decode_instead_of_nan(tmp_path, capsys):
                  "--max-new-tokens", "1", "--warmup", "0", "--backend", "local"]) == 0
     out = capsys.readouterr().out
     assert "no decode step ran" in out and "nan" not in out and "inf" not in out
+
+
+def test_an_eos_id_outside_the_vocabulary_is_a_note_not_a_refusal(tmp_path, capsys):
+    """OLMoE's default eos_token_id (50279) beside a smaller vocabulary: transformers runs it, the id
+    can never be drawn, so generation runs to --max-new-tokens and says why."""
+    path = _small_layered(tmp_path)
+    cfg = json.loads(open(path).read())
+    cfg["model"]["eos_token_ids"] = [50279]
+    open(path, "w").write(json.dumps(cfg))
+    torch.save([torch.arange(3) + 3], tmp_path / "p.pt")
+    assert main(["generate", "--config", path, "--tokens", str(tmp_path / "p.pt"), "--max-new-tokens", "3",
+                 "--warmup", "0", "--backend", "local", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["new_tokens"] == 3
+    assert "eos_token_ids [50279] lie outside the vocabulary" in cap.err
