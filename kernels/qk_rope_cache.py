@@ -17,33 +17,24 @@ weights [heads * d] and [kv_heads * d]).
 
 from __future__ import annotations
 
-import enum
 
 import torch
 import triton
 import triton.language as tl
 
 from pyengine.kernels import paged_checks, tuning
+from pyengine.kernels.choices import Choice
 from pyengine.kernels.launch_count import count_launch
 
 MAX_BLOCK_FULL = 4096  # elements per step of the full-projection sum of squares
 MAX_HEAD_DIM = 256
 
 
-class QKNorm(enum.IntEnum):
+class QKNorm(Choice, field="qk_norm"):
     """Where q and k are RMS-normed before RoPE (the spec's qk_norm names)."""
     NONE = 0
     PER_HEAD = 1
     FULL = 2
-
-    @classmethod
-    def parse(cls, value) -> "QKNorm":
-        if isinstance(value, cls):
-            return value
-        names = {m.name.lower(): m for m in cls}
-        if value not in names:
-            raise ValueError(f"qk_norm={value!r}: must be one of {sorted(names)}")
-        return names[value]
 
 
 @triton.jit

@@ -17,32 +17,23 @@ elsewhere).
 
 from __future__ import annotations
 
-import enum
 
 import torch
 import triton
 import triton.language as tl
 
 from pyengine.kernels import tuning
+from pyengine.kernels.choices import Choice
 from pyengine.kernels.launch_count import count_launch
 
 MAX_EXPERTS = 256
 MAX_TOP_K = 8
 
 
-class RouterVariant(enum.IntEnum):
+class RouterVariant(Choice, field="variant"):
     SOFTMAX = 0
     TOPK_SOFTMAX = 1
     SIGMOID_GROUPED = 2
-
-    @classmethod
-    def parse(cls, value) -> "RouterVariant":
-        if isinstance(value, cls):
-            return value
-        names = {m.name.lower(): m for m in cls}
-        if value not in names:
-            raise ValueError(f"variant={value!r}: must be one of {sorted(names)}")
-        return names[value]
 
 
 @triton.jit
