@@ -51,8 +51,10 @@ class Frontend:
 
         @app.get("/health")
         async def health():
-            if self.unavailable:
-                return JSONResponse({"status": "unavailable", "reason": self.unavailable}, status_code=503)
+            why = self.unavailable or ("" if self.session.admitting else
+                                       self.session.failure or "the server is shutting down")
+            if why:  # failed, or draining after SIGTERM: a load balancer should send no more
+                return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
             return {"status": "ok", "device": self.device}
 
         @app.get("/v1/models")

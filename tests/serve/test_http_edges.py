@@ -58,3 +58,36 @@ def test_a_non_streaming_client_that_goes_away_aborts_cleanly(monkeypatch):
     assert asyncio.run(main()) is Finish.ABORT  # before the fix: RuntimeError from aclose()
     assert aborted
     assert handle.listeners == []  # the update generator was closed, its wake-up removed
+
+
+def _get(app, path: str) -> tuple[int, dict]:
+    """One GET through the ASGI app, without a server."""
+    import json
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "path": path,
+             "raw_path": path.encode(), "root_path": "", "scheme": "http", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body)
+
+
+def test_health_is_503_once_the_server_drains():
+    from pyengine.serve.scheduler import Limits
+    from pyengine.serve.session import Session
+
+    session = Session(None, Limits(slots=2, blocks=8, block_size=4, step_tokens=4))
+    app = app_mod.Frontend(session, TextCodec(None), model="tiny").app()
+    assert _get(app, "/health")[0] == 200
+    session.stop_admitting("the server is shutting down: no new requests are admitted")  # what SIGTERM does
+    status, body = _get(app, "/health")
+    assert status == 503 and "shutting down" in body["reason"]
