@@ -91,3 +91,14 @@ def test_health_is_503_once_the_server_drains():
     session.stop_admitting("the server is shutting down: no new requests are admitted")  # what SIGTERM does
     status, body = _get(app, "/health")
     assert status == 503 and "shutting down" in body["reason"]
+
+
+def test_kv_blocks_beyond_what_the_slots_can_use_are_refused_before_any_rank_starts():
+    from pyengine.core.errors import InputError
+    from pyengine.core.spec import load_spec
+    from pyengine.serve.engine_loop import ServeCapacity
+
+    spec = load_spec("pyengine/configs/seed_model_3gpu.json")
+    assert ServeCapacity(slots=2, capacity=32, blocks=4).resolve(spec)[1] == 4  # 2 x 32/16: all usable
+    with pytest.raises(InputError, match=r"blocks = 2147483647: must be in \[1, 4\]"):
+        ServeCapacity(slots=2, capacity=32, blocks=2**31 - 1).resolve(spec)  # was an 824 GB allocation
