@@ -8,7 +8,8 @@ request's new ids this draw is):
 
 * t == 0 (greedy): the argmax of the raw logits, ties to the lower id (as torch.argmax).
 * else, in this order:
-  1. scale: z = logits / t (in fp32);
+  1. scale: z = (logits - max(logits)) / t (in fp32; the shift changes no rule below, and keeps a
+     tiny t from overflowing two large logits into one +inf tie: z of the argmax stays 0);
   2. top-k: order the ids by z descending, ties by the lower id first; keep the first k
      (k == 0 or k >= V: keep all). Exactly k ids survive even when z ties across the boundary;
   3. top-p: q = softmax of z over the ids kept so far, in the same order; keep the shortest
@@ -111,7 +112,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     greedy_ids = torch.argmax(logits, dim=-1)
     greedy = temperature <= 0
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    scaled = logits / safe_t[:, None]
+    # shifted by the row's max first (softmax, top-k order and the Gumbel argmax do not move): a tiny
+    # temperature then sends the other ids to -inf, never two large logits to one +inf tie
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / safe_t[:, None]
     keep = keep_mask(scaled, top_k, top_p.float())
     noisy = (scaled + gumbel(seed, index, logits.shape[-1])).masked_fill(~keep, float("-inf"))
     return torch.where(greedy, greedy_ids, torch.argmax(noisy, dim=-1))

@@ -51,8 +51,10 @@ class Frontend:
 
         @app.get("/health")
         async def health():
-            if self.unavailable:
-                return JSONResponse({"status": "unavailable", "reason": self.unavailable}, status_code=503)
+            why = self.unavailable or ("" if self.session.admitting else
+                                       self.session.failure or "the server is shutting down")
+            if why:  # failed, or draining after SIGTERM: a load balancer should send no more
+                return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
             return {"status": "ok", "device": self.device}
 
         @app.get("/v1/models")
@@ -220,11 +222,18 @@ def _event(obj: dict) -> bytes:
 
 
 async def _json(request):
-    raw = await request.body()
+    from starlette.requests import ClientDisconnect
+
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client went away mid-body: nobody to answer, nothing submitted
+        raise api.ApiError("the client disconnected before its request body arrived") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise api.ApiError(f"the request body is not JSON: {e}") from None
+    except RecursionError:  # json's C decoder recurses per nesting level
+        raise api.ApiError("the request body is not JSON this server reads: nested too deep") from None
 
 
 async def _disconnected(request) -> None:
@@ -238,7 +247,8 @@ async def _until(updates: AsyncIterator, watcher: asyncio.Task) -> AsyncIterator
         nxt = asyncio.ensure_future(updates.__anext__())
         done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if nxt not in done:
-            nxt.cancel()
+            nxt.cancel()  # and wait until it is: the generator may be closed only once it stopped running
+            await asyncio.wait({nxt})
             return
         try:
             yield nxt.result()

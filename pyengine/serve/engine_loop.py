@@ -44,7 +44,13 @@ class ServeCapacity:
         if model_max is not None and capacity > model_max:
             raise InputError("capacity", capacity, f"must be <= the model's {model_max} positions")
         if self.blocks is not None:
-            check_number("blocks", self.blocks, lo=1, hi=MAX_INT, integer=True)
+            from pyengine.model.kv_cache import BLOCK_SIZE
+
+            # more blocks than every slot full can ever use are memory the fit check never priced
+            # (it prices slots x capacity tokens): --kv-blocks 2**31-1 died allocating 824 GB on rank 0
+            most = self.slots * -(-capacity // BLOCK_SIZE)
+            check_number("blocks", self.blocks, lo=1, hi=most, integer=True,
+                         why=f" (the most {self.slots} sequences of {capacity} tokens can use)")
         step_tokens = self.step_tokens if self.step_tokens is not None else max(self.slots, 256)
         check_number("step_tokens", step_tokens, lo=self.slots, hi=MAX_INT, integer=True)
         return capacity, self.blocks, step_tokens

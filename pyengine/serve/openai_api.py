@@ -60,6 +60,14 @@ class GenerationRequest:
     """The body's name for max_new_tokens (chat: max_completion_tokens when given)."""
 
 
+def _same(value, neutral) -> bool:
+    """`value` is `neutral` in value and JSON type (true is not 1, 0 is not false)."""
+    if value is None or neutral is None:
+        return value is neutral
+    return isinstance(value, bool) == isinstance(neutral, bool) and type(value) in (int, float, type(neutral)) \
+        and value == neutral
+
+
 def _number(body: dict, field: str, default, *, lo, hi, integer=False, lo_open=False):
     value = body.get(field)
     if value is None:
@@ -107,7 +115,7 @@ def _common(body: dict, has_text: bool, max_tokens_field: str = "max_tokens") ->
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
     for field, neutral in IGNORED_DEFAULTS.items():
-        if field in body and body[field] not in neutral:
+        if field in body and not any(_same(body[field], n) for n in neutral):
             raise bad(field, body[field], f"is not supported (only {neutral[-1]!r})")
     from pyengine.model.prompts import MAX_NEW_TOKENS
 
@@ -124,13 +132,16 @@ def _common(body: dict, has_text: bool, max_tokens_field: str = "max_tokens") ->
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options", options, "must be an object")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool) and include_usage is not None:
+        raise bad("stream_options.include_usage", include_usage, "must be true or false")
     try:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature),
                                 top_k=max(0, top_k), top_p=float(top_p), seed=_seed(body, temperature),
                                 stop_token_ids=_stop_ids(body), ignore_eos=ignore_eos)
     except InputError as e:
         raise ApiError.from_input(e) from None
-    return params, _stop(body, has_text), bool(stream), bool(options.get("include_usage", False))
+    return params, _stop(body, has_text), bool(stream), bool(include_usage)
 
 
 def completion_request(body: dict, has_text: bool) -> GenerationRequest:

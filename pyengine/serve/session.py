@@ -117,6 +117,11 @@ class Session:
     def abort(self, handle: RequestHandle) -> None:
         self._post(_Abort(handle.id))
 
+    @property
+    def admitting(self) -> bool:
+        """Whether submit() accepts requests (False once draining, closed or failed)."""
+        return self._admitting
+
     def stop_admitting(self, why: str = "") -> None:
         self._admitting = False
         if why:

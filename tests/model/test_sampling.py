@@ -301,3 +301,12 @@ def test_sample_rows_draws_each_sampled_work_by_its_own_settings_and_the_rest_gr
         alone = sample(logits[row:row + 1], *settings(1, s.temperature, s.top_k, s.top_p, s.seed, w.index))
         assert got[row].item() == alone.item()
     assert got[2].item() == logits[2].argmax().item() and got[4].item() == logits[4].argmax().item()
+
+
+@pytest.mark.parametrize("temperature", [1e-44, 1e-38, 1e-30])
+def test_a_tiny_temperature_draws_the_argmax_not_an_overflowed_tie(temperature):
+    # logits / t overflowed fp32: 10/1e-38 and 20/1e-38 were both +inf (a tie the lower id won), and
+    # at the denormal 1e-44 every row became NaN/inf and the draw was id 0 whatever the logits
+    logits = torch.tensor([[10.0, 20.0, 0.0, -5.0], [3.0, -1.0, 7.5, 7.0], [0.0, 0.0, 0.0, 0.1]])
+    got = sample(logits, *settings(3, temperature=temperature, seed=5))
+    assert got.tolist() == [1, 2, 3]

@@ -155,6 +155,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
     ({"prompt": [7], "stream": "yes"}, 400, "stream = 'yes': must be true or false"),
     ({"prompt": [7], "model": "gpt-4"}, 404, "model = 'gpt-4': this server serves 'tiny'"),
     (b"{not json", 400, "the request body is not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deep"),
+    ({"prompt": [7], "n": True}, 400, "n = True: is not supported"),  # true == 1 in Python, not in JSON
+    ({"prompt": [7], "logprobs": 0}, 400, "logprobs = 0: is not supported"),  # 0 asks for the drawn id's
+    ({"prompt": [7], "stream": True, "stream_options": {"include_usage": "no"}}, 400,
+     "stream_options.include_usage = 'no': must be true or false"),
 ])
 def test_bad_requests_get_an_error_naming_the_field(server, body, status, words):
     code, reply = post(f"{server.url}/v1/completions", body)
