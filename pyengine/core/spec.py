@@ -15,6 +15,7 @@ from typing import Any
 
 from pyengine.core.errors import SpecError
 from pyengine.core.spec_parse import build, parse_json
+from pyengine.core.spec_parts import GroupedRoutingSpec, MLASpec, YarnSpec
 from pyengine.core.spec_rules import BOUNDARIES, INTERCONNECTS, SCHEDULE_KINDS, STAGE_NAMES, validate
 
 __all__ = ["BOUNDARIES", "INTERCONNECTS", "SCHEDULE_KINDS", "STAGE_NAMES", "CommSpec", "DeploymentSpec",
@@ -76,6 +77,14 @@ class ModelSpec:
     """Longest sequence the model supports (max_position_embeddings); None: no limit."""
     eos_token_ids: tuple[int, ...] | None = None
     """End-of-sequence ids that stop a sequence in `pyengine generate` (None: none)."""
+    mla: MLASpec | None = None
+    """Multi-head latent attention (DeepSeek-V2/V3) instead of GQA; num_key_value_heads and head_dim
+    then stay unset (the cache holds the latent; see MLASpec)."""
+    rope_scaling: YarnSpec | None = None
+    """YaRN scaling of RoPE (the only scaling supported); None: plain RoPE."""
+    grouped_routing: GroupedRoutingSpec | None = None
+    """Sigmoid scores with a correction bias and group-limited top-k (DeepSeek-V3) instead of the
+    softmax router; `renormalize` is its norm_topk_prob."""
 
     @property
     def tokens(self) -> int:
@@ -100,8 +109,15 @@ class ModelSpec:
         return self.num_key_value_heads or self.heads
 
     @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: MLA's qk_rope_head_dim, else the head's d."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_size
+
+    @property
     def head_size(self) -> int:
-        """d: head_dim, or hidden_size // num_attention_heads."""
+        """d: head_dim, or hidden_size // num_attention_heads (MLA: q's and k's per-head width)."""
+        if self.mla is not None:
+            return self.mla.qk_head_dim
         if self.head_dim is not None:
             return self.head_dim
         return self.hidden_size // self.heads if self.heads else 0

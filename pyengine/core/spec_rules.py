@@ -102,6 +102,22 @@ def validate(spec: DeploymentSpec) -> None:
                         f"batch_size*seq_len = {m.tokens} tokens is beyond a 32-bit index ({MAX_INT})")
 
 
+def _validate_parts(m) -> None:
+    """The optional family parts (pyengine.core.spec_parts) check their own numbers."""
+    if m.mla is not None:
+        if m.num_layers is None:
+            raise SpecError("model.mla", "...", "needs model.num_layers (the block has no attention)")
+        for key in ("num_key_value_heads", "head_dim", "qk_norm"):
+            if getattr(m, key) not in (None, "none"):
+                raise SpecError(f"model.{key}", getattr(m, key), "must stay unset with model.mla (MLA has "
+                                                                 "no kv heads, no head_dim and no q/k norm)")
+        m.mla.check("model.mla")
+    if m.rope_scaling is not None:
+        m.rope_scaling.check("model.rope_scaling")
+    if m.grouped_routing is not None:
+        m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
+
+
 QK_NORMS = ("none", "per_head", "full")
 ATTENTION_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_positions")
 
@@ -140,6 +156,7 @@ def _validate_layers(m) -> None:
         if m.max_positions is not None and m.seq_len > m.max_positions:
             raise SpecError("model.seq_len", m.seq_len,
                             f"exceeds model.max_positions ({m.max_positions})")
+    _validate_parts(m)
     for i, e in enumerate(m.eos_token_ids or ()):
         if not 0 <= e < m.vocab_size:
             raise SpecError(f"model.eos_token_ids[{i}]", e, f"is outside the vocabulary [0, {m.vocab_size})")
