@@ -60,6 +60,10 @@ class TorchOps:
 
     def attention(self, model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache, layer: int, chunk,
                   tables) -> torch.Tensor:
+        if model.mla is not None:
+            from pyengine.model.attention_mla import mla_attention_torch
+
+            return mla_attention_torch(model, w, a, cache, layer, chunk, tables)
         from pyengine.model.attention import attention_torch
 
         return attention_torch(model, w, a, cache, layer, chunk, tables)

@@ -38,7 +38,7 @@ class TritonOps(TorchOps):
         self._turns = _INTERPRETER if device.type != "cuda" else contextlib.nullcontext()
         self._shards: dict[tuple, Any] = {}
         self._routers: dict[tuple, Any] = {}
-        self._attn: dict[int, Any] = {}
+        self._attn: dict[tuple, Any] = {}
         self._ropes: dict[tuple, Any] = {}
 
     # ---- residual + norm, router, experts -----------------------------------------------------
@@ -93,12 +93,17 @@ class TritonOps(TorchOps):
     def decode_tables(self, cache, rope, meta: torch.Tensor, dtype: torch.dtype, key_blocks: int):
         """A static decode group's tables: views of its rows' metadata, nothing computed (the
         kernels read positions, slots and lengths themselves)."""
-        from pyengine.model.attention import ChunkTables
+        from pyengine.model.attention import ChunkTables, chunk_tables
 
+        if self.spec.model.mla is not None:  # MLA's q and latent are rotated in torch: rows, cos, sin
+            return chunk_tables(cache, rope, None, meta, dtype, 0)
         return ChunkTables(meta[0], meta[1], meta[2], None, None, None, rope, True, key_blocks)
 
     def attention(self, model, w, a, cache, layer, chunk, tables):
         from pyengine.model.attention import attend_prefill, project_qkv
+
+        if model.mla is not None:
+            return self._mla_attention(model, w, a, cache, layer, chunk, tables)
 
         qkv = project_qkv(model, w, a)
         q = torch.empty(a.shape[0], model.heads, model.head_size, dtype=a.dtype, device=a.device)
@@ -114,6 +119,33 @@ class TritonOps(TorchOps):
                     q, kc, vc, cache.block_table, tables.slots, tables.lengths, out)
                 return out.reshape(q.shape[0], -1)
         return attend_prefill(cache, layer, chunk, q, tables)
+
+    def _mla_attention(self, model, w, a, cache, layer, chunk, tables):
+        """MLA: projections, latent norm and RoPE in torch, the latent written by row; a decode group
+        reads the latent in place (absorbed, one Triton split-K kernel + combine), a prefill
+        decompresses its sequence's latents (torch)."""
+        from pyengine.model import attention_mla as mla
+
+        q = mla.mla_prepare(model, w, a, cache, layer, tables)
+        if not tables.decode:
+            return mla.mla_attend_prefill(model, w, cache, layer, chunk, q, tables)
+        kv_lora = model.mla.kv_lora_rank
+        out = torch.empty(q.shape[0], model.heads, kv_lora, dtype=a.dtype, device=a.device)
+        with self._turns:
+            self._decode_mla(model, cache, q.shape[0], a.dtype)(
+                mla.absorb_q(model, w, q), cache.layer_views(layer)[0], cache.block_table, tables.slots,
+                tables.lengths, out, scale=mla.softmax_scale(model))
+        return mla.unabsorb_out(model, w, out)
+
+    def _decode_mla(self, model, cache, rows: int, dtype):
+        from pyengine.kernels.decode_attention_mla import DecodeMLA
+
+        cap = rows if rows <= STATIC_ROWS else -(-rows // STATIC_ROWS) * STATIC_ROWS
+        key = ("mla", cap, cache.block_size, cache.max_blocks)
+        if key not in self._attn:
+            self._attn[key] = DecodeMLA(cap, model.heads, model.mla.kv_lora_rank, model.mla.qk_rope_head_dim,
+                                        cache.block_size, cache.max_blocks, dtype, self.device)
+        return self._attn[key]
 
     def _rope(self, model, block_size: int, dtype):
         from pyengine.kernels.qk_rope_cache import QKRopeCache

@@ -162,3 +162,30 @@ def test_the_cache_holds_the_latent_and_the_rotated_shared_key_per_token():
     pe = pe * rope.cos[:5] + torch.cat([-pe[:, ROPE // 2:], pe[:, :ROPE // 2]], -1) * rope.sin[:5]
     torch.testing.assert_close(stored, torch.cat([c, pe], -1))
     assert not cache.k[0].any()  # layer 0 untouched
+
+
+def test_the_triton_path_decodes_in_place_like_the_torch_path():
+    """TritonOps: its static decode tables, the latent read in place by the MLA kernel (absorbed)."""
+    from pyengine.model.ops_torch import TorchOps
+    from pyengine.model.ops_triton import TritonOps
+
+    spec = spec_for(10)
+    m = spec.model
+    attn, _ = hf_attention(10, m.hidden_size, 6)
+    w = LayerWeights(engine_weights(attn, 10), None)
+    rope = RopeTables.for_model(m, 24, "cpu")
+    slots, past = [1, 0], [3, 19]
+    outs = []
+    for ops in (TorchOps(), TritonOps(spec, torch.device("cpu"))):
+        cache = KVCache(spec, 3, 24, "cpu", torch.float32, block_size=4)
+        for s, n in zip(slots, past):
+            cache.grow({s: n + 1})
+            a = torch.randn(n, m.hidden_size, generator=torch.Generator().manual_seed(s))
+            run(spec, cache, rope, Batch((n,), (0,), 1, slots=(s,)), a, w.weights)
+        (c,) = Batch.decode(past, 1, slots=slots).chunks
+        meta = torch.tensor(host_meta(c, padding=1), dtype=torch.int32)
+        tables = ops.decode_tables(cache, rope, meta, torch.float32, key_blocks(c, cache.block_size))
+        a = torch.randn(3, m.hidden_size, generator=torch.Generator().manual_seed(9))
+        outs.append(ops.attention(m, w, a, cache, 0, None, tables))
+    torch.testing.assert_close(outs[1][:2], outs[0][:2], rtol=2e-5, atol=2e-6)
+    assert not outs[1][2].any()  # the padding row: zeros
