@@ -56,18 +56,27 @@ class TritonOps(TorchOps):
         with self._turns:
             return fused_rmsnorm(x, w, eps)
 
-    def route(self, u, router, k, renormalize):
+    def route(self, u, router, k, renormalize, grouped=None, correction=None):
         """The router GEMM (cuBLAS), then softmax + top-k + renormalise in one kernel (ties to the
-        lower expert id)."""
-        from pyengine.kernels.router_topk import RouterTopK
+        lower expert id). With `grouped`: the GEMM in fp32 (the gate is kept in fp32), then the
+        kernel's sigmoid_grouped variant; a router past the kernel's limits (more than 256 experts
+        or top-k above 8) takes the torch path instead (same rule, same ties)."""
+        from pyengine.kernels.router_topk import MAX_EXPERTS, MAX_TOP_K, RouterTopK
 
-        key = (router.shape[1], k, renormalize)
+        e = router.shape[1]
+        if grouped is not None and (e > MAX_EXPERTS or k > MAX_TOP_K):
+            return super().route(u, router, k, renormalize, grouped, correction)
+        key = (e, k, renormalize, grouped)
         if key not in self._routers:
-            self._routers[key] = RouterTopK(router.shape[1], k, self.device, variant="softmax",
-                                            renormalize=renormalize)
-        logits = u @ router
+            extra = {} if grouped is None else dict(
+                variant="sigmoid_grouped", n_group=grouped.n_group, topk_group=grouped.topk_group,
+                routed_scaling_factor=grouped.routed_scaling_factor)
+            self._routers[key] = RouterTopK(e, k, self.device, **{"variant": "softmax", "renormalize": renormalize,
+                                                                  **extra})
+        logits = u @ router if grouped is None else u.float() @ router.float()
+        bias = None if correction is None else correction.float()
         with self._turns:
-            return self._routers[key](logits)
+            return self._routers[key](logits, correction_bias=bias)
 
     def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False, static=False):
         """align + column GEMM (SwiGLU) + row GEMM + the fixed-order k-sum: four launches. Ids of -1
