@@ -33,24 +33,6 @@ from pyengine.model.kv_cache import blocks_for
 from pyengine.model.math import rmsnorm
 
 LATENT_NORM_EPS = 1e-6
-MLA_TENSORS = ("attn_norm", "wkv_a", "kv_a_norm", "wkv_b", "wo")
-Q_LORA_TENSORS = ("wq_a", "q_a_norm", "wq_b")
-
-
-def mla_tensor_names(mla) -> tuple[str, ...]:
-    """One layer's MLA tensors (q through its low-rank path when q_lora_rank is set)."""
-    return MLA_TENSORS + (Q_LORA_TENSORS if mla.q_lora_rank is not None else ("wq",))
-
-
-def mla_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Full shapes of the MLA tensors, engine layout [in, out]."""
-    m, h, n = model.mla, model.hidden_size, model.heads
-    shapes = {"attn_norm": (h,), "wkv_a": (h, m.latent_width), "kv_a_norm": (m.kv_lora_rank,),
-              "wkv_b": (m.kv_lora_rank, n * (m.qk_nope_head_dim + m.v_head_dim)), "wo": (n * m.v_head_dim, h),
-              "wq": (h, n * m.qk_head_dim)}
-    if m.q_lora_rank is not None:
-        shapes.update(wq_a=(h, m.q_lora_rank), q_a_norm=(m.q_lora_rank,), wq_b=(m.q_lora_rank, n * m.qk_head_dim))
-    return shapes
 
 
 def softmax_scale(model) -> float:

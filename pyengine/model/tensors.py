@@ -8,7 +8,8 @@ w_down, norm_out, out), `layers.<l>.<name>` for layer l's tensors. A stage compu
 themselves, so the stage code reads `w["router"]` whatever the layer.
 
 Layout is the engine's [in, out] (HF linears are [out, in]): w_gate/w_up [E, H, F], w_down
-[E, F, H], router [H, E], out [H, V], wq [H, heads*d], wk/wv [H, kv*d], wo [heads*d, H].
+[E, F, H], router [H, E], out [H, V], wq [H, heads*d], wk/wv [H, kv*d], wo [heads*d, H]; MLA's in
+`_mla_shapes`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,27 @@ QK_NORMS = ("q_norm", "k_norm")
 BIASES = ("bq", "bk", "bv", "bo")
 
 
+MLA = ("attn_norm", "wkv_a", "kv_a_norm", "wkv_b", "wo")
+"""Multi-head latent attention (pyengine.model.attention_mla): the KV latent's down-projection (with
+the shared rotary key), its norm, its up-projection to per-head k_nope and v, and o."""
+MLA_Q_LORA = ("wq_a", "q_a_norm", "wq_b")
+"""MLA's q through its low-rank path (q_lora_rank set); else one `wq`."""
+ROUTER_CORRECTION = "router_correction"
+"""Grouped routing's per-expert bias [E], added to the scores for the choice only."""
+
+
 def attention_names(model: ModelSpec) -> tuple[str, ...]:
     """One layer's attention tensors for this model's options (none for the block)."""
-    return attention_tensors(model.qk_norm, model.attention_bias) if model.layered else ()
+    if not model.layered:
+        return ()
+    if model.mla is not None:
+        return MLA + (MLA_Q_LORA if model.mla.q_lora_rank is not None else ("wq",))
+    return attention_tensors(model.qk_norm, model.attention_bias)
+
+
+def router_names(model: ModelSpec) -> tuple[str, ...]:
+    """One layer's router tensors: the gate, and grouped routing's correction bias."""
+    return ("router",) + ((ROUTER_CORRECTION,) if model.grouped_routing is not None else ())
 
 
 def attention_tensors(qk_norm: str, bias: bool) -> tuple[str, ...]:
@@ -57,7 +76,18 @@ def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
               "attn_norm": (h,), "wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h),
               "q_norm": (norm_width or q,), "k_norm": (norm_width or kv,),
               "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
+    if model.mla is not None:
+        shapes.update(_mla_shapes(model))
+    shapes[ROUTER_CORRECTION] = (e,)
     return shapes[name]
+
+
+def _mla_shapes(model: ModelSpec) -> dict[str, tuple[int, ...]]:
+    m, h, n = model.mla, model.hidden_size, model.heads
+    return {"wkv_a": (h, m.latent_width), "kv_a_norm": (m.kv_lora_rank,),
+            "wkv_b": (m.kv_lora_rank, n * (m.qk_nope_head_dim + m.v_head_dim)), "wo": (n * m.v_head_dim, h),
+            "wq": (h, n * m.qk_head_dim), "wq_a": (h, m.q_lora_rank), "q_a_norm": (m.q_lora_rank,),
+            "wq_b": (m.q_lora_rank, n * m.qk_head_dim)}
 
 
 class LayerWeights(Mapping):

@@ -18,7 +18,7 @@ from pyengine.model.kv_cache import cache_bytes
 from pyengine.model.payloads import Payload
 from pyengine.model.costs import KernelKind
 from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
-from pyengine.model.tensors import attention_names
+from pyengine.model.tensors import ROUTER_CORRECTION, attention_names, router_names
 
 
 class EmbedStage(Stage):
@@ -34,7 +34,7 @@ class EmbedStage(Stage):
         self.attends = spec.model.layered
 
     def layer_weights(self) -> tuple[str, ...]:
-        return attention_names(self.spec.model) + ("norm_in", "router")
+        return attention_names(self.spec.model) + ("norm_in",) + router_names(self.spec.model)
 
     def _after_first(self, layer: int | None) -> bool:
         return layer is not None and layer > 0
@@ -75,6 +75,11 @@ class EmbedStage(Stage):
         h, d = m.hidden_size, m.head_size
         q, kv = m.heads * d, m.kv_heads * d
         attended, keys = self._attention_work(t, chunk)
+        if m.mla is not None:
+            from pyengine.model.mla_costs import mla_kernels
+
+            decode = chunk is not None and all(s.tokens == 1 for s in chunk.segments) and len(chunk.segments) > 1
+            return mla_kernels(m, t, attended, keys, es, decode)
         return [
             KernelCost.gemm("qkv_gemm", t, q + 2 * kv, h, es),
             KernelCost.memory("qk_norm_rope_kv_write", 2 * t * (q + kv) * es + 2 * t * kv * es),
@@ -101,7 +106,11 @@ class EmbedStage(Stage):
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
         work = 2 * t * m.hidden_size * es + t * m.num_experts * 4 + t * m.top_k * 8  # x, u, logits, top-k
-        if m.layered:  # a (H), q and the attention output (heads·d each), k and v (kv·d each), partials
+        if m.layered and m.mla is not None:
+            from pyengine.model.mla_costs import mla_working_set
+
+            work += mla_working_set(m, t, es)
+        elif m.layered:  # a (H), q and the attention output (heads·d each), k and v (kv·d each), partials
             work += t * (m.hidden_size + 2 * m.heads * m.head_size + 2 * m.kv_heads * m.head_size) * es
             work += int(self.boundary.incoming_bytes(self.consumer, t))
             return work, t * m.hidden_size * es  # x waits here between layers
@@ -140,7 +149,7 @@ class EmbedStage(Stage):
             a = ops.norm(x, w["attn_norm"], m.norm_eps)
         o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
-        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize)
+        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
         if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
             top_ids = torch.where(work.tables.slots[:, None] >= 0, top_ids, -1)
         return x, u, top_ids, top_w
@@ -148,9 +157,18 @@ class EmbedStage(Stage):
 
 def embed_and_route(spec, w: Mapping[str, Any], ids):
     """ids [T] -> x [T,H], u [T,H], top-k ids int32 [T,k], top-k weights fp32 [T,k]."""
-    from pyengine.model.math import rmsnorm, route
+    from pyengine.model.math import rmsnorm, route, route_grouped
 
+    m = spec.model
     x = w["embed"][ids]
-    u = rmsnorm(x, w["norm_in"], spec.model.norm_eps)
-    top_ids, top_w = route(u, w["router"], spec.model.top_k, spec.model.renormalize)
+    u = rmsnorm(x, w["norm_in"], m.norm_eps)
+    if m.grouped_routing is not None:
+        top_ids, top_w = route_grouped(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
+    else:
+        top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize)
     return x, u, top_ids, top_w
+
+
+def _grouped(m, w: Mapping[str, Any]) -> tuple:
+    """The router's extra arguments: (grouped routing, its correction bias), or none."""
+    return (m.grouped_routing, w[ROUTER_CORRECTION]) if m.grouped_routing is not None else ()
