@@ -72,6 +72,15 @@ def test_generate_with_the_latent_cache_equals_recomputing(path, monkeypatch):
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, spec.model.vocab_size, (n,), generator=g) for n in (5, 2)]
     transports = LocalTransport.create(3, "cpu", 60)
-    out = on_threads(lambda r: Engine(spec, transports[r], seed=3).generate(prompts, 4))
-    for p, got in zip(prompts, out[0]):
+
+    def rank(r):
+        e = Engine(spec, transports[r], seed=3)
+        return e.generate(prompts, 4), e.last_generation.first_logits
+
+    (seqs, logits), = [o for o in on_threads(rank) if o[1] is not None]  # the output rank's
+    for p, got in zip(prompts, seqs):
         assert torch.equal(got, greedy(spec, w, p, 4))
+    for step in range(4):  # the first sequence's logits at each step, its decode steps included
+        seq = seqs[0][:len(prompts[0]) + step]
+        one = spec.replace(model={"batch_size": 1, "seq_len": len(seq)}, schedule={"micro_batches": 1})
+        torch.testing.assert_close(logits[step], reference_forward(one, w, seq[None])[0, -1], rtol=1e-4, atol=1e-4)
