@@ -111,6 +111,8 @@ def _validate_parts(m) -> None:
             if getattr(m, key) not in (None, "none"):
                 raise SpecError(f"model.{key}", getattr(m, key), "must stay unset with model.mla (MLA has "
                                                                  "no kv heads, no head_dim and no q/k norm)")
+        if m.attention_bias:
+            raise SpecError("model.attention_bias", True, "MLA's projections carry no bias in this engine")
         m.mla.check("model.mla")
     if m.rope_scaling is not None:
         m.rope_scaling.check("model.rope_scaling")
