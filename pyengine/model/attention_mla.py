@@ -51,13 +51,14 @@ def deinterleave_rope(w: torch.Tensor, groups: int, nope: int, rope: int) -> tor
 
 
 # ---- the parts --------------------------------------------------------------------------------------
-def project_q(model, w: Mapping[str, torch.Tensor], a: torch.Tensor) -> torch.Tensor:
-    """q [t, heads, nope + rope] (not rotated)."""
+def project_q(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, norm=rmsnorm) -> torch.Tensor:
+    """q [t, heads, nope + rope] (not rotated). `norm(x, w, eps)`: the RMSNorm to use (the Triton
+    path's fused kernel, or plain torch)."""
     m = model.mla
     if m.q_lora_rank is None:
         q = a @ w["wq"]
     else:
-        q = rmsnorm(a @ w["wq_a"], w["q_a_norm"], LATENT_NORM_EPS) @ w["wq_b"]
+        q = norm(a @ w["wq_a"], w["q_a_norm"], LATENT_NORM_EPS) @ w["wq_b"]
     return q.view(a.shape[0], model.heads, m.qk_head_dim)
 
 
@@ -68,11 +69,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def latent(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cos, sin) -> torch.Tensor:
+def latent(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cos, sin, norm=rmsnorm) -> torch.Tensor:
     """The cache rows [t, 1, kv_lora + rope]: the normed latent and the rotated shared key."""
     m = model.mla
     c, k_pe = (a @ w["wkv_a"]).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-    c = rmsnorm(c, w["kv_a_norm"], LATENT_NORM_EPS)
+    c = norm(c.contiguous(), w["kv_a_norm"], LATENT_NORM_EPS)
     return torch.cat([c, rotate(k_pe[:, None, :], cos, sin)[:, 0]], dim=-1)[:, None, :]
 
 
@@ -101,12 +102,12 @@ def decompress(model, w: Mapping[str, torch.Tensor], rows: torch.Tensor) -> tupl
 
 
 # ---- the torch path ---------------------------------------------------------------------------------
-def mla_prepare(model, w, a: torch.Tensor, cache, layer: int, tables) -> torch.Tensor:
+def mla_prepare(model, w, a: torch.Tensor, cache, layer: int, tables, norm=rmsnorm) -> torch.Tensor:
     """q rotated [t, heads, nope + rope]; the latent rows written to the cache."""
     nope = model.mla.qk_nope_head_dim
-    q = project_q(model, w, a)
+    q = project_q(model, w, a, norm)
     q = torch.cat([q[..., :nope], rotate(q[..., nope:], tables.cos, tables.sin)], dim=-1)
-    cache.write(layer, tables.rows, latent(model, w, a, tables.cos, tables.sin), None)
+    cache.write(layer, tables.rows, latent(model, w, a, tables.cos, tables.sin, norm), None)
     return q
 
 

@@ -135,7 +135,7 @@ class TritonOps(TorchOps):
         decompresses its sequence's latents (torch)."""
         from pyengine.model import attention_mla as mla
 
-        q = mla.mla_prepare(model, w, a, cache, layer, tables)
+        q = mla.mla_prepare(model, w, a, cache, layer, tables, norm=self.norm)
         if not tables.decode:
             return mla.mla_attend_prefill(model, w, cache, layer, chunk, q, tables)
         kv_lora = model.mla.kv_lora_rank

@@ -62,13 +62,17 @@ LAUNCHES = {
     (StageKind.OUTPUT, "last"): 2,  # residual + norm, head GEMM
 }
 """Launches of one compute action of a decode step on the Triton path, by stage part."""
+MLA_LAUNCHES = {"first": 34, "later": 33}
+"""The attention rank's launches with multi-head latent attention (its projections, latent norms,
+RoPE and cache write are separate launches; the decode reads the latent in one kernel + combine)."""
 
 
 def launches(spec: DeploymentSpec, a) -> int:
     """The Triton path's launches of compute action `a` of a decode step."""
     kind = StageKind(a.stage)
     if kind is StageKind.EMBED:
-        return LAUNCHES[(kind, "first" if not a.layer else "later")]
+        part = "first" if not a.layer else "later"
+        return MLA_LAUNCHES[part] if spec.model.mla is not None else LAUNCHES[(kind, part)]
     if kind is StageKind.EXPERTS:
         return LAUNCHES[(kind, "expert" if spec.expert_parallel else "tensor")]
     return LAUNCHES[(kind, "last")]
