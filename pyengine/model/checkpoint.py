@@ -27,7 +27,7 @@ from pyengine.core.spec import DeploymentSpec
 from pyengine.model.hf_config import NOT_IN_LOGITS, HFModel, read_hf_config
 from pyengine.model.stages import Shard
 from pyengine.model.tensors import PER_EXPERT, SHARED, attention_tensors
-from pyengine.model.weights import model_dtype
+from pyengine.model.weights import model_dtype, tensor_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,7 +75,7 @@ class CheckpointWeights:
     def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
                device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
         self.check_spec(spec)
-        dtype = model_dtype(spec)
+        dtype = tensor_dtype(spec, name)
         parts = [t.to(dtype) for t in self._read(self._reads(name, shard, layer), device)]  # cast there
         if name in TRANSPOSED:
             parts = [t.T for t in parts]

@@ -46,6 +46,12 @@ def attention_names(model: ModelSpec) -> tuple[str, ...]:
     return attention_tensors(model.qk_norm, model.attention_bias)
 
 
+def fp32_names(model: ModelSpec) -> tuple[str, ...]:
+    """Tensors held in fp32 whatever the model dtype: grouped routing's gate and correction bias
+    (DeepSeek-V3 keeps them in fp32; in bf16 the bias's small differences would flip choices)."""
+    return ("router", ROUTER_CORRECTION) if model.grouped_routing is not None else ()
+
+
 def router_names(model: ModelSpec) -> tuple[str, ...]:
     """One layer's router tensors: the gate, and grouped routing's correction bias."""
     return ("router",) + ((ROUTER_CORRECTION,) if model.grouped_routing is not None else ())
