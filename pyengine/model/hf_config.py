@@ -47,6 +47,8 @@ class Family:
     rope_theta_default: float = 10000.0
     has_bias_option: bool = False
     """Its config has attention_bias (q/k/v/o projection biases)."""
+    renormalize_default: bool = False
+    """norm_topk_prob when config.json omits it (transformers' default for the family)."""
 
 
 FAMILIES = {
@@ -57,22 +59,25 @@ FAMILIES = {
                         has_bias_option=True),
     "olmoe": Family("num_experts", "intermediate_size", "mlp",
                     ("gate_proj", "up_proj", "down_proj"), 1e-5, qk_norm="full", has_bias_option=True),
+    "deepseek_v3": Family("n_routed_experts", "moe_intermediate_size", "mlp",
+                          ("gate_proj", "up_proj", "down_proj"), 1e-6, renormalize_default=True),
 }
 
 REFUSED = {
     "qwen2_moe": "has a shared expert beside the routed ones (shared_expert_intermediate_size); "
                  "not supported yet",
-    "deepseek_v2": "has shared experts (n_shared_experts) and group-limited routing; not supported yet",
-    "deepseek_v3": "has shared experts (n_shared_experts) and group-limited routing; not supported yet",
+    "deepseek_v2": "has softmax group-limited routing (topk_method) and shared experts; not supported "
+                   "(deepseek_v3 is)",
 }
-EXPERT_KEYS = ("num_local_experts", "num_experts")
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 
 SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype",
-               "norm_eps", "renormalize")
+               "norm_eps", "renormalize", "grouped_routing")
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                      "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids")
+                      "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids",
+                      "mla", "rope_scaling")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
 NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
 """Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
@@ -109,6 +114,14 @@ class HFModel:
     eos_token_ids: tuple[int, ...] | None = None
     unsupported: tuple[str, Any, str] | None = None
     """Why the whole model cannot run (None when it can): (config key, value, rule)."""
+    mla: Any = None
+    """MLASpec of DeepSeek-V3's latent attention (None: GQA)."""
+    rope_scaling: Any = None
+    """YarnSpec (None: plain RoPE)."""
+    grouped_routing: Any = None
+    """GroupedRoutingSpec of DeepSeek-V3's router (None: softmax top-k)."""
+    rope_interleave: bool = False
+    """The rotary columns are stored as interleaved pairs (DeepSeek's rope_interleave)."""
 
     def model_fields(self, whole: bool = False) -> dict[str, Any]:
         """The spec's model-section values this config fixes: the block's, or with `whole`
@@ -116,7 +129,9 @@ class HFModel:
         out = {k: getattr(self, k) for k in SPEC_FIELDS}
         if whole:
             out.update({k: getattr(self, k) for k in WHOLE_MODEL_FIELDS})
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # JSON values
+            if self.mla is not None:  # MLA has no kv heads or head_dim
+                out.update(num_key_value_heads=None, head_dim=None)
+        return {k: _json(v) for k, v in out.items()}  # JSON values
 
     def check_whole(self) -> None:
         """Refuse, in one line, a model whose every layer the engine cannot run."""
@@ -124,7 +139,8 @@ class HFModel:
             key, value, rule = self.unsupported
             raise InputError(f"{self.source}: {key}", value, rule)
         if self.dense_layers:
-            raise InputError(f"{self.source}: mlp_only_layers / decoder_sparse_step", list(self.dense_layers),
+            raise InputError(f"{self.source}: {_DENSE_KEYS.get(self.family, 'mlp_only_layers / decoder_sparse_step')}",
+                             list(self.dense_layers),
                              "dense MLP layers are not supported in the whole model (one MoE layer runs: "
                              "--layer N, open_checkpoint(folder, layer=N))")
 
@@ -140,7 +156,8 @@ class HFModel:
                 "top_k": "num_experts_per_tok", "norm_eps": "rms_norm_eps",
                 "renormalize": "norm_topk_prob", "dtype": "dtype", "num_layers": "num_hidden_layers",
                 "max_positions": "max_position_embeddings", "eos_token_ids": "eos_token_id",
-                "qk_norm": "model_type"}.get(spec_field, spec_field)
+                "qk_norm": "model_type", "mla": "kv_lora_rank / q_lora_rank / qk_*_head_dim / v_head_dim",
+                "grouped_routing": "n_group / topk_group / routed_scaling_factor"}.get(spec_field, spec_field)
 
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""
@@ -165,7 +182,22 @@ class HFModel:
         for p in "qkvo":
             out[f"w{p}"] = f"{attn}.{p}_proj.weight"
             out[f"b{p}"] = f"{attn}.{p}_proj.bias"
+        if self.family == "deepseek_v3":
+            from pyengine.model.families import deepseek_v3 as ds
+
+            out.update(ds.attention_names(layer, self.mla.q_lora_rank is not None), **ds.router_names(layer))
         return out
+
+    def fix_layout(self, name: str, t):
+        """Engine tensor `name` ([in, out], read and transposed) in the engine's column order: DeepSeek's
+        interleaved rotary columns de-interleaved (docs/mla.md)."""
+        if self.mla is None:
+            return t
+        from pyengine.model.attention_mla import deinterleave_rope
+        from pyengine.model.families.deepseek_v3 import rope_layouts
+
+        layout = rope_layouts(self.mla, self.num_attention_heads, self.rope_interleave).get(name)
+        return t if layout is None else deinterleave_rope(t, *layout)
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
@@ -174,6 +206,17 @@ class HFModel:
         return {"w_gate": f"{moe}.experts.{expert}.{gate}.weight",
                 "w_up": f"{moe}.experts.{expert}.{up}.weight",
                 "w_down": f"{moe}.experts.{expert}.{down}.weight"}
+
+
+_DENSE_KEYS = {"deepseek_v3": "first_k_dense_replace"}
+
+
+def _json(v: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(v):
+        return dataclasses.asdict(v)
+    return list(v) if isinstance(v, tuple) else v
 
 
 def config_path(path: str | os.PathLike) -> str:
@@ -204,7 +247,7 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
     if act != "silu":
         raise InputError(f"{src}: hidden_act", act, "the expert FFN is SwiGLU: only 'silu' is supported")
     num_layers = get.integer("num_hidden_layers")
-    renorm = True if fam.always_renormalize else get.flag("norm_topk_prob", False)
+    renorm = True if fam.always_renormalize else get.flag("norm_topk_prob", fam.renormalize_default)
     hidden = get.integer("hidden_size")
     return HFModel(
         source=src, family=family, name=_name(cfg, src),
@@ -214,7 +257,23 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
         norm_eps=get.number("rms_norm_eps", fam.eps_default), renormalize=renorm,
         num_layers=num_layers, tie_word_embeddings=get.flag("tie_word_embeddings", False),
         dense_layers=_dense_layers(cfg, family, num_layers, get),
-        **attention_fields(cfg, fam, get, hidden))
+        **{**attention_fields(cfg, fam, get, hidden), **_family_parts(cfg, family, get)})
+
+
+def _family_parts(cfg: dict[str, Any], family: str, get: _Getter) -> dict[str, Any]:
+    """DeepSeek-V3's latent attention, YaRN and grouped routing (none for the other families)."""
+    if family != "deepseek_v3":
+        return {}
+    from pyengine.model.families import deepseek_v3 as ds
+    from pyengine.model.rope_yarn import read_rope_scaling
+
+    ds.refuse_unsupported(cfg, get.src)
+    n = get.integer("num_attention_heads")
+    return dict(mla=ds.mla_of(cfg, get), rope_scaling=read_rope_scaling(cfg, get.src),
+                grouped_routing=ds.routing_of(cfg, get, _num_experts(cfg, FAMILIES[family], get),
+                                              get.integer("num_experts_per_tok")),
+                rope_interleave=cfg.get("rope_interleave", True), num_key_value_heads=n, head_dim=0,
+                unsupported=None)
 
 
 def _family(cfg: dict[str, Any], src: str) -> str:
@@ -256,6 +315,10 @@ def _num_experts(cfg: dict[str, Any], fam: Family, get: _Getter) -> int:
 
 
 def _dense_layers(cfg: dict[str, Any], family: str, num_layers: int, get: _Getter) -> tuple[int, ...]:
+    if family == "deepseek_v3":
+        from pyengine.model.families.deepseek_v3 import dense_layers
+
+        return dense_layers(cfg, get, num_layers)
     if family != "qwen3_moe":
         return ()
     step = get.integer("decoder_sparse_step", 1)
