@@ -34,6 +34,24 @@ DEEPSEEK_V3 = dict(num_attention_heads=3, q_lora_rank=10, kv_lora_rank=12, qk_no
 turns far."""
 
 
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILY_CONFIG = {
+    "qwen3_moe": dict(norm_topk_prob=True),
+    # 6 experts in 3 groups (2 kept); shared experts and the dense first layer wait for their block parts
+    "deepseek_v3": dict(experts=6, n_shared_experts=0, first_k_dense_replace=0),
+}
+"""build(...) options of each family's whole-model tests."""
+
+
+def fit_experts(stages: list[dict], family: str) -> list[dict]:
+    """A layout's expert lists (written for 5 experts) fitted to the family's count: with 6, the
+    sixth joins the first GPU of the experts stage."""
+    experts = stages[1].get("expert_ids")
+    if FAMILY_CONFIG.get(family, {}).get("experts") != 6 or experts is None:
+        return stages
+    return [stages[0], dict(stages[1], expert_ids=[experts[0] + [5], *experts[1:]]), stages[2]]
+
+
 def tiny_config(family: str, *, hidden=22, ffn=13, experts=5, top_k=2, vocab=37, layers=3,
                 tie=False, norm_topk_prob=None, eps=1e-5, **extra):
     cfg_cls, _ = _classes(family)

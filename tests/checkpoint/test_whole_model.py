@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import on_threads
+from tiny_hf import FAMILIES, FAMILY_CONFIG, fit_experts
 from pyengine.execute.engine import Engine
 from pyengine.model.checkpoint import open_checkpoint
 from pyengine.model.hf_config import deployment_spec
@@ -52,15 +53,16 @@ def engine_logits(spec, source, ids) -> torch.Tensor:
 
 
 IDS = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(11))
-CASES = [(fam, layout, m) for fam in ("mixtral", "qwen3_moe", "olmoe") for layout in LAYOUTS for m in (1, 3)]
+CASES = [(fam, layout, m) for fam in FAMILIES for layout in LAYOUTS for m in (1, 3)]
 
 
 @pytest.mark.parametrize("family,layout,m", CASES, ids=[f"{f}-{lay}-m{m}" for f, lay, m in CASES])
 def test_whole_model_matches_transformers_fp32(checkpoint, layout_config, family, layout, m):
-    folder, model = checkpoint(family, norm_topk_prob=family == "qwen3_moe")
+    folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, layout_config(LAYOUTS[layout], m, model=BATCH), whole=True)
-    assert spec.model.num_layers == 3 and spec.model.kv_heads == 1
+    spec = deployment_spec(source.hf, layout_config(fit_experts(LAYOUTS[layout], family), m, model=BATCH),
+                           whole=True)
+    assert spec.model.num_layers == 3 and (spec.model.kv_heads == 1 or spec.model.mla is not None)
     got = engine_logits(spec, source, IDS)
     with torch.no_grad():
         ref = model(IDS).logits
