@@ -79,12 +79,13 @@ def test_generate_matches_transformers(checkpoint, layout_config, family, layout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,layout_name", [("mixtral", "ep-with-gpu0"), ("qwen3_moe", "tp"), ("olmoe", "tp")])
+@pytest.mark.parametrize("family,layout_name", [("mixtral", "ep-with-gpu0"), ("qwen3_moe", "tp"), ("olmoe", "tp"),
+                                                ("deepseek_v3", "ep-with-gpu0")])
 def test_cli_generate_on_gloo_matches_transformers(checkpoint, layout_config, tmp_path, family, layout_name):
-    folder, model = checkpoint(family)
+    folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     torch.save(PROMPTS, tmp_path / "prompts.pt")
     r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "--weights", str(folder),
-                        "--config", layout_config(LAYOUTS[layout_name], 2), "--tokens",
+                        "--config", layout_config(fit_experts(LAYOUTS[layout_name], family), 2), "--tokens",
                         str(tmp_path / "prompts.pt"), "--max-new-tokens", str(NEW), "--warmup", "0",
                         "--json", "--dump", str(tmp_path / "d")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -110,9 +110,9 @@ def test_ranks_read_only_their_slices(checkpoint, layout_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cli_run_whole_model_on_gloo(checkpoint, layout_config, tmp_path, family):
-    folder, model = checkpoint(family, sharded=True)
+    folder, model = checkpoint(family, sharded=True, **FAMILY_CONFIG.get(family, {}))
     torch.save(IDS, tmp_path / "ids.pt")
     cfg = layout_config(LAYOUTS["tp-uneven-out2"], 3, model=BATCH)
     r = subprocess.run([sys.executable, "-m", "pyengine", "run", "--weights", str(folder), "--config", cfg,
