@@ -114,14 +114,10 @@ class HFModel:
     eos_token_ids: tuple[int, ...] | None = None
     unsupported: tuple[str, Any, str] | None = None
     """Why the whole model cannot run (None when it can): (config key, value, rule)."""
-    mla: Any = None
-    """MLASpec of DeepSeek-V3's latent attention (None: GQA)."""
-    rope_scaling: Any = None
-    """YarnSpec (None: plain RoPE)."""
-    grouped_routing: Any = None
-    """GroupedRoutingSpec of DeepSeek-V3's router (None: softmax top-k)."""
-    rope_interleave: bool = False
-    """The rotary columns are stored as interleaved pairs (DeepSeek's rope_interleave)."""
+    mla: Any = None  # MLASpec: DeepSeek-V3's latent attention (None: GQA)
+    rope_scaling: Any = None  # YarnSpec (None: plain RoPE)
+    grouped_routing: Any = None  # GroupedRoutingSpec: DeepSeek-V3's router (None: softmax top-k)
+    rope_interleave: bool = False  # rotary columns stored as interleaved pairs (DeepSeek)
 
     def model_fields(self, whole: bool = False) -> dict[str, Any]:
         """The spec's model-section values this config fixes: the block's, or with `whole`
@@ -183,21 +179,16 @@ class HFModel:
             out[f"w{p}"] = f"{attn}.{p}_proj.weight"
             out[f"b{p}"] = f"{attn}.{p}_proj.bias"
         if self.family == "deepseek_v3":
-            from pyengine.model.families import deepseek_v3 as ds
+            from pyengine.model.families.deepseek_v3 import tensor_names
 
-            out.update(ds.attention_names(layer, self.mla.q_lora_rank is not None), **ds.router_names(layer))
+            out.update(tensor_names(self, layer))
         return out
 
     def fix_layout(self, name: str, t):
-        """Engine tensor `name` ([in, out], read and transposed) in the engine's column order: DeepSeek's
-        interleaved rotary columns de-interleaved (docs/mla.md)."""
-        if self.mla is None:
-            return t
-        from pyengine.model.attention_mla import deinterleave_rope
-        from pyengine.model.families.deepseek_v3 import rope_layouts
+        """Engine tensor `name` ([in, out]) in the engine's column order (DeepSeek: rotary columns)."""
+        from pyengine.model.families.deepseek_v3 import fix_layout
 
-        layout = rope_layouts(self.mla, self.num_attention_heads, self.rope_interleave).get(name)
-        return t if layout is None else deinterleave_rope(t, *layout)
+        return t if self.mla is None else fix_layout(self, name, t)
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
@@ -214,9 +205,7 @@ _DENSE_KEYS = {"deepseek_v3": "first_k_dense_replace"}
 def _json(v: Any) -> Any:
     import dataclasses
 
-    if dataclasses.is_dataclass(v):
-        return dataclasses.asdict(v)
-    return list(v) if isinstance(v, tuple) else v
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v
 
 
 def config_path(path: str | os.PathLike) -> str:
@@ -264,16 +253,9 @@ def _family_parts(cfg: dict[str, Any], family: str, get: _Getter) -> dict[str, A
     """DeepSeek-V3's latent attention, YaRN and grouped routing (none for the other families)."""
     if family != "deepseek_v3":
         return {}
-    from pyengine.model.families import deepseek_v3 as ds
-    from pyengine.model.rope_yarn import read_rope_scaling
+    from pyengine.model.families.deepseek_v3 import hf_fields
 
-    ds.refuse_unsupported(cfg, get.src)
-    n = get.integer("num_attention_heads")
-    return dict(mla=ds.mla_of(cfg, get), rope_scaling=read_rope_scaling(cfg, get.src),
-                grouped_routing=ds.routing_of(cfg, get, _num_experts(cfg, FAMILIES[family], get),
-                                              get.integer("num_experts_per_tok")),
-                rope_interleave=cfg.get("rope_interleave", True), num_key_value_heads=n, head_dim=0,
-                unsupported=None)
+    return hf_fields(cfg, get, _num_experts(cfg, FAMILIES[family], get))
 
 
 def _family(cfg: dict[str, Any], src: str) -> str:

@@ -47,7 +47,7 @@ def base(**over):
 
 @pytest.mark.parametrize("over,words", [
     ({"model_type": "qwen2_moe"}, "shared expert"),
-    ({"model_type": "deepseek_v3"}, "shared experts"),
+    ({"model_type": "deepseek_v2"}, "not supported"),
     ({"model_type": "llama"}, "not a supported MoE family"),
     ({"model_type": None}, "not a supported MoE family"),
     ({"shared_expert_intermediate_size": 64}, "shared experts are not supported"),
@@ -63,6 +63,44 @@ def base(**over):
 def test_refusals_name_the_key(over, words):
     with pytest.raises(InputError) as e:
         from_dict(base(**over), "x/config.json")
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def deepseek(**over):
+    cfg = {"model_type": "deepseek_v3", "hidden_size": 8, "moe_intermediate_size": 6, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "vocab_size": 11, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "kv_lora_rank": 4, "q_lora_rank": None, "qk_nope_head_dim": 2, "qk_rope_head_dim": 2, "v_head_dim": 2,
+           "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 0,
+           "n_shared_experts": 0, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 16}}
+    cfg.update(over)
+    return cfg
+
+
+def test_deepseek_v3_fields():
+    hf = from_dict(deepseek(), "x/config.json")
+    assert hf.mla.latent_width == 6 and hf.mla.q_lora_rank is None and hf.renormalize is True
+    assert (hf.grouped_routing.n_group, hf.grouped_routing.topk_group) == (4, 2) and hf.rope_scaling.factor == 4.0
+    assert hf.model_fields(whole=True)["num_key_value_heads"] is None and hf.rope_interleave
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"n_shared_experts": 2}, "n_shared_experts = 2: shared experts are not supported"),
+    ({"first_k_dense_replace": 1}, "first_k_dense_replace = [0]: dense MLP layers"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear': only yarn"),
+    ({"scoring_func": "softmax"}, "scoring_func = 'softmax': only sigmoid"),
+    ({"topk_method": "group_limited_greedy"}, "topk_method = 'group_limited_greedy': only noaux_tc"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"num_key_value_heads": 1}, "num_key_value_heads = 1: MLA has no kv heads"),
+    ({"n_group": 3}, "n_group = 3: must divide n_routed_experts (8)"),
+    ({"topk_group": 5}, "topk_group = 5: must be <= n_group (4)"),
+    ({"kv_lora_rank": None}, "kv_lora_rank = None: is required"),
+    ({"attention_bias": True}, "attention_bias = True"),
+])
+def test_deepseek_v3_refusals_name_the_key(over, words):
+    with pytest.raises(InputError) as e:
+        hf = from_dict(deepseek(**over), "x/config.json")
+        hf.check_whole()
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

@@ -117,3 +117,27 @@ def rope_layouts(mla: MLASpec, heads: int, interleaved: bool) -> dict[str, tuple
     q = "wq_b" if mla.q_lora_rank is not None else "wq"
     return {q: (heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim),
             "wkv_a": (1, mla.kv_lora_rank, mla.qk_rope_head_dim)}
+
+
+def hf_fields(cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
+    """The HFModel fields of this family beyond the common ones (refusing what is unsupported)."""
+    from pyengine.model.rope_yarn import read_rope_scaling
+
+    refuse_unsupported(cfg, get.src)
+    return dict(mla=mla_of(cfg, get), rope_scaling=read_rope_scaling(cfg, get.src),
+                grouped_routing=routing_of(cfg, get, num_experts, get.integer("num_experts_per_tok")),
+                rope_interleave=cfg.get("rope_interleave", True),
+                num_key_value_heads=get.integer("num_attention_heads"), head_dim=0, unsupported=None)
+
+
+def tensor_names(hf, layer: int) -> dict[str, str]:
+    """Engine name -> HF name of layer `layer`'s MLA and router tensors."""
+    return {**attention_names(layer, hf.mla.q_lora_rank is not None), **router_names(layer)}
+
+
+def fix_layout(hf, name: str, t):
+    """Engine tensor `name` ([in, out]) with its interleaved rotary columns de-interleaved."""
+    from pyengine.model.attention_mla import deinterleave_rope
+
+    layout = rope_layouts(hf.mla, hf.num_attention_heads, hf.rope_interleave).get(name)
+    return t if layout is None else deinterleave_rope(t, *layout)
