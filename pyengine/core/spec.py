@@ -82,6 +82,10 @@ class ModelSpec:
     then stay unset (the cache holds the latent; see MLASpec)."""
     rope_scaling: YarnSpec | None = None
     """YaRN scaling of RoPE (the only scaling supported); None: plain RoPE."""
+    shared_expert_size: int = 0
+    """Inner size of the always-on shared expert MLP (SwiGLU) beside the routed ones (DeepSeek-V3:
+    n_shared_experts x the expert F); 0: none. It runs on the attention GPU, on the normed rows the
+    router reads, and its output joins the residual there."""
     grouped_routing: GroupedRoutingSpec | None = None
     """Sigmoid scores with a correction bias and group-limited top-k (DeepSeek-V3) instead of the
     softmax router; `renormalize` is its norm_topk_prob."""

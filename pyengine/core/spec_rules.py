@@ -116,6 +116,10 @@ def _validate_parts(m) -> None:
         m.mla.check("model.mla")
     if m.rope_scaling is not None:
         m.rope_scaling.check("model.rope_scaling")
+    if isinstance(m.shared_expert_size, bool) or m.shared_expert_size < 0:
+        raise SpecError("model.shared_expert_size", m.shared_expert_size, "must be an integer >= 0 (0: none)")
+    if m.shared_expert_size and not m.layered:
+        raise SpecError("model.shared_expert_size", m.shared_expert_size, "needs model.num_layers")
     if m.grouped_routing is not None:
         m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
 

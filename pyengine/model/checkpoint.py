@@ -33,7 +33,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtype codes the loader accepts, and the torch dtype of each."""
-TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", *PER_EXPERT)
+TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "ws_gate", "ws_up",
+              "ws_down", *PER_EXPERT)
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
 
 
@@ -218,6 +219,9 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
            names["norm_out"]: (h,), names["out"]: (v, h)}
     if hf.grouped_routing is not None:
         out[names["router_correction"]] = (e,)
+    if hf.shared_expert_size:
+        s = hf.shared_expert_size
+        out.update({names["ws_gate"]: (s, h), names["ws_up"]: (s, h), names["ws_down"]: (h, s)})
     if attention and hf.mla is not None:
         out.update(_mla_stored_shapes(hf, names))
     elif attention:

@@ -1,12 +1,7 @@
-"""A Hugging Face `config.json` read as one of the MoE families the engine runs (Mixtral,
-Qwen3-MoE, OLMoE), and the deployment spec that follows from it.
-
-The families differ in key names (experts: `num_local_experts` / `num_experts`; F:
-`intermediate_size` / `moe_intermediate_size`), in tensor names (`block_sparse_moe.experts.{e}.w1`
-vs `mlp.experts.{e}.gate_proj`) and in routing (`norm_topk_prob`; Mixtral always renormalises).
-Everything else of the block is the same math. Families with shared experts (Qwen2-MoE,
-DeepSeek) are refused in one line: the block has no place for an always-on expert yet.
-Nothing here reads a tensor; `pyengine.model.checkpoint` does.
+"""A Hugging Face `config.json` read as one of the MoE families the engine runs (Mixtral, Qwen3-MoE,
+OLMoE, DeepSeek-V3: its own parts in pyengine.model.families.deepseek_v3), and the deployment spec
+that follows from it. The families differ in key names, tensor names and routing; Qwen2-MoE and
+DeepSeek-V2 are refused in one line. Nothing here reads a tensor; `pyengine.model.checkpoint` does.
 """
 
 from __future__ import annotations
@@ -77,7 +72,7 @@ SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids",
-                      "mla", "rope_scaling")
+                      "mla", "rope_scaling", "shared_expert_size")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
 NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
 """Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
@@ -118,6 +113,7 @@ class HFModel:
     rope_scaling: Any = None  # YarnSpec (None: plain RoPE)
     grouped_routing: Any = None  # GroupedRoutingSpec: DeepSeek-V3's router (None: softmax top-k)
     rope_interleave: bool = False  # rotary columns stored as interleaved pairs (DeepSeek)
+    shared_expert_size: int = 0  # the shared expert's inner size (0: none)
 
     def model_fields(self, whole: bool = False) -> dict[str, Any]:
         """The spec's model-section values this config fixes: the block's, or with `whole`
@@ -160,6 +156,8 @@ class HFModel:
         if not 0 <= layer < self.num_layers:
             raise InputError("layer", layer, f"out of range: {self.source} has num_hidden_layers = "
                                                f"{self.num_layers} (layers 0..{self.num_layers - 1})")
+        if self.shared_expert_size:
+            raise InputError("layer", layer, "has shared experts beside the routed ones: run the whole model")
         if layer in self.dense_layers:
             raise InputError("layer", layer, "is a dense MLP layer in this model (mlp_only_layers / "
                                                "decoder_sparse_step), not an MoE layer")
@@ -265,7 +263,7 @@ def _family(cfg: dict[str, Any], src: str) -> str:
     if mt not in FAMILIES:
         raise InputError(f"{src}: model_type", mt, f"not a supported MoE family (one of {sorted(FAMILIES)})")
     for key in SHARED_EXPERT_KEYS:
-        if cfg.get(key):
+        if cfg.get(key) and mt != "deepseek_v3":  # its family module reads them
             raise InputError(f"{src}: {key}", cfg[key], "shared experts are not supported yet")
     return mt
 

@@ -58,6 +58,9 @@ def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torc
     else:
         top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    if m.shared_expert_size:  # the always-on expert, every token, weight 1
+        gate = u @ w[prefix + "ws_gate"]
+        y += ((gate * torch.sigmoid(gate) * (u @ w[prefix + "ws_up"])) @ w[prefix + "ws_down"]).to(torch.float32)
     for e in range(m.num_experts):
         tok, slot = torch.where(top_ids == e)
         if tok.numel() == 0:

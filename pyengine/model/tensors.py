@@ -33,6 +33,8 @@ MLA = ("attn_norm", "wkv_a", "kv_a_norm", "wkv_b", "wo")
 the shared rotary key), its norm, its up-projection to per-head k_nope and v, and o."""
 MLA_Q_LORA = ("wq_a", "q_a_norm", "wq_b")
 """MLA's q through its low-rank path (q_lora_rank set); else one `wq`."""
+SHARED_EXPERT = ("ws_gate", "ws_up", "ws_down")
+"""The shared expert of a layer (model.shared_expert_size > 0): [H, S], [H, S], [S, H]."""
 ROUTER_CORRECTION = "router_correction"
 """Grouped routing's per-expert bias [E], added to the scores for the choice only."""
 
@@ -50,6 +52,10 @@ def fp32_names(model: ModelSpec) -> tuple[str, ...]:
     """Tensors held in fp32 whatever the model dtype: grouped routing's gate and correction bias
     (DeepSeek-V3 keeps them in fp32; in bf16 the bias's small differences would flip choices)."""
     return ("router", ROUTER_CORRECTION) if model.grouped_routing is not None else ()
+
+
+def shared_expert_names(model: ModelSpec) -> tuple[str, ...]:
+    return SHARED_EXPERT if model.shared_expert_size else ()
 
 
 def router_names(model: ModelSpec) -> tuple[str, ...]:
@@ -85,6 +91,8 @@ def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
     if model.mla is not None:
         shapes.update(_mla_shapes(model))
     shapes[ROUTER_CORRECTION] = (e,)
+    s = model.shared_expert_size
+    shapes.update(ws_gate=(h, s), ws_up=(h, s), ws_down=(s, h))
     return shapes[name]
 
 

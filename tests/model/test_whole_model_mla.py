@@ -1,5 +1,5 @@
-"""A seeded model with DeepSeek-V3's attention and router (MLA with a low-rank q, YaRN, grouped
-sigmoid routing with a correction bias): the pipeline on 3 virtual ranks (TP experts with uneven
+"""A seeded model with DeepSeek-V3's attention, router and shared expert (MLA with a low-rank q, YaRN,
+grouped sigmoid routing with a correction bias, a shared expert on the attention GPU): the pipeline on 3 virtual ranks (TP experts with uneven
 shards, and EP), the single-device baseline and the output check's reference agree; the attention
 and the correction bias matter."""
 
@@ -21,7 +21,7 @@ MLA = {"q_lora_rank": 10, "kv_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_he
 YARN = asdict(YarnSpec(factor=4.0, original_max_positions=4, mscale=1.0, mscale_all_dim=0.8))
 BASE = load_spec(TINY_CONFIG).replace(model={
     "num_layers": 2, "num_attention_heads": 3, "mla": MLA, "rope_scaling": YARN, "num_experts": 6,
-    "grouped_routing": {"n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.7},
+    "grouped_routing": {"n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.7}, "shared_expert_size": 9,
     "seq_len": 7, "rope_theta": 500.0})
 EP = [{"name": "embed", "gpus": [0]},
       {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[4], [0, 2, 5], [1, 3]]},
@@ -51,6 +51,9 @@ def test_attention_and_the_correction_bias_matter():
     assert (reference_forward(spec, muted, ids) - base).abs().max() > 1e-2
     steered = dict(w, **{f"layers.{i}.router_correction": torch.tensor([5.0, 0, 0, 0, 0, 0]) for i in range(2)})
     assert (reference_forward(spec, steered, ids) - base).abs().max() > 1e-2
+    unshared = dict(w, **{f"layers.{i}.ws_down": torch.zeros_like(w[f"layers.{i}.ws_down"]) for i in range(2)})
+    assert (reference_forward(spec, unshared, ids) - base).abs().max() > 1e-2
+    assert (pipeline(spec, ids) - reference_forward(spec, unshared, ids).reshape(-1, 101)).abs().max() > 1e-2
 
 
 def greedy(spec, w, prompt, steps):

@@ -127,12 +127,15 @@ def hf_fields(cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
     return dict(mla=mla_of(cfg, get), rope_scaling=read_rope_scaling(cfg, get.src),
                 grouped_routing=routing_of(cfg, get, num_experts, get.integer("num_experts_per_tok")),
                 rope_interleave=cfg.get("rope_interleave", True),
-                num_key_value_heads=get.integer("num_attention_heads"), head_dim=0, unsupported=None)
+                num_key_value_heads=get.integer("num_attention_heads"), head_dim=0, unsupported=None,
+                shared_expert_size=shared_ffn(cfg, get, get.integer("moe_intermediate_size")))
 
 
 def tensor_names(hf, layer: int) -> dict[str, str]:
     """Engine name -> HF name of layer `layer`'s MLA and router tensors."""
-    return {**attention_names(layer, hf.mla.q_lora_rank is not None), **router_names(layer)}
+    shared = {f"ws_{p}": f"model.layers.{layer}.mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")}
+    return {**attention_names(layer, hf.mla.q_lora_rank is not None), **router_names(layer),
+            **(shared if hf.shared_expert_size else {})}
 
 
 def fix_layout(hf, name: str, t):

@@ -18,7 +18,7 @@ from pyengine.model.kv_cache import cache_bytes
 from pyengine.model.payloads import Payload
 from pyengine.model.costs import KernelKind
 from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
-from pyengine.model.tensors import ROUTER_CORRECTION, attention_names, router_names
+from pyengine.model.tensors import ROUTER_CORRECTION, attention_names, router_names, shared_expert_names
 
 
 class EmbedStage(Stage):
@@ -34,7 +34,8 @@ class EmbedStage(Stage):
         self.attends = spec.model.layered
 
     def layer_weights(self) -> tuple[str, ...]:
-        return attention_names(self.spec.model) + ("norm_in",) + router_names(self.spec.model)
+        m = self.spec.model
+        return attention_names(m) + ("norm_in",) + router_names(m) + shared_expert_names(m)
 
     def _after_first(self, layer: int | None) -> bool:
         return layer is not None and layer > 0
@@ -61,11 +62,14 @@ class EmbedStage(Stage):
                 first.append(KernelCost.memory("rmsnorm_attn", 2 * t * h * es + h * es))
         attn = self._attention_kernels(t, chunk) if m.layered else []
         norm = 3 * t * h * es if m.layered else 2 * t * h * es  # residual add (+ o) and the norm
+        s = m.shared_expert_size
+        shared = [KernelCost.gemm("shared_gate_up", t, 2 * s, h, es), KernelCost.gemm("shared_down", t, h, s, es),
+                  KernelCost.memory("shared_add", 3 * t * h * es)] if s else []
         return first + attn + [
             KernelCost.memory("rmsnorm_in", norm + h * es),
             KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4, KernelKind.GEMM, t),
             KernelCost.memory("softmax_topk", t * e * 4 + t * k * 8),
-        ]
+        ] + shared
 
     def _attention_kernels(self, t: int, chunk: Chunk | None) -> list[KernelCost]:
         """QKV and O projections (dense GEMMs of t rows), q/k norms + RoPE and the KV-cache write
@@ -150,6 +154,10 @@ class EmbedStage(Stage):
         o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
         top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
+        if m.shared_expert_size:  # the shared expert joins the residual here; the routed ones at hand-off
+            import torch.nn.functional as F
+
+            x = x + (F.silu(u @ w["ws_gate"]) * (u @ w["ws_up"])) @ w["ws_down"]
         if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
             top_ids = torch.where(work.tables.slots[:, None] >= 0, top_ids, -1)
         return x, u, top_ids, top_w
