@@ -86,6 +86,11 @@ class ModelSpec:
     """Inner size of the always-on shared expert MLP (SwiGLU) beside the routed ones (DeepSeek-V3:
     n_shared_experts x the expert F); 0: none. It runs on the attention GPU, on the normed rows the
     router reads, and its output joins the residual there."""
+    dense_layers: tuple[int, ...] | None = None
+    """Layers whose MLP is dense (no router, no experts: DeepSeek-V3's first_k_dense_replace): a SwiGLU
+    of dense_ffn_size on the attention GPU; the experts stage skips them. The last layer is MoE."""
+    dense_ffn_size: int = 0
+    """Inner size of the dense layers' MLP."""
     grouped_routing: GroupedRoutingSpec | None = None
     """Sigmoid scores with a correction bias and group-limited top-k (DeepSeek-V3) instead of the
     softmax router; `renormalize` is its norm_topk_prob."""
@@ -111,6 +116,10 @@ class ModelSpec:
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.heads
+
+    def is_dense(self, layer: int | None) -> bool:
+        """Layer `layer`'s MLP is dense (no experts)."""
+        return layer is not None and layer in (self.dense_layers or ())
 
     @property
     def rope_dim(self) -> int:

@@ -118,10 +118,25 @@ def _validate_parts(m) -> None:
         m.rope_scaling.check("model.rope_scaling")
     if isinstance(m.shared_expert_size, bool) or m.shared_expert_size < 0:
         raise SpecError("model.shared_expert_size", m.shared_expert_size, "must be an integer >= 0 (0: none)")
+    if m.dense_layers is not None:
+        _validate_dense(m)
     if m.shared_expert_size and not m.layered:
         raise SpecError("model.shared_expert_size", m.shared_expert_size, "needs model.num_layers")
     if m.grouped_routing is not None:
         m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
+
+
+def _validate_dense(m) -> None:
+    if not m.layered:
+        raise SpecError("model.dense_layers", list(m.dense_layers), "needs model.num_layers")
+    for i, layer in enumerate(m.dense_layers):
+        if not 0 <= layer < m.num_layers - 1:
+            raise SpecError(f"model.dense_layers[{i}]", layer, f"must lie in [0, {m.num_layers - 1}) (the last "
+                                                               "layer is MoE: the output stage adds its experts)")
+    if len(set(m.dense_layers)) != len(m.dense_layers):
+        raise SpecError("model.dense_layers", list(m.dense_layers), "names a layer twice")
+    if m.dense_layers and (isinstance(m.dense_ffn_size, bool) or m.dense_ffn_size < 1):
+        raise SpecError("model.dense_ffn_size", m.dense_ffn_size, "must be a positive integer with dense layers")
 
 
 QK_NORMS = ("none", "per_head", "full")

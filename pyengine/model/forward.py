@@ -61,6 +61,9 @@ def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torc
     for layer in embed.layers():
         lw = LayerWeights(w, layer)
         out = embed.compute(lw, ids, inputs, Work(layer, chunk, cache, tables, ops=ops))
+        if Payload.ACT not in out:  # a dense layer: its MLP is in the residual already
+            inputs = {Payload.RESID: [out[Payload.RESID]]}
+            continue
         moe = experts.compute(lw, ids, {Payload.ACT: [out[Payload.ACT]]}, Work(layer, chunk, ops=ops))
         inputs = {Payload.RESID: [out[Payload.RESID]], Payload.PARTIAL: [moe[Payload.PARTIAL]]}
     last = output.layers()[0]

@@ -51,6 +51,12 @@ def _grouped_top_k(m, logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.T
     return ids.to(s.device), w * g.routed_scaling_factor
 
 
+def _mlp(w: Mapping[str, torch.Tensor], name: str, u: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU MLP (tensors name_gate, name_up, name_down) of every row, fp32 [T, H]."""
+    gate = u @ w[name + "_gate"]
+    return ((gate * torch.sigmoid(gate) * (u @ w[name + "_up"])) @ w[name + "_down"]).to(torch.float32)
+
+
 def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torch.Tensor:
     """The routed experts' weighted sum [T, H] (fp32) of normed rows u, one whole expert at a time."""
     if m.grouped_routing is not None:
@@ -59,8 +65,7 @@ def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torc
         top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     if m.shared_expert_size:  # the always-on expert, every token, weight 1
-        gate = u @ w[prefix + "ws_gate"]
-        y += ((gate * torch.sigmoid(gate) * (u @ w[prefix + "ws_up"])) @ w[prefix + "ws_down"]).to(torch.float32)
+        y += _mlp(w, prefix + "ws", u)
     for e in range(m.num_experts):
         tok, slot = torch.where(top_ids == e)
         if tok.numel() == 0:
@@ -127,7 +132,8 @@ def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: 
         for layer in range(m.layers):
             p = f"layers.{layer}."
             x = torch.cat([xs + _attention(m, w, p, xs) for xs in x.reshape(b, s, -1)])
-            y = _moe(m, w, p, _norm(x, w[p + "norm_in"], m.norm_eps))
+            u = _norm(x, w[p + "norm_in"], m.norm_eps)
+            y = _mlp(w, p + "wd", u) if m.is_dense(layer) else _moe(m, w, p, u)
             if layer + 1 < m.layers:
                 x = x + y.to(x.dtype)
     h = x + y.to(x.dtype)

@@ -33,6 +33,8 @@ MLA = ("attn_norm", "wkv_a", "kv_a_norm", "wkv_b", "wo")
 the shared rotary key), its norm, its up-projection to per-head k_nope and v, and o."""
 MLA_Q_LORA = ("wq_a", "q_a_norm", "wq_b")
 """MLA's q through its low-rank path (q_lora_rank set); else one `wq`."""
+DENSE_MLP = ("wd_gate", "wd_up", "wd_down")
+"""A dense layer's MLP (model.dense_layers): [H, I], [H, I], [I, H]."""
 SHARED_EXPERT = ("ws_gate", "ws_up", "ws_down")
 """The shared expert of a layer (model.shared_expert_size > 0): [H, S], [H, S], [S, H]."""
 ROUTER_CORRECTION = "router_correction"
@@ -78,6 +80,11 @@ def model_layers(model: ModelSpec) -> list[int | None]:
     return list(range(model.layers)) if model.layered else [None]
 
 
+def moe_layers(model: ModelSpec) -> list[int | None]:
+    """The layers with routed experts (all but the dense ones)."""
+    return [layer for layer in model_layers(model) if not model.is_dense(layer)]
+
+
 def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
     """The unsharded shape of tensor `name` in the engine's layout."""
     h, f, e, v = model.hidden_size, model.ffn_hidden_size, model.num_experts, model.vocab_size
@@ -91,8 +98,8 @@ def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
     if model.mla is not None:
         shapes.update(_mla_shapes(model))
     shapes[ROUTER_CORRECTION] = (e,)
-    s = model.shared_expert_size
-    shapes.update(ws_gate=(h, s), ws_up=(h, s), ws_down=(s, h))
+    s, d = model.shared_expert_size, model.dense_ffn_size
+    shapes.update(ws_gate=(h, s), ws_up=(h, s), ws_down=(s, h), wd_gate=(h, d), wd_up=(h, d), wd_down=(d, h))
     return shapes[name]
 
 

@@ -20,8 +20,9 @@ from pyengine.transport.local import LocalTransport
 MLA = {"q_lora_rank": 10, "kv_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_head_dim": 8, "v_head_dim": 5}
 YARN = asdict(YarnSpec(factor=4.0, original_max_positions=4, mscale=1.0, mscale_all_dim=0.8))
 BASE = load_spec(TINY_CONFIG).replace(model={
-    "num_layers": 2, "num_attention_heads": 3, "mla": MLA, "rope_scaling": YARN, "num_experts": 6,
+    "num_attention_heads": 3, "mla": MLA, "rope_scaling": YARN, "num_experts": 6,
     "grouped_routing": {"n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.7}, "shared_expert_size": 9,
+    "num_layers": 3, "dense_layers": [0], "dense_ffn_size": 11,
     "seq_len": 7, "rope_theta": 500.0})
 EP = [{"name": "embed", "gpus": [0]},
       {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[4], [0, 2, 5], [1, 3]]},
@@ -47,13 +48,16 @@ def test_attention_and_the_correction_bias_matter():
     spec = BASE
     w, ids = init_weights(spec, 3), make_tokens(spec, 4)
     base = reference_forward(spec, w, ids)
-    muted = dict(w, **{f"layers.{i}.wo": torch.zeros_like(w[f"layers.{i}.wo"]) for i in range(2)})
+    muted = dict(w, **{f"layers.{i}.wo": torch.zeros_like(w[f"layers.{i}.wo"]) for i in (1, 2)})
     assert (reference_forward(spec, muted, ids) - base).abs().max() > 1e-2
-    steered = dict(w, **{f"layers.{i}.router_correction": torch.tensor([5.0, 0, 0, 0, 0, 0]) for i in range(2)})
+    steered = dict(w, **{f"layers.{i}.router_correction": torch.tensor([5.0, 0, 0, 0, 0, 0]) for i in (1, 2)})
     assert (reference_forward(spec, steered, ids) - base).abs().max() > 1e-2
-    unshared = dict(w, **{f"layers.{i}.ws_down": torch.zeros_like(w[f"layers.{i}.ws_down"]) for i in range(2)})
+    unshared = dict(w, **{f"layers.{i}.ws_down": torch.zeros_like(w[f"layers.{i}.ws_down"]) for i in (1, 2)})
     assert (reference_forward(spec, unshared, ids) - base).abs().max() > 1e-2
     assert (pipeline(spec, ids) - reference_forward(spec, unshared, ids).reshape(-1, 101)).abs().max() > 1e-2
+    no_dense = dict(w, **{"layers.0.wd_down": torch.zeros_like(w["layers.0.wd_down"])})
+    assert (reference_forward(spec, no_dense, ids) - base).abs().max() > 1e-2
+    assert "layers.0.router" not in w and "layers.0.w_up" not in w  # a dense layer has no router, no experts
 
 
 def greedy(spec, w, prompt, steps):
