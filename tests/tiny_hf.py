@@ -37,8 +37,8 @@ turns far."""
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
 FAMILY_CONFIG = {
     "qwen3_moe": dict(norm_topk_prob=True),
-    # 6 experts in 3 groups (2 kept), two shared experts; the dense first layer waits for its block part
-    "deepseek_v3": dict(experts=6, first_k_dense_replace=0),
+    # 6 experts in 3 groups (2 kept), two shared experts, a dense first layer (tiny_config's defaults)
+    "deepseek_v3": dict(experts=6),
 }
 """build(...) options of each family's whole-model tests."""
 

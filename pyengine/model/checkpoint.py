@@ -34,7 +34,7 @@ INDEX_FILE = "model.safetensors.index.json"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtype codes the loader accepts, and the torch dtype of each."""
 TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "ws_gate", "ws_up",
-              "ws_down", *PER_EXPERT)
+              "ws_down", "wd_gate", "wd_up", "wd_down", *PER_EXPERT)
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
 
 
@@ -215,8 +215,13 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
     block's; with `attention`, its attention's too), plus the shared ones."""
     h, f, e, v = hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.vocab_size
     names = hf.tensor_names(layer)
-    out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["router"]: (e, h),
-           names["norm_out"]: (h,), names["out"]: (v, h)}
+    out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["norm_out"]: (h,), names["out"]: (v, h)}
+    if attention and layer in hf.dense_layers:  # a dense MLP, no router, no experts
+        d = hf.dense_ffn_size
+        out.update({names["wd_gate"]: (d, h), names["wd_up"]: (d, h), names["wd_down"]: (h, d)})
+        out.update(_mla_stored_shapes(hf, names) if hf.mla is not None else {})
+        return out
+    out[names["router"]] = (e, h)
     if hf.grouped_routing is not None:
         out[names["router_correction"]] = (e,)
     if hf.shared_expert_size:

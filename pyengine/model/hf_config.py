@@ -72,7 +72,7 @@ SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids",
-                      "mla", "rope_scaling", "shared_expert_size")
+                      "mla", "rope_scaling", "shared_expert_size", "dense_layers", "dense_ffn_size")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
 NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
 """Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
@@ -114,6 +114,7 @@ class HFModel:
     grouped_routing: Any = None  # GroupedRoutingSpec: DeepSeek-V3's router (None: softmax top-k)
     rope_interleave: bool = False  # rotary columns stored as interleaved pairs (DeepSeek)
     shared_expert_size: int = 0  # the shared expert's inner size (0: none)
+    dense_ffn_size: int = 0  # the dense layers' MLP inner size (0: they are refused in the whole model)
 
     def model_fields(self, whole: bool = False) -> dict[str, Any]:
         """The spec's model-section values this config fixes: the block's, or with `whole`
@@ -123,6 +124,7 @@ class HFModel:
             out.update({k: getattr(self, k) for k in WHOLE_MODEL_FIELDS})
             if self.mla is not None:  # MLA has no kv heads or head_dim
                 out.update(num_key_value_heads=None, head_dim=None)
+            out["dense_layers"] = self.dense_layers or None
         return {k: _json(v) for k, v in out.items()}  # JSON values
 
     def check_whole(self) -> None:
@@ -130,7 +132,7 @@ class HFModel:
         if self.unsupported is not None:
             key, value, rule = self.unsupported
             raise InputError(f"{self.source}: {key}", value, rule)
-        if self.dense_layers:
+        if self.dense_layers and not self.dense_ffn_size:
             raise InputError(f"{self.source}: {_DENSE_KEYS.get(self.family, 'mlp_only_layers / decoder_sparse_step')}",
                              list(self.dense_layers),
                              "dense MLP layers are not supported in the whole model (one MoE layer runs: "

@@ -83,13 +83,16 @@ def test_deepseek_v3_fields():
     assert (hf.grouped_routing.n_group, hf.grouped_routing.topk_group) == (4, 2) and hf.rope_scaling.factor == 4.0
     assert hf.model_fields(whole=True)["num_key_value_heads"] is None and hf.rope_interleave
     assert from_dict(deepseek(n_shared_experts=2), "c").shared_expert_size == 12  # 2 x moe_intermediate_size
+    dense = from_dict(deepseek(first_k_dense_replace=1, intermediate_size=10), "c").model_fields(whole=True)
+    assert dense["dense_layers"] == [0] and dense["dense_ffn_size"] == 10
     with pytest.raises(InputError, match="layer = 1: has shared experts"):  # not the routed block --layer runs
         from_dict(deepseek(n_shared_experts=2), "c").check_layer(1)
 
 
 @pytest.mark.parametrize("over,words", [
     ({"n_shared_experts": -1}, "n_shared_experts = -1: must be a non-negative integer"),
-    ({"first_k_dense_replace": 1}, "first_k_dense_replace = [0]: dense MLP layers"),
+    ({"first_k_dense_replace": 3}, "first_k_dense_replace = 3: must be an integer in [0, 2]"),
+    ({"first_k_dense_replace": 1}, "intermediate_size = None: is required"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear': only yarn"),
     ({"scoring_func": "softmax"}, "scoring_func = 'softmax': only sigmoid"),
     ({"topk_method": "group_limited_greedy"}, "topk_method = 'group_limited_greedy': only noaux_tc"),

@@ -128,14 +128,17 @@ def hf_fields(cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
                 grouped_routing=routing_of(cfg, get, num_experts, get.integer("num_experts_per_tok")),
                 rope_interleave=cfg.get("rope_interleave", True),
                 num_key_value_heads=get.integer("num_attention_heads"), head_dim=0, unsupported=None,
-                shared_expert_size=shared_ffn(cfg, get, get.integer("moe_intermediate_size")))
+                shared_expert_size=shared_ffn(cfg, get, get.integer("moe_intermediate_size")),
+                dense_ffn_size=get.integer("intermediate_size") if cfg.get("first_k_dense_replace") else 0)
 
 
 def tensor_names(hf, layer: int) -> dict[str, str]:
     """Engine name -> HF name of layer `layer`'s MLA and router tensors."""
+    attention = attention_names(layer, hf.mla.q_lora_rank is not None)
+    if layer in hf.dense_layers:  # its MLP is mlp.{gate,up,down}_proj, no router
+        return {**attention, **{f"wd_{p}": f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}}
     shared = {f"ws_{p}": f"model.layers.{layer}.mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")}
-    return {**attention_names(layer, hf.mla.q_lora_rank is not None), **router_names(layer),
-            **(shared if hf.shared_expert_size else {})}
+    return {**attention, **router_names(layer), **(shared if hf.shared_expert_size else {})}
 
 
 def fix_layout(hf, name: str, t):
