@@ -21,6 +21,7 @@ SHIPPED = {
     "mixtral-8x22b": ("mixtral", 6144, 16384, 8, 2, 32000, 1e-5, True, 56),
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 768, 128, 8, 151936, 1e-6, True, 48),
     "olmoe-1b-7b": ("olmoe", 2048, 1024, 64, 8, 50304, 1e-5, False, 16),
+    "moonlight-16b-a3b": ("deepseek_v3", 2048, 1408, 64, 6, 163840, 1e-5, True, 27),
 }
 
 
@@ -29,7 +30,20 @@ def test_shipped_configs(name):
     hf = read_hf_config(str(HF.joinpath(name)))
     got = (hf.family, hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.top_k, hf.vocab_size,
            hf.norm_eps, hf.renormalize, hf.num_layers)
-    assert got == SHIPPED[name] and hf.dtype == "bfloat16" and not hf.dense_layers
+    assert got == SHIPPED[name] and hf.dtype == "bfloat16"
+    assert hf.dense_layers == ((0,) if hf.family == "deepseek_v3" else ())
+
+
+def test_moonlight_is_deepseek_v3_with_a_latent_cache():
+    hf = read_hf_config(str(HF.joinpath("moonlight-16b-a3b")))
+    assert (hf.mla.q_lora_rank, hf.mla.kv_lora_rank, hf.mla.latent_width) == (None, 512, 576)
+    assert (hf.shared_expert_size, hf.dense_ffn_size) == (2 * 1408, 11264) and hf.rope_scaling is None
+    g = hf.grouped_routing
+    assert (g.n_group, g.topk_group, g.routed_scaling_factor) == (1, 1, 2.446)
+    spec = deployment_spec(hf, whole=True, batch=(1, 8))
+    from pyengine.model.kv_cache import cache_bytes
+    # 27 layers x 576 values x 2 bytes per token: 1 sequence of 8 tokens in one 16-row block + the trash block
+    assert cache_bytes(spec, 1, 8) == 27 * 2 * 16 * 576 * 2
 
 
 def test_mixtral_8x7b_is_the_seed_model():
@@ -147,6 +161,12 @@ def test_plan_hf_config_text(capsys):
     out = capsys.readouterr().out
     assert "model: Qwen/Qwen3-30B-A3B (qwen3_moe" in out and "128 experts, top-8" in out
     assert "Per GPU" in out and "Verdicts" in out
+
+
+def test_plan_hf_config_prices_moonlight(capsys):
+    assert main(["plan", "--hf-config", str(HF.joinpath("moonlight-16b-a3b"))]) == 0
+    out = capsys.readouterr().out
+    assert "(deepseek_v3" in out and "a cached latent of 576 per token" in out and "Verdicts" in out
 
 
 def test_plan_hf_config_json(capsys):
