@@ -45,3 +45,19 @@ def test_the_cache_is_priced_as_latent_rows():
     embed = stages_of(SPEC)[0]
     rows = (3 * 1 + 1) * 16  # 3 sequences of <= 16 tokens: one block each, plus the trash block
     assert embed.state_bytes(0, 3, 16) == 2 * rows * (12 + 8) * 4
+
+
+def test_shared_expert_and_dense_layer_are_priced_on_the_attention_gpu():
+    spec = SPEC.replace(model={"num_layers": 3, "dense_layers": [0], "dense_ffn_size": 11, "shared_expert_size": 9})
+    embed, experts = stages_of(spec)[:2]
+    c = Batch.prefill([7], 1).chunks[0]
+    dense = {k.name: k for k in embed.kernels(7, 0, layer=0, chunk=c)}
+    assert dense["dense_gate_up"].flops == 2 * 7 * 22 * 48 and dense["dense_down"].flops == 2 * 7 * 48 * 11
+    assert "router_gemm" not in dense and "shared_gate_up" not in dense
+    after = {k.name: k for k in embed.kernels(7, 0, layer=1, chunk=c)}
+    assert after["shared_gate_up"].flops == 2 * 7 * 18 * 48 and after["shared_down"].flops == 2 * 7 * 48 * 9
+    assert "rmsnorm_attn" in after  # after a dense layer: no hand-off to add, only the norm
+    assert experts.layers() == [1, 2] and embed.layers() == [0, 1, 2]
+    assert embed.hand_off_from(1) == () and embed.hand_off_from(2) == (1,)
+    w = embed.weight_bytes(0)
+    assert w["wd_up"] == 48 * 11 * 4 and w["ws_up"] == 2 * 48 * 9 * 4 and w["router"] == 2 * 48 * 5 * 4
