@@ -65,14 +65,21 @@ LAUNCHES = {
 MLA_LAUNCHES = {"first": 34, "later": 33}
 """The attention rank's launches with multi-head latent attention (its projections, latent norms,
 RoPE and cache write are separate launches; the decode reads the latent in one kernel + combine)."""
+MLP_LAUNCHES = 6
+"""A shared expert's or a dense layer's SwiGLU on the attention rank: two GEMMs, silu, product, GEMM, add."""
+ROUTER_LAUNCHES = 5
+"""What a dense layer does not launch: the router GEMM, its top-k, the padding mask, the payload."""
 
 
 def launches(spec: DeploymentSpec, a) -> int:
     """The Triton path's launches of compute action `a` of a decode step."""
     kind = StageKind(a.stage)
     if kind is StageKind.EMBED:
-        part = "first" if not a.layer else "later"
-        return MLA_LAUNCHES[part] if spec.model.mla is not None else LAUNCHES[(kind, part)]
+        m, part = spec.model, "first" if not a.layer else "later"
+        base = MLA_LAUNCHES[part] if m.mla is not None else LAUNCHES[(kind, part)]
+        if m.is_dense(a.layer):
+            return base + MLP_LAUNCHES - ROUTER_LAUNCHES
+        return base + (MLP_LAUNCHES if m.shared_expert_size else 0)
     if kind is StageKind.EXPERTS:
         return LAUNCHES[(kind, "expert" if spec.expert_parallel else "tensor")]
     return LAUNCHES[(kind, "last")]

@@ -14,7 +14,8 @@ from pyengine.execute.step_loop import StepLoop
 from pyengine.execute.step_plan import SeqWork, StepPlan
 from pyengine.model.stages import StageKind
 from pyengine.model.weights import rank_weights
-from pyengine.predict.host import LAUNCHES, MLA_LAUNCHES
+from pyengine.predict.host import LAUNCHES, MLA_LAUNCHES, launches
+from pyengine.schedule.actions import ActionId, Kind
 from pyengine.transport.local import LocalTransport
 
 SPEC = load_spec(TINY_CONFIG).replace(model={
@@ -92,6 +93,13 @@ def test_triton_path_mla_launches_are_what_the_planner_prices(monkeypatch):
     assert few == many
     attention = per_layer_part(few[0])
     assert (attention["l0.s0.COMPUTE"], attention["l1.s0.COMPUTE"]) == (MLA_LAUNCHES["first"], MLA_LAUNCHES["later"])
+    # a dense first layer and shared experts (DeepSeek-V3's): the planner's count of each layer part
+    spec = MLA.replace(model={"num_layers": 3, "dense_layers": [0], "dense_ffn_size": 11, "shared_expert_size": 9})
+    got = per_layer_part(decode_launches(8, spec)[0])
+    actions = {k: ActionId(Kind.COMPUTE, StageKind.EMBED, 0, None, (0,), layer)
+               for k, layer in (("l0.s0.COMPUTE", 0), ("l1.s0.COMPUTE", 1), ("l2.s0.COMPUTE", 2))}
+    assert {k: got[k] for k in actions} == {k: launches(spec, a) for k, a in actions.items()} == {
+        "l0.s0.COMPUTE": 35, "l1.s0.COMPUTE": 39, "l2.s0.COMPUTE": 39}
 
 
 def test_torch_path_launches_per_step_do_not_grow_with_sequences():
