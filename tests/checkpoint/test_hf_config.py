@@ -116,6 +116,7 @@ def test_deepseek_v3_fields():
     ({"topk_group": 5}, "topk_group = 5: must be <= n_group (4)"),
     ({"kv_lora_rank": None}, "kv_lora_rank = None: is required"),
     ({"attention_bias": True}, "attention_bias = True"),
+    ({"use_sliding_window": True}, "use_sliding_window = True: is not a deepseek_v3 key the engine knows"),
 ])
 def test_deepseek_v3_refusals_name_the_key(over, words):
     with pytest.raises(InputError) as e:

@@ -26,6 +26,21 @@ IGNORED = {
     "head_dim": "derived (transformers writes qk_rope_head_dim there)",
 }
 """Keys this family reads past, and why (the rest of a config's keys are read or refused)."""
+READ = frozenset({
+    "model_type", "hidden_size", "intermediate_size", "moe_intermediate_size", "n_routed_experts",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "q_lora_rank", *LATENT_KEYS,
+    "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "topk_method",
+    "moe_layer_freq", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "rope_interleave",
+    "max_position_embeddings", "vocab_size", "tie_word_embeddings", "hidden_act", "attention_bias",
+    "quantization_config", "dtype", "torch_dtype", "eos_token_id", "_name_or_path",
+})
+"""Keys read (or checked and refused) by this family and the common reader."""
+NO_EFFECT = frozenset({
+    "architectures", "auto_map", "transformers_version", "bos_token_id", "pad_token_id", "initializer_range",
+    "use_cache", "attention_dropout", "output_router_logits", "experts_implementation", "_attn_implementation",
+})
+"""Keys with no effect on model(ids).logits (bookkeeping, training, the cache switch)."""
 
 
 def mla_of(cfg: dict[str, Any], get) -> MLASpec:
@@ -55,6 +70,10 @@ def routing_of(cfg: dict[str, Any], get, num_experts: int, top_k: int) -> Groupe
 
 def refuse_unsupported(cfg: dict[str, Any], src: str) -> None:
     """One InputError for the first key whose value the engine does not implement."""
+    for key in cfg:
+        if key not in READ and key not in IGNORED and key not in NO_EFFECT:
+            raise InputError(f"{src}: {key}", cfg[key], f"is not a {MODEL_TYPE} key the engine knows (an "
+                                                        "unsupported feature is never ignored)")
     heads = cfg.get("num_attention_heads")
     rules = [
         ("scoring_func", cfg.get("scoring_func", "sigmoid") == "sigmoid", "only sigmoid scoring (DeepSeek-V3's)"),
