@@ -80,13 +80,14 @@ def test_other_boundaries_and_asready(checkpoint, layout_config, boundary, kind)
     assert rel_err(engine_logits(spec, source, IDS), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3"])
 def test_whole_model_bf16_within_bf16_rounding(checkpoint, layout_config, family):
     """bf16: the engine's error against an fp32 run of the same (bf16) weights is no worse than
     twice transformers' own bf16 error against it, plus a floor of a few bf16 ulps of the logits."""
-    folder, model = checkpoint(family, "bfloat16")
+    folder, model = checkpoint(family, "bfloat16", **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, layout_config(LAYOUTS["ep-with-gpu0"], 3, model=BATCH), whole=True)
+    spec = deployment_spec(source.hf, layout_config(fit_experts(LAYOUTS["ep-with-gpu0"], family), 3, model=BATCH),
+                           whole=True)
     got = engine_logits(spec, source, IDS)
     with torch.no_grad():
         theirs = model(IDS).logits
