@@ -7,6 +7,7 @@ DeepSeek-V2 are refused in one line. Nothing here reads a tensor; `pyengine.mode
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -44,6 +45,8 @@ class Family:
     """Its config has attention_bias (q/k/v/o projection biases)."""
     renormalize_default: bool = False
     """norm_topk_prob when config.json omits it (transformers' default for the family)."""
+    parts: str | None = None
+    """Its module under pyengine.model.families (its own keys, tensors, layouts, dense layers)."""
 
 
 FAMILIES = {
@@ -55,7 +58,8 @@ FAMILIES = {
     "olmoe": Family("num_experts", "intermediate_size", "mlp",
                     ("gate_proj", "up_proj", "down_proj"), 1e-5, qk_norm="full", has_bias_option=True),
     "deepseek_v3": Family("n_routed_experts", "moe_intermediate_size", "mlp",
-                          ("gate_proj", "up_proj", "down_proj"), 1e-6, renormalize_default=True),
+                          ("gate_proj", "up_proj", "down_proj"), 1e-6, renormalize_default=True,
+                          parts="deepseek_v3"),
 }
 
 REFUSED = {
@@ -133,7 +137,7 @@ class HFModel:
             key, value, rule = self.unsupported
             raise InputError(f"{self.source}: {key}", value, rule)
         if self.dense_layers and not self.dense_ffn_size:
-            raise InputError(f"{self.source}: {_DENSE_KEYS.get(self.family, 'mlp_only_layers / decoder_sparse_step')}",
+            raise InputError(f"{self.source}: mlp_only_layers / decoder_sparse_step",
                              list(self.dense_layers),
                              "dense MLP layers are not supported in the whole model (one MoE layer runs: "
                              "--layer N, open_checkpoint(folder, layer=N))")
@@ -178,17 +182,14 @@ class HFModel:
         for p in "qkvo":
             out[f"w{p}"] = f"{attn}.{p}_proj.weight"
             out[f"b{p}"] = f"{attn}.{p}_proj.bias"
-        if self.family == "deepseek_v3":
-            from pyengine.model.families.deepseek_v3 import tensor_names
-
-            out.update(tensor_names(self, layer))
+        if (parts := _parts(self.family)) is not None:
+            out.update(parts.tensor_names(self, layer))
         return out
 
     def fix_layout(self, name: str, t):
         """Engine tensor `name` ([in, out]) in the engine's column order (DeepSeek: rotary columns)."""
-        from pyengine.model.families.deepseek_v3 import fix_layout
-
-        return t if self.mla is None else fix_layout(self, name, t)
+        parts = _parts(self.family)
+        return t if parts is None else parts.fix_layout(self, name, t)
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
@@ -199,7 +200,10 @@ class HFModel:
                 "w_down": f"{moe}.experts.{expert}.{down}.weight"}
 
 
-_DENSE_KEYS = {"deepseek_v3": "first_k_dense_replace"}
+def _parts(family: str):
+    """The family's own module (pyengine.model.families.<parts>), or None."""
+    name = FAMILIES[family].parts
+    return None if name is None else importlib.import_module(f"pyengine.model.families.{name}")
 
 
 def _json(v: Any) -> Any:
@@ -250,12 +254,9 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
 
 
 def _family_parts(cfg: dict[str, Any], family: str, get: _Getter) -> dict[str, Any]:
-    """DeepSeek-V3's latent attention, YaRN and grouped routing (none for the other families)."""
-    if family != "deepseek_v3":
-        return {}
-    from pyengine.model.families.deepseek_v3 import hf_fields
-
-    return hf_fields(cfg, get, _num_experts(cfg, FAMILIES[family], get))
+    """The fields a family's own module reads (DeepSeek-V3: MLA, YaRN, grouped routing, shared experts)."""
+    parts = _parts(family)
+    return {} if parts is None else parts.hf_fields(cfg, get, _num_experts(cfg, FAMILIES[family], get))
 
 
 def _family(cfg: dict[str, Any], src: str) -> str:
@@ -265,7 +266,7 @@ def _family(cfg: dict[str, Any], src: str) -> str:
     if mt not in FAMILIES:
         raise InputError(f"{src}: model_type", mt, f"not a supported MoE family (one of {sorted(FAMILIES)})")
     for key in SHARED_EXPERT_KEYS:
-        if cfg.get(key) and mt != "deepseek_v3":  # its family module reads them
+        if cfg.get(key) and FAMILIES[mt].parts is None:  # else its family module reads them
             raise InputError(f"{src}: {key}", cfg[key], "shared experts are not supported yet")
     return mt
 
@@ -297,10 +298,8 @@ def _num_experts(cfg: dict[str, Any], fam: Family, get: _Getter) -> int:
 
 
 def _dense_layers(cfg: dict[str, Any], family: str, num_layers: int, get: _Getter) -> tuple[int, ...]:
-    if family == "deepseek_v3":
-        from pyengine.model.families.deepseek_v3 import dense_layers
-
-        return dense_layers(cfg, get, num_layers)
+    if (parts := _parts(family)) is not None:
+        return parts.dense_layers(cfg, get, num_layers)
     if family != "qwen3_moe":
         return ()
     step = get.integer("decoder_sparse_step", 1)
