@@ -16,7 +16,6 @@ from pyengine.core.errors import InputError
 from pyengine.core.spec_parts import GroupedRoutingSpec, MLASpec
 
 MODEL_TYPE = "deepseek_v3"
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 LATENT_KEYS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 IGNORED = {
     "aux_loss_alpha": "a training loss", "seq_aux": "a training loss", "ep_size": "the original code's EP degree",
