@@ -102,10 +102,8 @@ class TritonOps(TorchOps):
     def decode_tables(self, cache, rope, meta: torch.Tensor, dtype: torch.dtype, key_blocks: int):
         """A static decode group's tables: views of its rows' metadata, nothing computed (the
         kernels read positions, slots and lengths themselves)."""
-        from pyengine.model.attention import ChunkTables, chunk_tables
+        from pyengine.model.attention import ChunkTables
 
-        if self.spec.model.mla is not None:  # MLA's q and latent are rotated in torch: rows, cos, sin
-            return chunk_tables(cache, rope, None, meta, dtype, 0)
         return ChunkTables(meta[0], meta[1], meta[2], None, None, None, rope, True, key_blocks)
 
     def attention(self, model, w, a, cache, layer, chunk, tables):
@@ -133,8 +131,17 @@ class TritonOps(TorchOps):
         """MLA: projections, latent norm and RoPE in torch, the latent written by row; a decode group
         reads the latent in place (absorbed, one Triton split-K kernel + combine), a prefill
         decompresses its sequence's latents (torch)."""
+        import dataclasses
+
         from pyengine.model import attention_mla as mla
 
+        if tables.rows is None:  # a static decode step's tables are views of its metadata: derive the
+            # cache rows and RoPE rows here, inside the (captured) compute, so a graph replay reads this
+            # step's values, not the capture's
+            slots, pos = tables.slots, tables.positions.long()
+            rows = cache.rows(torch.where(slots < 0, cache.padding_slot, slots), pos)
+            tables = dataclasses.replace(tables, rows=rows, cos=tables.rope.cos[pos].to(a.dtype),
+                                         sin=tables.rope.sin[pos].to(a.dtype))
         q = mla.mla_prepare(model, w, a, cache, layer, tables, norm=self.norm)
         if not tables.decode:
             return mla.mla_attend_prefill(model, w, cache, layer, chunk, q, tables)

@@ -62,9 +62,10 @@ LAUNCHES = {
     (StageKind.OUTPUT, "last"): 2,  # residual + norm, head GEMM
 }
 """Launches of one compute action of a decode step on the Triton path, by stage part."""
-MLA_LAUNCHES = {"first": 34, "later": 33}
+MLA_LAUNCHES = {"first": 47, "later": 46}
 """The attention rank's launches with multi-head latent attention (its projections, latent norms,
-RoPE and cache write are separate launches; the decode reads the latent in one kernel + combine)."""
+RoPE rows, cache rows and cache write are separate launches, every layer: a fused kernel would cut
+them; the decode reads the latent in one kernel + combine)."""
 MLP_LAUNCHES = 6
 """A shared expert's or a dense layer's SwiGLU on the attention rank: two GEMMs, silu, product, GEMM, add."""
 ROUTER_LAUNCHES = 5
