@@ -20,7 +20,36 @@ def _classes(family: str):
 
     return {"mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
             "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
-            "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM)}[family]
+            "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+            "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM)}[family]
+
+
+DEEPSEEK_V3 = dict(num_attention_heads=3, q_lora_rank=10, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
+                   v_head_dim=5, n_group=3, topk_group=2, n_shared_experts=2, first_k_dense_replace=1,
+                   routed_scaling_factor=1.7, rope_theta=500.0,
+                   rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                 "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8})
+"""A tiny DeepSeek-V3: MLA with a low-rank q (widths not powers of two), 3 groups of the 6 experts
+(2 kept), two shared experts, a dense first layer, YaRN (both of its scales); theta small so RoPE
+turns far."""
+
+
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILY_CONFIG = {
+    "qwen3_moe": dict(norm_topk_prob=True),
+    # 6 experts in 3 groups (2 kept), two shared experts, a dense first layer (tiny_config's defaults)
+    "deepseek_v3": dict(experts=6),
+}
+"""build(...) options of each family's whole-model tests."""
+
+
+def fit_experts(stages: list[dict], family: str) -> list[dict]:
+    """A layout's expert lists (written for 5 experts) fitted to the family's count: with 6, the
+    sixth joins the first GPU of the experts stage."""
+    experts = stages[1].get("expert_ids")
+    if FAMILY_CONFIG.get(family, {}).get("experts") != 6 or experts is None:
+        return stages
+    return [stages[0], dict(stages[1], expert_ids=[experts[0] + [5], *experts[1:]]), stages[2]]
 
 
 def tiny_config(family: str, *, hidden=22, ffn=13, experts=5, top_k=2, vocab=37, layers=3,
@@ -37,6 +66,11 @@ def tiny_config(family: str, *, hidden=22, ffn=13, experts=5, top_k=2, vocab=37,
     elif family == "qwen3_moe":
         kw.update(moe_intermediate_size=ffn, intermediate_size=2 * ffn, num_experts=experts,
                   head_dim=2, norm_topk_prob=bool(norm_topk_prob))
+    elif family == "deepseek_v3":
+        kw.update(DEEPSEEK_V3, moe_intermediate_size=ffn, intermediate_size=2 * ffn + 1, n_routed_experts=experts,
+                  norm_topk_prob=norm_topk_prob is not False, max_position_embeddings=64)
+        kw.update({k: v for k, v in extra.items() if k in DEEPSEEK_V3})
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
     else:
         kw.update(intermediate_size=ffn, num_experts=experts, norm_topk_prob=bool(norm_topk_prob))
     return cfg_cls(**kw)
@@ -64,6 +98,9 @@ def build(family: str, folder, *, dtype=torch.float32, shard_size: str | None = 
     torch.manual_seed(seed)
     model = model_cls(tiny_config(family, **config_kw))
     _rescale(model, seed)
+    for name, b in model.named_buffers():  # DeepSeek-V3's correction bias: large enough to change choices
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.3 * torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 1)))
     model = model.to(dtype).eval()
     model.save_pretrained(str(folder), max_shard_size=shard_size or "2GB")
     return model

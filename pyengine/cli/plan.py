@@ -79,8 +79,10 @@ def _spec(args: argparse.Namespace, source=None):
         hf.check_layer(args.layer)
     spec = deployment_spec(hf, args.config, whole=whole)
     moe_layers = hf.num_layers - len(hf.dense_layers)
-    what = (f"the whole model: {hf.num_layers} layers, attention ({hf.num_attention_heads} heads, "
-            f"{hf.num_key_value_heads} kv heads, head_dim {hf.head_dim}) on the embed stage's GPU"
+    attention = (f"MLA: {hf.num_attention_heads} heads, a cached latent of {hf.mla.latent_width} per token"
+                 if hf.mla is not None else f"{hf.num_attention_heads} heads, {hf.num_key_value_heads} kv heads, "
+                                            f"head_dim {hf.head_dim}")
+    what = (f"the whole model: {hf.num_layers} layers, attention ({attention}) on the embed stage's GPU"
             if whole else f"MoE layer {args.layer} with the embedding and head (no attention)")
     return spec, (f"model: {hf.name} ({hf.family}, {hf.source}): H {hf.hidden_size}, F {hf.ffn_hidden_size}, "
                   f"{hf.num_experts} experts, top-{hf.top_k}, V {hf.vocab_size}, {hf.dtype}, "

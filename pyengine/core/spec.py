@@ -15,6 +15,7 @@ from typing import Any
 
 from pyengine.core.errors import SpecError
 from pyengine.core.spec_parse import build, parse_json
+from pyengine.core.spec_parts import GroupedRoutingSpec, MLASpec, YarnSpec
 from pyengine.core.spec_rules import BOUNDARIES, INTERCONNECTS, SCHEDULE_KINDS, STAGE_NAMES, validate
 
 __all__ = ["BOUNDARIES", "INTERCONNECTS", "SCHEDULE_KINDS", "STAGE_NAMES", "CommSpec", "DeploymentSpec",
@@ -78,6 +79,23 @@ class ModelSpec:
     """End-of-sequence ids that stop a sequence in `pyengine generate` (None: none). An id outside
     the vocabulary is allowed (OLMoE's default 50279 beside a smaller test vocabulary): it can
     never be drawn, which `unreachable_eos` names and generate says."""
+    mla: MLASpec | None = None
+    """Multi-head latent attention (DeepSeek-V2/V3) instead of GQA; num_key_value_heads and head_dim
+    then stay unset (the cache holds the latent; see MLASpec)."""
+    rope_scaling: YarnSpec | None = None
+    """YaRN scaling of RoPE (the only scaling supported); None: plain RoPE."""
+    shared_expert_size: int = 0
+    """Inner size of the always-on shared expert MLP (SwiGLU) beside the routed ones (DeepSeek-V3:
+    n_shared_experts x the expert F); 0: none. It runs on the attention GPU, on the normed rows the
+    router reads, and its output joins the residual there."""
+    dense_layers: tuple[int, ...] | None = None
+    """Layers whose MLP is dense (no router, no experts: DeepSeek-V3's first_k_dense_replace): a SwiGLU
+    of dense_ffn_size on the attention GPU; the experts stage skips them. The last layer is MoE."""
+    dense_ffn_size: int = 0
+    """Inner size of the dense layers' MLP."""
+    grouped_routing: GroupedRoutingSpec | None = None
+    """Sigmoid scores with a correction bias and group-limited top-k (DeepSeek-V3) instead of the
+    softmax router; `renormalize` is its norm_topk_prob."""
 
     @property
     def unreachable_eos(self) -> tuple[int, ...]:
@@ -106,9 +124,20 @@ class ModelSpec:
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.heads
 
+    def is_dense(self, layer: int | None) -> bool:
+        """Layer `layer`'s MLP is dense (no experts)."""
+        return layer is not None and layer in (self.dense_layers or ())
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: MLA's qk_rope_head_dim, else the head's d."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_size
+
     @property
     def head_size(self) -> int:
-        """d: head_dim, or hidden_size // num_attention_heads."""
+        """d: head_dim, or hidden_size // num_attention_heads (MLA: q's and k's per-head width)."""
+        if self.mla is not None:
+            return self.mla.qk_head_dim
         if self.head_dim is not None:
             return self.head_dim
         return self.hidden_size // self.heads if self.heads else 0

@@ -102,6 +102,43 @@ def validate(spec: DeploymentSpec) -> None:
                         f"batch_size*seq_len = {m.tokens} tokens is beyond a 32-bit index ({MAX_INT})")
 
 
+def _validate_parts(m) -> None:
+    """The optional family parts (pyengine.core.spec_parts) check their own numbers."""
+    if m.mla is not None:
+        if m.num_layers is None:
+            raise SpecError("model.mla", "...", "needs model.num_layers (the block has no attention)")
+        for key in ("num_key_value_heads", "head_dim", "qk_norm"):
+            if getattr(m, key) not in (None, "none"):
+                raise SpecError(f"model.{key}", getattr(m, key), "must stay unset with model.mla (MLA has "
+                                                                 "no kv heads, no head_dim and no q/k norm)")
+        if m.attention_bias:
+            raise SpecError("model.attention_bias", True, "MLA's projections carry no bias in this engine")
+        m.mla.check("model.mla")
+    if m.rope_scaling is not None:
+        m.rope_scaling.check("model.rope_scaling")
+    if isinstance(m.shared_expert_size, bool) or m.shared_expert_size < 0:
+        raise SpecError("model.shared_expert_size", m.shared_expert_size, "must be an integer >= 0 (0: none)")
+    if m.dense_layers is not None:
+        _validate_dense(m)
+    if m.shared_expert_size and not m.layered:
+        raise SpecError("model.shared_expert_size", m.shared_expert_size, "needs model.num_layers")
+    if m.grouped_routing is not None:
+        m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
+
+
+def _validate_dense(m) -> None:
+    if not m.layered:
+        raise SpecError("model.dense_layers", list(m.dense_layers), "needs model.num_layers")
+    for i, layer in enumerate(m.dense_layers):
+        if not 0 <= layer < m.num_layers - 1:
+            raise SpecError(f"model.dense_layers[{i}]", layer, f"must lie in [0, {m.num_layers - 1}) (the last "
+                                                               "layer is MoE: the output stage adds its experts)")
+    if len(set(m.dense_layers)) != len(m.dense_layers):
+        raise SpecError("model.dense_layers", list(m.dense_layers), "names a layer twice")
+    if m.dense_layers and (isinstance(m.dense_ffn_size, bool) or m.dense_ffn_size < 1):
+        raise SpecError("model.dense_ffn_size", m.dense_ffn_size, "must be a positive integer with dense layers")
+
+
 QK_NORMS = ("none", "per_head", "full")
 ATTENTION_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_positions")
 
@@ -140,6 +177,7 @@ def _validate_layers(m) -> None:
         if m.max_positions is not None and m.seq_len > m.max_positions:
             raise SpecError("model.seq_len", m.seq_len,
                             f"exceeds model.max_positions ({m.max_positions})")
+    _validate_parts(m)
     for i, e in enumerate(m.eos_token_ids or ()):
         if isinstance(e, bool) or not isinstance(e, int) or e < 0:
             raise SpecError(f"model.eos_token_ids[{i}]", e, "must be a token id (a non-negative integer)")

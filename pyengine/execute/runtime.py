@@ -194,7 +194,7 @@ class RankRuntime(CommActions):
             self.cache = KVCache(self.spec, *shape, self.device, torch_dtype(self.spec.model.dtype))
         if self.rope is None or self.rope.capacity < self.cache.capacity:
             m = self.spec.model
-            self.rope = RopeTables.make(self.cache.capacity, m.head_size, m.rope_theta, self.device)
+            self.rope = RopeTables.for_model(m, self.cache.capacity, self.device)
 
     # ---- actions --------------------------------------------------------------------------
     def _run_all(self, flat: torch.Tensor) -> None:

@@ -18,11 +18,15 @@ def scale_for_cpu(spec: DeploymentSpec) -> tuple[DeploymentSpec, str]:
         d *= 2
     new = {"hidden_size": m.hidden_size // d, "ffn_hidden_size": m.ffn_hidden_size // d,
            "vocab_size": max(m.vocab_size // d, m.num_experts)}
-    if m.layered:  # heads and their grouping stay; each head narrows (RoPE needs an even d)
+    if m.layered and m.mla is not None:  # heads stay; MLA's widths narrow (the rotary one stays even)
+        new["mla"] = {"q_lora_rank": m.mla.q_lora_rank and max(1, m.mla.q_lora_rank // d),
+                      **{k: max(1, getattr(m.mla, k) // d) for k in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim")},
+                      "qk_rope_head_dim": max(2, m.mla.qk_rope_head_dim // d // 2 * 2)}
+    elif m.layered:  # heads and their grouping stay; each head narrows (RoPE needs an even d)
         new["head_dim"] = max(2, m.head_size // d // 2 * 2)
     if m.dtype != "float32":
         new["dtype"] = "float32"
-    changed = {k: (getattr(m, k), v) for k, v in new.items() if getattr(m, k) != v}
+    changed = {k: (_plain(getattr(m, k)), v) for k, v in new.items() if _plain(getattr(m, k)) != v}
     if not changed:
         return spec, ""
     what = ", ".join(f"{k} {a}→{b}" for k, (a, b) in changed.items())
@@ -32,3 +36,10 @@ def scale_for_cpu(spec: DeploymentSpec) -> tuple[DeploymentSpec, str]:
     note = (f"CPU backend: changed the model ({what}): {why}; fp32 because CPU bf16/fp16 GEMMs are "
             f"emulated. Tokens, {kept}experts, top-k and the layout are unchanged; --no-scale runs it as given.")
     return spec.replace(model=new), note
+
+
+def _plain(v):
+    """A spec part as the dict `replace` takes (compared with the new values)."""
+    import dataclasses
+
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v

@@ -88,7 +88,7 @@ class StepLoop:
 
             self.cache = KVCache(spec, slots, capacity, device, torch_dtype(spec.model.dtype),
                                  block_size=block_size, blocks=blocks)
-            self.rope = RopeTables.make(capacity, spec.model.head_size, spec.model.rope_theta, device)
+            self.rope = RopeTables.for_model(spec.model, capacity, device)
             fuse_qkv(weights, range(spec.model.layers))
             self.blocks = self.cache.allocator
         else:

@@ -40,11 +40,22 @@ class RopeTables:
     sin: torch.Tensor
 
     @classmethod
-    def make(cls, positions: int, head_dim: int, theta: float, device) -> RopeTables:
-        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    def make(cls, positions: int, head_dim: int, theta: float, device, scaling=None) -> RopeTables:
+        """`scaling`: a YarnSpec (its frequencies, and cos/sin times its factor) or None."""
+        from pyengine.model.rope_yarn import cos_sin_factor, inv_freq
+
+        inv = inv_freq(head_dim, theta, scaling, device)
         freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv[None, :]
         cos, sin = freqs.cos(), freqs.sin()
+        if scaling is not None:
+            factor = cos_sin_factor(scaling)
+            cos, sin = cos * factor, sin * factor
         return cls(cos, sin, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+
+    @classmethod
+    def for_model(cls, model, positions: int, device) -> RopeTables:
+        """The tables of a model spec: its rotary width, base and scaling."""
+        return cls.make(positions, model.rope_dim, model.rope_theta, device, model.rope_scaling)
 
     @property
     def capacity(self) -> int:

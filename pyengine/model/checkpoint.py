@@ -24,16 +24,17 @@ import torch
 from pyengine.core.errors import InputError, SpecError
 from pyengine.core.files import unreadable_file
 from pyengine.core.spec import DeploymentSpec
-from pyengine.model.hf_config import NOT_IN_LOGITS, HFModel, read_hf_config
+from pyengine.model.hf_config import NOT_IN_LOGITS, HFModel, _json, read_hf_config
 from pyengine.model.stages import Shard
-from pyengine.model.tensors import PER_EXPERT, SHARED, attention_tensors
-from pyengine.model.weights import model_dtype
+from pyengine.model.tensors import MLA, MLA_Q_LORA, PER_EXPERT, SHARED, attention_tensors
+from pyengine.model.weights import model_dtype, tensor_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtype codes the loader accepts, and the torch dtype of each."""
-TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", *PER_EXPERT)
+TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "ws_gate", "ws_up",
+              "ws_down", "wd_gate", "wd_up", "wd_down", *PER_EXPERT)
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
 
 
@@ -75,11 +76,11 @@ class CheckpointWeights:
     def weight(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
                device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
         self.check_spec(spec)
-        dtype = model_dtype(spec)
+        dtype = tensor_dtype(spec, name)
         parts = [t.to(dtype) for t in self._read(self._reads(name, shard, layer), device)]  # cast there
         if name in TRANSPOSED:
             parts = [t.T for t in parts]
-        return torch.stack(parts) if name in PER_EXPERT else parts[0].contiguous()
+        return torch.stack(parts) if name in PER_EXPERT else self.hf.fix_layout(name, parts[0].contiguous())
 
     def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
                    layer: int | None = None) -> int:
@@ -150,9 +151,9 @@ class CheckpointWeights:
             raise SpecError("model.num_layers", None,
                             "the source is the whole model; open_checkpoint(folder, layer=N) for one "
                             "layer's block, or build the spec with deployment_spec(source.hf, whole=True)")
-        resolved = {"num_key_value_heads": m.kv_heads, "head_dim": m.head_size}
+        resolved = {"num_key_value_heads": m.kv_heads, "head_dim": m.head_size} if m.mla is None else {}
         for key, fixed in hf.model_fields(whole=m.layered).items():
-            if key not in NOT_IN_LOGITS and resolved.get(key, getattr(m, key)) != fixed:
+            if key not in NOT_IN_LOGITS and _json(resolved.get(key, getattr(m, key))) != fixed:
                 raise SpecError(f"model.{key}", getattr(m, key),
                                 f"disagrees with the checkpoint ({hf.source}: {hf.config_key(key)} gives "
                                 f"{fixed!r}); build the spec with deployment_spec(source.hf, ...)")
@@ -214,9 +215,21 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
     block's; with `attention`, its attention's too), plus the shared ones."""
     h, f, e, v = hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.vocab_size
     names = hf.tensor_names(layer)
-    out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["router"]: (e, h),
-           names["norm_out"]: (h,), names["out"]: (v, h)}
-    if attention:
+    out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["norm_out"]: (h,), names["out"]: (v, h)}
+    if attention and layer in hf.dense_layers:  # a dense MLP, no router, no experts
+        d = hf.dense_ffn_size
+        out.update({names["wd_gate"]: (d, h), names["wd_up"]: (d, h), names["wd_down"]: (h, d)})
+        out.update(_mla_stored_shapes(hf, names) if hf.mla is not None else {})
+        return out
+    out[names["router"]] = (e, h)
+    if hf.grouped_routing is not None:
+        out[names["router_correction"]] = (e,)
+    if hf.shared_expert_size:
+        s = hf.shared_expert_size
+        out.update({names["ws_gate"]: (s, h), names["ws_up"]: (s, h), names["ws_down"]: (h, s)})
+    if attention and hf.mla is not None:
+        out.update(_mla_stored_shapes(hf, names))
+    elif attention:
         q, kv = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
         norm = hf.head_dim if hf.qk_norm == "per_head" else None
         stored = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
@@ -227,6 +240,17 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
         en = hf.expert_names(layer, i)
         out.update({en["w_gate"]: (f, h), en["w_up"]: (f, h), en["w_down"]: (h, f)})
     return out
+
+
+def _mla_stored_shapes(hf: HFModel, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """HF name -> stored shape of a layer's MLA tensors (linears [out, in])."""
+    m, h, n = hf.mla, hf.hidden_size, hf.num_attention_heads
+    stored = {"attn_norm": (h,), "wkv_a": (m.latent_width, h), "kv_a_norm": (m.kv_lora_rank,),
+              "wkv_b": (n * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank), "wo": (h, n * m.v_head_dim),
+              "wq": (n * m.qk_head_dim, h), "wq_a": (m.q_lora_rank, h), "q_a_norm": (m.q_lora_rank,),
+              "wq_b": (n * m.qk_head_dim, m.q_lora_rank)}
+    keep = MLA + (MLA_Q_LORA if m.q_lora_rank is not None else ("wq",))
+    return {names[k]: stored[k] for k in keep}
 
 
 def _weight_map(folder: str) -> dict[str, str]:

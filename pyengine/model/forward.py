@@ -52,7 +52,7 @@ def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torc
         dtype = torch_dtype(spec.model.dtype)
         cache = KVCache(spec, batch.sequences, max(batch.lengths), ids.device, dtype)
         cache.grow(dict(enumerate(batch.lengths)))
-        rope = RopeTables.make(cache.capacity, spec.model.head_size, spec.model.rope_theta, ids.device)
+        rope = RopeTables.for_model(spec.model, cache.capacity, ids.device)
         meta = torch.tensor(host_meta(chunk), dtype=torch.int32).to(ids.device, non_blocking=True)
         tables = chunk_tables(cache, rope, chunk, meta, dtype, key_blocks(chunk, cache.block_size))
         w = dict(w)  # the fused projection is added beside the caller's tensors, not into its dict
@@ -61,6 +61,9 @@ def single_device(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torc
     for layer in embed.layers():
         lw = LayerWeights(w, layer)
         out = embed.compute(lw, ids, inputs, Work(layer, chunk, cache, tables, ops=ops))
+        if Payload.ACT not in out:  # a dense layer: its MLP is in the residual already
+            inputs = {Payload.RESID: [out[Payload.RESID]]}
+            continue
         moe = experts.compute(lw, ids, {Payload.ACT: [out[Payload.ACT]]}, Work(layer, chunk, ops=ops))
         inputs = {Payload.RESID: [out[Payload.RESID]], Payload.PARTIAL: [moe[Payload.PARTIAL]]}
     last = output.layers()[0]

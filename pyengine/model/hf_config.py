@@ -1,17 +1,13 @@
-"""A Hugging Face `config.json` read as one of the MoE families the engine runs (Mixtral,
-Qwen3-MoE, OLMoE), and the deployment spec that follows from it.
-
-The families differ in key names (experts: `num_local_experts` / `num_experts`; F:
-`intermediate_size` / `moe_intermediate_size`), in tensor names (`block_sparse_moe.experts.{e}.w1`
-vs `mlp.experts.{e}.gate_proj`) and in routing (`norm_topk_prob`; Mixtral always renormalises).
-Everything else of the block is the same math. Families with shared experts (Qwen2-MoE,
-DeepSeek) are refused in one line: the block has no place for an always-on expert yet.
-Nothing here reads a tensor; `pyengine.model.checkpoint` does.
+"""A Hugging Face `config.json` read as one of the MoE families the engine runs (Mixtral, Qwen3-MoE,
+OLMoE, DeepSeek-V3: its own parts in pyengine.model.families.deepseek_v3), and the deployment spec
+that follows from it. The families differ in key names, tensor names and routing; Qwen2-MoE and
+DeepSeek-V2 are refused in one line. Nothing here reads a tensor; `pyengine.model.checkpoint` does.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -47,6 +43,10 @@ class Family:
     rope_theta_default: float = 10000.0
     has_bias_option: bool = False
     """Its config has attention_bias (q/k/v/o projection biases)."""
+    renormalize_default: bool = False
+    """norm_topk_prob when config.json omits it (transformers' default for the family)."""
+    parts: str | None = None
+    """Its module under pyengine.model.families (its own keys, tensors, layouts, dense layers)."""
 
 
 FAMILIES = {
@@ -57,22 +57,26 @@ FAMILIES = {
                         has_bias_option=True),
     "olmoe": Family("num_experts", "intermediate_size", "mlp",
                     ("gate_proj", "up_proj", "down_proj"), 1e-5, qk_norm="full", has_bias_option=True),
+    "deepseek_v3": Family("n_routed_experts", "moe_intermediate_size", "mlp",
+                          ("gate_proj", "up_proj", "down_proj"), 1e-6, renormalize_default=True,
+                          parts="deepseek_v3"),
 }
 
 REFUSED = {
     "qwen2_moe": "has a shared expert beside the routed ones (shared_expert_intermediate_size); "
                  "not supported yet",
-    "deepseek_v2": "has shared experts (n_shared_experts) and group-limited routing; not supported yet",
-    "deepseek_v3": "has shared experts (n_shared_experts) and group-limited routing; not supported yet",
+    "deepseek_v2": "has softmax group-limited routing (topk_method) and shared experts; not supported "
+                   "(deepseek_v3 is)",
 }
-EXPERT_KEYS = ("num_local_experts", "num_experts")
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 
 SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype",
-               "norm_eps", "renormalize")
+               "norm_eps", "renormalize", "grouped_routing")
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                      "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids")
+                      "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids",
+                      "mla", "rope_scaling", "shared_expert_size", "dense_layers", "dense_ffn_size")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
 NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
 """Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
@@ -109,6 +113,12 @@ class HFModel:
     eos_token_ids: tuple[int, ...] | None = None
     unsupported: tuple[str, Any, str] | None = None
     """Why the whole model cannot run (None when it can): (config key, value, rule)."""
+    mla: Any = None  # MLASpec: DeepSeek-V3's latent attention (None: GQA)
+    rope_scaling: Any = None  # YarnSpec (None: plain RoPE)
+    grouped_routing: Any = None  # GroupedRoutingSpec: DeepSeek-V3's router (None: softmax top-k)
+    rope_interleave: bool = False  # rotary columns stored as interleaved pairs (DeepSeek)
+    shared_expert_size: int = 0  # the shared expert's inner size (0: none)
+    dense_ffn_size: int = 0  # the dense layers' MLP inner size (0: they are refused in the whole model)
 
     def model_fields(self, whole: bool = False) -> dict[str, Any]:
         """The spec's model-section values this config fixes: the block's, or with `whole`
@@ -116,15 +126,19 @@ class HFModel:
         out = {k: getattr(self, k) for k in SPEC_FIELDS}
         if whole:
             out.update({k: getattr(self, k) for k in WHOLE_MODEL_FIELDS})
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # JSON values
+            if self.mla is not None:  # MLA has no kv heads or head_dim
+                out.update(num_key_value_heads=None, head_dim=None)
+            out["dense_layers"] = self.dense_layers or None
+        return {k: _json(v) for k, v in out.items()}  # JSON values
 
     def check_whole(self) -> None:
         """Refuse, in one line, a model whose every layer the engine cannot run."""
         if self.unsupported is not None:
             key, value, rule = self.unsupported
             raise InputError(f"{self.source}: {key}", value, rule)
-        if self.dense_layers:
-            raise InputError(f"{self.source}: mlp_only_layers / decoder_sparse_step", list(self.dense_layers),
+        if self.dense_layers and not self.dense_ffn_size:
+            raise InputError(f"{self.source}: mlp_only_layers / decoder_sparse_step",
+                             list(self.dense_layers),
                              "dense MLP layers are not supported in the whole model (one MoE layer runs: "
                              "--layer N, open_checkpoint(folder, layer=N))")
 
@@ -140,13 +154,16 @@ class HFModel:
                 "top_k": "num_experts_per_tok", "norm_eps": "rms_norm_eps",
                 "renormalize": "norm_topk_prob", "dtype": "dtype", "num_layers": "num_hidden_layers",
                 "max_positions": "max_position_embeddings", "eos_token_ids": "eos_token_id",
-                "qk_norm": "model_type"}.get(spec_field, spec_field)
+                "qk_norm": "model_type", "mla": "kv_lora_rank / q_lora_rank / qk_*_head_dim / v_head_dim",
+                "grouped_routing": "n_group / topk_group / routed_scaling_factor"}.get(spec_field, spec_field)
 
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""
         if not 0 <= layer < self.num_layers:
             raise InputError("layer", layer, f"out of range: {self.source} has num_hidden_layers = "
                                                f"{self.num_layers} (layers 0..{self.num_layers - 1})")
+        if self.shared_expert_size:
+            raise InputError("layer", layer, "has shared experts beside the routed ones: run the whole model")
         if layer in self.dense_layers:
             raise InputError("layer", layer, "is a dense MLP layer in this model (mlp_only_layers / "
                                                "decoder_sparse_step), not an MoE layer")
@@ -165,7 +182,14 @@ class HFModel:
         for p in "qkvo":
             out[f"w{p}"] = f"{attn}.{p}_proj.weight"
             out[f"b{p}"] = f"{attn}.{p}_proj.bias"
+        if (parts := _parts(self.family)) is not None:
+            out.update(parts.tensor_names(self, layer))
         return out
+
+    def fix_layout(self, name: str, t):
+        """Engine tensor `name` ([in, out]) in the engine's column order (DeepSeek: rotary columns)."""
+        parts = _parts(self.family)
+        return t if parts is None else parts.fix_layout(self, name, t)
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
@@ -174,6 +198,18 @@ class HFModel:
         return {"w_gate": f"{moe}.experts.{expert}.{gate}.weight",
                 "w_up": f"{moe}.experts.{expert}.{up}.weight",
                 "w_down": f"{moe}.experts.{expert}.{down}.weight"}
+
+
+def _parts(family: str):
+    """The family's own module (pyengine.model.families.<parts>), or None."""
+    name = FAMILIES[family].parts
+    return None if name is None else importlib.import_module(f"pyengine.model.families.{name}")
+
+
+def _json(v: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v
 
 
 def config_path(path: str | os.PathLike) -> str:
@@ -204,7 +240,7 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
     if act != "silu":
         raise InputError(f"{src}: hidden_act", act, "the expert FFN is SwiGLU: only 'silu' is supported")
     num_layers = get.integer("num_hidden_layers")
-    renorm = True if fam.always_renormalize else get.flag("norm_topk_prob", False)
+    renorm = True if fam.always_renormalize else get.flag("norm_topk_prob", fam.renormalize_default)
     hidden = get.integer("hidden_size")
     return HFModel(
         source=src, family=family, name=_name(cfg, src),
@@ -214,7 +250,13 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
         norm_eps=get.number("rms_norm_eps", fam.eps_default), renormalize=renorm,
         num_layers=num_layers, tie_word_embeddings=get.flag("tie_word_embeddings", False),
         dense_layers=_dense_layers(cfg, family, num_layers, get),
-        **attention_fields(cfg, fam, get, hidden))
+        **{**attention_fields(cfg, fam, get, hidden), **_family_parts(cfg, family, get)})
+
+
+def _family_parts(cfg: dict[str, Any], family: str, get: _Getter) -> dict[str, Any]:
+    """The fields a family's own module reads (DeepSeek-V3: MLA, YaRN, grouped routing, shared experts)."""
+    parts = _parts(family)
+    return {} if parts is None else parts.hf_fields(cfg, get, _num_experts(cfg, FAMILIES[family], get))
 
 
 def _family(cfg: dict[str, Any], src: str) -> str:
@@ -224,7 +266,7 @@ def _family(cfg: dict[str, Any], src: str) -> str:
     if mt not in FAMILIES:
         raise InputError(f"{src}: model_type", mt, f"not a supported MoE family (one of {sorted(FAMILIES)})")
     for key in SHARED_EXPERT_KEYS:
-        if cfg.get(key):
+        if cfg.get(key) and FAMILIES[mt].parts is None:  # else its family module reads them
             raise InputError(f"{src}: {key}", cfg[key], "shared experts are not supported yet")
     return mt
 
@@ -256,6 +298,8 @@ def _num_experts(cfg: dict[str, Any], fam: Family, get: _Getter) -> int:
 
 
 def _dense_layers(cfg: dict[str, Any], family: str, num_layers: int, get: _Getter) -> tuple[int, ...]:
+    if (parts := _parts(family)) is not None:
+        return parts.dense_layers(cfg, get, num_layers)
     if family != "qwen3_moe":
         return ()
     step = get.integer("decoder_sparse_step", 1)

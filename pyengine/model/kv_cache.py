@@ -1,6 +1,8 @@
 """The KV cache of the attention GPU: paged (fixed-size blocks, a block table per slot), allocated once.
 
-Keys and values of every layer live in one allocation each, `[L, blocks + 1, block_size, kv_heads, d]`:
+Keys and values of every layer live in one allocation each, `[L, blocks + 1, block_size, kv_heads, d]`
+(MLA: the latent rows in the first, `[L, blocks + 1, block_size, 1, kv_lora_rank + qk_rope_head_dim]`,
+and an empty second; `token_shape`):
 position p of the sequence in slot s is row `p % block_size` of block `block_table[s, p // block_size]`.
 Blocks are handed out by a `BlockAllocator` as sequences grow and returned when they end, so
 sequences of very different lengths share the memory (PagedAttention). The last block is a trash
@@ -41,7 +43,17 @@ def cache_bytes(spec: DeploymentSpec, sequences: int, capacity: int, block_size:
     if not m.layered:
         return 0
     rows = (sequences * blocks_for(capacity, block_size) + 1) * block_size
-    return 2 * m.layers * rows * m.kv_heads * m.head_size * dtypes.nbytes(m.dtype)
+    heads, k_width, v_width = token_shape(m)
+    return m.layers * rows * heads * (k_width + v_width) * dtypes.nbytes(m.dtype)
+
+
+def token_shape(model) -> tuple[int, int, int]:
+    """(heads, key width, value width) one token holds per layer: GQA's kv_heads keys and values of
+    d; MLA's one latent row (kv_lora_rank + qk_rope_head_dim) that serves as key and value alike,
+    so no separate value (width 0)."""
+    if model.mla is not None:
+        return 1, model.mla.latent_width, 0
+    return model.kv_heads, model.head_size, model.head_size
 
 
 class BlockAllocator:
@@ -96,11 +108,13 @@ class KVCache:
         self.max_blocks = blocks_for(capacity, block_size)
         self.blocks = slots * self.max_blocks if blocks is None else blocks
         self.trash = self.blocks
-        shape = (m.layers, self.blocks + 1, block_size, m.kv_heads, m.head_size)
+        heads, k_width, v_width = token_shape(m)
+        rows = (m.layers, self.blocks + 1, block_size, heads)
         # Zeroed once: a padding row reads the trash block, and attention weights of 0 times a NaN
         # left in fresh memory would still be NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(rows + (k_width,), dtype=dtype, device=device)
+        self.v = torch.zeros(rows + (v_width,), dtype=dtype, device=device)
+        """MLA: k holds the latent rows, v is empty (width 0)."""
         self.block_table = torch.full((slots + 1, self.max_blocks), self.trash, dtype=torch.int32,
                                       device=device)
         """[slots + 1, max_blocks] int32 on the device; row `slots` is the padding slot (all trash)."""
@@ -154,7 +168,8 @@ class KVCache:
         """k, v [t, kv_heads, d] at flat cache rows `rows` [t] (one launch each)."""
         kc, vc = self.layer_views(layer)
         kc.view(-1, *kc.shape[2:]).index_copy_(0, rows, k)
-        vc.view(-1, *vc.shape[2:]).index_copy_(0, rows, v)
+        if vc.shape[-1]:
+            vc.view(-1, *vc.shape[2:]).index_copy_(0, rows, v)
 
     def gather(self, layer: int, slots: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [len(slots), kv_heads, n_blocks * block_size, d]: each slot's first `n_blocks` blocks

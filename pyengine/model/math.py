@@ -30,6 +30,30 @@ def route(u: torch.Tensor, router: torch.Tensor, k: int,
     return ids.to(torch.int32).contiguous(), (w / w.sum(-1, keepdim=True) if renormalize else w)
 
 
+def route_grouped(u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool, grouped,
+                  correction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router (`grouped`: a GroupedRoutingSpec): s = sigmoid(u @ router) in fp32 (the
+    checkpoints keep the gate in fp32); the choice ranks s + correction (the bias never enters a
+    weight); groups of E / n_group experts ranked by the sum of their two best biased scores (one for
+    a group of one), the topk_group best kept; the top k among their experts; weights = the chosen
+    s, divided by their sum + 1e-20 when `renormalize`, times routed_scaling_factor. Ties go to the
+    lower id, groups too (stable descending sorts): (ids int32 [T,k], weights fp32 [T,k])."""
+    s = torch.sigmoid(u.float() @ router.float())
+    choice = s + correction.float() if correction is not None else s
+    t, e = s.shape
+    size = e // grouped.n_group
+    by_group = choice.view(t, grouped.n_group, size)
+    group_score = by_group.topk(min(2, size), dim=-1).values.sum(-1)
+    best_groups = torch.sort(group_score, dim=-1, descending=True, stable=True)[1][:, :grouped.topk_group]
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(size, dim=1), float("-inf"))
+    ids = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :k]
+    w = s.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids.to(torch.int32).contiguous(), (w * grouped.routed_scaling_factor).contiguous()
+
+
 def add_partials_and_norm(x: torch.Tensor, partials: list, w: torch.Tensor, eps: float,
                           keep_residual: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(h, rmsnorm(h) * w) with h = x + sum(partials): the partials summed in fp32, in order,

@@ -14,6 +14,7 @@ from pyengine.core.spec import DeploymentSpec
 from pyengine.model.routing import MeasuredRouting
 from pyengine.model.stages import Shard
 from pyengine.model.stages.embed import embed_and_route
+from pyengine.model.tensors import router_names
 from pyengine.model.weights import WeightSource, as_source, make_tokens
 
 
@@ -24,7 +25,7 @@ def router_choices(spec: DeploymentSpec, source: WeightSource | int, ids: torch.
     uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
     w = {"embed": src.embed_rows(spec, uniq, device),  # row i is token id uniq[i]
          "norm_in": src.weight(spec, "norm_in", Shard(), device),
-         "router": src.weight(spec, "router", Shard(), device)}
+         **{n: src.weight(spec, n, Shard(), device) for n in router_names(spec.model)}}
     _, _, top_ids, _ = embed_and_route(spec, w, inverse.to(device))
     return top_ids
 

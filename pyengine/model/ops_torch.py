@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pyengine.model.kernel_path import KernelPath
-from pyengine.model.math import rmsnorm, route
+from pyengine.model.math import rmsnorm, route, route_grouped
 
 
 class TorchOps:
@@ -31,7 +31,12 @@ class TorchOps:
     def norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return rmsnorm(x, w, eps)
 
-    def route(self, u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool):
+    def route(self, u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool, grouped=None,
+              correction: torch.Tensor | None = None):
+        """Softmax top-k, or with `grouped` (a GroupedRoutingSpec) DeepSeek-V3's grouped sigmoid
+        routing with its selection-only `correction` bias."""
+        if grouped is not None:
+            return route_grouped(u, router, k, renormalize, grouped, correction)
         return route(u, router, k, renormalize)
 
     def experts(self, w: Mapping[str, Any], u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -60,6 +65,10 @@ class TorchOps:
 
     def attention(self, model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache, layer: int, chunk,
                   tables) -> torch.Tensor:
+        if model.mla is not None:
+            from pyengine.model.attention_mla import mla_attention_torch
+
+            return mla_attention_torch(model, w, a, cache, layer, chunk, tables)
         from pyengine.model.attention import attention_torch
 
         return attention_torch(model, w, a, cache, layer, chunk, tables)

@@ -38,7 +38,7 @@ class TritonOps(TorchOps):
         self._turns = _INTERPRETER if device.type != "cuda" else contextlib.nullcontext()
         self._shards: dict[tuple, Any] = {}
         self._routers: dict[tuple, Any] = {}
-        self._attn: dict[int, Any] = {}
+        self._attn: dict[tuple, Any] = {}
         self._ropes: dict[tuple, Any] = {}
 
     # ---- residual + norm, router, experts -----------------------------------------------------
@@ -56,18 +56,27 @@ class TritonOps(TorchOps):
         with self._turns:
             return fused_rmsnorm(x, w, eps)
 
-    def route(self, u, router, k, renormalize):
+    def route(self, u, router, k, renormalize, grouped=None, correction=None):
         """The router GEMM (cuBLAS), then softmax + top-k + renormalise in one kernel (ties to the
-        lower expert id)."""
-        from pyengine.kernels.router_topk import RouterTopK
+        lower expert id). With `grouped`: the GEMM in fp32 (the gate is kept in fp32), then the
+        kernel's sigmoid_grouped variant; a router past the kernel's limits (more than 256 experts
+        or top-k above 8) takes the torch path instead (same rule, same ties)."""
+        from pyengine.kernels.router_topk import MAX_EXPERTS, MAX_TOP_K, RouterTopK
 
-        key = (router.shape[1], k, renormalize)
+        e = router.shape[1]
+        if grouped is not None and (e > MAX_EXPERTS or k > MAX_TOP_K):
+            return super().route(u, router, k, renormalize, grouped, correction)
+        key = (e, k, renormalize, grouped)
         if key not in self._routers:
-            self._routers[key] = RouterTopK(router.shape[1], k, self.device, variant="softmax",
-                                            renormalize=renormalize)
-        logits = u @ router
+            extra = {} if grouped is None else dict(
+                variant="sigmoid_grouped", n_group=grouped.n_group, topk_group=grouped.topk_group,
+                routed_scaling_factor=grouped.routed_scaling_factor)
+            self._routers[key] = RouterTopK(e, k, self.device, **{"variant": "softmax", "renormalize": renormalize,
+                                                                  **extra})
+        logits = u @ router if grouped is None else u.float() @ router.float()
+        bias = None if correction is None else correction.float()
         with self._turns:
-            return self._routers[key](logits)
+            return self._routers[key](logits, correction_bias=bias)
 
     def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False, static=False):
         """align + column GEMM (SwiGLU) + row GEMM + the fixed-order k-sum: four launches. Ids of -1
@@ -100,6 +109,9 @@ class TritonOps(TorchOps):
     def attention(self, model, w, a, cache, layer, chunk, tables):
         from pyengine.model.attention import attend_prefill, project_qkv
 
+        if model.mla is not None:
+            return self._mla_attention(model, w, a, cache, layer, chunk, tables)
+
         qkv = project_qkv(model, w, a)
         q = torch.empty(a.shape[0], model.heads, model.head_size, dtype=a.dtype, device=a.device)
         kc, vc = cache.layer_views(layer)
@@ -114,6 +126,42 @@ class TritonOps(TorchOps):
                     q, kc, vc, cache.block_table, tables.slots, tables.lengths, out)
                 return out.reshape(q.shape[0], -1)
         return attend_prefill(cache, layer, chunk, q, tables)
+
+    def _mla_attention(self, model, w, a, cache, layer, chunk, tables):
+        """MLA: projections, latent norm and RoPE in torch, the latent written by row; a decode group
+        reads the latent in place (absorbed, one Triton split-K kernel + combine), a prefill
+        decompresses its sequence's latents (torch)."""
+        import dataclasses
+
+        from pyengine.model import attention_mla as mla
+
+        if tables.rows is None:  # a static decode step's tables are views of its metadata: derive the
+            # cache rows and RoPE rows here, inside the (captured) compute, so a graph replay reads this
+            # step's values, not the capture's
+            slots, pos = tables.slots, tables.positions.long()
+            rows = cache.rows(torch.where(slots < 0, cache.padding_slot, slots), pos)
+            tables = dataclasses.replace(tables, rows=rows, cos=tables.rope.cos[pos].to(a.dtype),
+                                         sin=tables.rope.sin[pos].to(a.dtype))
+        q = mla.mla_prepare(model, w, a, cache, layer, tables, norm=self.norm)
+        if not tables.decode:
+            return mla.mla_attend_prefill(model, w, cache, layer, chunk, q, tables)
+        kv_lora = model.mla.kv_lora_rank
+        out = torch.empty(q.shape[0], model.heads, kv_lora, dtype=a.dtype, device=a.device)
+        with self._turns:
+            self._decode_mla(model, cache, q.shape[0], a.dtype)(
+                mla.absorb_q(model, w, q), cache.layer_views(layer)[0], cache.block_table, tables.slots,
+                tables.lengths, out, scale=mla.softmax_scale(model))
+        return mla.unabsorb_out(model, w, out)
+
+    def _decode_mla(self, model, cache, rows: int, dtype):
+        from pyengine.kernels.decode_attention_mla import DecodeMLA
+
+        cap = rows if rows <= STATIC_ROWS else -(-rows // STATIC_ROWS) * STATIC_ROWS
+        key = ("mla", cap, cache.block_size, cache.max_blocks)
+        if key not in self._attn:
+            self._attn[key] = DecodeMLA(cap, model.heads, model.mla.kv_lora_rank, model.mla.qk_rope_head_dim,
+                                        cache.block_size, cache.max_blocks, dtype, self.device)
+        return self._attn[key]
 
     def _rope(self, model, block_size: int, dtype):
         from pyengine.kernels.qk_rope_cache import QKRopeCache

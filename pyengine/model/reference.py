@@ -31,10 +31,41 @@ def _top_k(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tenso
     return order[:, :k], (w / w.sum(dim=-1, keepdim=True) if renormalize else w)
 
 
+def _grouped_top_k(m, logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores; the choice by score + bias within the best groups (each ranked by its two best
+    biased scores, ties to the lower group); weights the chosen plain scores, renormalised (+1e-20)
+    when `renormalize`, times the scaling factor. One row at a time."""
+    g = m.grouped_routing
+    s = 1.0 / (1.0 + torch.exp(-logits.to(torch.float32)))
+    c = s + bias.to(torch.float32)
+    size = m.num_experts // g.n_group
+    ids = torch.empty(s.shape[0], m.top_k, dtype=torch.long)
+    for row in range(s.shape[0]):
+        score = [sum(sorted(c[row, i * size:(i + 1) * size].tolist(), reverse=True)[:2]) for i in range(g.n_group)]
+        groups = sorted(range(g.n_group), key=lambda i: (-score[i], i))[:g.topk_group]
+        allowed = [e for e in range(m.num_experts) if e // size in groups]
+        ids[row] = torch.tensor(sorted(allowed, key=lambda e: (-c[row, e].item(), e))[:m.top_k])
+    w = torch.gather(s, 1, ids.to(s.device))
+    if m.renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids.to(s.device), w * g.routed_scaling_factor
+
+
+def _mlp(w: Mapping[str, torch.Tensor], name: str, u: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU MLP (tensors name_gate, name_up, name_down) of every row, fp32 [T, H]."""
+    gate = u @ w[name + "_gate"]
+    return ((gate * torch.sigmoid(gate) * (u @ w[name + "_up"])) @ w[name + "_down"]).to(torch.float32)
+
+
 def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torch.Tensor:
     """The routed experts' weighted sum [T, H] (fp32) of normed rows u, one whole expert at a time."""
-    top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
+    if m.grouped_routing is not None:
+        top_ids, top_w = _grouped_top_k(m, u.float() @ w[prefix + "router"].float(), w[prefix + "router_correction"])
+    else:
+        top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    if m.shared_expert_size:  # the always-on expert, every token, weight 1
+        y += _mlp(w, prefix + "ws", u)
     for e in range(m.num_experts):
         tok, slot = torch.where(top_ids == e)
         if tok.numel() == 0:
@@ -57,6 +88,14 @@ def _rope(t: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def _attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    if m.mla is not None:
+        from pyengine.model.reference_mla import mla_attention
+
+        return mla_attention(m, w, prefix, x, _norm)
+    return _gqa_attention(m, w, prefix, x)
+
+
+def _gqa_attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
     """Causal self-attention of one sequence x [S, H]: explicit scores, a triangular mask, fp32 softmax."""
     d, heads, kv = m.head_size, m.heads, m.kv_heads
     a = _norm(x, w[prefix + "attn_norm"], m.norm_eps)
@@ -93,7 +132,8 @@ def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: 
         for layer in range(m.layers):
             p = f"layers.{layer}."
             x = torch.cat([xs + _attention(m, w, p, xs) for xs in x.reshape(b, s, -1)])
-            y = _moe(m, w, p, _norm(x, w[p + "norm_in"], m.norm_eps))
+            u = _norm(x, w[p + "norm_in"], m.norm_eps)
+            y = _mlp(w, p + "wd", u) if m.is_dense(layer) else _moe(m, w, p, u)
             if layer + 1 < m.layers:
                 x = x + y.to(x.dtype)
     h = x + y.to(x.dtype)

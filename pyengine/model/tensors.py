@@ -8,7 +8,8 @@ w_down, norm_out, out), `layers.<l>.<name>` for layer l's tensors. A stage compu
 themselves, so the stage code reads `w["router"]` whatever the layer.
 
 Layout is the engine's [in, out] (HF linears are [out, in]): w_gate/w_up [E, H, F], w_down
-[E, F, H], router [H, E], out [H, V], wq [H, heads*d], wk/wv [H, kv*d], wo [heads*d, H].
+[E, F, H], router [H, E], out [H, V], wq [H, heads*d], wk/wv [H, kv*d], wo [heads*d, H]; MLA's in
+`_mla_shapes`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,41 @@ QK_NORMS = ("q_norm", "k_norm")
 BIASES = ("bq", "bk", "bv", "bo")
 
 
+MLA = ("attn_norm", "wkv_a", "kv_a_norm", "wkv_b", "wo")
+"""Multi-head latent attention (pyengine.model.attention_mla): the KV latent's down-projection (with
+the shared rotary key), its norm, its up-projection to per-head k_nope and v, and o."""
+MLA_Q_LORA = ("wq_a", "q_a_norm", "wq_b")
+"""MLA's q through its low-rank path (q_lora_rank set); else one `wq`."""
+DENSE_MLP = ("wd_gate", "wd_up", "wd_down")
+"""A dense layer's MLP (model.dense_layers): [H, I], [H, I], [I, H]."""
+SHARED_EXPERT = ("ws_gate", "ws_up", "ws_down")
+"""The shared expert of a layer (model.shared_expert_size > 0): [H, S], [H, S], [S, H]."""
+ROUTER_CORRECTION = "router_correction"
+"""Grouped routing's per-expert bias [E], added to the scores for the choice only."""
+
+
 def attention_names(model: ModelSpec) -> tuple[str, ...]:
     """One layer's attention tensors for this model's options (none for the block)."""
-    return attention_tensors(model.qk_norm, model.attention_bias) if model.layered else ()
+    if not model.layered:
+        return ()
+    if model.mla is not None:
+        return MLA + (MLA_Q_LORA if model.mla.q_lora_rank is not None else ("wq",))
+    return attention_tensors(model.qk_norm, model.attention_bias)
+
+
+def fp32_names(model: ModelSpec) -> tuple[str, ...]:
+    """Tensors held in fp32 whatever the model dtype: grouped routing's gate and correction bias
+    (DeepSeek-V3 keeps them in fp32; in bf16 the bias's small differences would flip choices)."""
+    return ("router", ROUTER_CORRECTION) if model.grouped_routing is not None else ()
+
+
+def shared_expert_names(model: ModelSpec) -> tuple[str, ...]:
+    return SHARED_EXPERT if model.shared_expert_size else ()
+
+
+def router_names(model: ModelSpec) -> tuple[str, ...]:
+    """One layer's router tensors: the gate, and grouped routing's correction bias."""
+    return ("router",) + ((ROUTER_CORRECTION,) if model.grouped_routing is not None else ())
 
 
 def attention_tensors(qk_norm: str, bias: bool) -> tuple[str, ...]:
@@ -47,6 +80,11 @@ def model_layers(model: ModelSpec) -> list[int | None]:
     return list(range(model.layers)) if model.layered else [None]
 
 
+def moe_layers(model: ModelSpec) -> list[int | None]:
+    """The layers with routed experts (all but the dense ones)."""
+    return [layer for layer in model_layers(model) if not model.is_dense(layer)]
+
+
 def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
     """The unsharded shape of tensor `name` in the engine's layout."""
     h, f, e, v = model.hidden_size, model.ffn_hidden_size, model.num_experts, model.vocab_size
@@ -57,7 +95,20 @@ def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
               "attn_norm": (h,), "wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h),
               "q_norm": (norm_width or q,), "k_norm": (norm_width or kv,),
               "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
+    if model.mla is not None:
+        shapes.update(_mla_shapes(model))
+    shapes[ROUTER_CORRECTION] = (e,)
+    s, d = model.shared_expert_size, model.dense_ffn_size
+    shapes.update(ws_gate=(h, s), ws_up=(h, s), ws_down=(s, h), wd_gate=(h, d), wd_up=(h, d), wd_down=(d, h))
     return shapes[name]
+
+
+def _mla_shapes(model: ModelSpec) -> dict[str, tuple[int, ...]]:
+    m, h, n = model.mla, model.hidden_size, model.heads
+    return {"wkv_a": (h, m.latent_width), "kv_a_norm": (m.kv_lora_rank,),
+            "wkv_b": (m.kv_lora_rank, n * (m.qk_nope_head_dim + m.v_head_dim)), "wo": (n * m.v_head_dim, h),
+            "wq": (h, n * m.qk_head_dim), "wq_a": (h, m.q_lora_rank), "q_a_norm": (m.q_lora_rank,),
+            "wq_b": (m.q_lora_rank, n * m.qk_head_dim)}
 
 
 class LayerWeights(Mapping):

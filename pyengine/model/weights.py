@@ -20,7 +20,7 @@ import torch
 from pyengine.core.dtypes import torch_dtype
 from pyengine.core.spec import DeploymentSpec
 from pyengine.model.stages import Shard, stages_of, stages_on
-from pyengine.model.tensors import PER_EXPERT, full_shape, weight_key
+from pyengine.model.tensors import PER_EXPERT, fp32_names, full_shape, weight_key
 
 WEIGHT_NAMES = ("embed", "norm_in", "router", "w_gate", "w_up", "w_down", "norm_out", "out")
 """The block's tensors (a model with layers has these per layer, plus its attention's)."""
@@ -28,6 +28,11 @@ WEIGHT_NAMES = ("embed", "norm_in", "router", "w_gate", "w_up", "w_down", "norm_
 
 def model_dtype(spec: DeploymentSpec) -> torch.dtype:
     return torch_dtype(spec.model.dtype)
+
+
+def tensor_dtype(spec: DeploymentSpec, name: str) -> torch.dtype:
+    """The dtype tensor `name` is held in: the model's, or fp32 for the few a family keeps so."""
+    return torch.float32 if name in fp32_names(spec.model) else model_dtype(spec)
 
 
 def tensor_list(spec: DeploymentSpec) -> list[tuple[str, int | None]]:
@@ -60,7 +65,7 @@ def _make(spec: DeploymentSpec, seed: int, name: str, layer: int | None, index: 
 def weight(spec: DeploymentSpec, seed: int, name: str, *, device: torch.device | str = "cpu",
            dtype: torch.dtype | None = None, shard: Shard = Shard(), layer: int | None = None) -> torch.Tensor:
     """One weight of `layer`, or the slice `shard` of it (expert tensors: some experts, columns of F)."""
-    dtype = dtype or model_dtype(spec)
+    dtype = dtype or tensor_dtype(spec, name)
     if name not in PER_EXPERT:
         return _make(spec, seed, name, layer).to(device=device, dtype=dtype)
     experts = shard.experts if shard.experts is not None else range(spec.model.num_experts)
@@ -169,7 +174,7 @@ class DeviceRandomWeights:
                 shape[1 if name == "w_down" else 2] = shard.f_cols[1] - shard.f_cols[0]
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + zlib.crc32(weight_key(name, layer).encode())) % (2**63))
-        t = torch.empty(shape, dtype=model_dtype(spec), device=device)
+        t = torch.empty(shape, dtype=tensor_dtype(spec, name), device=device)
         if len(shape) == 1:
             return t.normal_(1.0 if "norm" in name else 0.0, 0.1, generator=g)
         return t.normal_(0.0, 1.0 if name == "embed" else shape[-2] ** -0.5, generator=g)

@@ -62,13 +62,25 @@ LAUNCHES = {
     (StageKind.OUTPUT, "last"): 2,  # residual + norm, head GEMM
 }
 """Launches of one compute action of a decode step on the Triton path, by stage part."""
+MLA_LAUNCHES = {"first": 47, "later": 46}
+"""The attention rank's launches with multi-head latent attention (its projections, latent norms,
+RoPE rows, cache rows and cache write are separate launches, every layer: a fused kernel would cut
+them; the decode reads the latent in one kernel + combine)."""
+MLP_LAUNCHES = 6
+"""A shared expert's or a dense layer's SwiGLU on the attention rank: two GEMMs, silu, product, GEMM, add."""
+ROUTER_LAUNCHES = 5
+"""What a dense layer does not launch: the router GEMM, its top-k, the padding mask, the payload."""
 
 
 def launches(spec: DeploymentSpec, a) -> int:
     """The Triton path's launches of compute action `a` of a decode step."""
     kind = StageKind(a.stage)
     if kind is StageKind.EMBED:
-        return LAUNCHES[(kind, "first" if not a.layer else "later")]
+        m, part = spec.model, "first" if not a.layer else "later"
+        base = MLA_LAUNCHES[part] if m.mla is not None else LAUNCHES[(kind, part)]
+        if m.is_dense(a.layer):
+            return base + MLP_LAUNCHES - ROUTER_LAUNCHES
+        return base + (MLP_LAUNCHES if m.shared_expert_size else 0)
     if kind is StageKind.EXPERTS:
         return LAUNCHES[(kind, "expert" if spec.expert_parallel else "tensor")]
     return LAUNCHES[(kind, "last")]

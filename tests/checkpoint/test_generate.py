@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers import on_threads
+from tiny_hf import FAMILIES, FAMILY_CONFIG, fit_experts
 from pyengine.execute.engine import Engine
 from pyengine.model.checkpoint import open_checkpoint
 from pyengine.model.hf_config import deployment_spec
@@ -55,14 +56,14 @@ def engine_generate(spec, source, prompts=PROMPTS):
     return on_threads(body, timeout_s=180)
 
 
-CASES = [(f, lay, m) for f in ("mixtral", "qwen3_moe", "olmoe") for lay in LAYOUTS for m in (1, 2)]
+CASES = [(f, lay, m) for f in FAMILIES for lay in LAYOUTS for m in (1, 2)]
 
 
 @pytest.mark.parametrize("family,layout_name,m", CASES, ids=[f"{f}-{lay}-m{m}" for f, lay, m in CASES])
 def test_generate_matches_transformers(checkpoint, layout_config, family, layout_name, m):
-    folder, model = checkpoint(family, norm_topk_prob=family == "qwen3_moe")
+    folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, layout_config(LAYOUTS[layout_name], m), whole=True,
+    spec = deployment_spec(source.hf, layout_config(fit_experts(LAYOUTS[layout_name], family), m), whole=True,
                            batch=(len(PROMPTS), 8))
     free, _ = transformers_generate(model, None)
     eos = int(free[1][len(PROMPTS[1]) + 2])  # the second prompt's third new id: it must stop there
@@ -93,12 +94,13 @@ def test_a_prefill_chunk_with_exactly_one_non_final_row(checkpoint, layout_confi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,layout_name", [("mixtral", "ep-with-gpu0"), ("qwen3_moe", "tp"), ("olmoe", "tp")])
+@pytest.mark.parametrize("family,layout_name", [("mixtral", "ep-with-gpu0"), ("qwen3_moe", "tp"), ("olmoe", "tp"),
+                                                ("deepseek_v3", "ep-with-gpu0")])
 def test_cli_generate_on_gloo_matches_transformers(checkpoint, layout_config, tmp_path, family, layout_name):
-    folder, model = checkpoint(family)
+    folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     torch.save(PROMPTS, tmp_path / "prompts.pt")
     r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "--weights", str(folder),
-                        "--config", layout_config(LAYOUTS[layout_name], 2), "--tokens",
+                        "--config", layout_config(fit_experts(LAYOUTS[layout_name], family), 2), "--tokens",
                         str(tmp_path / "prompts.pt"), "--max-new-tokens", str(NEW), "--warmup", "0",
                         "--json", "--dump", str(tmp_path / "d")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

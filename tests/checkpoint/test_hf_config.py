@@ -21,6 +21,7 @@ SHIPPED = {
     "mixtral-8x22b": ("mixtral", 6144, 16384, 8, 2, 32000, 1e-5, True, 56),
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 768, 128, 8, 151936, 1e-6, True, 48),
     "olmoe-1b-7b": ("olmoe", 2048, 1024, 64, 8, 50304, 1e-5, False, 16),
+    "moonlight-16b-a3b": ("deepseek_v3", 2048, 1408, 64, 6, 163840, 1e-5, True, 27),
 }
 
 
@@ -29,7 +30,20 @@ def test_shipped_configs(name):
     hf = read_hf_config(str(HF.joinpath(name)))
     got = (hf.family, hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.top_k, hf.vocab_size,
            hf.norm_eps, hf.renormalize, hf.num_layers)
-    assert got == SHIPPED[name] and hf.dtype == "bfloat16" and not hf.dense_layers
+    assert got == SHIPPED[name] and hf.dtype == "bfloat16"
+    assert hf.dense_layers == ((0,) if hf.family == "deepseek_v3" else ())
+
+
+def test_moonlight_is_deepseek_v3_with_a_latent_cache():
+    hf = read_hf_config(str(HF.joinpath("moonlight-16b-a3b")))
+    assert (hf.mla.q_lora_rank, hf.mla.kv_lora_rank, hf.mla.latent_width) == (None, 512, 576)
+    assert (hf.shared_expert_size, hf.dense_ffn_size) == (2 * 1408, 11264) and hf.rope_scaling is None
+    g = hf.grouped_routing
+    assert (g.n_group, g.topk_group, g.routed_scaling_factor) == (1, 1, 2.446)
+    spec = deployment_spec(hf, whole=True, batch=(1, 8))
+    from pyengine.model.kv_cache import cache_bytes
+    # 27 layers x 576 values x 2 bytes per token: 1 sequence of 8 tokens in one 16-row block + the trash block
+    assert cache_bytes(spec, 1, 8) == 27 * 2 * 16 * 576 * 2
 
 
 def test_mixtral_8x7b_is_the_seed_model():
@@ -47,7 +61,7 @@ def base(**over):
 
 @pytest.mark.parametrize("over,words", [
     ({"model_type": "qwen2_moe"}, "shared expert"),
-    ({"model_type": "deepseek_v3"}, "shared experts"),
+    ({"model_type": "deepseek_v2"}, "not supported"),
     ({"model_type": "llama"}, "not a supported MoE family"),
     ({"model_type": None}, "not a supported MoE family"),
     ({"shared_expert_intermediate_size": 64}, "shared experts are not supported"),
@@ -63,6 +77,51 @@ def base(**over):
 def test_refusals_name_the_key(over, words):
     with pytest.raises(InputError) as e:
         from_dict(base(**over), "x/config.json")
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def deepseek(**over):
+    cfg = {"model_type": "deepseek_v3", "hidden_size": 8, "moe_intermediate_size": 6, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "vocab_size": 11, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "kv_lora_rank": 4, "q_lora_rank": None, "qk_nope_head_dim": 2, "qk_rope_head_dim": 2, "v_head_dim": 2,
+           "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 0,
+           "n_shared_experts": 0, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 16}}
+    cfg.update(over)
+    return cfg
+
+
+def test_deepseek_v3_fields():
+    hf = from_dict(deepseek(), "x/config.json")
+    assert hf.mla.latent_width == 6 and hf.mla.q_lora_rank is None and hf.renormalize is True
+    assert (hf.grouped_routing.n_group, hf.grouped_routing.topk_group) == (4, 2) and hf.rope_scaling.factor == 4.0
+    assert hf.model_fields(whole=True)["num_key_value_heads"] is None and hf.rope_interleave
+    assert from_dict(deepseek(n_shared_experts=2), "c").shared_expert_size == 12  # 2 x moe_intermediate_size
+    dense = from_dict(deepseek(first_k_dense_replace=1, intermediate_size=10), "c").model_fields(whole=True)
+    assert dense["dense_layers"] == [0] and dense["dense_ffn_size"] == 10
+    with pytest.raises(InputError, match="layer = 1: has shared experts"):  # not the routed block --layer runs
+        from_dict(deepseek(n_shared_experts=2), "c").check_layer(1)
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"n_shared_experts": -1}, "n_shared_experts = -1: must be a non-negative integer"),
+    ({"first_k_dense_replace": 3}, "first_k_dense_replace = 3: must be an integer in [0, 2]"),
+    ({"first_k_dense_replace": 1}, "intermediate_size = None: is required"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear': only yarn"),
+    ({"scoring_func": "softmax"}, "scoring_func = 'softmax': only sigmoid"),
+    ({"topk_method": "group_limited_greedy"}, "topk_method = 'group_limited_greedy': only noaux_tc"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"num_key_value_heads": 1}, "num_key_value_heads = 1: MLA has no kv heads"),
+    ({"n_group": 3}, "n_group = 3: must divide n_routed_experts (8)"),
+    ({"topk_group": 5}, "topk_group = 5: must be <= n_group (4)"),
+    ({"kv_lora_rank": None}, "kv_lora_rank = None: is required"),
+    ({"attention_bias": True}, "attention_bias = True"),
+    ({"use_sliding_window": True}, "use_sliding_window = True: is not a deepseek_v3 key the engine knows"),
+])
+def test_deepseek_v3_refusals_name_the_key(over, words):
+    with pytest.raises(InputError) as e:
+        hf = from_dict(deepseek(**over), "x/config.json")
+        hf.check_whole()
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -103,6 +162,12 @@ def test_plan_hf_config_text(capsys):
     out = capsys.readouterr().out
     assert "model: Qwen/Qwen3-30B-A3B (qwen3_moe" in out and "128 experts, top-8" in out
     assert "Per GPU" in out and "Verdicts" in out
+
+
+def test_plan_hf_config_prices_moonlight(capsys):
+    assert main(["plan", "--hf-config", str(HF.joinpath("moonlight-16b-a3b"))]) == 0
+    out = capsys.readouterr().out
+    assert "(deepseek_v3" in out and "a cached latent of 576 per token" in out and "Verdicts" in out
 
 
 def test_plan_hf_config_json(capsys):

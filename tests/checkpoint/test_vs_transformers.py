@@ -57,8 +57,10 @@ def run_engine(spec, source, ids) -> torch.Tensor:
     return on_threads(lambda r: Engine(spec, transports[r], source=source).forward(ids), timeout_s=120)[spec.stage("output").gpus[0]]
 
 
+BLOCK_CONFIG = {"qwen3_moe": dict(norm_topk_prob=True),
+                "deepseek_v3": dict(experts=6, n_shared_experts=0)}  # --layer runs a block without shared experts
 CASES = [(fam, dtype, sharded, layout)
-         for fam in ("mixtral", "qwen3_moe", "olmoe")
+         for fam in ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
          for dtype, sharded in (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True))
          for layout in LAYOUTS]
 
@@ -66,7 +68,7 @@ CASES = [(fam, dtype, sharded, layout)
 @pytest.mark.parametrize("family,dtype,sharded,layout", CASES,
                          ids=[f"{f}-{d}-{'sharded' if s else 'single'}-{lay}" for f, d, s, lay in CASES])
 def test_engine_matches_transformers(checkpoint, layout_config, family, dtype, sharded, layout):
-    folder, model = checkpoint(family, dtype, sharded, norm_topk_prob=family == "qwen3_moe")
+    folder, model = checkpoint(family, dtype, sharded, **BLOCK_CONFIG.get(family, {}))
     source = open_checkpoint(folder, LAYER)
     spec = deployment_spec(source.hf, layout_config(**layout_of(layout)))
     assert spec.model.dtype == dtype and spec.model.renormalize == (family != "olmoe")

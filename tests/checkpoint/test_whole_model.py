@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import on_threads
+from tiny_hf import FAMILIES, FAMILY_CONFIG, fit_experts
 from pyengine.execute.engine import Engine
 from pyengine.model.checkpoint import open_checkpoint
 from pyengine.model.hf_config import deployment_spec
@@ -52,15 +53,16 @@ def engine_logits(spec, source, ids) -> torch.Tensor:
 
 
 IDS = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(11))
-CASES = [(fam, layout, m) for fam in ("mixtral", "qwen3_moe", "olmoe") for layout in LAYOUTS for m in (1, 3)]
+CASES = [(fam, layout, m) for fam in FAMILIES for layout in LAYOUTS for m in (1, 3)]
 
 
 @pytest.mark.parametrize("family,layout,m", CASES, ids=[f"{f}-{lay}-m{m}" for f, lay, m in CASES])
 def test_whole_model_matches_transformers_fp32(checkpoint, layout_config, family, layout, m):
-    folder, model = checkpoint(family, norm_topk_prob=family == "qwen3_moe")
+    folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, layout_config(LAYOUTS[layout], m, model=BATCH), whole=True)
-    assert spec.model.num_layers == 3 and spec.model.kv_heads == 1
+    spec = deployment_spec(source.hf, layout_config(fit_experts(LAYOUTS[layout], family), m, model=BATCH),
+                           whole=True)
+    assert spec.model.num_layers == 3 and (spec.model.kv_heads == 1 or spec.model.mla is not None)
     got = engine_logits(spec, source, IDS)
     with torch.no_grad():
         ref = model(IDS).logits
@@ -78,13 +80,14 @@ def test_other_boundaries_and_asready(checkpoint, layout_config, boundary, kind)
     assert rel_err(engine_logits(spec, source, IDS), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3"])
 def test_whole_model_bf16_within_bf16_rounding(checkpoint, layout_config, family):
     """bf16: the engine's error against an fp32 run of the same (bf16) weights is no worse than
     twice transformers' own bf16 error against it, plus a floor of a few bf16 ulps of the logits."""
-    folder, model = checkpoint(family, "bfloat16")
+    folder, model = checkpoint(family, "bfloat16", **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
-    spec = deployment_spec(source.hf, layout_config(LAYOUTS["ep-with-gpu0"], 3, model=BATCH), whole=True)
+    spec = deployment_spec(source.hf, layout_config(fit_experts(LAYOUTS["ep-with-gpu0"], family), 3, model=BATCH),
+                           whole=True)
     got = engine_logits(spec, source, IDS)
     with torch.no_grad():
         theirs = model(IDS).logits
@@ -108,9 +111,9 @@ def test_ranks_read_only_their_slices(checkpoint, layout_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cli_run_whole_model_on_gloo(checkpoint, layout_config, tmp_path, family):
-    folder, model = checkpoint(family, sharded=True)
+    folder, model = checkpoint(family, sharded=True, **FAMILY_CONFIG.get(family, {}))
     torch.save(IDS, tmp_path / "ids.pt")
     cfg = layout_config(LAYOUTS["tp-uneven-out2"], 3, model=BATCH)
     r = subprocess.run([sys.executable, "-m", "pyengine", "run", "--weights", str(folder), "--config", cfg,

@@ -22,6 +22,12 @@ EP = SEED.replace(parallel={"stages": [
     {"name": "embed", "gpus": [0]},
     {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0, 1], [2, 3, 4], [5, 6, 7]]},
     {"name": "output", "gpus": [0]}]})
+MLA = SEED.replace(model={  # DeepSeek-V3's parts (Moonlight's widths): the MLA decode kernel, grouped routing,
+    # a shared expert and a dense first layer under graphs
+    "num_layers": 3, "num_key_value_heads": None, "head_dim": None, "dense_layers": [0], "dense_ffn_size": 1024,
+    "shared_expert_size": 512, "mla": {"q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                                       "qk_rope_head_dim": 64, "v_head_dim": 128},
+    "grouped_routing": {"n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}})
 LIVE = [list(range(6))] * 4 + [[0, 2, 5]] * 3 + [[2]] * 3  # shapes (2, 4), (2, 2), (1, 1)
 
 
@@ -48,7 +54,7 @@ def run(spec, mode: GraphMode):
     return on_threads(rank, timeout_s=600)
 
 
-@pytest.mark.parametrize("spec", [SEED, EP], ids=["tp", "ep"])
+@pytest.mark.parametrize("spec", [SEED, EP, MLA], ids=["tp", "ep", "mla"])
 def test_graph_replay_equals_eager_bitwise(spec):
     eager = run(spec, GraphMode.OFF)
     graphed = run(spec, GraphMode.ON)

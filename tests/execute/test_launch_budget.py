@@ -14,7 +14,8 @@ from pyengine.execute.step_loop import StepLoop
 from pyengine.execute.step_plan import SeqWork, StepPlan
 from pyengine.model.stages import StageKind
 from pyengine.model.weights import rank_weights
-from pyengine.predict.host import LAUNCHES
+from pyengine.predict.host import LAUNCHES, MLA_LAUNCHES, launches
+from pyengine.schedule.actions import ActionId, Kind
 from pyengine.transport.local import LocalTransport
 
 SPEC = load_spec(TINY_CONFIG).replace(model={
@@ -76,6 +77,29 @@ def test_triton_path_expert_parallel_launches_are_what_the_planner_prices(monkey
     monkeypatch.setenv("PYENGINE_KERNELS", "triton")
     ranks = decode_launches(8, EP)
     assert set(per_layer_part(ranks[1]).values()) == {LAUNCHES[(StageKind.EXPERTS, "expert")]}, ranks[1]
+
+
+MLA = SPEC.replace(model={
+    "num_key_value_heads": None, "head_dim": None, "num_experts": 6,
+    "mla": {"q_lora_rank": 10, "kv_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_head_dim": 8, "v_head_dim": 5},
+    "grouped_routing": {"n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.7}})
+
+
+@pytest.mark.slow
+def test_triton_path_mla_launches_are_what_the_planner_prices(monkeypatch):
+    """DeepSeek-V3's attention and router: the same counts at 8 and 64 sequences, as priced."""
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    few, many = decode_launches(8, MLA), decode_launches(64, MLA)
+    assert few == many
+    attention = per_layer_part(few[0])
+    assert (attention["l0.s0.COMPUTE"], attention["l1.s0.COMPUTE"]) == (MLA_LAUNCHES["first"], MLA_LAUNCHES["later"])
+    # a dense first layer and shared experts (DeepSeek-V3's): the planner's count of each layer part
+    spec = MLA.replace(model={"num_layers": 3, "dense_layers": [0], "dense_ffn_size": 11, "shared_expert_size": 9})
+    got = per_layer_part(decode_launches(8, spec)[0])
+    actions = {k: ActionId(Kind.COMPUTE, StageKind.EMBED, 0, None, (0,), layer)
+               for k, layer in (("l0.s0.COMPUTE", 0), ("l1.s0.COMPUTE", 1), ("l2.s0.COMPUTE", 2))}
+    assert {k: got[k] for k in actions} == {k: launches(spec, a) for k, a in actions.items()} == {
+        "l0.s0.COMPUTE": 48, "l1.s0.COMPUTE": 52, "l2.s0.COMPUTE": 52}
 
 
 def test_torch_path_launches_per_step_do_not_grow_with_sequences():

@@ -18,7 +18,8 @@ from pyengine.model.kv_cache import cache_bytes
 from pyengine.model.payloads import Payload
 from pyengine.model.costs import KernelKind
 from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
-from pyengine.model.tensors import attention_names
+from pyengine.model.tensors import (DENSE_MLP, ROUTER_CORRECTION, attention_names, router_names,
+                                    shared_expert_names)
 
 
 class EmbedStage(Stage):
@@ -34,38 +35,77 @@ class EmbedStage(Stage):
         self.attends = spec.model.layered
 
     def layer_weights(self) -> tuple[str, ...]:
-        return attention_names(self.spec.model) + ("norm_in", "router")
+        """Every per-layer name (a dense layer holds its MLP, a MoE layer its router; `tensors`)."""
+        m = self.spec.model
+        return self._names(False) + (DENSE_MLP if m.dense_layers else ())
+
+    def _names(self, dense: bool) -> tuple[str, ...]:
+        m = self.spec.model
+        return attention_names(m) + ("norm_in",) + (DENSE_MLP if dense else router_names(m) + shared_expert_names(m))
+
+    def tensors(self) -> list[tuple[str, int | None]]:
+        m = self.spec.model
+        return [(n, None) for n in self.shared_weights] + [
+            (n, layer) for layer in self.layer_list for n in self._names(m.is_dense(layer))]
+
+    def weight_bytes(self, rank: int) -> dict[str, int]:
+        from pyengine.model.tensors import full_shape
+
+        out: dict[str, int] = {}
+        for name, _ in self.tensors():
+            n = self.elem
+            for d in full_shape(self.spec.model, name):
+                n *= d
+            out[name] = out.get(name, 0) + n
+        return out
+
+    def _after_moe(self, layer: int | None) -> bool:
+        """Layer `layer` receives the previous layer's experts (it follows a MoE layer)."""
+        return self._after_first(layer) and not self.spec.model.is_dense(layer - 1)
 
     def _after_first(self, layer: int | None) -> bool:
         return layer is not None and layer > 0
 
     def cost_layer(self, layer: int | None) -> int | None:
+        m = self.spec.model
+        if m.is_dense(layer) or (self._after_first(layer) and m.is_dense(layer - 1)):
+            return layer  # a dense layer, or the one after it: priced on its own
         return 1 if self._after_first(layer) else layer  # the kernels only ask whether it is the first
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.RESID, StageKind.EMBED, layer - 1),) if self._after_first(layer) else ()
 
     def hand_off_from(self, layer: int | None) -> tuple[int | None, ...]:
-        return (layer - 1,) if self._after_first(layer) else ()
+        return (layer - 1,) if self._after_moe(layer) else ()
 
     # ---- costs ----------------------------------------------------------------------------------
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
         m, es, t = self.spec.model, self.elem, tokens
         h, e, k = m.hidden_size, m.num_experts, m.top_k
-        if self._after_first(layer):
+        if self._after_moe(layer):
             first = self.boundary.residual_kernels(self.consumer, t, store_residual=True)
+        elif self._after_first(layer):  # after a dense layer: x is whole, only the norm
+            first = [KernelCost.memory("rmsnorm_attn", 2 * t * h * es + h * es)]
         else:
             first = [KernelCost.memory("embed_gather", t * 8 + 2 * t * h * es)]
             if m.layered:
                 first.append(KernelCost.memory("rmsnorm_attn", 2 * t * h * es + h * es))
         attn = self._attention_kernels(t, chunk) if m.layered else []
         norm = 3 * t * h * es if m.layered else 2 * t * h * es  # residual add (+ o) and the norm
+        if m.is_dense(layer):
+            d = m.dense_ffn_size
+            return first + attn + [KernelCost.memory("rmsnorm_in", norm + h * es),
+                                   KernelCost.gemm("dense_gate_up", t, 2 * d, h, es),
+                                   KernelCost.gemm("dense_down", t, h, d, es), KernelCost.memory("dense_add", 3 * t * h * es)]
+        s = m.shared_expert_size
+        shared = [KernelCost.gemm("shared_gate_up", t, 2 * s, h, es), KernelCost.gemm("shared_down", t, h, s, es),
+                  KernelCost.memory("shared_add", 3 * t * h * es)] if s else []
         return first + attn + [
             KernelCost.memory("rmsnorm_in", norm + h * es),
             KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4, KernelKind.GEMM, t),
             KernelCost.memory("softmax_topk", t * e * 4 + t * k * 8),
-        ]
+        ] + shared
 
     def _attention_kernels(self, t: int, chunk: Chunk | None) -> list[KernelCost]:
         """QKV and O projections (dense GEMMs of t rows), q/k norms + RoPE and the KV-cache write
@@ -75,6 +115,11 @@ class EmbedStage(Stage):
         h, d = m.hidden_size, m.head_size
         q, kv = m.heads * d, m.kv_heads * d
         attended, keys = self._attention_work(t, chunk)
+        if m.mla is not None:
+            from pyengine.model.mla_costs import mla_kernels
+
+            decode = chunk is not None and all(s.tokens == 1 for s in chunk.segments) and len(chunk.segments) > 1
+            return mla_kernels(m, t, attended, keys, es, decode)
         return [
             KernelCost.gemm("qkv_gemm", t, q + 2 * kv, h, es),
             KernelCost.memory("qk_norm_rope_kv_write", 2 * t * (q + kv) * es + 2 * t * kv * es),
@@ -101,7 +146,11 @@ class EmbedStage(Stage):
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
         work = 2 * t * m.hidden_size * es + t * m.num_experts * 4 + t * m.top_k * 8  # x, u, logits, top-k
-        if m.layered:  # a (H), q and the attention output (heads·d each), k and v (kv·d each), partials
+        if m.layered and m.mla is not None:
+            from pyengine.model.mla_costs import mla_working_set
+
+            work += mla_working_set(m, t, es)
+        elif m.layered:  # a (H), q and the attention output (heads·d each), k and v (kv·d each), partials
             work += t * (m.hidden_size + 2 * m.heads * m.head_size + 2 * m.kv_heads * m.head_size) * es
             work += int(self.boundary.incoming_bytes(self.consumer, t))
             return work, t * m.hidden_size * es  # x waits here between layers
@@ -121,6 +170,8 @@ class EmbedStage(Stage):
             x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
         else:
             x, u, top_ids, top_w = self._layer(weights, ids, inputs, work)
+            if top_ids is None:  # a dense layer: nothing goes to the experts
+                return {Payload.RESID: (x,)}
         static = work is not None and work.static
         return {**self.consumer.from_router(u, top_ids, top_w, static), Payload.RESID: (x,),
                 Payload.ROUTES: (top_ids,)}
@@ -132,15 +183,22 @@ class EmbedStage(Stage):
 
         m = self.spec.model
         ops = work.kernels_for(w["norm_in"].device)
-        if self._after_first(work.layer):
+        if self._after_moe(work.layer):
             (x,), = inputs[Payload.RESID]
             x, a = ops.residual_norm(x, self.boundary.gather(inputs, x.shape[0]), w["attn_norm"], m.norm_eps)
+        elif self._after_first(work.layer):  # after a dense layer (its MLP already in x)
+            (x,), = inputs[Payload.RESID]
+            a = ops.norm(x, w["attn_norm"], m.norm_eps)
         else:
             x = w["embed"][ids]
             a = ops.norm(x, w["attn_norm"], m.norm_eps)
         o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
-        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize)
+        if m.is_dense(work.layer):  # the dense MLP joins the residual here; no router, no experts
+            return x + _swiglu(u, w, "wd"), u, None, None
+        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
+        if m.shared_expert_size:  # the shared expert joins the residual here; the routed ones at hand-off
+            x = x + _swiglu(u, w, "ws")
         if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
             top_ids = torch.where(work.tables.slots[:, None] >= 0, top_ids, -1)
         return x, u, top_ids, top_w
@@ -148,9 +206,25 @@ class EmbedStage(Stage):
 
 def embed_and_route(spec, w: Mapping[str, Any], ids):
     """ids [T] -> x [T,H], u [T,H], top-k ids int32 [T,k], top-k weights fp32 [T,k]."""
-    from pyengine.model.math import rmsnorm, route
+    from pyengine.model.math import rmsnorm, route, route_grouped
 
+    m = spec.model
     x = w["embed"][ids]
-    u = rmsnorm(x, w["norm_in"], spec.model.norm_eps)
-    top_ids, top_w = route(u, w["router"], spec.model.top_k, spec.model.renormalize)
+    u = rmsnorm(x, w["norm_in"], m.norm_eps)
+    if m.grouped_routing is not None:
+        top_ids, top_w = route_grouped(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
+    else:
+        top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize)
     return x, u, top_ids, top_w
+
+
+def _swiglu(u, w: Mapping[str, Any], p: str):
+    """(silu(u @ gate) * (u @ up)) @ down of the MLP whose tensors are named p_gate, p_up, p_down."""
+    import torch.nn.functional as F
+
+    return (F.silu(u @ w[f"{p}_gate"]) * (u @ w[f"{p}_up"])) @ w[f"{p}_down"]
+
+
+def _grouped(m, w: Mapping[str, Any]) -> tuple:
+    """The router's extra arguments: (grouped routing, its correction bias), or none."""
+    return (m.grouped_routing, w[ROUTER_CORRECTION]) if m.grouped_routing is not None else ()

@@ -20,6 +20,7 @@ from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
 from pyengine.model.stages.experts import EXPERT_WEIGHTS
+from pyengine.model.tensors import moe_layers
 
 
 class ExpertParallelStage(Stage):
@@ -33,6 +34,7 @@ class ExpertParallelStage(Stage):
 
     def __init__(self, spec, routing: Routing | None = None):
         super().__init__(spec)
+        self.layer_list = moe_layers(spec.model)  # dense layers have no experts
         self.routing = routing or uniform(spec)
         self.placement: dict[int, tuple[int, ...]] = dict(zip(self.ranks, spec.expert_placement()))
         self._luts: dict[Any, dict[int, Any]] = {}

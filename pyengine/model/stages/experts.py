@@ -12,6 +12,7 @@ from typing import Any
 from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
+from pyengine.model.tensors import moe_layers
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -27,6 +28,7 @@ class ExpertsStage(Stage):
 
     def __init__(self, spec):
         super().__init__(spec)
+        self.layer_list = moe_layers(spec.model)  # dense layers have no experts
         self._cols = {rank: (a, b) for rank, a, b in spec.ffn_shards()}
 
     def f_cols(self, rank: int) -> int:
