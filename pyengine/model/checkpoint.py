@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtype codes the loader accepts, and the torch dtype of each."""
+UNTIED_HEAD = "lm_head.weight"
+"""A stored output head: used even when config.json says tie_word_embeddings (transformers then
+keeps it too, with a warning, when it differs from the embedding)."""
 TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "ws_gate", "ws_up",
               "ws_down", "wd_gate", "wd_up", "wd_down", *PER_EXPERT)
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
@@ -190,6 +194,8 @@ def open_checkpoint(folder: str | os.PathLike, layer: int | None = None) -> Chec
     else:
         hf.check_layer(layer)
     weight_map = _weight_map(folder)
+    if hf.tie_word_embeddings and UNTIED_HEAD in weight_map:
+        hf = dataclasses.replace(hf, tie_word_embeddings=False)  # transformers too uses a stored head
     expected = (_expected_shapes(hf, layer) if layer is not None
                 else {k: v for i in range(hf.num_layers) for k, v in _expected_shapes(hf, i, True).items()})
     missing = [k for k in expected if k not in weight_map]

@@ -88,6 +88,24 @@ def test_tied_embeddings_use_the_embedding_as_the_head(checkpoint, layout_config
     assert rel_err(run_engine(spec, source, ids), tiny_hf.reference_logits(model, LAYER, ids)) <= 1e-5
 
 
+def test_a_stored_head_is_used_even_when_the_config_says_tied(checkpoint, layout_config, tmp_path):
+    """tie_word_embeddings: true beside a stored lm_head.weight that differs from the embedding:
+    transformers keeps the stored head (it warns), so the engine must too."""
+    import json
+    import shutil
+
+    folder, model = checkpoint("mixtral")
+    tied = shutil.copytree(folder, tmp_path / "tied")
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    source = open_checkpoint(str(tied), LAYER)
+    assert source.names["out"] == "lm_head.weight"
+    spec = deployment_spec(source.hf, layout_config(**layout_of("uneven-tp")))
+    ids = torch.arange(22).reshape(2, 11) % spec.model.vocab_size
+    assert rel_err(run_engine(spec, source, ids), tiny_hf.reference_logits(model, LAYER, ids)) <= 1e-5
+
+
 def test_a_different_layer_gives_different_logits(checkpoint):
     # guards the comparison itself: layers differ, so reading the wrong one cannot pass
     folder, model = checkpoint("mixtral")
