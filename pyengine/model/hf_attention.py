@@ -48,7 +48,7 @@ def _unsupported(cfg: dict[str, Any], fam, rope: Any, heads: int, head_dim: int,
         return ("rope_parameters.rope_type", kind, "only the default RoPE is supported (no scaling)")
     if cfg.get("rope_scaling"):
         return ("rope_scaling", cfg["rope_scaling"], "RoPE scaling is not supported")
-    if cfg.get("use_sliding_window") or (cfg.get("sliding_window") and "use_sliding_window" not in cfg):
+    if cfg.get("use_sliding_window") if fam.window_switch else cfg.get("sliding_window") is not None:
         return ("sliding_window", cfg.get("sliding_window"), "sliding-window attention is not supported")
     if cfg.get("clip_qkv") is not None:
         return ("clip_qkv", cfg["clip_qkv"], "clipping q/k/v is not supported")

@@ -45,6 +45,9 @@ class Family:
     """Its config has attention_bias (q/k/v/o projection biases)."""
     renormalize_default: bool = False
     """norm_topk_prob when config.json omits it (transformers' default for the family)."""
+    window_switch: bool = False
+    """Its config's use_sliding_window turns sliding_window on and off (Qwen); without the switch a
+    sliding_window set in config.json always applies (Mixtral: transformers ignores the flag there)."""
     parts: str | None = None
     """Its module under pyengine.model.families (its own keys, tensors, layouts, dense layers)."""
 
@@ -54,7 +57,7 @@ FAMILIES = {
                       ("w1", "w3", "w2"), 1e-5, always_renormalize=True, rope_theta_default=1e6),
     "qwen3_moe": Family("num_experts", "moe_intermediate_size", "mlp",
                         ("gate_proj", "up_proj", "down_proj"), 1e-6, qk_norm="per_head",
-                        has_bias_option=True),
+                        has_bias_option=True, window_switch=True),
     "olmoe": Family("num_experts", "intermediate_size", "mlp",
                     ("gate_proj", "up_proj", "down_proj"), 1e-5, qk_norm="full", has_bias_option=True),
     "deepseek_v3": Family("n_routed_experts", "moe_intermediate_size", "mlp",

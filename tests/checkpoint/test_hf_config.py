@@ -80,6 +80,21 @@ def test_refusals_name_the_key(over, words):
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("over,refused", [
+    ({"model_type": "mixtral", "num_local_experts": 4, "num_experts": None, "sliding_window": 4,
+      "use_sliding_window": False}, True),  # transformers' Mixtral applies the window regardless
+    ({"model_type": "mixtral", "num_local_experts": 4, "num_experts": None, "sliding_window": None}, False),
+    ({"model_type": "qwen3_moe", "moe_intermediate_size": 6, "sliding_window": 4, "use_sliding_window": False}, False),
+    ({"model_type": "qwen3_moe", "moe_intermediate_size": 6, "sliding_window": 4, "use_sliding_window": True}, True),
+])
+def test_a_sliding_window_is_refused_where_the_family_applies_it(over, refused):
+    hf = from_dict(base(num_attention_heads=2, **over), "x/config.json")
+    if not refused:
+        return hf.check_whole()
+    with pytest.raises(InputError, match="sliding-window attention is not supported"):
+        hf.check_whole()
+
+
 def deepseek(**over):
     cfg = {"model_type": "deepseek_v3", "hidden_size": 8, "moe_intermediate_size": 6, "n_routed_experts": 8,
            "num_experts_per_tok": 2, "vocab_size": 11, "num_hidden_layers": 2, "num_attention_heads": 2,
