@@ -197,3 +197,13 @@ def test_plan_refused_family_is_one_line(tmp_path, capsys):
     assert main(["plan", "--hf-config", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "qwen2_moe" in err[0] and "not supported yet" in err[0]
+
+
+def test_every_family_the_engine_reads_has_its_reference_in_the_tests():
+    """transformers' own model of a family (built by tests/tiny_hf.py) is the reference of the
+    whole-model and generate tests, which run over tiny_hf.FAMILIES: a family added to the engine
+    without it would go untested, so it fails here."""
+    import tiny_hf
+    from pyengine.model.hf_config import FAMILIES
+
+    assert set(FAMILIES) == set(tiny_hf.FAMILIES), set(FAMILIES) ^ set(tiny_hf.FAMILIES)
