@@ -34,6 +34,7 @@ KERNELS = {
     "_moe_sum_pairs_kernel": "pyengine.kernels.moe_sum_pairs",
     "_decode_attention_split_kernel": "pyengine.kernels.decode_attention",
     "_decode_attention_combine_kernel": "pyengine.kernels.decode_attention",
+    "_decode_mla_split_kernel": "pyengine.kernels.decode_attention_mla",
     "_qk_rope_cache_kernel": "pyengine.kernels.qk_rope_cache",
     "_router_topk_kernel": "pyengine.kernels.router_topk",
 }

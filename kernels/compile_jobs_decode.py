@@ -15,6 +15,7 @@ import torch
 import triton
 
 from pyengine.kernels import decode_attention as attention
+from pyengine.kernels import decode_attention_mla as mla
 from pyengine.kernels import qk_rope_cache as rope
 from pyengine.kernels import router_topk as router
 
@@ -39,6 +40,9 @@ class DecodeShapes:
     qk_norm: str = "none"  # none / per_head / full
     router_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of a grouped router
     rows: tuple[int, ...] = DECODE_ROWS
+    mla: tuple[int, int, int] = (16, 512, 64)
+    """(heads, kv_lora_rank, qk_rope_head_dim) of the MLA decode kernel; default Moonlight-16B-A3B's
+    widths, so the kernel is compiled and its resources checked whatever the deployment."""
 
 
 def decode_jobs(shapes: DecodeShapes, dtype: str, job_type) -> list:
@@ -47,7 +51,24 @@ def decode_jobs(shapes: DecodeShapes, dtype: str, job_type) -> list:
     for n in shapes.rows:
         jobs += _attention_jobs(shapes, dtype, n, job_type)
     where = [f"rows={n}" for n in shapes.rows]  # grid only: one compile serves every count
-    return jobs + _rope_jobs(shapes, dtype, where, job_type) + _router_jobs(shapes, dtype, where, job_type)
+    return (jobs + _rope_jobs(shapes, dtype, where, job_type) + _router_jobs(shapes, dtype, where, job_type)
+            + _mla_jobs(shapes, dtype, where, job_type))
+
+
+def _mla_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:
+    """DecodeMLA's split launch (its combine is decode attention's, compiled above): the split
+    count is a runtime argument, so one compile serves every row count."""
+    heads, latent, rope = s.mla
+    ptr = f"*{dtype}"
+    cfg = mla.decode_mla_config(latent, rope, heads, torch.device("cuda"))
+    width = latent + rope
+    args = [ptr, ptr, "*i32", "*i32", "*i32", "*fp32", "*fp32", 2, heads, mla.LOG2E / width ** 0.5,
+            heads * width, width, s.block_size * width, width, triton.cdiv(s.max_positions, s.block_size)]
+    meta = dict(C=latent, R=rope, PAGE=s.block_size, DOT_PRECISION="ieee" if dtype == "fp32" else None,
+                **{k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_R")})
+    launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
+    return [Job("_decode_mla_split_kernel", f"latent={latent} rope={rope}", dtype, launch, "default", args, meta,
+                shapes=where)]
 
 
 def _rope_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:

@@ -46,8 +46,7 @@ class Family:
     renormalize_default: bool = False
     """norm_topk_prob when config.json omits it (transformers' default for the family)."""
     window_switch: bool = False
-    """Its config's use_sliding_window turns sliding_window on and off (Qwen); without the switch a
-    sliding_window set in config.json always applies (Mixtral: transformers ignores the flag there)."""
+    """use_sliding_window switches its window (Qwen); else a set sliding_window applies (Mixtral)."""
     parts: str | None = None
     """Its module under pyengine.model.families (its own keys, tensors, layouts, dense layers)."""
 
@@ -66,8 +65,7 @@ FAMILIES = {
 }
 
 REFUSED = {
-    "qwen2_moe": "has a shared expert beside the routed ones (shared_expert_intermediate_size); "
-                 "not supported yet",
+    "qwen2_moe": "has a sigmoid-gated shared expert (shared_expert_gate); not supported yet",
     "deepseek_v2": "has softmax group-limited routing (topk_method) and shared experts; not supported "
                    "(deepseek_v3 is)",
 }
