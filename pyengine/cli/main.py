@@ -15,6 +15,9 @@ import signal
 import sys
 import threading
 
+from pyengine.core import stop_signal
+from pyengine.core.stop_signal import Terminated
+
 # subcommand -> the module that registers it. Only the module of the command being run is
 # imported, so `pyengine plan` does not pay for torch; `--help` imports them all.
 _COMMANDS = {
@@ -52,15 +55,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread so that every launcher's cleanup runs
-    (children stopped, queues closed) exactly as on Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.name, self.code = signal.Signals(signum).name, 128 + signum
-
-
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _WITHOUT_RANKS = {"plan", "simulate", "kernels"}
 """Commands that start no rank: an interrupt of theirs stops no rank."""
@@ -75,12 +69,14 @@ def _stop_signals_raise():
     def handler(signum, frame):
         for s in _STOP_SIGNALS:  # a second signal must not break the cleanup of the first
             signal.signal(s, signal.SIG_IGN)
+        stop_signal.record(signum)  # raised again by the launchers' watch loops if this raise is lost
         raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
     try:
         yield
     finally:
+        stop_signal.record(None)
         for s, h in previous.items():
             signal.signal(s, h)
 

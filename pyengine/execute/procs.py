@@ -39,6 +39,8 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from pyengine.core.stop_signal import raise_if_stopped
+
 __all__ = ["RankFailure", "Watch", "spawn_ranks", "free_port"]
 
 _TRACEBACK_TAIL_LINES = 25
@@ -181,6 +183,7 @@ class _Job:
             failure = self._receive() or self._check_exits() or self._check_time()
             if failure is not None:
                 return failure
+            raise_if_stopped()
         return None
 
     def _receive(self) -> RankFailure | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pyengine.core.stop_signal import raise_if_stopped
 from pyengine.execute.blame import explain, idle_for
 from pyengine.execute.liveness import Beacon, Board
 from pyengine.execute.procs import SETTLE_S
@@ -88,6 +89,7 @@ def _watch(threads: list[threading.Thread], errors: dict[int, BaseException], bo
             return _settle(board, None, f"no rank made progress for {idle:.0f} s", stall_s)
         for t in threads:
             t.join(0.05)
+        raise_if_stopped()
     if errors:
         first, exc = next(iter(errors.items()))
         return _settle(board, first, f"{type(exc).__name__}: {exc}", stall_s)
