@@ -17,6 +17,7 @@ from pyengine.model.boundaries import boundary_of
 from pyengine.model.kv_cache import cache_bytes
 from pyengine.model.payloads import Payload
 from pyengine.model.costs import KernelKind
+from pyengine.model.dense_mlp import dense_layer_mlp, shared_expert
 from pyengine.model.stages.base import Inputs, KernelCost, Source, Stage, StageKind, Work
 from pyengine.model.tensors import (DENSE_MLP, ROUTER_CORRECTION, attention_names, router_names,
                                     shared_expert_names)
@@ -195,10 +196,10 @@ class EmbedStage(Stage):
         o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
         if m.is_dense(work.layer):  # the dense MLP joins the residual here; no router, no experts
-            return x + _swiglu(u, w, "wd"), u, None, None
+            return x + dense_layer_mlp(u, w), u, None, None
         top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
         if m.shared_expert_size:  # the shared expert joins the residual here; the routed ones at hand-off
-            x = x + _swiglu(u, w, "ws")
+            x = x + shared_expert(m, u, w)
         if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
             top_ids = torch.where(work.tables.slots[:, None] >= 0, top_ids, -1)
         return x, u, top_ids, top_w
@@ -216,13 +217,6 @@ def embed_and_route(spec, w: Mapping[str, Any], ids):
     else:
         top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize)
     return x, u, top_ids, top_w
-
-
-def _swiglu(u, w: Mapping[str, Any], p: str):
-    """(silu(u @ gate) * (u @ up)) @ down of the MLP whose tensors are named p_gate, p_up, p_down."""
-    import torch.nn.functional as F
-
-    return (F.silu(u @ w[f"{p}_gate"]) * (u @ w[f"{p}_up"])) @ w[f"{p}_down"]
 
 
 def _grouped(m, w: Mapping[str, Any]) -> tuple:
