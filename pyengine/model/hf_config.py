@@ -1,13 +1,13 @@
-"""A Hugging Face `config.json` read as one of the MoE families the engine runs (Mixtral, Qwen3-MoE,
-OLMoE, DeepSeek-V3: its own parts in pyengine.model.families.deepseek_v3), and the deployment spec
-that follows from it. The families differ in key names, tensor names and routing; Qwen2-MoE and
-DeepSeek-V2 are refused in one line. Nothing here reads a tensor; `pyengine.model.checkpoint` does.
+"""A Hugging Face `config.json` read as one of the MoE families the engine runs, and the deployment
+spec that follows from it. What differs between families (key names, tensor names and layouts,
+dense layers, routing and attention variants) is each family's, in pyengine.model.families; this
+module reads the keys they share and asks the family for the rest. Nothing here reads a tensor;
+`pyengine.model.checkpoint` does.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -17,58 +17,12 @@ from pyengine.core.dtypes import MODEL_DTYPES, nbytes
 from pyengine.core.errors import InputError, SpecError
 from pyengine.core.spec import DeploymentSpec
 from pyengine.core.spec_parse import parse_json
+from pyengine.model.families import FAMILIES, REFUSED, Family
 from pyengine.model.hf_attention import attention_fields
 
 CONFIG_NAME = "config.json"
 
 
-@dataclass(frozen=True, slots=True)
-class Family:
-    """How one model_type names its MoE sizes and tensors."""
-
-    experts_key: str
-    """Its config key for E (transformers maps num_experts <-> num_local_experts, so a saved
-    config may carry the other one: both are read, see EXPERT_KEYS)."""
-    ffn_key: str
-    moe_module: str
-    """The MoE block under `model.layers.{N}.`: block_sparse_moe (Mixtral) or mlp."""
-    projections: tuple[str, str, str]
-    """Per-expert linear names for (gate, up, down)."""
-    eps_default: float
-    """transformers' rms_norm_eps default for the family (used when config.json omits it)."""
-    always_renormalize: bool = False
-    """Mixtral has no norm_topk_prob: it always renormalises the top-k weights."""
-    qk_norm: str = "none"
-    """The attention's q/k RMSNorm: none (Mixtral), per_head (Qwen3-MoE), full (OLMoE)."""
-    rope_theta_default: float = 10000.0
-    has_bias_option: bool = False
-    """Its config has attention_bias (q/k/v/o projection biases)."""
-    renormalize_default: bool = False
-    """norm_topk_prob when config.json omits it (transformers' default for the family)."""
-    window_switch: bool = False
-    """use_sliding_window switches its window (Qwen); else a set sliding_window applies (Mixtral)."""
-    parts: str | None = None
-    """Its module under pyengine.model.families (its own keys, tensors, layouts, dense layers)."""
-
-
-FAMILIES = {
-    "mixtral": Family("num_local_experts", "intermediate_size", "block_sparse_moe",
-                      ("w1", "w3", "w2"), 1e-5, always_renormalize=True, rope_theta_default=1e6),
-    "qwen3_moe": Family("num_experts", "moe_intermediate_size", "mlp",
-                        ("gate_proj", "up_proj", "down_proj"), 1e-6, qk_norm="per_head",
-                        has_bias_option=True, window_switch=True),
-    "olmoe": Family("num_experts", "intermediate_size", "mlp",
-                    ("gate_proj", "up_proj", "down_proj"), 1e-5, qk_norm="full", has_bias_option=True),
-    "deepseek_v3": Family("n_routed_experts", "moe_intermediate_size", "mlp",
-                          ("gate_proj", "up_proj", "down_proj"), 1e-6, renormalize_default=True,
-                          parts="deepseek_v3"),
-}
-
-REFUSED = {
-    "qwen2_moe": "has a sigmoid-gated shared expert (shared_expert_gate); not supported yet",
-    "deepseek_v2": "has softmax group-limited routing (topk_method) and shared experts; not supported "
-                   "(deepseek_v3 is)",
-}
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 
@@ -150,7 +104,7 @@ class HFModel:
 
     def config_key(self, spec_field: str) -> str:
         """The config.json key behind a spec field (for error messages)."""
-        fam = FAMILIES[self.family]
+        fam = self.fam
         return {"ffn_hidden_size": fam.ffn_key, "num_experts": fam.experts_key,
                 "top_k": "num_experts_per_tok", "norm_eps": "rms_norm_eps",
                 "renormalize": "norm_topk_prob", "dtype": "dtype", "num_layers": "num_hidden_layers",
@@ -172,7 +126,7 @@ class HFModel:
     def tensor_names(self, layer: int) -> dict[str, str]:
         """HF tensor names of layer `layer`'s non-expert weights (attention, norms, router) and the
         shared embed, norm_out, out, by engine name."""
-        moe = f"model.layers.{layer}.{FAMILIES[self.family].moe_module}"
+        moe = f"model.layers.{layer}.{self.fam.moe_module}"
         attn = f"model.layers.{layer}.self_attn"
         embed = "model.embed_tokens.weight"
         out = {"embed": embed, "norm_in": f"model.layers.{layer}.post_attention_layernorm.weight",
@@ -183,28 +137,21 @@ class HFModel:
         for p in "qkvo":
             out[f"w{p}"] = f"{attn}.{p}_proj.weight"
             out[f"b{p}"] = f"{attn}.{p}_proj.bias"
-        if (parts := _parts(self.family)) is not None:
-            out.update(parts.tensor_names(self, layer))
+        out.update(self.fam.tensor_names(self, layer))
         return out
+
+    @property
+    def fam(self) -> Family:
+        """The family this config belongs to (pyengine.model.families)."""
+        return FAMILIES[self.family]
 
     def fix_layout(self, name: str, t):
         """Engine tensor `name` ([in, out]) in the engine's column order (DeepSeek: rotary columns)."""
-        parts = _parts(self.family)
-        return t if parts is None else parts.fix_layout(self, name, t)
+        return self.fam.fix_layout(self, name, t)
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """HF tensor names of one expert's w_gate, w_up, w_down (stored [out, in])."""
-        moe = f"model.layers.{layer}.{FAMILIES[self.family].moe_module}"
-        gate, up, down = FAMILIES[self.family].projections
-        return {"w_gate": f"{moe}.experts.{expert}.{gate}.weight",
-                "w_up": f"{moe}.experts.{expert}.{up}.weight",
-                "w_down": f"{moe}.experts.{expert}.{down}.weight"}
-
-
-def _parts(family: str):
-    """The family's own module (pyengine.model.families.<parts>), or None."""
-    name = FAMILIES[family].parts
-    return None if name is None else importlib.import_module(f"pyengine.model.families.{name}")
+        return self.fam.expert_names(self, layer, expert)
 
 
 def _json(v: Any) -> Any:
@@ -250,14 +197,10 @@ def from_dict(cfg: dict[str, Any], src: str = CONFIG_NAME) -> HFModel:
         vocab_size=get.integer("vocab_size"), dtype=_dtype(cfg, src),
         norm_eps=get.number("rms_norm_eps", fam.eps_default), renormalize=renorm,
         num_layers=num_layers, tie_word_embeddings=get.flag("tie_word_embeddings", False),
-        dense_layers=_dense_layers(cfg, family, num_layers, get),
-        **{**attention_fields(cfg, fam, get, hidden), **_family_parts(cfg, family, get)})
+        dense_layers=fam.dense_layers(cfg, get, num_layers),
+        **{**attention_fields(cfg, fam, get, hidden), **fam.hf_fields(cfg, get, _num_experts(cfg, fam, get))})
 
 
-def _family_parts(cfg: dict[str, Any], family: str, get: _Getter) -> dict[str, Any]:
-    """The fields a family's own module reads (DeepSeek-V3: MLA, YaRN, grouped routing, shared experts)."""
-    parts = _parts(family)
-    return {} if parts is None else parts.hf_fields(cfg, get, _num_experts(cfg, FAMILIES[family], get))
 
 
 def _family(cfg: dict[str, Any], src: str) -> str:
@@ -267,7 +210,7 @@ def _family(cfg: dict[str, Any], src: str) -> str:
     if mt not in FAMILIES:
         raise InputError(f"{src}: model_type", mt, f"not a supported MoE family (one of {sorted(FAMILIES)})")
     for key in SHARED_EXPERT_KEYS:
-        if cfg.get(key) and FAMILIES[mt].parts is None:  # else its family module reads them
+        if cfg.get(key) and not FAMILIES[mt].reads_shared_experts:
             raise InputError(f"{src}: {key}", cfg[key], "shared experts are not supported yet")
     return mt
 
@@ -296,18 +239,6 @@ def _num_experts(cfg: dict[str, Any], fam: Family, get: _Getter) -> int:
         raise InputError(f"{get.src}: {present[1]}", values[present[1]],
                          f"disagrees with {present[0]} = {values[present[0]]}")
     return values[present[0]] if present else get.integer(fam.experts_key)
-
-
-def _dense_layers(cfg: dict[str, Any], family: str, num_layers: int, get: _Getter) -> tuple[int, ...]:
-    if (parts := _parts(family)) is not None:
-        return parts.dense_layers(cfg, get, num_layers)
-    if family != "qwen3_moe":
-        return ()
-    step = get.integer("decoder_sparse_step", 1)
-    only = cfg.get("mlp_only_layers") or []
-    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
-        raise InputError(f"{get.src}: mlp_only_layers", only, "must be a list of layer indices")
-    return tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
 
 
 class _Getter:

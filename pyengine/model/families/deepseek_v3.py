@@ -14,6 +14,7 @@ from typing import Any
 
 from pyengine.core.errors import InputError
 from pyengine.core.spec_parts import GroupedRoutingSpec, MLASpec
+from pyengine.model.families.base import Family
 
 MODEL_TYPE = "deepseek_v3"
 LATENT_KEYS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -92,7 +93,7 @@ def refuse_unsupported(cfg: dict[str, Any], src: str) -> None:
             raise InputError(f"{src}: {key}", cfg.get(key), rule)
 
 
-def dense_layers(cfg: dict[str, Any], get, num_layers: int) -> tuple[int, ...]:
+def first_dense_layers(cfg: dict[str, Any], get, num_layers: int) -> tuple[int, ...]:
     """Layers 0 .. first_k_dense_replace - 1: a dense MLP of intermediate_size, no router."""
     k = cfg.get("first_k_dense_replace", 0) or 0
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_layers:
@@ -137,7 +138,7 @@ def rope_layouts(mla: MLASpec, heads: int, interleaved: bool) -> dict[str, tuple
             "wkv_a": (1, mla.kv_lora_rank, mla.qk_rope_head_dim)}
 
 
-def hf_fields(cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
+def read_fields(cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
     """The HFModel fields of this family beyond the common ones (refusing what is unsupported)."""
     from pyengine.model.rope_yarn import read_rope_scaling
 
@@ -150,7 +151,7 @@ def hf_fields(cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
                 dense_ffn_size=get.integer("intermediate_size") if cfg.get("first_k_dense_replace") else 0)
 
 
-def tensor_names(hf, layer: int) -> dict[str, str]:
+def layer_names(hf, layer: int) -> dict[str, str]:
     """Engine name -> HF name of layer `layer`'s MLA and router tensors."""
     attention = attention_names(layer, hf.mla.q_lora_rank is not None)
     if layer in hf.dense_layers:  # its MLP is mlp.{gate,up,down}_proj, no router
@@ -159,9 +160,28 @@ def tensor_names(hf, layer: int) -> dict[str, str]:
     return {**attention, **router_names(layer), **(shared if hf.shared_expert_size else {})}
 
 
-def fix_layout(hf, name: str, t):
+def rope_columns(hf, name: str, t):
     """Engine tensor `name` ([in, out]) with its interleaved rotary columns de-interleaved."""
     from pyengine.model.attention_mla import deinterleave_rope
 
     layout = rope_layouts(hf.mla, hf.num_attention_heads, hf.rope_interleave).get(name)
     return t if layout is None else deinterleave_rope(t, *layout)
+
+
+class DeepseekV3(Family):
+    def hf_fields(self, cfg: dict[str, Any], get, num_experts: int) -> dict[str, Any]:
+        return read_fields(cfg, get, num_experts)
+
+    def dense_layers(self, cfg: dict[str, Any], get, num_layers: int) -> tuple[int, ...]:
+        return first_dense_layers(cfg, get, num_layers)
+
+    def tensor_names(self, hf, layer: int) -> dict[str, str]:
+        return layer_names(hf, layer)
+
+    def fix_layout(self, hf, name: str, t):
+        return rope_columns(hf, name, t)
+
+
+FAMILY = DeepseekV3(MODEL_TYPE, "n_routed_experts", "moe_intermediate_size", "mlp",
+                    ("gate_proj", "up_proj", "down_proj"), 1e-6, renormalize_default=True,
+                    reads_shared_experts=True)

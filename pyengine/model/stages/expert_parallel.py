@@ -19,15 +19,14 @@ from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.stages.experts import EXPERT_WEIGHTS
-from pyengine.model.tensors import moe_layers
+from pyengine.model.tensors import PER_EXPERT, moe_layers
 
 
 class ExpertParallelStage(Stage):
     kind = StageKind.EXPERTS
 
     def layer_weights(self) -> tuple[str, ...]:
-        return EXPERT_WEIGHTS
+        return PER_EXPERT
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.DISPATCH, StageKind.EMBED, layer),)

@@ -12,16 +12,14 @@ from typing import Any
 from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.tensors import moe_layers
-
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+from pyengine.model.tensors import PER_EXPERT, moe_layers
 
 
 class ExpertsStage(Stage):
     kind = StageKind.EXPERTS
 
     def layer_weights(self) -> tuple[str, ...]:
-        return EXPERT_WEIGHTS
+        return PER_EXPERT
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.ACT, StageKind.EMBED, layer),)
