@@ -25,6 +25,10 @@ IGNORED_DEFAULTS = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False),
                     "top_logprobs": (None, 0), "logit_bias": (None,), "suffix": (None,),
                     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0)}
 """Fields this server does not implement: accepted only at their neutral values."""
+CHAT_IGNORED_DEFAULTS = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                         "function_call": (None, "none"), "response_format": (None, {"type": "text"})}
+"""Chat fields it does not implement (tool calls, constrained output): refused unless neutral, so a
+client asking for JSON or a tool call never gets free text it would take for one."""
 
 
 class ApiError(Exception):
@@ -111,12 +115,16 @@ def _stop_ids(body: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _neutral_only(body: dict, fields: dict[str, tuple]) -> None:
+    for field, neutral in fields.items():
+        if field in body and not any(_same(body[field], n) for n in neutral):
+            raise bad(field, body[field], f"is not supported (only {neutral[-1]!r})")
+
+
 def _common(body: dict, has_text: bool, max_tokens_field: str = "max_tokens") -> tuple:
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
-    for field, neutral in IGNORED_DEFAULTS.items():
-        if field in body and not any(_same(body[field], n) for n in neutral):
-            raise bad(field, body[field], f"is not supported (only {neutral[-1]!r})")
+    _neutral_only(body, IGNORED_DEFAULTS)
     from pyengine.model.prompts import MAX_NEW_TOKENS
 
     max_tokens = _number(body, max_tokens_field, 16, lo=1, hi=MAX_NEW_TOKENS, integer=True)
@@ -165,8 +173,10 @@ def completion_request(body: dict, has_text: bool) -> GenerationRequest:
 
 
 def chat_request(body: dict, has_text: bool) -> GenerationRequest:
-    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    field = "max_completion_tokens" if isinstance(body, dict) and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
     params, stop, stream, usage = _common(body, has_text, field)
+    _neutral_only(body, CHAT_IGNORED_DEFAULTS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", messages, "must be a non-empty list of {role, content} objects")

@@ -102,3 +102,28 @@ def test_kv_blocks_beyond_what_the_slots_can_use_are_refused_before_any_rank_sta
     assert ServeCapacity(slots=2, capacity=32, blocks=4).resolve(spec)[1] == 4  # 2 x 32/16: all usable
     with pytest.raises(InputError, match=r"blocks = 2147483647: must be in \[1, 4\]"):
         ServeCapacity(slots=2, capacity=32, blocks=2**31 - 1).resolve(spec)  # was an 824 GB allocation
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("response_format", {"type": "json_object"}),
+])
+def test_chat_tools_and_constrained_output_are_refused_not_ignored(field, value):
+    """A client asking for a tool call or JSON must not get free text it would take for one."""
+    from pyengine.serve.openai_api import ApiError, chat_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    with pytest.raises(ApiError, match=f"^{field} = .*: is not supported") as e:
+        chat_request(body, has_text=True)
+    assert e.value.status == 400 and e.value.param == field
+    neutral = {"tools": [], "tool_choice": "none", "functions": [], "function_call": "none",
+               "response_format": {"type": "text"}}[field]
+    assert chat_request({**body, field: neutral}, has_text=True).messages == body["messages"]
+
+
+def test_a_chat_body_that_is_not_an_object_is_a_400():
+    from pyengine.serve.openai_api import ApiError, chat_request
+
+    with pytest.raises(ApiError, match="must be a JSON object"):
+        chat_request([1, 2], has_text=True)
