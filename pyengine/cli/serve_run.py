@@ -114,7 +114,7 @@ def launch(args, source) -> int:
 
 
 class _drain_on_signals:
-    """While the ranks run: the first SIGTERM/SIGHUP sets `drain`; a second one, or the drain
+    """While the ranks run: the first SIGTERM/SIGHUP/SIGINT (Ctrl-C) sets `drain`; a second one, or the drain
     running DRAIN_BACKSTOP_S past its grace, raises the CLI's Terminated (every rank stopped)."""
 
     def __init__(self, drain, grace_s: float):
@@ -133,7 +133,7 @@ class _drain_on_signals:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+            for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGALRM):
                 self.previous[s] = signal.signal(s, self._handle)
         return self
 

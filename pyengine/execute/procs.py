@@ -81,8 +81,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _die_with_parent(rank: int) -> None:
-    """SIGKILL when the parent dies; and the name `pyengine-rankN` in ps/top//proc/PID/comm,
-    so that a user (or a test) can tell the ranks apart."""
+    """SIGKILL when the parent dies; the name `pyengine-rankN` in ps/top//proc/PID/comm, so that
+    a user (or a test) can tell the ranks apart; and a process group of its own, so that a signal
+    sent to the job's group (Ctrl-C in a terminal, `kill -- -PGID`, a service manager's stop)
+    reaches the parent alone, which decides what it means (`pyengine serve` drains) and stops the
+    ranks itself, instead of every rank dying at once and the parent blaming the first it sees."""
+    os.setpgid(0, 0)
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -39,11 +39,11 @@ def model_dir(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, folder, *flags: str):
+    def __init__(self, folder, *flags: str, own_group: bool = False):
         cmd = [sys.executable, "-m", "pyengine", "serve", "--weights", str(folder), "--port", "0",
                "--max-model-len", "64", *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=own_group)
         line = self.proc.stdout.readline()  # the first line is "listening on" (or the process ended)
         if "listening on" not in line:
             self.proc.kill()
@@ -166,6 +166,26 @@ def test_sigterm_with_requests_in_flight_lets_them_finish_and_exits_0(model_dir)
     assert "leaked" not in err
     assert all(len(o.choices[0].model_extra["token_ids"]) == 30 for o in outs)
     assert "every request finished" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_drains_like_one_to_the_server(model_dir, signum):
+    """`kill -- -PGID`, Ctrl-C in a terminal, a service manager's stop: every process of the group
+    gets the signal; the rank processes must not die of it (the server would blame a rank)."""
+    server = Server(model_dir[0], "--backend", "gloo", "--grace", "60", own_group=True)
+    client = server.client()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(client.completions.create, model=server.model, prompt=prompt(i, 4), max_tokens=30,
+                               temperature=0, extra_body={"ignore_eos": True}) for i in range(2)]
+        while server.metric("pyengine_requests_running") < 2:
+            time.sleep(0.02)
+        os.killpg(server.proc.pid, signum)
+        outs = [f.result(timeout=120) for f in futures]
+    code, err = server.stop(signal_it=False)
+    assert code == 0, err
+    assert "every request finished" in err and "rank" not in err, err
+    assert all(len(o.choices[0].model_extra["token_ids"]) == 30 for o in outs)
+    assert not server.ranks()
 
 
 def test_a_rank_that_dies_fails_in_flight_requests_with_503_and_names_it(model_dir):
