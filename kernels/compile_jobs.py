@@ -36,6 +36,7 @@ KERNELS = {
     "_decode_attention_combine_kernel": "pyengine.kernels.decode_attention",
     "_decode_mla_split_kernel": "pyengine.kernels.decode_attention_mla",
     "_qk_rope_cache_kernel": "pyengine.kernels.qk_rope_cache",
+    "_mla_rope_cache_kernel": "pyengine.kernels.mla_rope_cache",
     "_router_topk_kernel": "pyengine.kernels.router_topk",
 }
 INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed", "_chunk_experts",

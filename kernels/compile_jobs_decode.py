@@ -16,6 +16,7 @@ import triton
 
 from pyengine.kernels import decode_attention as attention
 from pyengine.kernels import decode_attention_mla as mla
+from pyengine.kernels import mla_rope_cache as mla_rope
 from pyengine.kernels import qk_rope_cache as rope
 from pyengine.kernels import router_topk as router
 
@@ -40,9 +41,10 @@ class DecodeShapes:
     qk_norm: str = "none"  # none / per_head / full
     router_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of a grouped router
     rows: tuple[int, ...] = DECODE_ROWS
-    mla: tuple[int, int, int] = (16, 512, 64)
-    """(heads, kv_lora_rank, qk_rope_head_dim) of the MLA decode kernel; default Moonlight-16B-A3B's
-    widths, so the kernel is compiled and its resources checked whatever the deployment."""
+    mla: tuple[int, int, int, int] = (16, 512, 64, 128)
+    """(heads, kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim) of the MLA kernels; default
+    Moonlight-16B-A3B's widths, so they are compiled and their resources checked whatever the
+    deployment."""
 
 
 def decode_jobs(shapes: DecodeShapes, dtype: str, job_type) -> list:
@@ -58,7 +60,7 @@ def decode_jobs(shapes: DecodeShapes, dtype: str, job_type) -> list:
 def _mla_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:
     """DecodeMLA's split launch (its combine is decode attention's, compiled above): the split
     count is a runtime argument, so one compile serves every row count."""
-    heads, latent, rope = s.mla
+    heads, latent, rope, nope = s.mla
     ptr = f"*{dtype}"
     cfg = mla.decode_mla_config(latent, rope, heads, torch.device("cuda"))
     width = latent + rope
@@ -67,8 +69,16 @@ def _mla_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:
     meta = dict(C=latent, R=rope, PAGE=s.block_size, DOT_PRECISION="ieee" if dtype == "fp32" else None,
                 **{k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_R")})
     launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
+    prep = mla_rope.mla_rope_cache_config(nope, rope, latent)
+    prep_args = [ptr, ptr, "*i32", "*i32", "*i32", ptr, "*fp32", "*fp32", ptr, ptr, 1e-6,
+                 heads * (nope + rope), nope + rope, width, triton.cdiv(s.max_positions, s.block_size),
+                 s.block_size * width, width, heads * (nope + rope), nope + rope]
+    prep_meta = dict(HEADS=heads, NOPE=nope, ROPE=rope, LORA=latent, PAGE=s.block_size,
+                     **{k: prep[k] for k in ("BLOCK_NOPE", "BLOCK_HALF", "BLOCK_LORA")})
     return [Job("_decode_mla_split_kernel", f"latent={latent} rope={rope}", dtype, launch, "default", args, meta,
-                shapes=where)]
+                shapes=where),
+            Job("_mla_rope_cache_kernel", f"latent={latent} rope={rope} nope={nope}", dtype,
+                {"num_warps": prep["num_warps"]}, "implied", prep_args, prep_meta, shapes=where)]
 
 
 def _rope_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:

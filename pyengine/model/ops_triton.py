@@ -128,30 +128,38 @@ class TritonOps(TorchOps):
         return attend_prefill(cache, layer, chunk, q, tables)
 
     def _mla_attention(self, model, w, a, cache, layer, chunk, tables):
-        """MLA: projections, latent norm and RoPE in torch, the latent written by row; a decode group
-        reads the latent in place (absorbed, one Triton split-K kernel + combine), a prefill
-        decompresses its sequence's latents (torch)."""
-        import dataclasses
-
+        """MLA: the projections (GEMMs), then one kernel turning q's rotary part, norming the latent,
+        turning the shared key and writing [latent | key] into the cache; a decode group reads the
+        latent in place (absorbed, one Triton split-K kernel + combine), a prefill decompresses its
+        sequence's latents (torch)."""
         from pyengine.model import attention_mla as mla
 
-        if tables.rows is None:  # a static decode step's tables are views of its metadata: derive the
-            # cache rows and RoPE rows here, inside the (captured) compute, so a graph replay reads this
-            # step's values, not the capture's
-            slots, pos = tables.slots, tables.positions.long()
-            rows = cache.rows(torch.where(slots < 0, cache.padding_slot, slots), pos)
-            tables = dataclasses.replace(tables, rows=rows, cos=tables.rope.cos[pos].to(a.dtype),
-                                         sin=tables.rope.sin[pos].to(a.dtype))
-        q = mla.mla_prepare(model, w, a, cache, layer, tables, norm=self.norm)
+        m = model.mla
+        q_in = mla.project_q(model, w, a, norm=self.norm)
+        q = torch.empty_like(q_in)
+        latent = cache.layer_views(layer)[0]
+        with self._turns:
+            self._mla_rope(model, cache.block_size, a.dtype)(
+                q_in, a @ w["wkv_a"], tables.positions, tables.slots, cache.block_table, latent,
+                tables.rope.cos_half, tables.rope.sin_half, w["kv_a_norm"], q, eps=mla.LATENT_NORM_EPS)
         if not tables.decode:
             return mla.mla_attend_prefill(model, w, cache, layer, chunk, q, tables)
-        kv_lora = model.mla.kv_lora_rank
-        out = torch.empty(q.shape[0], model.heads, kv_lora, dtype=a.dtype, device=a.device)
+        out = torch.empty(q.shape[0], model.heads, m.kv_lora_rank, dtype=a.dtype, device=a.device)
         with self._turns:
             self._decode_mla(model, cache, q.shape[0], a.dtype)(
-                mla.absorb_q(model, w, q), cache.layer_views(layer)[0], cache.block_table, tables.slots,
+                mla.absorb_q(model, w, q), latent, cache.block_table, tables.slots,
                 tables.lengths, out, scale=mla.softmax_scale(model))
         return mla.unabsorb_out(model, w, out)
+
+    def _mla_rope(self, model, block_size: int, dtype):
+        from pyengine.kernels.mla_rope_cache import MLARopeCache
+
+        key = ("mla", block_size, dtype)
+        if key not in self._ropes:  # rows are a launch's grid only: any count
+            m = model.mla
+            self._ropes[key] = MLARopeCache(model.heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank,
+                                            block_size, dtype, self.device)
+        return self._ropes[key]
 
     def _decode_mla(self, model, cache, rows: int, dtype):
         from pyengine.kernels.decode_attention_mla import DecodeMLA

@@ -62,10 +62,11 @@ LAUNCHES = {
     (StageKind.OUTPUT, "last"): 2,  # residual + norm, head GEMM
 }
 """Launches of one compute action of a decode step on the Triton path, by stage part."""
-MLA_LAUNCHES = {"first": 47, "later": 46}
-"""The attention rank's launches with multi-head latent attention (its projections, latent norms,
-RoPE rows, cache rows and cache write are separate launches, every layer: a fused kernel would cut
-them; the decode reads the latent in one kernel + combine)."""
+MLA_LAUNCHES = {"first": 20, "later": 19}
+"""The attention rank's launches with multi-head latent attention: the q and latent projections
+(GEMMs; q's low-rank path with its norm), one kernel for q's RoPE + the latent norm + the shared
+key's RoPE + the cache write, the absorption of q and of the output (einsums), the latent read in
+one kernel + combine, o, the norms and the router."""
 MLP_LAUNCHES = 6
 """A shared expert's or a dense layer's SwiGLU on the attention rank: two GEMMs, silu, product, GEMM, add."""
 ROUTER_LAUNCHES = 5

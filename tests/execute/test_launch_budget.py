@@ -99,7 +99,7 @@ def test_triton_path_mla_launches_are_what_the_planner_prices(monkeypatch):
     actions = {k: ActionId(Kind.COMPUTE, StageKind.EMBED, 0, None, (0,), layer)
                for k, layer in (("l0.s0.COMPUTE", 0), ("l1.s0.COMPUTE", 1), ("l2.s0.COMPUTE", 2))}
     assert {k: got[k] for k in actions} == {k: launches(spec, a) for k, a in actions.items()} == {
-        "l0.s0.COMPUTE": 48, "l1.s0.COMPUTE": 52, "l2.s0.COMPUTE": 52}
+        "l0.s0.COMPUTE": 21, "l1.s0.COMPUTE": 25, "l2.s0.COMPUTE": 25}
 
 
 def test_torch_path_launches_per_step_do_not_grow_with_sequences():

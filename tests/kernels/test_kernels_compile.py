@@ -52,7 +52,8 @@ TOO_BIG = "BLOCK_M=128,BLOCK_N=256,BLOCK_K=128,GROUP_M=8,num_warps=8,num_stages=
 SPILLS = "BLOCK_M=128,BLOCK_N=256,BLOCK_K=32,GROUP_M=8,num_warps=4,num_stages=2"  # 2 x 256 acc regs
 GEMMS = {"_moe_column_kernel", "_moe_row_kernel"}
 NO_DOT = {"_residual_rmsnorm_kernel", "_moe_align_kernel", "_moe_sum_pairs_kernel",
-          "_decode_attention_combine_kernel", "_qk_rope_cache_kernel", "_router_topk_kernel"}
+          "_decode_attention_combine_kernel", "_qk_rope_cache_kernel", "_router_topk_kernel",
+          "_mla_rope_cache_kernel"}
 ROW_KEYS = {"kernel", "variant", "dtype", "config", "source", "shapes", "shared_bytes", "registers",
             "spill_bytes", "mma", "tmem_cols", "estimate_bytes", "pruned", "gates", "ok", "reason"}
 
