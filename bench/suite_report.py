@@ -29,6 +29,7 @@ FIRST_CONTACT = [
     ("router_topk", "tests/kernels/test_kernels_router_topk.py"),
     ("moe_align", "tests/kernels/test_kernels_moe_align.py"),
     ("expert_shard", "tests/kernels/test_kernels_expert_shard_prepared.py"),
+    ("mla", "tests/kernels/test_kernels_mla_rope_cache.py tests/kernels/test_kernels_decode_attention_mla.py"),
 ]
 """The decode path's kernels, new to a GPU: each file alone, under CUDA_LAUNCH_BLOCKING=1 and a short
 limit, so a kernel that faults or hangs is named by its step and the suite goes on."""
