@@ -40,7 +40,7 @@ KERNELS = {
     "_router_topk_kernel": "pyengine.kernels.router_topk",
 }
 INLINE_HELPERS = {"grouped_tile", "_residual_chunk", "_store_normed", "_chunk_experts",
-                  "_split_bounds", "_take_largest"}
+                  "_split_bounds", "_take_largest", "_tile_rows", "_online_softmax"}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,27 @@ def _split_bounds(length, window, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(table, t0, hi, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys t0 .. t0 + BLOCK_N of a row whose block-table row is `table`: (valid: below hi, their
+    blocks, their rows in the block). Never a block past ceil(hi / PAGE)."""
+    pos = t0 + tl.arange(0, BLOCK_N)
+    valid = pos < hi
+    page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
+    return valid, page, (pos % PAGE).to(tl.int64)
+
+
+@triton.jit
+def _online_softmax(s, valid, m, l):
+    """One tile of the online softmax over log2-scaled scores s [rows, keys] (invalid keys
+    masked): (new running max, the factor the old sums are rescaled by, p, new running sum)."""
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid key
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, alpha, p, l * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _decode_attention_split_kernel(
     q_ptr,  # (n, heads, d)
     k_cache_ptr, v_cache_ptr,  # (num_blocks, block_size, kv_heads, d) each
@@ -78,19 +99,12 @@ def _decode_attention_split_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     table = block_table_ptr + slot.to(tl.int64) * stride_bt
     for t0 in range(lo, hi, BLOCK_N):
-        pos = t0 + tl.arange(0, BLOCK_N)
-        valid = pos < hi  # never past the row's keys, so never a block past ceil(len / PAGE)
-        page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        in_page = (pos % PAGE).to(tl.int64)
+        valid, page, in_page = _tile_rows(table, t0, hi, PAGE, BLOCK_N)
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + page[:, None] * stride_kb + in_page[:, None] * stride_kr
                     + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid key
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l = _online_softmax(s, valid, m, l)
         v = tl.load(v_cache_ptr + page[:, None] * stride_vb + in_page[:, None] * stride_vr
                     + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)

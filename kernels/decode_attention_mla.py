@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 from pyengine.kernels import paged_checks, tuning
-from pyengine.kernels.decode_attention import (LOG2E, _decode_attention_combine_kernel, _split_bounds,
-                                               combine_config, device_sms, split_count)
+from pyengine.kernels.decode_attention import (LOG2E, _decode_attention_combine_kernel, _online_softmax,
+                                               _split_bounds, _tile_rows, combine_config, device_sms,
+                                               split_count)
 from pyengine.kernels.launch_count import count_launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,19 +69,13 @@ def _decode_mla_split_kernel(
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     table = block_table_ptr + slot.to(tl.int64) * stride_bt
     for t0 in range(lo, hi, BLOCK_N):
-        pos = t0 + tl.arange(0, BLOCK_N)
-        valid = pos < hi
-        page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        base = cache_ptr + page[:, None] * stride_cb + (pos % PAGE).to(tl.int64)[:, None] * stride_cr
+        valid, page, in_page = _tile_rows(table, t0, hi, PAGE, BLOCK_N)
+        base = cache_ptr + page[:, None] * stride_cb + in_page[:, None] * stride_cr
         lat = tl.load(base + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)  # (N, C)
         k_pe = tl.load(base + C + r[None, :], mask=valid[:, None] & r_ok[None, :], other=0.0)  # (N, R)
         s = tl.dot(q_lat, tl.trans(lat), input_precision=DOT_PRECISION)
         s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid key
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l = _online_softmax(s * scale_log2, valid, m, l)
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=DOT_PRECISION)
         m = m_new
     part = (row * heads + h).to(tl.int64) * num_splits + split
