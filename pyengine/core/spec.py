@@ -73,6 +73,9 @@ class ModelSpec:
     or full (over the whole q and k projections: OLMoE)."""
     attention_bias: bool = False
     """q, k, v and o projections carry a bias (a checkpoint's attention_bias)."""
+    bias_projections: tuple[str, ...] | None = None
+    """Which projections carry a bias when not all four do: ["q", "k", "v"] (Qwen2-MoE: no o bias)
+    or ["o"]; q, k and v go together (the fused QKV GEMM adds one bias). None: attention_bias says."""
     max_positions: int | None = None
     """Longest sequence the model supports (max_position_embeddings); None: no limit."""
     eos_token_ids: tuple[int, ...] | None = None
@@ -88,6 +91,9 @@ class ModelSpec:
     """Inner size of the always-on shared expert MLP (SwiGLU) beside the routed ones (DeepSeek-V3:
     n_shared_experts x the expert F); 0: none. It runs on the attention GPU, on the normed rows the
     router reads, and its output joins the residual there."""
+    shared_expert_gate: bool = False
+    """The shared expert's output is scaled per token by sigmoid(u @ ws_scale) (Qwen2-MoE's
+    shared_expert_gate, a [H] -> 1 linear); False: weight 1 (DeepSeek-V3)."""
     dense_layers: tuple[int, ...] | None = None
     """Layers whose MLP is dense (no router, no experts: DeepSeek-V3's first_k_dense_replace): a SwiGLU
     of dense_ffn_size on the attention GPU; the experts stage skips them. The last layer is MoE."""
@@ -123,6 +129,13 @@ class ModelSpec:
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.heads
+
+    @property
+    def biased(self) -> tuple[str, ...]:
+        """The projections that carry a bias, of q, k, v, o (bias_projections, else attention_bias)."""
+        if self.bias_projections is not None:
+            return self.bias_projections
+        return ("q", "k", "v", "o") if self.attention_bias else ()
 
     def is_dense(self, layer: int | None) -> bool:
         """Layer `layer`'s MLP is dense (no experts)."""

@@ -111,8 +111,9 @@ def _validate_parts(m) -> None:
             if getattr(m, key) not in (None, "none"):
                 raise SpecError(f"model.{key}", getattr(m, key), "must stay unset with model.mla (MLA has "
                                                                  "no kv heads, no head_dim and no q/k norm)")
-        if m.attention_bias:
-            raise SpecError("model.attention_bias", True, "MLA's projections carry no bias in this engine")
+        if m.biased:
+            key = "attention_bias" if m.attention_bias else "bias_projections"
+            raise SpecError(f"model.{key}", getattr(m, key), "MLA's projections carry no bias in this engine")
         m.mla.check("model.mla")
     if m.rope_scaling is not None:
         m.rope_scaling.check("model.rope_scaling")
@@ -122,8 +123,26 @@ def _validate_parts(m) -> None:
         _validate_dense(m)
     if m.shared_expert_size and not m.layered:
         raise SpecError("model.shared_expert_size", m.shared_expert_size, "needs model.num_layers")
+    if m.shared_expert_gate and not m.shared_expert_size:
+        raise SpecError("model.shared_expert_gate", True, "needs a shared expert (model.shared_expert_size > 0)")
+    if m.bias_projections is not None:
+        _validate_biases(m)
     if m.grouped_routing is not None:
         m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
+
+
+BIAS_SETS = ((), ("o",), ("q", "k", "v"), ("q", "k", "v", "o"))
+"""The biased projections the engine runs: q, k and v together (one bias on the fused QKV GEMM)."""
+
+
+def _validate_biases(m) -> None:
+    got = tuple(m.bias_projections)
+    if got not in BIAS_SETS:
+        raise SpecError("model.bias_projections", list(got), f"must be one of {[list(b) for b in BIAS_SETS]} "
+                                                             "(q, k and v carry a bias together, in that order)")
+    if m.attention_bias and got != BIAS_SETS[-1]:
+        raise SpecError("model.bias_projections", list(got), "disagrees with model.attention_bias = true "
+                                                             "(every projection); leave one of them out")
 
 
 def _validate_dense(m) -> None:
@@ -151,8 +170,8 @@ def _validate_layers(m) -> None:
             if getattr(m, key) is not None:
                 raise SpecError(f"model.{key}", getattr(m, key),
                                 "needs model.num_layers (the attention-free block has no attention)")
-        if m.qk_norm != "none" or m.attention_bias:
-            key = "qk_norm" if m.qk_norm != "none" else "attention_bias"
+        if m.qk_norm != "none" or m.biased:
+            key = "qk_norm" if m.qk_norm != "none" else "attention_bias" if m.attention_bias else "bias_projections"
             raise SpecError(f"model.{key}", getattr(m, key), "needs model.num_layers")
     else:
         _positive("model.num_layers", m.num_layers)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pyengine.model.tensors import SHARED_EXPERT_GATE
+
 DENSE_PREFIX = "wd"
 SHARED_PREFIX = "ws"
 
@@ -27,5 +29,9 @@ def dense_layer_mlp(u, w: Mapping[str, Any]):
 
 
 def shared_expert(model, u, w: Mapping[str, Any]):
-    """The layer's shared expert output [T, H] for its normed rows u (weight 1 for every token)."""
-    return swiglu(u, w, SHARED_PREFIX)
+    """The layer's shared expert output [T, H] for its normed rows u: weight 1 for every token, or
+    with model.shared_expert_gate (Qwen2-MoE) sigmoid(u @ ws_scale), one weight per token."""
+    out = swiglu(u, w, SHARED_PREFIX)
+    if model.shared_expert_gate:
+        return out * (u @ w[SHARED_EXPERT_GATE]).sigmoid()
+    return out

@@ -64,8 +64,11 @@ def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torc
     else:
         top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
-    if m.shared_expert_size:  # the always-on expert, every token, weight 1
-        y += _mlp(w, prefix + "ws", u)
+    if m.shared_expert_size:  # the always-on expert, every token: weight 1, or its own sigmoid gate
+        shared = _mlp(w, prefix + "ws", u)
+        if m.shared_expert_gate:
+            shared = shared / (1.0 + torch.exp(-(u @ w[prefix + "ws_scale"]).to(torch.float32)))
+        y += shared
     for e in range(m.num_experts):
         tok, slot = torch.where(top_ids == e)
         if tok.numel() == 0:
@@ -99,9 +102,7 @@ def _gqa_attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tenso
     """Causal self-attention of one sequence x [S, H]: explicit scores, a triangular mask, fp32 softmax."""
     d, heads, kv = m.head_size, m.heads, m.kv_heads
     a = _norm(x, w[prefix + "attn_norm"], m.norm_eps)
-    q, k, v = (a @ w[prefix + n] for n in ("wq", "wk", "wv"))
-    if m.attention_bias:
-        q, k, v = q + w[prefix + "bq"], k + w[prefix + "bk"], v + w[prefix + "bv"]
+    q, k, v = (a @ w[prefix + "w" + p] + (w[prefix + "b" + p] if p in m.biased else 0) for p in "qkv")
     if m.qk_norm == "full":
         q, k = _norm(q, w[prefix + "q_norm"], m.norm_eps), _norm(k, w[prefix + "k_norm"], m.norm_eps)
     s = x.shape[0]
@@ -117,7 +118,7 @@ def _gqa_attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tenso
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         out[h] = (probs @ v[h // group].float()).to(x.dtype)
     o = out.transpose(0, 1).reshape(s, heads * d) @ w[prefix + "wo"]
-    return o + w[prefix + "bo"] if m.attention_bias else o
+    return o + w[prefix + "bo"] if "o" in m.biased else o
 
 
 def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:

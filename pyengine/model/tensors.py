@@ -26,6 +26,7 @@ PER_EXPERT = ("w_gate", "w_up", "w_down")
 ATTENTION = ("attn_norm", "wq", "wk", "wv", "wo")
 QK_NORMS = ("q_norm", "k_norm")
 BIASES = ("bq", "bk", "bv", "bo")
+"""Projection biases, named b + the projection (model.biased says which a model has)."""
 
 
 MLA = ("attn_norm", "wkv_a", "kv_a_norm", "wkv_b", "wo")
@@ -37,6 +38,9 @@ DENSE_MLP = ("wd_gate", "wd_up", "wd_down")
 """A dense layer's MLP (model.dense_layers): [H, I], [H, I], [I, H]."""
 SHARED_EXPERT = ("ws_gate", "ws_up", "ws_down")
 """The shared expert of a layer (model.shared_expert_size > 0): [H, S], [H, S], [S, H]."""
+SHARED_EXPERT_GATE = "ws_scale"
+"""The shared expert's per-token gate (model.shared_expert_gate): [H, 1], its output times
+sigmoid(u @ ws_scale). Not `ws_gate`, which is the SwiGLU's gate projection."""
 ROUTER_CORRECTION = "router_correction"
 """Grouped routing's per-expert bias [E], added to the scores for the choice only."""
 
@@ -47,7 +51,7 @@ def attention_names(model: ModelSpec) -> tuple[str, ...]:
         return ()
     if model.mla is not None:
         return MLA + (MLA_Q_LORA if model.mla.q_lora_rank is not None else ("wq",))
-    return attention_tensors(model.qk_norm, model.attention_bias)
+    return attention_tensors(model.qk_norm, model.biased)
 
 
 def fp32_names(model: ModelSpec) -> tuple[str, ...]:
@@ -57,7 +61,8 @@ def fp32_names(model: ModelSpec) -> tuple[str, ...]:
 
 
 def shared_expert_names(model: ModelSpec) -> tuple[str, ...]:
-    return SHARED_EXPERT if model.shared_expert_size else ()
+    gate = (SHARED_EXPERT_GATE,) if model.shared_expert_gate else ()
+    return SHARED_EXPERT + gate if model.shared_expert_size else ()
 
 
 def router_names(model: ModelSpec) -> tuple[str, ...]:
@@ -65,9 +70,9 @@ def router_names(model: ModelSpec) -> tuple[str, ...]:
     return ("router",) + ((ROUTER_CORRECTION,) if model.grouped_routing is not None else ())
 
 
-def attention_tensors(qk_norm: str, bias: bool) -> tuple[str, ...]:
-    """The attention tensors of a layer with this q/k norm and projection-bias choice."""
-    return ATTENTION + (QK_NORMS if qk_norm != "none" else ()) + (BIASES if bias else ())
+def attention_tensors(qk_norm: str, biased: tuple[str, ...]) -> tuple[str, ...]:
+    """The attention tensors of a layer with this q/k norm and these biased projections (of q, k, v, o)."""
+    return ATTENTION + (QK_NORMS if qk_norm != "none" else ()) + tuple(f"b{p}" for p in biased)
 
 
 def weight_key(name: str, layer: int | None) -> str:
@@ -100,6 +105,7 @@ def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
     shapes[ROUTER_CORRECTION] = (e,)
     s, d = model.shared_expert_size, model.dense_ffn_size
     shapes.update(ws_gate=(h, s), ws_up=(h, s), ws_down=(s, h), wd_gate=(h, d), wd_up=(h, d), wd_down=(d, h))
+    shapes[SHARED_EXPERT_GATE] = (h, 1)
     return shapes[name]
 
 

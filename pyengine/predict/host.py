@@ -69,6 +69,8 @@ key's RoPE + the cache write, the absorption of q and of the output (einsums), t
 one kernel + combine, o, the norms and the router."""
 MLP_LAUNCHES = 6
 """A shared expert's or a dense layer's SwiGLU on the attention rank: two GEMMs, silu, product, GEMM, add."""
+GATE_LAUNCHES = 3
+"""A gated shared expert's weight (Qwen2-MoE): its GEMV, sigmoid, product."""
 ROUTER_LAUNCHES = 5
 """What a dense layer does not launch: the router GEMM, its top-k, the padding mask, the payload."""
 
@@ -81,7 +83,7 @@ def launches(spec: DeploymentSpec, a) -> int:
         base = MLA_LAUNCHES[part] if m.mla is not None else LAUNCHES[(kind, part)]
         if m.is_dense(a.layer):
             return base + MLP_LAUNCHES - ROUTER_LAUNCHES
-        return base + (MLP_LAUNCHES if m.shared_expert_size else 0)
+        return base + (MLP_LAUNCHES + (GATE_LAUNCHES if m.shared_expert_gate else 0) if m.shared_expert_size else 0)
     if kind is StageKind.EXPERTS:
         return LAUNCHES[(kind, "expert" if spec.expert_parallel else "tensor")]
     return LAUNCHES[(kind, "last")]

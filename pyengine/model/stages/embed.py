@@ -102,6 +102,9 @@ class EmbedStage(Stage):
         s = m.shared_expert_size
         shared = [KernelCost.gemm("shared_gate_up", t, 2 * s, h, es), KernelCost.gemm("shared_down", t, h, s, es),
                   KernelCost.memory("shared_add", 3 * t * h * es)] if s else []
+        if s and m.shared_expert_gate:  # its per-token weight: a GEMV, then sigmoid and scale (read, write)
+            shared += [KernelCost.gemm("shared_scale_gemv", t, 1, h, es),
+                       KernelCost.memory("shared_scale", 2 * t * h * es + t * es)]
         return first + attn + [
             KernelCost.memory("rmsnorm_in", norm + h * es),
             KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4, KernelKind.GEMM, t),
