@@ -133,9 +133,7 @@ class ModelSpec:
     @property
     def biased(self) -> tuple[str, ...]:
         """The projections that carry a bias, of q, k, v, o (bias_projections, else attention_bias)."""
-        if self.bias_projections is not None:
-            return self.bias_projections
-        return ("q", "k", "v", "o") if self.attention_bias else ()
+        return biased_projections(self.attention_bias, self.bias_projections)
 
     def is_dense(self, layer: int | None) -> bool:
         """Layer `layer`'s MLP is dense (no experts)."""
@@ -154,6 +152,13 @@ class ModelSpec:
         if self.head_dim is not None:
             return self.head_dim
         return self.hidden_size // self.heads if self.heads else 0
+
+
+def biased_projections(attention_bias: bool, bias_projections: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The projections of q, k, v, o that carry a bias: bias_projections when set, else all or none."""
+    if bias_projections is not None:
+        return tuple(bias_projections)
+    return ("q", "k", "v", "o") if attention_bias else ()
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

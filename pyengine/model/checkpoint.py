@@ -27,7 +27,7 @@ from pyengine.core.files import unreadable_file
 from pyengine.core.spec import DeploymentSpec
 from pyengine.model.hf_config import NOT_IN_LOGITS, HFModel, _json, read_hf_config
 from pyengine.model.stages import Shard
-from pyengine.model.tensors import MLA, MLA_Q_LORA, PER_EXPERT, SHARED, attention_tensors
+from pyengine.model.tensors import MLA, MLA_Q_LORA, PER_EXPERT, SHARED, SHARED_EXPERT_GATE, attention_tensors
 from pyengine.model.weights import model_dtype, tensor_dtype
 
 SINGLE_FILE = "model.safetensors"
@@ -38,7 +38,7 @@ UNTIED_HEAD = "lm_head.weight"
 """A stored output head: used even when config.json says tie_word_embeddings (transformers then
 keeps it too, with a warning, when it differs from the embedding)."""
 TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "ws_gate", "ws_up",
-              "ws_down", "wd_gate", "wd_up", "wd_down", *PER_EXPERT)
+              "ws_down", SHARED_EXPERT_GATE, "wd_gate", "wd_up", "wd_down", *PER_EXPERT)
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
 
 
@@ -222,10 +222,11 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
     h, f, e, v = hf.hidden_size, hf.ffn_hidden_size, hf.num_experts, hf.vocab_size
     names = hf.tensor_names(layer)
     out = {names["embed"]: (v, h), names["norm_in"]: (h,), names["norm_out"]: (h,), names["out"]: (v, h)}
+    if attention:
+        out.update(_mla_stored_shapes(hf, names) if hf.mla is not None else _gqa_stored_shapes(hf, names))
     if attention and layer in hf.dense_layers:  # a dense MLP, no router, no experts
         d = hf.dense_ffn_size
         out.update({names["wd_gate"]: (d, h), names["wd_up"]: (d, h), names["wd_down"]: (h, d)})
-        out.update(_mla_stored_shapes(hf, names) if hf.mla is not None else {})
         return out
     out[names["router"]] = (e, h)
     if hf.grouped_routing is not None:
@@ -233,19 +234,22 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
     if hf.shared_expert_size:
         s = hf.shared_expert_size
         out.update({names["ws_gate"]: (s, h), names["ws_up"]: (s, h), names["ws_down"]: (h, s)})
-    if attention and hf.mla is not None:
-        out.update(_mla_stored_shapes(hf, names))
-    elif attention:
-        q, kv = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
-        norm = hf.head_dim if hf.qk_norm == "per_head" else None
-        stored = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
-                  "q_norm": (norm or q,), "k_norm": (norm or kv,), "bq": (q,), "bk": (kv,),
-                  "bv": (kv,), "bo": (h,)}
-        out.update({names[n]: stored[n] for n in attention_tensors(hf.qk_norm, hf.attention_bias)})
+        if hf.shared_expert_gate:
+            out[names[SHARED_EXPERT_GATE]] = (1, h)
     for i in range(e):
         en = hf.expert_names(layer, i)
         out.update({en["w_gate"]: (f, h), en["w_up"]: (f, h), en["w_down"]: (h, f)})
     return out
+
+
+def _gqa_stored_shapes(hf: HFModel, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """HF name -> stored shape of a layer's attention tensors (linears [out, in]; its biases)."""
+    h = hf.hidden_size
+    q, kv = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
+    norm = hf.head_dim if hf.qk_norm == "per_head" else None
+    stored = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
+              "q_norm": (norm or q,), "k_norm": (norm or kv,), "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
+    return {names[n]: stored[n] for n in attention_tensors(hf.qk_norm, hf.biased)}
 
 
 def _mla_stored_shapes(hf: HFModel, names: dict[str, str]) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pyengine.core.dtypes import MODEL_DTYPES, nbytes
 from pyengine.core.errors import InputError, SpecError
-from pyengine.core.spec import DeploymentSpec
+from pyengine.core.spec import DeploymentSpec, biased_projections
 from pyengine.core.spec_parse import parse_json
 from pyengine.model.families import FAMILIES, REFUSED, Family
 from pyengine.model.hf_attention import attention_fields
@@ -31,7 +31,8 @@ SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids",
-                      "mla", "rope_scaling", "shared_expert_size", "dense_layers", "dense_ffn_size")
+                      "mla", "rope_scaling", "shared_expert_size", "dense_layers", "dense_ffn_size",
+                      "bias_projections", "shared_expert_gate")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
 NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
 """Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
@@ -74,6 +75,13 @@ class HFModel:
     rope_interleave: bool = False  # rotary columns stored as interleaved pairs (DeepSeek)
     shared_expert_size: int = 0  # the shared expert's inner size (0: none)
     dense_ffn_size: int = 0  # the dense layers' MLP inner size (0: they are refused in the whole model)
+    bias_projections: tuple[str, ...] | None = None  # biased projections when not all four (Qwen2: q, k, v)
+    shared_expert_gate: bool = False  # the shared expert scaled by sigmoid(u @ its gate) (Qwen2-MoE)
+
+    @property
+    def biased(self) -> tuple[str, ...]:
+        """The projections of q, k, v, o that carry a bias."""
+        return biased_projections(self.attention_bias, self.bias_projections)
 
     def model_fields(self, whole: bool = False) -> dict[str, Any]:
         """The spec's model-section values this config fixes: the block's, or with `whole`
