@@ -21,7 +21,8 @@ def _classes(family: str):
     return {"mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
             "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
             "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
-            "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM)}[family]
+            "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
+            "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM)}[family]
 
 
 DEEPSEEK_V3 = dict(num_attention_heads=3, q_lora_rank=10, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
@@ -34,7 +35,12 @@ DEEPSEEK_V3 = dict(num_attention_heads=3, q_lora_rank=10, kv_lora_rank=12, qk_no
 turns far."""
 
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
+QWEN2_MOE = dict(shared_expert_intermediate_size=9, mlp_only_layers=[1], max_position_embeddings=64)
+"""A tiny Qwen2-MoE: q/k/v biases (transformers' default qkv_bias) and no o bias, a gated shared
+expert of 9, a dense middle layer of intermediate_size 2F + 1."""
+
+
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe")
 FAMILY_CONFIG = {
     "qwen3_moe": dict(norm_topk_prob=True),
     # 6 experts in 3 groups (2 kept), two shared experts, a dense first layer (tiny_config's defaults)
@@ -71,6 +77,10 @@ def tiny_config(family: str, *, hidden=22, ffn=13, experts=5, top_k=2, vocab=37,
                   norm_topk_prob=norm_topk_prob is not False, max_position_embeddings=64)
         kw.update({k: v for k, v in extra.items() if k in DEEPSEEK_V3})
         kw["num_key_value_heads"] = kw["num_attention_heads"]
+    elif family == "qwen2_moe":
+        kw.update(QWEN2_MOE, moe_intermediate_size=ffn, intermediate_size=2 * ffn + 1, num_experts=experts,
+                  norm_topk_prob=bool(norm_topk_prob))
+        kw.update({k: v for k, v in extra.items() if k in QWEN2_MOE})
     else:
         kw.update(intermediate_size=ffn, num_experts=experts, norm_topk_prob=bool(norm_topk_prob))
     return cfg_cls(**kw)
