@@ -75,7 +75,8 @@ class ModelSpec:
     """q, k, v and o projections carry a bias (a checkpoint's attention_bias)."""
     bias_projections: tuple[str, ...] | None = None
     """Which projections carry a bias when not all four do: ["q", "k", "v"] (Qwen2-MoE: no o bias)
-    or ["o"]; q, k and v go together (the fused QKV GEMM adds one bias). None: attention_bias says."""
+    or ["o"]; q, k and v go together (the fused QKV GEMM adds one bias). None: attention_bias says
+    (all four or none)."""
     max_positions: int | None = None
     """Longest sequence the model supports (max_position_embeddings); None: no limit."""
     eos_token_ids: tuple[int, ...] | None = None

@@ -131,7 +131,7 @@ def _validate_parts(m) -> None:
         m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
 
 
-BIAS_SETS = ((), ("o",), ("q", "k", "v"), ("q", "k", "v", "o"))
+BIAS_SETS = (("o",), ("q", "k", "v"), ("q", "k", "v", "o"))
 """The biased projections the engine runs: q, k and v together (one bias on the fused QKV GEMM)."""
 
 

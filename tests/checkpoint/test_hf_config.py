@@ -22,6 +22,7 @@ SHIPPED = {
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 768, 128, 8, 151936, 1e-6, True, 48),
     "olmoe-1b-7b": ("olmoe", 2048, 1024, 64, 8, 50304, 1e-5, False, 16),
     "moonlight-16b-a3b": ("deepseek_v3", 2048, 1408, 64, 6, 163840, 1e-5, True, 27),
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", 2048, 1408, 60, 4, 151936, 1e-6, False, 24),
 }
 
 

@@ -73,7 +73,7 @@ def read_fields(cfg: dict[str, Any], get) -> dict[str, Any]:
     """The HFModel fields of this family beyond the common ones (refusing what is unsupported)."""
     refuse_unsupported(cfg, get.src)
     dense = moe_last_dense_layers(cfg, get, get.integer("num_hidden_layers"))
-    return dict(bias_projections=("q", "k", "v") if cfg.get("qkv_bias", True) else (),
+    return dict(bias_projections=("q", "k", "v") if cfg.get("qkv_bias", True) else None,
                 shared_expert_size=get.integer("shared_expert_intermediate_size"), shared_expert_gate=True,
                 dense_ffn_size=get.integer("intermediate_size") if dense else 0)
 
