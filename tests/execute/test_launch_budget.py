@@ -14,7 +14,7 @@ from pyengine.execute.step_loop import StepLoop
 from pyengine.execute.step_plan import SeqWork, StepPlan
 from pyengine.model.stages import StageKind
 from pyengine.model.weights import rank_weights
-from pyengine.predict.host import LAUNCHES, MLA_LAUNCHES, launches
+from pyengine.predict.host import GATE_LAUNCHES, LAUNCHES, MLA_LAUNCHES, MLP_LAUNCHES, launches
 from pyengine.schedule.actions import ActionId, Kind
 from pyengine.transport.local import LocalTransport
 
@@ -105,3 +105,18 @@ def test_triton_path_mla_launches_are_what_the_planner_prices(monkeypatch):
 def test_torch_path_launches_per_step_do_not_grow_with_sequences():
     few, many = decode_launches(8), decode_launches(64)
     assert [sum(c.values()) for c in few] == [sum(c.values()) for c in many]
+
+
+@pytest.mark.slow
+def test_triton_path_qwen2_moe_launches_are_what_the_planner_prices(monkeypatch):
+    """Qwen2-MoE's parts: q/k/v biases (the fused QKV GEMM adds them: no extra launch), a dense middle
+    layer, and a shared expert with its sigmoid gate (GEMV, sigmoid, product: GATE_LAUNCHES more)."""
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    spec = SPEC.replace(model={"num_layers": 3, "bias_projections": ["q", "k", "v"], "dense_layers": [1],
+                               "dense_ffn_size": 11, "shared_expert_size": 9, "shared_expert_gate": True})
+    got = per_layer_part(decode_launches(8, spec)[0])
+    actions = {k: ActionId(Kind.COMPUTE, StageKind.EMBED, 0, None, (0,), layer)
+               for k, layer in (("l0.s0.COMPUTE", 0), ("l1.s0.COMPUTE", 1), ("l2.s0.COMPUTE", 2))}
+    assert {k: got[k] for k in actions} == {k: launches(spec, a) for k, a in actions.items()}
+    gated = LAUNCHES[(StageKind.EMBED, "later")] + MLP_LAUNCHES + GATE_LAUNCHES
+    assert launches(spec, actions["l2.s0.COMPUTE"]) == gated

@@ -45,6 +45,21 @@ def test_tensors_follow_the_biased_projections_and_the_gate():
     assert "layers.0.bo" not in w and w["layers.2.bk"].shape == (6,)
 
 
+def test_the_gate_and_the_biases_are_priced():
+    """The gate's GEMV (t x H x 1) and its scale pass; the q/k/v biases and the gate in the weight bytes."""
+    from pyengine.model.batch import Batch
+    from pyengine.model.stages import stages_of
+
+    embed = stages_of(BASE)[0]
+    c = Batch.prefill([7], 1).chunks[0]
+    k = {x.name: x for x in embed.kernels(7, 0, layer=2, chunk=c)}
+    assert k["shared_scale_gemv"].flops == 2 * 7 * 48 * 1 and k["shared_scale_gemv"].hbm_bytes == (7 * 48 + 48 + 7) * 4
+    assert k["shared_scale"].hbm_bytes == (2 * 7 * 48 + 7) * 4
+    assert "shared_scale_gemv" not in {x.name for x in embed.kernels(7, 0, layer=1, chunk=c)}  # the dense layer
+    w = embed.weight_bytes(0)
+    assert w["ws_scale"] == 2 * 48 * 4 and w["bq"] == 3 * 18 * 4 and w["bk"] == w["bv"] == 3 * 6 * 4 and "bo" not in w
+
+
 def test_gated_shared_expert_is_the_inline_formula():
     """sigmoid(u . g) * down(silu(u gate) * (u up)), one token at a time, float64."""
     w = LayerWeights(init_weights(BASE, 3), 0)
