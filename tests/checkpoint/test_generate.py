@@ -59,8 +59,23 @@ def engine_generate(spec, source, prompts=PROMPTS):
 CASES = [(f, lay, m) for f in FAMILIES for lay in LAYOUTS for m in (1, 2)]
 
 
+TRITON_CASES = [("qwen2_moe", "ep-with-gpu0", 2)]
+"""On the Triton path too: its static decode step's fused QKV GEMM with q/k/v biases and no o bias."""
+
+
 @pytest.mark.parametrize("family,layout_name,m", CASES, ids=[f"{f}-{lay}-m{m}" for f, lay, m in CASES])
 def test_generate_matches_transformers(checkpoint, layout_config, family, layout_name, m):
+    check_generate(checkpoint, layout_config, family, layout_name, m)
+
+
+@pytest.mark.parametrize("family,layout_name,m", TRITON_CASES)
+def test_generate_on_the_triton_path_matches_transformers(checkpoint, layout_config, monkeypatch, family,
+                                                          layout_name, m):
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    check_generate(checkpoint, layout_config, family, layout_name, m)
+
+
+def check_generate(checkpoint, layout_config, family, layout_name, m):
     folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
     spec = deployment_spec(source.hf, layout_config(fit_experts(LAYOUTS[layout_name], family), m), whole=True,

@@ -91,3 +91,12 @@ def test_qwen1_5_moe_a2_7b_shipped_config_plans_whole(capsys):
     assert main(["plan", "--hf-config", str(HF.joinpath("qwen1.5-moe-a2.7b"))]) == 0
     out = capsys.readouterr().out
     assert "qwen2_moe" in out and "Verdicts" in out
+
+
+def test_a_layer_alone_is_refused_its_moe_block_has_a_shared_expert(checkpoint):
+    from pyengine.model.checkpoint import open_checkpoint
+
+    folder = checkpoint("qwen2_moe")[0]
+    with pytest.raises(InputError, match="shared experts beside the routed ones: run the whole model"):
+        open_checkpoint(folder, 2)
+    assert open_checkpoint(folder).hf.dense_layers == (1,)
