@@ -118,7 +118,8 @@ class HFModel:
                 "renormalize": "norm_topk_prob", "dtype": "dtype", "num_layers": "num_hidden_layers",
                 "max_positions": "max_position_embeddings", "eos_token_ids": "eos_token_id",
                 "qk_norm": "model_type", "mla": "kv_lora_rank / q_lora_rank / qk_*_head_dim / v_head_dim",
-                "grouped_routing": "n_group / topk_group / routed_scaling_factor"}.get(spec_field, spec_field)
+                "grouped_routing": "n_group / topk_group / routed_scaling_factor",
+                "bias_projections": "qkv_bias"}.get(spec_field, spec_field)
 
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""

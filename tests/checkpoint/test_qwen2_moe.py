@@ -100,3 +100,13 @@ def test_a_layer_alone_is_refused_its_moe_block_has_a_shared_expert(checkpoint):
     with pytest.raises(InputError, match="shared experts beside the routed ones: run the whole model"):
         open_checkpoint(folder, 2)
     assert open_checkpoint(folder).hf.dense_layers == (1,)
+
+
+def test_a_spec_that_disagrees_on_the_biases_names_the_key():
+    from pyengine.core.errors import SpecError
+    from helpers import TINY_CONFIG
+
+    cfg = json.loads(open(TINY_CONFIG).read())
+    cfg["model"] = {"batch_size": 1, "seq_len": 4, "bias_projections": ["o"]}
+    with pytest.raises(SpecError, match=r"model\.bias_projections = \['o'\]: disagrees with the checkpoint .*qkv_bias"):
+        deployment_spec(from_dict(qwen2(), "x/config.json"), cfg, whole=True)
