@@ -56,6 +56,8 @@ def test_the_gate_and_the_biases_are_priced():
     assert k["shared_scale_gemv"].flops == 2 * 7 * 48 * 1 and k["shared_scale_gemv"].hbm_bytes == (7 * 48 + 48 + 7) * 4
     assert k["shared_scale"].hbm_bytes == (2 * 7 * 48 + 7) * 4
     assert "shared_scale_gemv" not in {x.name for x in embed.kernels(7, 0, layer=1, chunk=c)}  # the dense layer
+    assert k["qkv_gemm"].hbm_bytes == (7 * 48 + 48 * 30 + 7 * 30 + 30) * 4  # A, B, C and the q/k/v bias (18 + 2 x 6)
+    assert k["o_gemm"].hbm_bytes == (7 * 18 + 18 * 48 + 7 * 48) * 4  # no o bias
     w = embed.weight_bytes(0)
     assert w["ws_scale"] == 2 * 48 * 4 and w["bq"] == 3 * 18 * 4 and w["bk"] == w["bv"] == 3 * 6 * 4 and "bo" not in w
 

@@ -124,12 +124,17 @@ class EmbedStage(Stage):
 
             decode = chunk is not None and all(s.tokens == 1 for s in chunk.segments) and len(chunk.segments) > 1
             return mla_kernels(m, t, attended, keys, es, decode)
+        qkv, o = KernelCost.gemm("qkv_gemm", t, q + 2 * kv, h, es), KernelCost.gemm("o_gemm", t, h, q, es)
+        if "q" in m.biased:  # the bias, added in the GEMM's epilogue: read once
+            qkv = qkv._replace(hbm_bytes=qkv.hbm_bytes + (q + 2 * kv) * es)
+        if "o" in m.biased:
+            o = o._replace(hbm_bytes=o.hbm_bytes + h * es)
         return [
-            KernelCost.gemm("qkv_gemm", t, q + 2 * kv, h, es),
+            qkv,
             KernelCost.memory("qk_norm_rope_kv_write", 2 * t * (q + kv) * es + 2 * t * kv * es),
             KernelCost("attention", 4.0 * m.heads * d * attended, 2 * t * q * es + 2 * keys * kv * es,
                        KernelKind.GEMM, t),
-            KernelCost.gemm("o_gemm", t, h, q, es),
+            o,
         ]
 
     def _attention_work(self, t: int, chunk: Chunk | None) -> tuple[float, float]:
