@@ -32,6 +32,6 @@ def shared_expert(model, u, w: Mapping[str, Any]):
     """The layer's shared expert output [T, H] for its normed rows u: weight 1 for every token, or
     with model.shared_expert_gate (Qwen2-MoE) sigmoid(u @ ws_scale), one weight per token."""
     out = swiglu(u, w, SHARED_PREFIX)
-    if model.shared_expert_gate:
+    if model.shared_expert_gate:  # a per-token scalar: applied to each column shard's partial, the sum is the same
         return out * (u @ w[SHARED_EXPERT_GATE]).sigmoid()
     return out
