@@ -42,7 +42,7 @@ expert of 9, a dense middle layer of intermediate_size 2F + 1."""
 
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe")
 FAMILY_CONFIG = {
-    "qwen3_moe": dict(norm_topk_prob=True),
+    "qwen3_moe": dict(norm_topk_prob=True, mlp_only_layers=[0]),  # a dense first layer (q/k-normed attention)
     # 6 experts in 3 groups (2 kept), two shared experts, a dense first layer (tiny_config's defaults)
     "deepseek_v3": dict(experts=6),
 }

@@ -69,11 +69,24 @@ class Family:
 
 def sparse_step_dense_layers(cfg: dict[str, Any], get, num_layers: int) -> tuple[int, ...]:
     """Qwen's rule: layer i is dense when listed in mlp_only_layers or when (i + 1) is not a
-    multiple of decoder_sparse_step."""
+    multiple of decoder_sparse_step; the indices in range and the last layer MoE (the engine's
+    output stage adds its experts)."""
     from pyengine.core.errors import InputError
 
     step = get.integer("decoder_sparse_step", 1)
     only = cfg.get("mlp_only_layers") or []
     if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
         raise InputError(f"{get.src}: mlp_only_layers", only, "must be a list of layer indices")
-    return tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
+    if any(not 0 <= i < num_layers for i in only):
+        raise InputError(f"{get.src}: mlp_only_layers", only, f"must be a list of layer indices in [0, {num_layers})")
+    dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
+    if num_layers - 1 in dense:
+        key, value = ("mlp_only_layers", only) if num_layers - 1 in only else ("decoder_sparse_step", step)
+        raise InputError(f"{get.src}: {key}", value, f"makes the last layer ({num_layers - 1}) dense; the engine "
+                                                     "needs it MoE")
+    return dense
+
+
+def dense_mlp_names(layer: int) -> dict[str, str]:
+    """A dense layer's MLP under `model.layers.{layer}.mlp` (gate_proj, up_proj, down_proj)."""
+    return {f"wd_{p}": f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyengine.core.errors import InputError
-from pyengine.model.families.base import Family, sparse_step_dense_layers
+from pyengine.model.families.base import Family, dense_mlp_names, sparse_step_dense_layers
 from pyengine.model.tensors import SHARED_EXPERT_GATE
 
 MODEL_TYPE = "qwen2_moe"
@@ -54,25 +54,10 @@ def refuse_unsupported(cfg: dict[str, Any], src: str) -> None:
         raise InputError(f"{src}: qkv_bias", bias, "must be true or false")
 
 
-def moe_last_dense_layers(cfg: dict[str, Any], get, num_layers: int) -> tuple[int, ...]:
-    """Qwen's rule (mlp_only_layers, decoder_sparse_step), with the indices in range and the last
-    layer MoE (the engine's output stage adds its experts)."""
-    only = cfg.get("mlp_only_layers") or []
-    if isinstance(only, list) and any(isinstance(i, int) and not 0 <= i < num_layers for i in only):
-        raise InputError(f"{get.src}: mlp_only_layers", only, f"must be a list of layer indices in [0, {num_layers})")
-    dense = sparse_step_dense_layers(cfg, get, num_layers)
-    if num_layers - 1 in dense:
-        key, value = ("mlp_only_layers", only) if num_layers - 1 in only else ("decoder_sparse_step", cfg.get(
-            "decoder_sparse_step"))
-        raise InputError(f"{get.src}: {key}", value, f"makes the last layer ({num_layers - 1}) dense; the engine "
-                                                     "needs it MoE")
-    return dense
-
-
 def read_fields(cfg: dict[str, Any], get) -> dict[str, Any]:
     """The HFModel fields of this family beyond the common ones (refusing what is unsupported)."""
     refuse_unsupported(cfg, get.src)
-    dense = moe_last_dense_layers(cfg, get, get.integer("num_hidden_layers"))
+    dense = sparse_step_dense_layers(cfg, get, get.integer("num_hidden_layers"))
     return dict(bias_projections=("q", "k", "v") if cfg.get("qkv_bias", True) else None,
                 shared_expert_size=get.integer("shared_expert_intermediate_size"), shared_expert_gate=True,
                 dense_ffn_size=get.integer("intermediate_size") if dense else 0)
@@ -83,7 +68,7 @@ def mlp_names(hf, layer: int) -> dict[str, str]:
     MLP, or a MoE layer's shared expert and its gate."""
     mlp = f"model.layers.{layer}.mlp"
     if layer in hf.dense_layers:
-        return {f"wd_{p}": f"{mlp}.{p}_proj.weight" for p in ("gate", "up", "down")}
+        return dense_mlp_names(layer)
     return {**{f"ws_{p}": f"{mlp}.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")},
             SHARED_EXPERT_GATE: f"{mlp}.shared_expert_gate.weight"}
 
@@ -93,7 +78,7 @@ class Qwen2Moe(Family):
         return read_fields(cfg, get)
 
     def dense_layers(self, cfg: dict[str, Any], get, num_layers: int) -> tuple[int, ...]:
-        return moe_last_dense_layers(cfg, get, num_layers)
+        return sparse_step_dense_layers(cfg, get, num_layers)
 
     def tensor_names(self, hf, layer: int) -> dict[str, str]:
         return mlp_names(hf, layer)
