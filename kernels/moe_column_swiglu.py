@@ -1,4 +1,4 @@
-"""Column-parallel grouped GEMM with a fused SwiGLU (or GELU) epilogue.
+"""Column-parallel grouped GEMM with a fused SwiGLU (or GELU, or gpt-oss's clamped SwiGLU) epilogue.
 
 a[r, :] = silu(u[tok] @ w_gate[e]) * (u[tok] @ w_up[e]) for each aligned row r, where
 pair = sorted_ids[r], tok = pair // top_k and e is the expert of r's block. One program
@@ -6,9 +6,14 @@ computes a BLOCK_M x BLOCK_N tile of both gate and up (fp32 accumulators, one pa
 reading u once), so the [rows, 2F] pre-activation never goes to memory. `a` keeps the
 aligned (padded) row order: the row GEMM then reads it without a gather. Padding rows are
 not written.
+
+clamped_swiglu: g = min(gate, limit), a = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g);
+with biases (gpt-oss), b_gate[e] and b_up[e] ([E, F]) are added to the accumulators first.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -19,7 +24,7 @@ from pyengine.kernels.launch_count import count_launch
 from pyengine.kernels.tiles import grouped_tile
 from pyengine.kernels.moe_align import MoeAlignment, max_padded_rows
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
 
 
 @triton.jit
@@ -35,7 +40,10 @@ def _moe_column_kernel(
     stride_ut, stride_uh,
     stride_we, stride_wh, stride_wf,  # shared by w_gate and w_up (checked by the launcher)
     stride_om, stride_of,
+    b_gate_ptr, b_up_ptr,  # (E, F) each; read only when HAS_BIAS
+    stride_be, alpha, limit,
     TOP_K: tl.constexpr, ALIGN_M: tl.constexpr, SWIGLU: tl.constexpr,
+    CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -71,7 +79,15 @@ def _moe_column_kernel(
         u_ptrs += BLOCK_K * stride_uh
         w_off += BLOCK_K * stride_wh
 
-    if SWIGLU:
+    if HAS_BIAS:
+        b_off = expert * stride_be + offs_n
+        acc_up += tl.load(b_up_ptr + b_off, mask=offs_n < F, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_gate += tl.load(b_gate_ptr + b_off, mask=offs_n < F, other=0.0).to(tl.float32)[None, :]
+    if CLAMPED:
+        g = tl.minimum(acc_gate, limit)
+        act = (tl.minimum(tl.maximum(acc_up, -limit), limit) + 1.0) * (g * tl.sigmoid(g * alpha))
+    elif SWIGLU:
         act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     else:  # exact (erf) GELU, as torch.nn.functional.gelu's default
         act = 0.5 * acc_up * (1.0 + tl.erf(acc_up * 0.7071067811865476))
@@ -102,7 +118,8 @@ def column_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def _moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, out, *,
-                       activation: str = "swiglu", config: triton.Config | None = None):
+                       activation: str = "swiglu", config: triton.Config | None = None,
+                       clamp: Clamp | None = None):
     """Write the activation of aligned rows into `out` [rows, F]; config None = autotune.
 
     Shapes, dtypes and devices are the caller's contract (moe_expert_shard checks user
@@ -110,7 +127,9 @@ def _moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, out, *,
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
-    swiglu = activation == "swiglu"
+    swiglu = activation != "gelu"
+    if (activation == "clamped_swiglu") != (clamp is not None):
+        raise ValueError(f"clamp: {clamp!r}: must be given exactly with activation='clamped_swiglu'")
     if swiglu and (w_gate is None or w_gate.shape != w_up.shape or w_gate.stride() != w_up.stride()):
         raise ValueError("w_gate: must be given for swiglu, with w_up's shape and strides")
     T, H = u.shape
@@ -124,12 +143,21 @@ def _moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, out, *,
         raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']}: must divide the "
                          f"alignment block_m={align.block_m}")
     tuning.check_runnable(_moe_column_kernel, u.device)
-    return _launch_column(u, w_gate if swiglu else None, w_up, align, top_k, out, config)
+    return _launch_column(u, w_gate if swiglu else None, w_up, align, top_k, out, config, clamp)
+
+
+class Clamp(NamedTuple):
+    """The clamped SwiGLU's constants, and its gate/up biases ([E, F] each, or None)."""
+    alpha: float
+    limit: float
+    b_gate: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
 
 
 def _launch_column(u, w_gate, w_up, align: MoeAlignment, top_k: int, out,
-                   config: triton.Config | None):
-    """The launch alone (no checks): SwiGLU when w_gate is given, else GELU."""
+                   config: triton.Config | None, clamp: Clamp | None = None):
+    """The launch alone (no checks): SwiGLU when w_gate is given, else GELU; `clamp`: the clamped
+    SwiGLU (w_gate given) with its biases."""
     T, H = u.shape
     F = w_up.shape[2]
     rows = align.sorted_ids.numel()
@@ -139,7 +167,11 @@ def _launch_column(u, w_gate, w_up, align: MoeAlignment, top_k: int, out,
     args = (u, w_gate if w_gate is not None else w_up, w_up, out, align.sorted_ids,
             align.expert_ids, align.num_padded, T * top_k, H, F, rows, tuning.m_bucket(T),
             u.stride(0), u.stride(1), *w_up.stride(), out.stride(0), out.stride(1))
+    bias = clamp is not None and clamp.b_up is not None
+    args += ((clamp.b_gate, clamp.b_up, clamp.b_up.stride(0)) if bias else (w_up, w_up, 0)) + (
+        (clamp.alpha, clamp.limit) if clamp is not None else (0.0, 0.0))
     meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, SWIGLU=w_gate is not None,
+                CLAMPED=clamp is not None, HAS_BIAS=bias,
                 DOT_PRECISION="ieee" if u.dtype == torch.float32 else None)  # no TF32 for fp32
     count_launch()
     if config is None:
@@ -150,9 +182,10 @@ def _launch_column(u, w_gate, w_up, align: MoeAlignment, top_k: int, out,
 
 
 def moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, *,
-                      activation: str = "swiglu", config: triton.Config | None = None):
+                      activation: str = "swiglu", config: triton.Config | None = None,
+                      clamp: Clamp | None = None):
     """Allocate `a` [rows, F] in u.dtype and fill it (see _moe_column_swiglu)."""
     out = torch.empty(align.sorted_ids.numel(), w_up.shape[2], device=u.device, dtype=u.dtype)
     return _moe_column_swiglu(u, w_gate, w_up, align, top_k, out, activation=activation,
-                              config=config)
+                              config=config, clamp=clamp)
 

@@ -21,7 +21,7 @@ from pyengine.kernels import tuning
 from pyengine.kernels.decode_configs import DECODE_MAX_TOKENS
 from pyengine.kernels.moe_align import (MoeAlignment, _moe_align_block_size, _moe_align_kernel,
                                         alignment_view, empty_alignment, max_padded_rows)
-from pyengine.kernels.moe_column_swiglu import ACTIVATIONS, _launch_column, _moe_column_kernel
+from pyengine.kernels.moe_column_swiglu import ACTIVATIONS, Clamp, _launch_column, _moe_column_kernel
 from pyengine.kernels.moe_row_down import _launch_row, _moe_row_kernel
 from pyengine.kernels.moe_sum_pairs import _launch_sum_pairs, _moe_sum_pairs_kernel
 
@@ -53,7 +53,8 @@ class ExpertShard:
 
     def __init__(self, E: int, H: int, F: int, top_k: int, dtype: torch.dtype,
                  device: torch.device | str, *, activation: str = "swiglu",
-                 skip_ids: bool = False, deterministic: bool = True):
+                 skip_ids: bool = False, deterministic: bool = True, bias: bool = False,
+                 alpha: float = 1.702, limit: float = 7.0):
         for name, value in (("E", E), ("H", H), ("F", F), ("top_k", top_k)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an int >= 1")
@@ -63,6 +64,10 @@ class ExpertShard:
             raise TypeError(f"dtype={dtype}: must be one of {FLOAT_DTYPES}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
+        if bias and activation != "clamped_swiglu":
+            raise ValueError(f"bias=True: the biased experts (gpt-oss's) take activation='clamped_swiglu', "
+                             f"not {activation!r}")
+        self.bias, self.alpha, self.limit = bias, float(alpha), float(limit)
         self.E, self.H, self.F, self.top_k, self.dtype = E, H, F, top_k, dtype
         self.device = torch.device(device)
         self.activation, self.skip_ids, self.deterministic = activation, skip_ids, deterministic
@@ -106,8 +111,10 @@ class ExpertShard:
             if not t.is_contiguous():
                 raise ValueError(f"{name}.stride()={t.stride()}: must be contiguous")
 
-    def __call__(self, u, w_gate, w_up, w_down, topk_ids, topk_weights, out=None):
-        """y_r [T, H] in u.dtype (into `out` when given). No validation (see check)."""
+    def __call__(self, u, w_gate, w_up, w_down, topk_ids, topk_weights, out=None, *,
+                 b_gate=None, b_up=None, b_down=None):
+        """y_r [T, H] in u.dtype (into `out` when given). No validation (see check). With `bias`:
+        b_gate, b_up [E, F_r] and b_down [E, H] (zeros on all but one TP shard)."""
         T = u.shape[0]
         if out is None:
             out = torch.empty(T, self.H, device=u.device, dtype=u.dtype)
@@ -118,16 +125,17 @@ class ExpertShard:
         num_pairs = T * self.top_k
         align = alignment_view(scratch.align, num_pairs)
         a = scratch.a[:align.sorted_ids.numel()]
-        gate = w_gate if self.activation == "swiglu" else None
+        gate = w_gate if self.activation != "gelu" else None
+        clamp = Clamp(self.alpha, self.limit, b_gate, b_up) if self.activation == "clamped_swiglu" else None
         _moe_align_block_size(topk_ids, self.E, plan.block_m, align)
-        _launch_column(u, gate, w_up, align, self.top_k, a, plan.column)
+        _launch_column(u, gate, w_up, align, self.top_k, a, plan.column, clamp)
         weights = topk_weights.reshape(-1)
         if self.deterministic:
             per_pair = scratch.per_pair[:num_pairs]
-            _launch_row(a, w_down, weights, align, self.top_k, per_pair, True, plan.row)
+            _launch_row(a, w_down, weights, align, self.top_k, per_pair, True, plan.row, b_down)
             return _launch_sum_pairs(per_pair, topk_ids, out, self.top_k, self.skip_ids)
         summed = torch.zeros(T, self.H, device=u.device, dtype=torch.float32)
-        _launch_row(a, w_down, weights, align, self.top_k, summed, False, plan.row)
+        _launch_row(a, w_down, weights, align, self.top_k, summed, False, plan.row, b_down)
         return out.copy_(summed)
 
     def _buffers(self, num_tokens: int, block_m: int) -> _Scratch:
@@ -181,7 +189,7 @@ def _check_inputs(u, w_gate, w_up, w_down, topk_ids, topk_weights, activation, s
         raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
     named = {"u": u, "w_up": w_up, "w_down": w_down, "topk_ids": topk_ids,
              "topk_weights": topk_weights}
-    if activation == "swiglu":
+    if activation != "gelu":
         named["w_gate"] = w_gate
     elif w_gate is not None:
         raise ValueError("w_gate: must be None for activation='gelu' (GELU has no gate)")

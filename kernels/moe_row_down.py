@@ -1,4 +1,5 @@
-"""Row-parallel grouped GEMM: y_pair = w * (a @ w_down[e][F_r, :]), router weight in the epilogue.
+"""Row-parallel grouped GEMM: y_pair = w * (a @ w_down[e][F_r, :] (+ b_down[e])), router weight in
+the epilogue (the bias, gpt-oss's, given to one TP shard only: it is added once per pair).
 
 `a` is in aligned row order (from moe_column_swiglu). Two ways to combine a token's k rows:
 - deterministic (default): each pair's fp32 row goes to out[pair] ([T*k, H]); the caller
@@ -33,7 +34,8 @@ def _moe_row_kernel(
     stride_am, stride_af,
     stride_we, stride_wf, stride_wh,
     stride_om, stride_oh,
-    TOP_K: tl.constexpr, ALIGN_M: tl.constexpr, ATOMIC: tl.constexpr,
+    bias_ptr, stride_be,  # (E, H) b_down; read only when HAS_BIAS
+    TOP_K: tl.constexpr, ALIGN_M: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -61,6 +63,8 @@ def _moe_row_kernel(
         a_ptrs += BLOCK_K * stride_af
         w_ptrs += BLOCK_K * stride_wf
 
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=offs_n < H, other=0.0).to(tl.float32)[None, :]
     route_w = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
     mask = valid[:, None] & (offs_n[None, :] < H)
@@ -119,8 +123,8 @@ def _moe_row_down(a, w_down, topk_weights, align: MoeAlignment, top_k: int, out,
 
 
 def _launch_row(a, w_down, topk_weights, align: MoeAlignment, top_k: int, out,
-                deterministic: bool, config: triton.Config | None):
-    """The launch alone (no checks); topk_weights flat [T*k]."""
+                deterministic: bool, config: triton.Config | None, bias: torch.Tensor | None = None):
+    """The launch alone (no checks); topk_weights flat [T*k]; bias: b_down [E, H] or None."""
     rows, F = a.shape
     H = w_down.shape[2]
     num_pairs = topk_weights.numel()
@@ -129,8 +133,9 @@ def _launch_row(a, w_down, topk_weights, align: MoeAlignment, top_k: int, out,
     grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]) * triton.cdiv(H, META["BLOCK_N"]),)
     args = (a, w_down, topk_weights, out, align.sorted_ids, align.expert_ids,
             align.num_padded, num_pairs, H, F, rows, tuning.m_bucket(num_pairs // top_k),
-            a.stride(0), a.stride(1), *w_down.stride(), out.stride(0), out.stride(1))
-    meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, ATOMIC=not deterministic,
+            a.stride(0), a.stride(1), *w_down.stride(), out.stride(0), out.stride(1),
+            w_down if bias is None else bias, 0 if bias is None else bias.stride(0))
+    meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, ATOMIC=not deterministic, HAS_BIAS=bias is not None,
                 DOT_PRECISION="ieee" if a.dtype == torch.float32 else None)  # no TF32 for fp32
     count_launch()
     if config is None:

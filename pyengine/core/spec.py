@@ -15,7 +15,7 @@ from typing import Any
 
 from pyengine.core.errors import SpecError
 from pyengine.core.spec_parse import build, parse_json
-from pyengine.core.spec_parts import GroupedRoutingSpec, MLASpec, YarnSpec
+from pyengine.core.spec_parts import ClampedSwiGLUSpec, GroupedRoutingSpec, MLASpec, YarnSpec
 from pyengine.core.spec_rules import BOUNDARIES, INTERCONNECTS, SCHEDULE_KINDS, STAGE_NAMES, validate
 
 __all__ = ["BOUNDARIES", "INTERCONNECTS", "SCHEDULE_KINDS", "STAGE_NAMES", "CommSpec", "DeploymentSpec",
@@ -103,6 +103,21 @@ class ModelSpec:
     grouped_routing: GroupedRoutingSpec | None = None
     """Sigmoid scores with a correction bias and group-limited top-k (DeepSeek-V3) instead of the
     softmax router; `renormalize` is its norm_topk_prob."""
+    attention_sinks: bool = False
+    """Each query head has a learned sink logit (tensor `sinks` [heads] per layer) that joins the
+    softmax denominator and has no value (gpt-oss)."""
+    sliding_window: int | None = None
+    """Keys a query of a sliding layer sees (its own and the window - 1 before it); None: none."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer, "full" or "sliding" (a sliding_window layer); None: every layer sliding when
+    sliding_window is set, else full."""
+    router_bias: bool = False
+    """The router's logits carry a per-expert bias (tensor `router_bias` [E]). The top-k softmaxed
+    over the chosen logits (gpt-oss) is the softmax router with `renormalize`: the same weights."""
+    expert_bias: bool = False
+    """Every expert's gate, up and down projections carry a bias (b_gate, b_up [E, F], b_down [E, H])."""
+    clamped_swiglu: ClampedSwiGLUSpec | None = None
+    """The experts' activation is gpt-oss's clamped SwiGLU instead of silu(gate) * up."""
 
     @property
     def unreachable_eos(self) -> tuple[int, ...]:
@@ -139,6 +154,13 @@ class ModelSpec:
     def is_dense(self, layer: int | None) -> bool:
         """Layer `layer`'s MLP is dense (no experts)."""
         return layer is not None and layer in (self.dense_layers or ())
+
+    def window(self, layer: int | None) -> int:
+        """Keys a query of `layer` sees at most (0: every earlier key)."""
+        if self.sliding_window is None or layer is None:
+            return 0
+        types = self.layer_types
+        return self.sliding_window if types is None or types[layer] == "sliding" else 0
 
     @property
     def rope_dim(self) -> int:

@@ -1,5 +1,6 @@
 """Optional parts of a model spec that only some families have: multi-head latent attention (MLA),
-YaRN RoPE scaling and grouped sigmoid routing (all three: DeepSeek-V2/V3, Moonlight, Kimi-K2).
+YaRN RoPE scaling and grouped sigmoid routing (all three: DeepSeek-V2/V3, Moonlight, Kimi-K2), and
+the clamped SwiGLU of gpt-oss's experts.
 
 A spec without them is the plain GQA model with the default RoPE and softmax routing. Each part
 checks its own numbers (`check`, a SpecError naming the dotted field), called by spec_rules.
@@ -99,6 +100,20 @@ class GroupedRoutingSpec:
                             f"top_k ({top_k})")
         if not self.routed_scaling_factor > 0:
             raise SpecError(f"{path}.routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ClampedSwiGLUSpec:
+    """gpt-oss's expert activation: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
+    g = min(gate, limit)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def check(self, path: str) -> None:
+        for name in ("alpha", "limit"):
+            if not getattr(self, name) > 0:
+                raise SpecError(f"{path}.{name}", getattr(self, name), "must be > 0")
 
 
 def _positive_int(path: str, v) -> None:

@@ -129,6 +129,31 @@ def _validate_parts(m) -> None:
         _validate_biases(m)
     if m.grouped_routing is not None:
         m.grouped_routing.check("model.grouped_routing", m.num_experts, m.top_k)
+    if m.clamped_swiglu is not None:
+        m.clamped_swiglu.check("model.clamped_swiglu")
+    _validate_attention_variants(m)
+
+
+LAYER_TYPES = ("full", "sliding")
+
+
+def _validate_attention_variants(m) -> None:
+    """Attention sinks and sliding windows (gpt-oss): GQA attention of a model with layers."""
+    used = [k for k in ("attention_sinks", "sliding_window", "layer_types") if getattr(m, k) not in (None, False)]
+    if used and not m.layered:
+        raise SpecError(f"model.{used[0]}", getattr(m, used[0]), "needs model.num_layers (the block has no attention)")
+    if used and m.mla is not None:
+        raise SpecError(f"model.{used[0]}", getattr(m, used[0]), "is not supported with model.mla")
+    if m.sliding_window is not None:
+        _positive("model.sliding_window", m.sliding_window)
+    if m.layer_types is None:
+        return
+    if m.sliding_window is None:
+        raise SpecError("model.layer_types", list(m.layer_types), "needs model.sliding_window (the sliding layers' window)")
+    if len(m.layer_types) != m.num_layers:
+        raise SpecError("model.layer_types", list(m.layer_types), f"needs one entry per layer ({m.num_layers})")
+    for i, kind in enumerate(m.layer_types):
+        _one_of(f"model.layer_types[{i}]", kind, LAYER_TYPES)
 
 
 BIAS_SETS = (("o",), ("q", "k", "v"), ("q", "k", "v", "o"))

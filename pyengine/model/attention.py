@@ -159,28 +159,68 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def attend_decode(cache: KVCache, layer: int, q: torch.Tensor, tables: ChunkTables) -> torch.Tensor:
-    """A decode group's attention: q [g, heads, d] over each row's cached keys -> [g, heads * d]."""
+def attend_decode(cache: KVCache, layer: int, q: torch.Tensor, tables: ChunkTables, window: int = 0,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode group's attention: q [g, heads, d] over each row's cached keys (its last `window`
+    with one) -> [g, heads * d]. The gather reads the group's longest sequence; the window masks."""
     slots = torch.where(tables.slots < 0, cache.padding_slot, tables.slots)
     ks, vs = cache.gather(layer, slots, tables.key_blocks)  # [g, kv, n, d]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=tables.mask, enable_gqa=True)
+    mask = tables.mask
+    if window:
+        first = (tables.lengths.clamp(min=1) - window)[:, None, None, None]
+        mask = mask & (torch.arange(ks.shape[2], device=q.device) >= first)
+    o = _attend(q.unsqueeze(2), ks, vs, mask, sinks)
     return o[:, :, 0, :].reshape(q.shape[0], -1)
 
 
-def attend_prefill(cache: KVCache, layer: int, chunk: Chunk, q: torch.Tensor, tables: ChunkTables) -> torch.Tensor:
-    """Each segment over its sequence's cached keys (earlier chunks and its own), causal."""
+def _attend(q, k, v, mask, sinks, is_causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the keys `mask` allows (GQA), q [b, heads, tq, d]; with `sinks`
+    [heads], each head's sink logit joins the softmax denominator (explicit scores: SDPA has none)."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
+    p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
+    return (p @ v.float()).to(q.dtype)
+
+
+def _window_mask(seg, first_key: int, keys: int, window: int, device) -> torch.Tensor:
+    """[tokens, keys - first_key] True where the segment's query (position seg.pos + i) sees key
+    first_key + j: causal, and within its last `window` keys when window > 0."""
+    i = torch.arange(seg.pos, seg.pos + seg.tokens, device=device)[:, None]
+    j = torch.arange(first_key, keys, device=device)[None, :]
+    ok = j <= i
+    return ok & (j > i - window) if window else ok
+
+
+def attend_prefill(cache: KVCache, layer: int, chunk: Chunk, q: torch.Tensor, tables: ChunkTables,
+                   window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Each segment over its sequence's cached keys (earlier chunks and its own), causal; with a
+    `window`, from the first block holding a key its first query sees."""
     out = torch.empty_like(q)
-    lo = chunk.lo
+    lo, bs = chunk.lo, cache.block_size
     for seg in chunk.segments:
         r = seg.lo - lo
-        ks, vs = cache.gather(layer, tables.slots[r:r + 1], blocks_for(seg.keys, cache.block_size))
-        ks, vs = ks[:, :, :seg.keys], vs[:, :, :seg.keys]
+        first = max(0, seg.pos - window + 1) // bs if window else 0  # blocks before: outside every window
+        ks, vs = cache.gather(layer, tables.slots[r:r + 1], blocks_for(seg.keys, bs), first)
+        ks, vs = ks[:, :, :seg.keys - first * bs], vs[:, :, :seg.keys - first * bs]
         qs = q[r:r + seg.tokens].transpose(0, 1).unsqueeze(0)  # [1, heads, t_seg, d]
-        mask = causal_lower_right(seg.tokens, seg.keys) if seg.pos and seg.tokens > 1 else None
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
-                                           is_causal=seg.pos == 0 and seg.tokens > 1, enable_gqa=True)
+        if window or sinks is not None:
+            o = _attend(qs, ks, vs, _window_mask(seg, first * bs, seg.keys, window, q.device), sinks)
+        else:
+            mask = causal_lower_right(seg.tokens, seg.keys) if seg.pos and seg.tokens > 1 else None
+            o = _attend(qs, ks, vs, mask, None, is_causal=seg.pos == 0 and seg.tokens > 1)
         out[r:r + seg.tokens] = o[0].transpose(0, 1)
     return out.reshape(q.shape[0], -1)
+
+
+def sink_and_window(model, w: Mapping[str, torch.Tensor], layer: int) -> dict:
+    """The attention variant's arguments of `layer`: its window (0: none) and sinks (None: none)."""
+    return {"window": model.window(layer), "sinks": w["sinks"] if model.attention_sinks else None}
 
 
 def attention_torch(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache: KVCache, layer: int,
@@ -189,8 +229,8 @@ def attention_torch(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache
     q, k, v = norm_and_rotate(model, w, project_qkv(model, w, a), tables)
     cache.write(layer, tables.rows, k, v)
     if tables.decode:
-        return attend_decode(cache, layer, q, tables)
-    return attend_prefill(cache, layer, chunk, q, tables)
+        return attend_decode(cache, layer, q, tables, **sink_and_window(model, w, layer))
+    return attend_prefill(cache, layer, chunk, q, tables, **sink_and_window(model, w, layer))
 
 
 def fuse_qkv(weights: dict[str, torch.Tensor], layers) -> None:

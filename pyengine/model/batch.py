@@ -50,6 +50,18 @@ class Segment:
         """Query-key pairs of causal attention: token at position p reads p + 1 keys."""
         return self.tokens * self.pos + self.tokens * (self.tokens + 1) // 2
 
+    def attended_in(self, window: int) -> int:
+        """Query-key pairs when a query sees at most its last `window` keys (0: all of them)."""
+        if not window:
+            return self.attended
+        lo, hi = self.pos + 1, self.keys  # the keys each token reads, before the window's cap
+        below = max(0, min(hi, window) - lo + 1)  # tokens under the cap: lo, lo + 1, ...
+        return below * lo + below * (below - 1) // 2 + window * (self.tokens - below)
+
+    def keys_in(self, window: int) -> int:
+        """Cached key rows read: from the first key its first token sees (0: all of them)."""
+        return self.keys - max(0, self.pos - window + 1) if window else self.keys
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -73,6 +85,10 @@ class Chunk:
     def keys_read(self) -> int:
         """Cached key rows read (each segment reads its sequence's keys once)."""
         return sum(s.keys for s in self.segments)
+
+    def work_in(self, window: int) -> tuple[int, int]:
+        """(query-key pairs, cached key rows read) when a query sees its last `window` keys (0: all)."""
+        return sum(s.attended_in(window) for s in self.segments), sum(s.keys_in(window) for s in self.segments)
 
     @property
     def sequences(self) -> tuple[int, ...]:

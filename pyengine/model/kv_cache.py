@@ -171,13 +171,14 @@ class KVCache:
         if vc.shape[-1]:
             vc.view(-1, *vc.shape[2:]).index_copy_(0, rows, v)
 
-    def gather(self, layer: int, slots: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [len(slots), kv_heads, n_blocks * block_size, d]: each slot's first `n_blocks` blocks
-        (a copy; the torch path's reads)."""
+    def gather(self, layer: int, slots: torch.Tensor, n_blocks: int,
+               first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [len(slots), kv_heads, (n_blocks - first) * block_size, d]: each slot's blocks
+        first..n_blocks-1 (a copy; the torch path's reads; `first` > 0: a window's)."""
         kc, vc = self.layer_views(layer)
-        blocks = self.block_table[slots.long(), :n_blocks].long()  # [g, n_blocks]
-        g = blocks.shape[0]
+        blocks = self.block_table[slots.long(), first:n_blocks].long()  # [g, n_blocks - first]
+        g, n = blocks.shape
 
         def one(c):
-            return c[blocks].reshape(g, n_blocks * self.block_size, *c.shape[2:]).transpose(1, 2)
+            return c[blocks].reshape(g, n * self.block_size, *c.shape[2:]).transpose(1, 2)
         return one(kc), one(vc)

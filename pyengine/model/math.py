@@ -15,16 +15,18 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
 
 
-def route(u: torch.Tensor, router: torch.Tensor, k: int,
-          renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts (fp32), top-k, renormalised to sum to 1 unless `renormalize` is
-    False (norm_topk_prob = false keeps the chosen experts' raw probabilities):
-    (ids int32 [T,k], weights fp32 [T,k]).
+def route(u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool = True,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (fp32) of u @ router (+ bias), top-k, renormalised to sum to 1
+    unless `renormalize` is False (norm_topk_prob = false keeps the chosen experts' raw
+    probabilities): (ids int32 [T,k], weights fp32 [T,k]). Renormalised, the weights are the
+    softmax over the chosen logits alone (gpt-oss's router).
 
     Ties between equal probabilities go to the lower expert id (a stable descending sort):
     torch.topk promises no order on ties, and the references (pyengine.model.reference,
     tests/references.py) break them this way, so an exact tie cannot fail the output check."""
-    probs = torch.softmax((u @ router).float(), dim=-1)
+    logits = u @ router if bias is None else torch.addmm(bias, u, router)
+    probs = torch.softmax(logits.float(), dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     w, ids = sorted_p[..., :k].contiguous(), order[..., :k]  # a slice of the sort: sent as is, so dense
     return ids.to(torch.int32).contiguous(), (w / w.sum(-1, keepdim=True) if renormalize else w)

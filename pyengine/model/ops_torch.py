@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pyengine.model.expert_act import SWIGLU, ExpertActivation
 from pyengine.model.kernel_path import KernelPath
 from pyengine.model.math import rmsnorm, route, route_grouped
 
@@ -32,29 +33,34 @@ class TorchOps:
         return rmsnorm(x, w, eps)
 
     def route(self, u: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool, grouped=None,
-              correction: torch.Tensor | None = None):
-        """Softmax top-k, or with `grouped` (a GroupedRoutingSpec) DeepSeek-V3's grouped sigmoid
-        routing with its selection-only `correction` bias."""
+              correction: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        """Softmax top-k (`bias`: the router's own per-expert bias on its logits), or with `grouped`
+        (a GroupedRoutingSpec) DeepSeek-V3's grouped sigmoid routing with its selection-only
+        `correction` bias."""
         if grouped is not None:
             return route_grouped(u, router, k, renormalize, grouped, correction)
-        return route(u, router, k, renormalize)
+        return route(u, router, k, renormalize, bias)
 
     def experts(self, w: Mapping[str, Any], u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                skip_ids: bool = False, static: bool = False) -> torch.Tensor:
+                skip_ids: bool = False, static: bool = False, act: ExpertActivation = SWIGLU) -> torch.Tensor:
         """This shard's partial [t, H] in u.dtype: every held expert in turn (ids of -1: held
         elsewhere, in no expert's rows), each token's choices summed in fp32. `static` (a decode
         step, a few rows): every held expert over every row, weighted by a dense gate matrix (a
-        zero where not chosen): the same ops whatever the routing, no host sync."""
-        import torch.nn.functional as F
-
+        zero where not chosen): the same ops whatever the routing, no host sync. `act`: the
+        stage's activation and biases (pyengine.model.expert_act)."""
         if static:
-            return _dense_experts(w, u, ids, weights)
+            return _dense_experts(w, u, ids, weights, act)
         y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
         for e in range(w["w_up"].shape[0]):
             tok, slot = (ids == e).nonzero(as_tuple=True)
             ue = u[tok]
-            a = F.silu(ue @ w["w_gate"][e]) * (ue @ w["w_up"][e])
-            y.index_add_(0, tok, (a @ w["w_down"][e]).float() * weights[tok, slot, None])
+            gate, up = ue @ w["w_gate"][e], ue @ w["w_up"][e]
+            if act.bias:
+                gate, up = gate + w["b_gate"][e], up + w["b_up"][e]
+            down = act(gate, up) @ w["w_down"][e]
+            if act.bias:
+                down = down + w["b_down"][e]
+            y.index_add_(0, tok, down.float() * weights[tok, slot, None])
         return y.to(u.dtype)
 
     def decode_tables(self, cache, rope, meta: torch.Tensor, dtype: torch.dtype, key_blocks: int):
@@ -74,12 +80,14 @@ class TorchOps:
         return attention_torch(model, w, a, cache, layer, chunk, tables)
 
 
-def _dense_experts(w, u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    import torch.nn.functional as F
-
+def _dense_experts(w, u: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act: ExpertActivation) -> torch.Tensor:
     e = w["w_up"].shape[0]
     gate = torch.zeros(u.shape[0], e + 1, dtype=torch.float32, device=u.device)  # column e: held elsewhere
     gate.scatter_add_(1, torch.where(ids < 0, e, ids).long(), weights.float())
-    a = F.silu(torch.matmul(u, w["w_gate"])) * torch.matmul(u, w["w_up"])  # [E, t, F]
-    out = torch.bmm(a, w["w_down"]).float()  # [E, t, H]
-    return torch.einsum("eth,te->th", out, gate[:, :e]).to(u.dtype)
+    g, up = torch.matmul(u, w["w_gate"]), torch.matmul(u, w["w_up"])  # [E, t, F]
+    if act.bias:
+        g, up = g + w["b_gate"][:, None, :], up + w["b_up"][:, None, :]
+    out = torch.bmm(act(g, up), w["w_down"])  # [E, t, H]
+    if act.bias:
+        out = out + w["b_down"][:, None, :]
+    return torch.einsum("eth,te->th", out.float(), gate[:, :e]).to(u.dtype)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pyengine.model.expert_act import SWIGLU
 from pyengine.model.kernel_path import KernelPath
 from pyengine.model.ops_torch import TorchOps
 
@@ -56,11 +57,12 @@ class TritonOps(TorchOps):
         with self._turns:
             return fused_rmsnorm(x, w, eps)
 
-    def route(self, u, router, k, renormalize, grouped=None, correction=None):
+    def route(self, u, router, k, renormalize, grouped=None, correction=None, bias=None):
         """The router GEMM (cuBLAS), then softmax + top-k + renormalise in one kernel (ties to the
         lower expert id). With `grouped`: the GEMM in fp32 (the gate is kept in fp32), then the
         kernel's sigmoid_grouped variant; a router past the kernel's limits (more than 256 experts
-        or top-k above 8) takes the torch path instead (same rule, same ties)."""
+        or top-k above 8) takes the torch path instead (same rule, same ties). `bias` (gpt-oss): in
+        the GEMM (addmm)."""
         from pyengine.kernels.router_topk import MAX_EXPERTS, MAX_TOP_K, RouterTopK
 
         e = router.shape[1]
@@ -73,26 +75,32 @@ class TritonOps(TorchOps):
                 routed_scaling_factor=grouped.routed_scaling_factor)
             self._routers[key] = RouterTopK(e, k, self.device, **{"variant": "softmax", "renormalize": renormalize,
                                                                   **extra})
-        logits = u @ router if grouped is None else u.float() @ router.float()
+        if grouped is not None:
+            logits = u.float() @ router.float()
+        else:
+            logits = u @ router if bias is None else torch.addmm(bias, u, router)
         bias = None if correction is None else correction.float()
         with self._turns:
             return self._routers[key](logits, correction_bias=bias)
 
-    def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False, static=False):
-        """align + column GEMM (SwiGLU) + row GEMM + the fixed-order k-sum: four launches. Ids of -1
-        (held elsewhere, or a padding row) add nothing."""
-        shard = self._shard(w, u)
+    def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False, static=False, act=SWIGLU):
+        """align + column GEMM (SwiGLU, or `act`'s clamped one; biases in the epilogues) + row GEMM
+        + the fixed-order k-sum: four launches. Ids of -1 (held elsewhere, or a padding row) add
+        nothing."""
+        shard = self._shard(w, u, act)
+        biases = {"b_gate": w["b_gate"], "b_up": w["b_up"], "b_down": w["b_down"]} if act.bias else {}
         with self._turns:
-            return shard(u, w["w_gate"], w["w_up"], w["w_down"], ids.contiguous(), weights.contiguous())
+            return shard(u, w["w_gate"], w["w_up"], w["w_down"], ids.contiguous(), weights.contiguous(), **biases)
 
-    def _shard(self, w, u):
+    def _shard(self, w, u, act):
         from pyengine.kernels.moe_expert_shard import ExpertShard
 
         E, H, F = w["w_up"].shape
         rows = u.shape[0] if u.shape[0] <= STATIC_ROWS else None
-        key = (E, H, F, u.dtype, rows)
-        if key not in self._shards:
-            shard = ExpertShard(E, H, F, self.spec.model.top_k, u.dtype, self.device, skip_ids=True)
+        key = (E, H, F, u.dtype, rows, act)
+        if key not in self._shards:  # the activation is the shard's, fixed here (a kernel option)
+            shard = ExpertShard(E, H, F, self.spec.model.top_k, u.dtype, self.device, skip_ids=True,
+                                activation=act.kernel, bias=act.bias, alpha=act.alpha, limit=act.limit)
             if rows is not None:
                 shard.reserve(rows)
             self._shards[key] = shard
@@ -107,7 +115,7 @@ class TritonOps(TorchOps):
         return ChunkTables(meta[0], meta[1], meta[2], None, None, None, rope, True, key_blocks)
 
     def attention(self, model, w, a, cache, layer, chunk, tables):
-        from pyengine.model.attention import attend_prefill, project_qkv
+        from pyengine.model.attention import attend_prefill, project_qkv, sink_and_window
 
         if model.mla is not None:
             return self._mla_attention(model, w, a, cache, layer, chunk, tables)
@@ -120,12 +128,13 @@ class TritonOps(TorchOps):
             self._rope(model, cache.block_size, a.dtype)(qkv, tables.positions, tables.slots, cache.block_table, kc, vc,
                                        tables.rope.cos_half, tables.rope.sin_half, q, eps=model.norm_eps,
                                        **norms)
-            if tables.decode:
+            if tables.decode:  # a sliding layer's split kernel reads only its window's blocks
                 out = torch.empty_like(q)
                 self._decode_attention(model, cache, q.shape[0], a.dtype)(
-                    q, kc, vc, cache.block_table, tables.slots, tables.lengths, out)
+                    q, kc, vc, cache.block_table, tables.slots, tables.lengths, out,
+                    **sink_and_window(model, w, layer))
                 return out.reshape(q.shape[0], -1)
-        return attend_prefill(cache, layer, chunk, q, tables)
+        return attend_prefill(cache, layer, chunk, q, tables, **sink_and_window(model, w, layer))
 
     def _mla_attention(self, model, w, a, cache, layer, chunk, tables):
         """MLA: the projections (GEMMs), then one kernel turning q's rotary part, norming the latent,

@@ -62,7 +62,9 @@ def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torc
     if m.grouped_routing is not None:
         top_ids, top_w = _grouped_top_k(m, u.float() @ w[prefix + "router"].float(), w[prefix + "router_correction"])
     else:
-        top_ids, top_w = _top_k(u @ w[prefix + "router"], m.top_k, m.renormalize)
+        logits = u @ w[prefix + "router"]
+        top_ids, top_w = _top_k(logits + w[prefix + "router_bias"] if m.router_bias else logits, m.top_k,
+                                m.renormalize)
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     if m.shared_expert_size:  # the always-on expert, every token: weight 1, or its own sigmoid gate
         shared = _mlp(w, prefix + "ws", u)
@@ -75,8 +77,18 @@ def _moe(m, w: Mapping[str, torch.Tensor], prefix: str, u: torch.Tensor) -> torc
             continue
         ue = u[tok]
         gate, up = ue @ w[prefix + "w_gate"][e], ue @ w[prefix + "w_up"][e]
-        act = gate * torch.sigmoid(gate) * up
-        y[tok] += (act @ w[prefix + "w_down"][e]).to(torch.float32) * top_w[tok, slot].unsqueeze(1)
+        if m.expert_bias:
+            gate, up = gate + w[prefix + "b_gate"][e], up + w[prefix + "b_up"][e]
+        if m.clamped_swiglu is not None:  # gpt-oss: gate clamped above, up both sides, up + 1
+            c = m.clamped_swiglu
+            gate, up = torch.minimum(gate, torch.tensor(c.limit)), torch.clip(up, -c.limit, c.limit) + 1
+            act = gate / (1 + torch.exp(-c.alpha * gate)) * up
+        else:
+            act = gate * torch.sigmoid(gate) * up
+        down = act @ w[prefix + "w_down"][e]
+        if m.expert_bias:
+            down = down + w[prefix + "b_down"][e]
+        y[tok] += down.to(torch.float32) * top_w[tok, slot].unsqueeze(1)
     return y
 
 
@@ -90,16 +102,19 @@ def _rope(t: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1).to(t.dtype)
 
 
-def _attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+def _attention(m, w: Mapping[str, torch.Tensor], layer: int, x: torch.Tensor) -> torch.Tensor:
+    prefix = f"layers.{layer}."
     if m.mla is not None:
         from pyengine.model.reference_mla import mla_attention
 
         return mla_attention(m, w, prefix, x, _norm)
-    return _gqa_attention(m, w, prefix, x)
+    return _gqa_attention(m, w, layer, x)
 
 
-def _gqa_attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention of one sequence x [S, H]: explicit scores, a triangular mask, fp32 softmax."""
+def _gqa_attention(m, w: Mapping[str, torch.Tensor], layer: int, x: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of one sequence x [S, H]: explicit scores, a triangular mask (a band with
+    a sliding window), fp32 softmax (with a sink logit per head when the model has them)."""
+    prefix = f"layers.{layer}."
     d, heads, kv = m.head_size, m.heads, m.kv_heads
     a = _norm(x, w[prefix + "attn_norm"], m.norm_eps)
     q, k, v = (a @ w[prefix + "w" + p] + (w[prefix + "b" + p] if p in m.biased else 0) for p in "qkv")
@@ -112,10 +127,17 @@ def _gqa_attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tenso
     q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
     group = heads // kv
     out = torch.empty(heads, s, d, dtype=x.dtype, device=x.device)
-    future = torch.triu(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=1)
+    hidden = torch.triu(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=1)  # the future
+    if m.window(layer):  # and keys more than window - 1 before the query
+        hidden |= torch.tril(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=-m.window(layer))
     for h in range(heads):
-        scores = (q[h].float() @ k[h // group].float().T) / d**0.5
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        scores = ((q[h].float() @ k[h // group].float().T) / d**0.5).masked_fill(hidden, float("-inf"))
+        if m.attention_sinks:  # an extra logit in each row's denominator, with no value
+            top = torch.maximum(scores.max(-1, keepdim=True).values, w[prefix + "sinks"][h].float())
+            e = torch.exp(scores - top)
+            probs = e / (e.sum(-1, keepdim=True) + torch.exp(w[prefix + "sinks"][h].float() - top))
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[h] = (probs @ v[h // group].float()).to(x.dtype)
     o = out.transpose(0, 1).reshape(s, heads * d) @ w[prefix + "wo"]
     return o + w[prefix + "bo"] if "o" in m.biased else o
@@ -132,7 +154,7 @@ def reference_forward(spec: DeploymentSpec, w: Mapping[str, torch.Tensor], ids: 
         b, s = ids.shape
         for layer in range(m.layers):
             p = f"layers.{layer}."
-            x = torch.cat([xs + _attention(m, w, p, xs) for xs in x.reshape(b, s, -1)])
+            x = torch.cat([xs + _attention(m, w, layer, xs) for xs in x.reshape(b, s, -1)])
             u = _norm(x, w[p + "norm_in"], m.norm_eps)
             y = _mlp(w, p + "wd", u) if m.is_dense(layer) else _moe(m, w, p, u)
             if layer + 1 < m.layers:

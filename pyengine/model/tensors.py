@@ -22,7 +22,14 @@ if TYPE_CHECKING:
 
 SHARED = ("embed", "norm_out", "out")
 """Tensors the model holds once, whatever its layer count."""
-PER_EXPERT = ("w_gate", "w_up", "w_down")
+PER_EXPERT = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+"""Tensors with one slice per expert (the biases only with model.expert_bias)."""
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+EXPERT_BIASES = ("b_gate", "b_up", "b_down")
+"""gpt-oss's expert biases: b_gate, b_up [E, F] (sharded with F's columns) and b_down [E, H], which
+the shard of F's first column holds and the others hold as zeros (added once per token and expert)."""
+F_AXIS = {"w_gate": 2, "w_up": 2, "w_down": 1, "b_gate": 1, "b_up": 1}
+"""The axis of F in each per-expert tensor's full [E, ...] shape (b_down has none)."""
 ATTENTION = ("attn_norm", "wq", "wk", "wv", "wo")
 QK_NORMS = ("q_norm", "k_norm")
 BIASES = ("bq", "bk", "bv", "bo")
@@ -51,13 +58,30 @@ def attention_names(model: ModelSpec) -> tuple[str, ...]:
         return ()
     if model.mla is not None:
         return MLA + (MLA_Q_LORA if model.mla.q_lora_rank is not None else ("wq",))
-    return attention_tensors(model.qk_norm, model.biased)
+    return attention_tensors(model.qk_norm, model.biased) + (("sinks",) if model.attention_sinks else ())
 
 
 def fp32_names(model: ModelSpec) -> tuple[str, ...]:
     """Tensors held in fp32 whatever the model dtype: grouped routing's gate and correction bias
     (DeepSeek-V3 keeps them in fp32; in bf16 the bias's small differences would flip choices)."""
     return ("router", ROUTER_CORRECTION) if model.grouped_routing is not None else ()
+
+
+def expert_names(model: ModelSpec) -> tuple[str, ...]:
+    """One MoE layer's expert tensors: the projections, and their biases with model.expert_bias."""
+    return EXPERT_WEIGHTS + (EXPERT_BIASES if model.expert_bias else ())
+
+
+def slice_f(name: str, t, f_cols: tuple[int, int] | None, expert_axis: bool = True):
+    """The columns f_cols of F of per-expert tensor `name` (t [E, ...], or one expert's slice when
+    not `expert_axis`); b_down kept whole by the shard of F's first column, zeros elsewhere."""
+    if f_cols is None:
+        return t
+    a, b = f_cols
+    if name == "b_down":
+        return t if a == 0 else t.new_zeros(t.shape)
+    axis = F_AXIS[name] - (0 if expert_axis else 1)
+    return t.narrow(axis, a, b - a)
 
 
 def shared_expert_names(model: ModelSpec) -> tuple[str, ...]:
@@ -67,7 +91,8 @@ def shared_expert_names(model: ModelSpec) -> tuple[str, ...]:
 
 def router_names(model: ModelSpec) -> tuple[str, ...]:
     """One layer's router tensors: the gate, and grouped routing's correction bias."""
-    return ("router",) + ((ROUTER_CORRECTION,) if model.grouped_routing is not None else ())
+    return (("router",) + (("router_bias",) if model.router_bias else ())
+            + ((ROUTER_CORRECTION,) if model.grouped_routing is not None else ()))
 
 
 def attention_tensors(qk_norm: str, biased: tuple[str, ...]) -> tuple[str, ...]:
@@ -102,7 +127,8 @@ def full_shape(model: ModelSpec, name: str) -> tuple[int, ...]:
               "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
     if model.mla is not None:
         shapes.update(_mla_shapes(model))
-    shapes[ROUTER_CORRECTION] = (e,)
+    shapes[ROUTER_CORRECTION] = shapes["router_bias"] = (e,)
+    shapes.update(sinks=(model.heads,), b_gate=(e, f), b_up=(e, f), b_down=(e, h))
     s, d = model.shared_expert_size, model.dense_ffn_size
     shapes.update(ws_gate=(h, s), ws_up=(h, s), ws_down=(s, h), wd_gate=(h, d), wd_up=(h, d), wd_down=(d, h))
     shapes[SHARED_EXPERT_GATE] = (h, 1)

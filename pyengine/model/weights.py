@@ -20,7 +20,7 @@ import torch
 from pyengine.core.dtypes import torch_dtype
 from pyengine.core.spec import DeploymentSpec
 from pyengine.model.stages import Shard, stages_of, stages_on
-from pyengine.model.tensors import PER_EXPERT, fp32_names, full_shape, weight_key
+from pyengine.model.tensors import F_AXIS, PER_EXPERT, fp32_names, full_shape, slice_f, weight_key
 
 WEIGHT_NAMES = ("embed", "norm_in", "router", "w_gate", "w_up", "w_down", "norm_out", "out")
 """The block's tensors (a model with layers has these per layer, plus its attention's)."""
@@ -71,10 +71,7 @@ def weight(spec: DeploymentSpec, seed: int, name: str, *, device: torch.device |
     experts = shard.experts if shard.experts is not None else range(spec.model.num_experts)
     parts = []
     for e in experts:
-        t = _make(spec, seed, name, layer, e)
-        if shard.f_cols is not None:
-            a, b = shard.f_cols
-            t = t[a:b, :] if name == "w_down" else t[:, a:b]
+        t = slice_f(name, _make(spec, seed, name, layer, e), shard.f_cols, expert_axis=False)
         parts.append(t.to(device=device, dtype=dtype))
     return torch.stack(parts).contiguous()
 
@@ -86,10 +83,7 @@ def take(full: dict[str, torch.Tensor], name: str, shard: Shard, layer: int | No
         return t
     if shard.experts is not None:
         t = t[list(shard.experts)]
-    if shard.f_cols is not None:
-        a, b = shard.f_cols
-        t = t[:, a:b, :] if name == "w_down" else t[:, :, a:b]
-    return t.contiguous()
+    return slice_f(name, t, shard.f_cols).contiguous()
 
 
 def init_weights(spec: DeploymentSpec, seed: int = 0, *, device: torch.device | str = "cpu",
@@ -170,8 +164,8 @@ class DeviceRandomWeights:
         if name in PER_EXPERT:
             if shard.experts is not None:
                 shape[0] = len(shard.experts)
-            if shard.f_cols is not None:
-                shape[1 if name == "w_down" else 2] = shard.f_cols[1] - shard.f_cols[0]
+            if shard.f_cols is not None and name in F_AXIS:
+                shape[F_AXIS[name]] = shard.f_cols[1] - shard.f_cols[0]
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + zlib.crc32(weight_key(name, layer).encode())) % (2**63))
         t = torch.empty(shape, dtype=tensor_dtype(spec, name), device=device)

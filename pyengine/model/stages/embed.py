@@ -71,6 +71,8 @@ class EmbedStage(Stage):
         m = self.spec.model
         if m.is_dense(layer) or (self._after_first(layer) and m.is_dense(layer - 1)):
             return layer  # a dense layer, or the one after it: priced on its own
+        if m.sliding_window is not None:
+            return layer  # sliding and full layers read different keys
         return 1 if self._after_first(layer) else layer  # the kernels only ask whether it is the first
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
@@ -92,7 +94,7 @@ class EmbedStage(Stage):
             first = [KernelCost.memory("embed_gather", t * 8 + 2 * t * h * es)]
             if m.layered:
                 first.append(KernelCost.memory("rmsnorm_attn", 2 * t * h * es + h * es))
-        attn = self._attention_kernels(t, chunk) if m.layered else []
+        attn = self._attention_kernels(t, chunk, m.window(layer)) if m.layered else []
         norm = 3 * t * h * es if m.layered else 2 * t * h * es  # residual add (+ o) and the norm
         if m.is_dense(layer):
             d = m.dense_ffn_size
@@ -107,18 +109,20 @@ class EmbedStage(Stage):
                        KernelCost.memory("shared_scale", 2 * t * h * es + t * es)]
         return first + attn + [
             KernelCost.memory("rmsnorm_in", norm + h * es),
-            KernelCost("router_gemm", 2.0 * t * h * e, t * h * es + h * e * es + t * e * 4, KernelKind.GEMM, t),
+            KernelCost("router_gemm", 2.0 * t * h * e + m.router_bias * t * e,
+                       t * h * es + h * e * es + t * e * 4 + m.router_bias * e * es, KernelKind.GEMM, t),
             KernelCost.memory("softmax_topk", t * e * 4 + t * k * 8),
         ] + shared
 
-    def _attention_kernels(self, t: int, chunk: Chunk | None) -> list[KernelCost]:
+    def _attention_kernels(self, t: int, chunk: Chunk | None, window: int = 0) -> list[KernelCost]:
         """QKV and O projections (dense GEMMs of t rows), q/k norms + RoPE and the KV-cache write
         (memory-bound), and causal attention over the cached keys: 4*d FLOPs per query-key pair
-        and head (QK^T and PV), every cached key and value read once per segment."""
+        and head (QK^T and PV), every cached key and value read once per segment (a sliding layer:
+        its window's; the sinks, one logit per head, with the queries)."""
         m, es = self.spec.model, self.elem
         h, d = m.hidden_size, m.head_size
         q, kv = m.heads * d, m.kv_heads * d
-        attended, keys = self._attention_work(t, chunk)
+        attended, keys = self._attention_work(t, chunk, window)
         if m.mla is not None:
             from pyengine.model.mla_costs import mla_kernels
 
@@ -132,19 +136,20 @@ class EmbedStage(Stage):
         return [
             qkv,
             KernelCost.memory("qk_norm_rope_kv_write", 2 * t * (q + kv) * es + 2 * t * kv * es),
-            KernelCost("attention", 4.0 * m.heads * d * attended, 2 * t * q * es + 2 * keys * kv * es,
-                       KernelKind.GEMM, t),
+            KernelCost("attention", 4.0 * m.heads * d * attended,
+                       2 * t * q * es + 2 * keys * kv * es + m.attention_sinks * m.heads * es, KernelKind.GEMM, t),
             o,
         ]
 
-    def _attention_work(self, t: int, chunk: Chunk | None) -> tuple[float, float]:
-        """(query-key pairs, cached key rows read) of a chunk; without one, t tokens' average
-        share of the spec's batch."""
+    def _attention_work(self, t: int, chunk: Chunk | None, window: int = 0) -> tuple[float, float]:
+        """(query-key pairs, cached key rows read) of a chunk whose queries see at most `window`
+        keys (0: all); without one, t tokens' average share of the spec's batch."""
         if chunk is not None:
-            return chunk.attended, chunk.keys_read
+            return chunk.work_in(window)
         b = self._batch
         share = t / b.tokens
-        return (share * sum(c.attended for c in b.chunks), share * sum(c.keys_read for c in b.chunks))
+        work = [c.work_in(window) for c in b.chunks]
+        return share * sum(a for a, _ in work), share * sum(k for _, k in work)
 
     # ---- memory ---------------------------------------------------------------------------------
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
@@ -205,7 +210,7 @@ class EmbedStage(Stage):
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
         if m.is_dense(work.layer):  # the dense MLP joins the residual here; no router, no experts
             return x + dense_layer_mlp(u, w), u, None, None
-        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
+        top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w), **_bias(m, w))
         if m.shared_expert_size:  # the shared expert joins the residual here; the routed ones at hand-off
             x = x + shared_expert(m, u, w)
         if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
@@ -223,8 +228,13 @@ def embed_and_route(spec, w: Mapping[str, Any], ids):
     if m.grouped_routing is not None:
         top_ids, top_w = route_grouped(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w))
     else:
-        top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize)
+        top_ids, top_w = route(u, w["router"], m.top_k, m.renormalize, **_bias(m, w))
     return x, u, top_ids, top_w
+
+
+def _bias(m, w: Mapping[str, Any]) -> dict:
+    """The router's own logit bias (gpt-oss), or none."""
+    return {"bias": w["router_bias"]} if m.router_bias else {}
 
 
 def _grouped(m, w: Mapping[str, Any]) -> tuple:

@@ -16,17 +16,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from pyengine.model.batch import Chunk
+from pyengine.model.expert_act import ExpertActivation
 from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.tensors import PER_EXPERT, moe_layers
+from pyengine.model.stages.experts import expert_shapes
+from pyengine.model.tensors import expert_names, moe_layers
 
 
 class ExpertParallelStage(Stage):
     kind = StageKind.EXPERTS
 
     def layer_weights(self) -> tuple[str, ...]:
-        return PER_EXPERT
+        return expert_names(self.spec.model)
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.DISPATCH, StageKind.EMBED, layer),)
@@ -37,6 +39,7 @@ class ExpertParallelStage(Stage):
         self.routing = routing or uniform(spec)
         self.placement: dict[int, tuple[int, ...]] = dict(zip(self.ranks, spec.expert_placement()))
         self._luts: dict[Any, dict[int, Any]] = {}
+        self.act = ExpertActivation.of_model(spec.model)
 
     # ---- costs (expected values under self.routing) --------------------------------------
     def rows_for(self, rank: int, tokens: int) -> float:
@@ -65,20 +68,21 @@ class ExpertParallelStage(Stage):
         # The router's GPU gathers its tokens' rows from the full u; an expert GPU received them.
         gather = [] if self._receives(rank) else [
             KernelCost.memory("gather_rows", 2 * rows * h * es)]
+        bias = m.expert_bias  # gate/up biases added per pair in the epilogue, b_down in the row GEMM's
         return [
             *gather,
-            KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f,
-                               2 * hit * h * f * es + pairs * h * es + pairs * f * es, per_expert),
-            KernelCost.grouped("down_rows", 2.0 * pairs * f * h,
-                               hit * f * h * es + pairs * f * es + pairs * h * 4, per_expert),
+            KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f + bias * 2.0 * pairs * f,
+                               2 * hit * h * f * es + pairs * h * es + pairs * f * es + bias * 2 * hit * f * es,
+                               per_expert),
+            KernelCost.grouped("down_rows", 2.0 * pairs * f * h + bias * pairs * h,
+                               hit * f * h * es + pairs * f * es + pairs * h * 4 + bias * hit * h * es, per_expert),
             # zeroed per-choice rows (the -1 choices stay zero), summed per token in fp32
             KernelCost.memory("sum_choices", 2 * rows * k * h * 4 + rows * h * es),
         ]
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        m, e = self.spec.model, len(self.placement[rank])
-        h, f = m.hidden_size, m.ffn_hidden_size
-        return {"w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h)}
+        m = self.spec.model
+        return expert_shapes(m, len(self.placement[rank]), m.ffn_hidden_size)
 
     def shard(self, rank: int) -> Shard:
         return Shard(experts=self.placement[rank])
@@ -159,7 +163,8 @@ class ExpertParallelStage(Stage):
         # local holds -1 for a choice held by another GPU: the kernels leave it out on the device
         # (no host sync to list this GPU's pairs), and sum each token's own choices in fp32.
         work = work or Work(None, None)
-        y = work.kernels_for(u.device).experts(weights, u, local, w, skip_ids=True, static=work.static)
+        y = work.kernels_for(u.device).experts(weights, u, local, w, skip_ids=True, static=work.static,
+                                               act=self.act)
         return {Payload.COMBINE: (y, meta[:, :1].contiguous())}
 
 

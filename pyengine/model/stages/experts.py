@@ -10,16 +10,27 @@ from collections.abc import Mapping
 from typing import Any
 
 from pyengine.model.batch import Chunk
+from pyengine.model.expert_act import ExpertActivation
 from pyengine.model.payloads import Payload
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.tensors import PER_EXPERT, moe_layers
+from pyengine.model.tensors import EXPERT_WEIGHTS, expert_names, moe_layers
+
+__all__ = ["EXPERT_WEIGHTS", "ExpertsStage", "expert_shapes"]
+
+
+def expert_shapes(model, experts: int, f: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of `experts` experts' tensors with `f` columns of F (biases with model.expert_bias)."""
+    h = model.hidden_size
+    shapes = {"w_gate": (experts, h, f), "w_up": (experts, h, f), "w_down": (experts, f, h),
+              "b_gate": (experts, f), "b_up": (experts, f), "b_down": (experts, h)}
+    return {n: shapes[n] for n in expert_names(model)}
 
 
 class ExpertsStage(Stage):
     kind = StageKind.EXPERTS
 
     def layer_weights(self) -> tuple[str, ...]:
-        return PER_EXPERT
+        return expert_names(self.spec.model)
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.ACT, StageKind.EMBED, layer),)
@@ -28,6 +39,7 @@ class ExpertsStage(Stage):
         super().__init__(spec)
         self.layer_list = moe_layers(spec.model)  # dense layers have no experts
         self._cols = {rank: (a, b) for rank, a, b in spec.ffn_shards()}
+        self.act = ExpertActivation.of_model(spec.model)
 
     def f_cols(self, rank: int) -> int:
         a, b = self._cols[rank]
@@ -46,17 +58,17 @@ class ExpertsStage(Stage):
         # experts touched (expected, uniform routing): each streams its weights once per micro-batch
         hit = uniform(self.spec).experts_touched(range(e), tokens)
         rows = pairs / hit if hit else 0.0
+        bias = m.expert_bias  # gate/up biases added per pair in the epilogue, b_down in the row GEMM's
         return [
-            KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f,
-                               2 * hit * h * f * es + pairs * h * es + pairs * f * es, rows),
-            KernelCost.grouped("down_combine", 2.0 * pairs * f * h,
-                               hit * f * h * es + pairs * f * es + pairs * h * es + tokens * h * es, rows),
+            KernelCost.grouped("gate_up_swiglu", 4.0 * pairs * h * f + bias * 2.0 * pairs * f,
+                               2 * hit * h * f * es + pairs * h * es + pairs * f * es + bias * 2 * hit * f * es, rows),
+            KernelCost.grouped("down_combine", 2.0 * pairs * f * h + bias * pairs * h,
+                               hit * f * h * es + pairs * f * es + pairs * h * es + tokens * h * es
+                               + bias * hit * h * es, rows),
         ]
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        m, f = self.spec.model, self.f_cols(rank)
-        e, h = m.num_experts, m.hidden_size
-        return {"w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h)}
+        return expert_shapes(self.spec.model, self.spec.model.num_experts, self.f_cols(rank))
 
     def shard(self, rank: int) -> Shard:
         return Shard(f_cols=self._cols[rank])
@@ -84,5 +96,5 @@ class ExpertsStage(Stage):
         work = work or Work(None, None)
         # a static step's padding rows carry expert id -1: left out like a choice held elsewhere
         y = work.kernels_for(u.device).experts(weights, u, top_ids, top_w, skip_ids=work.static,
-                                               static=work.static)
+                                               static=work.static, act=self.act)
         return {Payload.PARTIAL: (y,)}
