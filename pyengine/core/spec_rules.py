@@ -117,6 +117,9 @@ def _validate_parts(m) -> None:
         m.mla.check("model.mla")
     if m.rope_scaling is not None:
         m.rope_scaling.check("model.rope_scaling")
+        if m.mla is None and m.rope_scaling.mscale_all_dim:
+            raise SpecError("model.rope_scaling.mscale_all_dim", m.rope_scaling.mscale_all_dim,
+                            "scales MLA's softmax only; must be 0 with GQA attention")
     if isinstance(m.shared_expert_size, bool) or m.shared_expert_size < 0:
         raise SpecError("model.shared_expert_size", m.shared_expert_size, "must be an integer >= 0 (0: none)")
     if m.dense_layers is not None:

@@ -25,6 +25,7 @@ import torch
 from pyengine.core.errors import InputError, SpecError
 from pyengine.core.files import unreadable_file
 from pyengine.core.spec import DeploymentSpec
+from pyengine.model.checkpoint_experts import StoredExpert, stored_expert
 from pyengine.model.hf_config import NOT_IN_LOGITS, HFModel, _json, read_hf_config
 from pyengine.model.stages import Shard
 from pyengine.model.tensors import MLA, MLA_Q_LORA, PER_EXPERT, SHARED, SHARED_EXPERT_GATE, attention_tensors
@@ -34,11 +35,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtype codes the loader accepts, and the torch dtype of each."""
+PACKED_DTYPES = {"U8": torch.uint8}
+"""MXFP4 blocks and scales (bytes), accepted for those tensors only."""
 UNTIED_HEAD = "lm_head.weight"
 """A stored output head: used even when config.json says tie_word_embeddings (transformers then
 keeps it too, with a warning, when it differs from the embedding)."""
 TRANSPOSED = ("router", "out", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "ws_gate", "ws_up",
-              "ws_down", SHARED_EXPERT_GATE, "wd_gate", "wd_up", "wd_down", *PER_EXPERT)
+              "ws_down", SHARED_EXPERT_GATE, "wd_gate", "wd_up", "wd_down")
 """Engine weights stored [out, in] by HF linears: read the slice, then transpose to [in, out]."""
 
 
@@ -81,13 +84,16 @@ class CheckpointWeights:
                device: torch.device | str = "cpu", layer: int | None = None) -> torch.Tensor:
         self.check_spec(spec)
         dtype = tensor_dtype(spec, name)
-        parts = [t.to(dtype) for t in self._read(self._reads(name, shard, layer), device)]  # cast there
-        if name in TRANSPOSED:
-            parts = [t.T for t in parts]
-        return torch.stack(parts) if name in PER_EXPERT else self.hf.fix_layout(name, parts[0].contiguous())
+        if name in PER_EXPERT:  # each expert's slice read, cast (MXFP4: dequantized) on `device`
+            return torch.stack([s.finish(name, self._read(reads, device), shard.f_cols, dtype)
+                                for s, reads in self._expert_reads(name, shard, layer)])
+        t = self._read(self._reads(name, shard, layer), device)[0].to(dtype)  # cast there
+        return self.hf.fix_layout(name, (t.T if name in TRANSPOSED else t).contiguous())
 
     def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
                    layer: int | None = None) -> int:
+        if name in PER_EXPERT:
+            return sum(self._nbytes(r) for _, reads in self._expert_reads(name, shard, layer) for r in reads)
         return sum(self._nbytes(r) for r in self._reads(name, shard, layer))
 
     def embed_rows(self, spec: DeploymentSpec, ids: torch.Tensor,
@@ -109,19 +115,22 @@ class CheckpointWeights:
         if name in SHARED:
             key = self.names[name]
             return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
+        key = self.hf.tensor_names(self._layer(layer))[name]
+        return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
+
+    def _expert_reads(self, name: str, shard: Shard, layer: int | None) -> list[tuple[StoredExpert, list[_Read]]]:
+        """Per expert of `shard`: where its tensor `name` is stored, and the slices its F columns read."""
         layer = self._layer(layer)
-        if name not in PER_EXPERT:
-            key = self.hf.tensor_names(layer)[name]
-            return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
         experts = shard.experts if shard.experts is not None else range(self.hf.num_experts)
-        a, b = shard.f_cols if shard.f_cols is not None else (0, self.hf.ffn_hidden_size)
-        f_axis = 1 if name == "w_down" else 0  # down_proj is [H, F]; gate/up are [F, H]
-        index = tuple(slice(a, b) if axis == f_axis else slice(None) for axis in range(2))
-        return [_Read(self.hf.expert_names(layer, e)[name], index) for e in experts]
+        out = []
+        for e in experts:
+            s = stored_expert(name, self.hf.expert_names(layer, e)[name])
+            out.append((s, [_Read(k, i) for k, i in s.reads(shard.f_cols, self.hf.ffn_hidden_size)]))
+        return out
 
     def _nbytes(self, r: _Read) -> int:
         info = self.tensors[r.key]
-        n = STORED_DTYPES[info.dtype].itemsize
+        n = {**STORED_DTYPES, **PACKED_DTYPES}[info.dtype].itemsize
         for dim, s in zip(info.shape, r.index):
             n *= len(range(*s.indices(dim)))
         return n

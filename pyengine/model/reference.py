@@ -124,7 +124,13 @@ def _gqa_attention(m, w: Mapping[str, torch.Tensor], layer: int, x: torch.Tensor
     q, k, v = (t.reshape(s, n, d).transpose(0, 1) for t, n in ((q, heads), (k, kv), (v, kv)))
     if m.qk_norm == "per_head":
         q, k = _norm(q, w[prefix + "q_norm"], m.norm_eps), _norm(k, w[prefix + "k_norm"], m.norm_eps)
-    q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
+    if m.rope_scaling is not None:  # YaRN (gpt-oss): the MLA reference's frequencies and cos/sin factor
+        from pyengine.model.reference_mla import angles, rotate
+
+        angle, factor, _ = angles(m, s, d, d)
+        q, k = rotate(q, angle, factor), rotate(k, angle, factor)
+    else:
+        q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
     group = heads // kv
     out = torch.empty(heads, s, d, dtype=x.dtype, device=x.device)
     hidden = torch.triu(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=1)  # the future

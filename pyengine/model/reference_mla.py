@@ -15,11 +15,12 @@ def _m(scale: float, c: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * c * math.log(scale) + 1.0
 
 
-def _angles(m, s: int) -> tuple[torch.Tensor, float, float]:
-    """(angles [S, r/2] float64, the cos/sin factor, the softmax scale)."""
-    r, theta, y = m.mla.qk_rope_head_dim, m.rope_theta, m.rope_scaling
+def angles(m, s: int, r: int | None = None, head_dim: int | None = None) -> tuple[torch.Tensor, float, float]:
+    """(angles [S, r/2] float64, the cos/sin factor, the softmax scale) of rotary width r (MLA's
+    qk_rope_head_dim by default) and q/k width head_dim (MLA's qk_head_dim)."""
+    r, theta, y = r or m.mla.qk_rope_head_dim, m.rope_theta, m.rope_scaling
     freq = theta ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
-    factor, scale = 1.0, m.mla.qk_head_dim ** -0.5
+    factor, scale = 1.0, (head_dim or m.mla.qk_head_dim) ** -0.5
     if y is not None:
         def dim_of(rot):
             return r * math.log(y.original_max_positions / (rot * 2 * math.pi)) / (2 * math.log(theta))
@@ -39,7 +40,7 @@ def _angles(m, s: int) -> tuple[torch.Tensor, float, float]:
     return torch.outer(torch.arange(s, dtype=torch.float64), freq), factor, scale
 
 
-def _rotate(t: torch.Tensor, angle: torch.Tensor, factor: float) -> torch.Tensor:
+def rotate(t: torch.Tensor, angle: torch.Tensor, factor: float) -> torch.Tensor:
     """t [..., S, r]: pairs (t_i, t_{i+r/2}) as complex numbers times factor * e^(i angle)."""
     r = t.shape[-1]
     z = torch.complex(t[..., : r // 2].double(), t[..., r // 2:].double()) * torch.polar(
@@ -59,8 +60,8 @@ def mla_attention(m, w: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor
     ckv = a @ w[prefix + "wkv_a"]
     c = norm(ckv[:, :c_w], w[prefix + "kv_a_norm"], 1e-6)
     kv = (c @ w[prefix + "wkv_b"]).reshape(s, heads, nope + mla.v_head_dim).transpose(0, 1)
-    angle, factor, scale = _angles(m, s)
-    q_pe, k_pe = _rotate(q[..., nope:], angle, factor), _rotate(ckv[:, c_w:], angle, factor)
+    angle, factor, scale = angles(m, s)
+    q_pe, k_pe = rotate(q[..., nope:], angle, factor), rotate(ckv[:, c_w:], angle, factor)
     future = torch.triu(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=1)
     out = torch.empty(heads, s, mla.v_head_dim, dtype=x.dtype, device=x.device)
     for h in range(heads):
