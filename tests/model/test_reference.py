@@ -40,10 +40,11 @@ def _pyengine_imports(path: pathlib.Path) -> set[str]:
 
 def test_product_reference_shares_no_code_with_the_stages():
     # Only the spec (a dataclass of sizes) may come from pyengine: no math, no stages, no kernels;
-    # its MLA part lives beside it and imports nothing of pyengine.
+    # its MLA part (with the YaRN formulas GQA reuses) lives beside it and imports nothing of pyengine.
     here = pathlib.Path(product_reference.__file__)
     assert _pyengine_imports(here) == {"pyengine.core.spec.DeploymentSpec",
-                                       "pyengine.model.reference_mla.mla_attention"}
+                                       "pyengine.model.reference_mla.mla_attention",
+                                       "pyengine.model.reference_mla.angles", "pyengine.model.reference_mla.rotate"}
     assert _pyengine_imports(here.with_name("reference_mla.py")) == set()
 
 
