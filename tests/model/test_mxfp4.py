@@ -48,3 +48,33 @@ def test_quantization_config():
     assert mxfp4.check_quantization_config({"quantization_config": {"quant_method": "mxfp4"}})
     with pytest.raises(InputError, match=r"^quantization_config.quant_method = .*fp8.*only mxfp4"):
         mxfp4.check_quantization_config({"quantization_config": {"quant_method": "fp8"}})
+
+
+@pytest.mark.parametrize("f_cols", [None, (0, 37), (37, 64), (5, 9)])
+def test_stored_expert_slices_equal_transformers_dequantized_weights(tmp_path, f_cols):
+    """gpt-oss's MXFP4 experts read as the engine's w_gate / w_up (the even / odd columns of
+    gate_up_proj) and w_down, one expert and a shard's F columns at a time (down: by 32-value groups,
+    cut inside a group), equal bit for bit to transformers' dequantization of the whole tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from pyengine.model.checkpoint_experts import StoredExpert
+
+    e, h, f = 3, 64, 64
+    gu_b, gu_s = _packed(e=e, o=2 * f, g=h // 32, seed=1)
+    dn_b, dn_s = _packed(e=e, o=h, g=f // 32, seed=2)
+    save_file({"gu_blocks": gu_b, "gu_scales": gu_s, "dn_blocks": dn_b, "dn_scales": dn_s}, tmp_path / "x.safetensors")
+    gate_up = convert_moe_packed_tensors(gu_b, gu_s, dtype=torch.float32)  # [E, H, 2F]
+    down = convert_moe_packed_tensors(dn_b, dn_s, dtype=torch.float32)  # [E, F, H]
+    a, b = f_cols or (0, f)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as fh:
+        for x in range(e):
+            stored = {"w_gate": StoredExpert("gu", expert=x, step=2, offset=0, mxfp4=True),
+                      "w_up": StoredExpert("gu", expert=x, step=2, offset=1, mxfp4=True),
+                      "w_down": StoredExpert("dn", f_axis=1, expert=x, mxfp4=True)}
+            want = {"w_gate": gate_up[x, :, 0::2][:, a:b], "w_up": gate_up[x, :, 1::2][:, a:b], "w_down": down[x, a:b]}
+            for name, s in stored.items():
+                parts = [fh.get_slice(k)[i] for k, i in s.reads(f_cols, f)]
+                got = s.finish(name, parts, f_cols, torch.float32)
+                assert got.shape == want[name].shape and torch.equal(got, want[name]), name

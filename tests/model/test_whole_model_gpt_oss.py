@@ -87,3 +87,47 @@ def test_generate_past_the_window_equals_recomputing(path, monkeypatch):
         seq = seqs[0][:len(prompts[0]) + step]
         one = spec.replace(model={"batch_size": 1, "seq_len": len(seq)}, schedule={"micro_batches": 1})
         torch.testing.assert_close(logits[step], reference_forward(one, w, seq[None])[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model,field", [
+    ({"layer_types": ["sliding", "full"]}, "model.layer_types"),
+    ({"layer_types": ["sliding", "full", "local"]}, "model.layer_types[2]"),
+    ({"sliding_window": 0}, "model.sliding_window"),
+    ({"sliding_window": None}, "model.layer_types"),
+    ({"clamped_swiglu": {"alpha": 0.0, "limit": 7.0}}, "model.clamped_swiglu.alpha"),
+    ({"rope_scaling": {"factor": 4.0, "original_max_positions": 4, "mscale_all_dim": 1.0}},
+     "model.rope_scaling.mscale_all_dim"),
+])
+def test_bad_values_are_one_spec_error_naming_the_field(model, field):
+    from pyengine.core.errors import SpecError
+
+    with pytest.raises(SpecError) as e:
+        BASE.replace(model=model)
+    assert str(e.value).startswith(field + " ") and "\n" not in str(e.value)
+
+
+def test_block_without_layers_refuses_attention_variants():
+    from pyengine.core.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"^model.attention_sinks .*needs model.num_layers"):
+        load_spec(TINY_CONFIG).replace(model={"attention_sinks": True})
+
+
+def test_a_sliding_layer_reads_and_is_priced_for_its_window_only():
+    """Attention work of a sliding layer: each query at most `window` keys, the segment's keys from
+    the first its first query sees; the full layers all of them (priced per layer)."""
+    from pyengine.model.batch import Segment
+    from pyengine.model.stages import stages_of
+
+    seg = Segment(seq=0, lo=0, hi=4, pos=2)  # queries at positions 2..5 read 3, 4, 5, 6 keys
+    assert seg.attended_in(0) == 3 + 4 + 5 + 6 and seg.keys_in(0) == 6
+    assert seg.attended_in(3) == 3 * 4 and seg.keys_in(3) == 6 - 0  # first query (2) sees keys 0..2
+    assert Segment(seq=0, lo=0, hi=1, pos=9).attended_in(3) == 3 and Segment(seq=0, lo=0, hi=1, pos=9).keys_in(3) == 3
+    assert Segment(seq=0, lo=0, hi=2, pos=0).attended_in(5) == 1 + 2
+    embed = stages_of(BASE)[0]
+    cost = {layer: {k.name: k for k in embed.kernels(14, 0, layer)}["attention"] for layer in (1, 2)}
+    # 2 prompts of 7 in chunks of 5, 5, 4: full layer 1 reads 1..7 keys per query (28 pairs a prompt),
+    # sliding layer 2 at most 3 (1 + 2 + 3 x 5 = 18); 4 FLOPs x heads 4 x d 6 per pair
+    assert (cost[1].flops, cost[2].flops) == (4 * 4 * 6 * 56, 4 * 4 * 6 * 36)
+    # key rows read per segment: 5, 7, 3, 7 (full) and 5, 7 - 3, 3, 7 - 1 (sliding); K and V, 2 kv x 6, fp32
+    assert cost[1].hbm_bytes - cost[2].hbm_bytes == 2 * (22 - 18) * 12 * 4
