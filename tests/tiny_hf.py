@@ -22,7 +22,8 @@ def _classes(family: str):
             "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
             "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
             "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
-            "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM)}[family]
+            "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+            "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM)}[family]
 
 
 DEEPSEEK_V3 = dict(num_attention_heads=3, q_lora_rank=10, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
@@ -40,7 +41,15 @@ QWEN2_MOE = dict(shared_expert_intermediate_size=9, mlp_only_layers=[1], max_pos
 expert of 9, a dense middle layer of intermediate_size 2F + 1."""
 
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe")
+GPT_OSS = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+               swiglu_limit=1.1, max_position_embeddings=64,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
+"""A tiny gpt-oss: sliding, full, sliding layers with a window of 4 (shorter than the prompts), the
+SwiGLU clamp low enough to bite, YaRN as the released configs use it (not truncated), theta small."""
+
+
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "gpt_oss")
 FAMILY_CONFIG = {
     "qwen3_moe": dict(norm_topk_prob=True, mlp_only_layers=[0]),  # a dense first layer (q/k-normed attention)
     # 6 experts in 3 groups (2 kept), two shared experts, a dense first layer (tiny_config's defaults)
@@ -81,6 +90,9 @@ def tiny_config(family: str, *, hidden=22, ffn=13, experts=5, top_k=2, vocab=37,
         kw.update(QWEN2_MOE, moe_intermediate_size=ffn, intermediate_size=2 * ffn + 1, num_experts=experts,
                   norm_topk_prob=bool(norm_topk_prob))
         kw.update({k: v for k, v in extra.items() if k in QWEN2_MOE})
+    elif family == "gpt_oss":
+        kw.update(GPT_OSS, intermediate_size=ffn, num_local_experts=experts, head_dim=2)
+        kw.update({k: v for k, v in extra.items() if k in GPT_OSS})
     else:
         kw.update(intermediate_size=ffn, num_experts=experts, norm_topk_prob=bool(norm_topk_prob))
     return cfg_cls(**kw)

@@ -219,7 +219,8 @@ def open_checkpoint(folder: str | os.PathLike, layer: int | None = None) -> Chec
         if info.shape != shape:
             raise InputError("tensor", key, f"has shape {list(info.shape)} in {info.file}; config.json "
                                             f"({hf.family}) implies {list(shape)}")
-        if info.dtype not in STORED_DTYPES:
+        packed = hf.experts_mxfp4 and key.endswith(("_blocks", "_scales")) and info.dtype in PACKED_DTYPES
+        if info.dtype not in STORED_DTYPES and not packed:
             raise InputError("tensor", key, f"is stored as {info.dtype} in {info.file}; the loader reads "
                                             f"{sorted(STORED_DTYPES)}")
     return CheckpointWeights(folder, hf, layer, tensors)
@@ -238,6 +239,8 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
         out.update({names["wd_gate"]: (d, h), names["wd_up"]: (d, h), names["wd_down"]: (h, d)})
         return out
     out[names["router"]] = (e, h)
+    if hf.router_bias:
+        out[names["router_bias"]] = (e,)
     if hf.grouped_routing is not None:
         out[names["router_correction"]] = (e,)
     if hf.shared_expert_size:
@@ -246,8 +249,8 @@ def _expected_shapes(hf: HFModel, layer: int, attention: bool = False) -> dict[s
         if hf.shared_expert_gate:
             out[names[SHARED_EXPERT_GATE]] = (1, h)
     for i in range(e):
-        en = hf.expert_names(layer, i)
-        out.update({en["w_gate"]: (f, h), en["w_up"]: (f, h), en["w_down"]: (h, f)})
+        for name, where in hf.expert_names(layer, i).items():
+            out.update(stored_expert(name, where).stored_shapes(h, f, name))
     return out
 
 
@@ -258,7 +261,10 @@ def _gqa_stored_shapes(hf: HFModel, names: dict[str, str]) -> dict[str, tuple[in
     norm = hf.head_dim if hf.qk_norm == "per_head" else None
     stored = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
               "q_norm": (norm or q,), "k_norm": (norm or kv,), "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
-    return {names[n]: stored[n] for n in attention_tensors(hf.qk_norm, hf.biased)}
+    out = {names[n]: stored[n] for n in attention_tensors(hf.qk_norm, hf.biased)}
+    if hf.attention_sinks:
+        out[names["sinks"]] = (hf.num_attention_heads,)
+    return out
 
 
 def _mla_stored_shapes(hf: HFModel, names: dict[str, str]) -> dict[str, tuple[int, ...]]:

@@ -35,20 +35,27 @@ class StoredExpert:
     transposed: bool = True
     """Stored [out, in] (an HF linear): transposed to the engine's [in, out]."""
     mxfp4: bool = False
+    shape: tuple[int, ...] | None = None
+    """The stored tensor's full shape (MXFP4: its blocks'), checked at open; None: an HF linear's
+    own [F, H] (gate, up) or [H, F] (down)."""
+
+    def stored_shapes(self, h: int, f: int, name: str) -> dict[str, tuple[int, ...]]:
+        """Stored key -> the shape open_checkpoint expects of it."""
+        if self.mxfp4:
+            return {f"{self.key}_blocks": self.shape, f"{self.key}_scales": self.shape[:-1]}
+        return {self.key: self.shape or ((h, f) if name == "w_down" else (f, h))}
 
     def reads(self, f_cols: tuple[int, int] | None, f: int) -> list[tuple[str, tuple]]:
         """(stored key, index) of each slice this expert's shard `f_cols` (None: all of F) reads."""
         a, b = f_cols or (0, f)
         if self.mxfp4:
             return [(f"{self.key}_{part}", self._mxfp4_index(a, b, part)) for part in ("blocks", "scales")]
-        idx: list = [slice(None)] * (3 if self.expert is not None else 2)
+        idx: list = [slice(None)] * (len(self.shape) if self.shape else 2)
         lead = 0
         if self.expert is not None:
             idx[0], lead = slice(self.expert, self.expert + 1), 1
         if self.f_axis is not None:
             idx[lead + self.f_axis] = slice(self.step * a + self.offset, self.step * (b - 1) + self.offset + 1)
-        elif self.expert is not None:
-            idx = idx[:2]  # b_down: [E, H]
         return [(self.key, tuple(idx))]
 
     def _mxfp4_index(self, a: int, b: int, part: str) -> tuple:

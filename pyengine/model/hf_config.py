@@ -27,12 +27,12 @@ EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 
 SPEC_FIELDS = ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "vocab_size", "dtype",
-               "norm_eps", "renormalize", "grouped_routing")
+               "norm_eps", "renormalize", "grouped_routing", "router_bias", "expert_bias", "clamped_swiglu")
 """The spec's model fields a checkpoint fixes (the rest of the spec is the user's choice)."""
 WHOLE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "rope_theta", "qk_norm", "attention_bias", "max_positions", "eos_token_ids",
                       "mla", "rope_scaling", "shared_expert_size", "dense_layers", "dense_ffn_size",
-                      "bias_projections", "shared_expert_gate")
+                      "bias_projections", "shared_expert_gate", "attention_sinks", "sliding_window", "layer_types")
 """The further fields it fixes for the whole model (every decoder layer with its attention)."""
 NOT_IN_LOGITS = ("dtype", "max_positions", "eos_token_ids")
 """Fixed fields a spec may set otherwise when running the checkpoint: the weights are cast to the
@@ -77,6 +77,13 @@ class HFModel:
     dense_ffn_size: int = 0  # the dense layers' MLP inner size (0: they are refused in the whole model)
     bias_projections: tuple[str, ...] | None = None  # biased projections when not all four (Qwen2: q, k, v)
     shared_expert_gate: bool = False  # the shared expert scaled by sigmoid(u @ its gate) (Qwen2-MoE)
+    attention_sinks: bool = False  # gpt-oss: a sink logit per head
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # "full" / "sliding" per layer (None: all one kind)
+    router_bias: bool = False
+    expert_bias: bool = False
+    clamped_swiglu: Any = None  # ClampedSwiGLUSpec (None: silu(gate) * up)
+    experts_mxfp4: bool = False  # the experts stored as MXFP4 blocks + scales (dequantized at load)
 
     @property
     def biased(self) -> tuple[str, ...]:
@@ -119,7 +126,7 @@ class HFModel:
                 "max_positions": "max_position_embeddings", "eos_token_ids": "eos_token_id",
                 "qk_norm": "model_type", "mla": "kv_lora_rank / q_lora_rank / qk_*_head_dim / v_head_dim",
                 "grouped_routing": "n_group / topk_group / routed_scaling_factor",
-                "bias_projections": "qkv_bias"}.get(spec_field, spec_field)
+                "bias_projections": "qkv_bias", "clamped_swiglu": "swiglu_alpha / swiglu_limit"}.get(spec_field, spec_field)
 
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""

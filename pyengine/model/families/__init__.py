@@ -6,18 +6,16 @@ docs/checkpoints.md (docs/architecture.md, "Adding a family").
 
 from __future__ import annotations
 
-from pyengine.model.families import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+from pyengine.model.families import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from pyengine.model.families.base import Family
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    mixtral.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, deepseek_v3.FAMILY, qwen2_moe.FAMILY)}
+    mixtral.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, deepseek_v3.FAMILY, qwen2_moe.FAMILY, gpt_oss.FAMILY)}
 """model_type -> its family."""
 
 REFUSED = {
     "deepseek_v2": "has softmax group-limited routing (topk_method) and shared experts; not supported "
                    "(deepseek_v3 is)",
-    "gpt_oss": "has attention sinks, alternating sliding-window layers and clamped SwiGLU experts; "
-               "not supported yet",
 }
 """model_types refused by name, with the reason (every other unknown one: "not a supported family")."""
 
