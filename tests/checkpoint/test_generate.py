@@ -110,7 +110,8 @@ def test_a_prefill_chunk_with_exactly_one_non_final_row(checkpoint, layout_confi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,layout_name", [("mixtral", "ep-with-gpu0"), ("qwen3_moe", "tp"), ("olmoe", "tp"),
-                                                ("deepseek_v3", "ep-with-gpu0"), ("qwen2_moe", "ep-with-gpu0")])
+                                                ("deepseek_v3", "ep-with-gpu0"), ("qwen2_moe", "ep-with-gpu0"),
+                                                ("gpt_oss", "ep-with-gpu0")])
 def test_cli_generate_on_gloo_matches_transformers(checkpoint, layout_config, tmp_path, family, layout_name):
     folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     torch.save(PROMPTS, tmp_path / "prompts.pt")

@@ -60,7 +60,7 @@ def run_engine(spec, source, ids) -> torch.Tensor:
 BLOCK_CONFIG = {"qwen3_moe": dict(norm_topk_prob=True),
                 "deepseek_v3": dict(experts=6, n_shared_experts=0)}  # --layer runs a block without shared experts
 CASES = [(fam, dtype, sharded, layout)
-         for fam in ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
+         for fam in ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
          for dtype, sharded in (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True))
          for layout in LAYOUTS]
 
