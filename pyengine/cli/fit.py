@@ -92,7 +92,8 @@ def _layers_fitting(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec
     """The most layers the same job holds in budget `b`: every need is linear in the layer
     count (weights and KV cache per layer), so needs at 1 and 2 layers give it exactly."""
     def needs_at(n: int) -> list[Need]:
-        as_moe = {"num_layers": n, "dense_layers": None}  # dense layers priced as MoE ones: errs low
+        # dense layers priced as MoE ones (errs low); a layer's memory does not depend on its window
+        as_moe = {"num_layers": n, "dense_layers": None, "layer_types": None}
         return run_needs(spec.replace(model=as_moe), [v.replace(model=as_moe) for v in variant_specs], device,
                          capacity, reference)
 

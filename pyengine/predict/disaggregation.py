@@ -73,9 +73,11 @@ def layers_that_fit(spec: DeploymentSpec, device: DeviceProfile, routing: Routin
     if not spec.model.layered:
         raise ValueError("layers_that_fit needs a model of layers (model.num_layers)")
     cap = spec.hardware.gpu_memory_gb * 1e9
-    # every layer priced as a MoE layer (dense MLP layers hold less: the count errs low)
-    one = memory_bytes(spec.replace(model={"num_layers": 1, "dense_layers": None}), device, routing)
-    two = memory_bytes(spec.replace(model={"num_layers": 2, "dense_layers": None}), device, routing)
+    # every layer priced as a MoE layer (dense MLP layers hold less: the count errs low); a sliding
+    # layer holds the KV cache of a full one (the cache is not bounded by the window)
+    n_layers = {"dense_layers": None, "layer_types": None}
+    one = memory_bytes(spec.replace(model={"num_layers": 1, **n_layers}), device, routing)
+    two = memory_bytes(spec.replace(model={"num_layers": 2, **n_layers}), device, routing)
     most = []
     for r in one:
         per_layer, base = two[r] - one[r], 2 * one[r] - two[r]
