@@ -80,7 +80,7 @@ def test_other_boundaries_and_asready(checkpoint, layout_config, boundary, kind)
     assert rel_err(engine_logits(spec, source, IDS), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3", "qwen2_moe", "gpt_oss"])
 def test_whole_model_bf16_within_bf16_rounding(checkpoint, layout_config, family):
     """bf16: the engine's error against an fp32 run of the same (bf16) weights is no worse than
     twice transformers' own bf16 error against it, plus a floor of a few bf16 ulps of the logits."""
