@@ -128,8 +128,9 @@ def _moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, out, *,
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
     swiglu = activation != "gelu"
-    if (activation == "clamped_swiglu") != (clamp is not None):
-        raise ValueError(f"clamp: {clamp!r}: must be given exactly with activation='clamped_swiglu'")
+    if (activation == "clamped_swiglu") != (clamp is not None and clamp.alpha > 0) or (clamp and not swiglu):
+        raise ValueError(f"clamp: {clamp!r}: alpha > 0 exactly with activation='clamped_swiglu' (alpha 0: "
+                         "swiglu's biases only; gelu takes none)")
     if swiglu and (w_gate is None or w_gate.shape != w_up.shape or w_gate.stride() != w_up.stride()):
         raise ValueError("w_gate: must be given for swiglu, with w_up's shape and strides")
     T, H = u.shape
@@ -147,7 +148,8 @@ def _moe_column_swiglu(u, w_gate, w_up, align: MoeAlignment, top_k: int, out, *,
 
 
 class Clamp(NamedTuple):
-    """The clamped SwiGLU's constants, and its gate/up biases ([E, F] each, or None)."""
+    """The clamped SwiGLU's constants (alpha 0: plain SwiGLU), and the gate/up biases ([E, F] each,
+    or None)."""
     alpha: float
     limit: float
     b_gate: torch.Tensor | None = None
@@ -157,7 +159,7 @@ class Clamp(NamedTuple):
 def _launch_column(u, w_gate, w_up, align: MoeAlignment, top_k: int, out,
                    config: triton.Config | None, clamp: Clamp | None = None):
     """The launch alone (no checks): SwiGLU when w_gate is given, else GELU; `clamp`: the clamped
-    SwiGLU (w_gate given) with its biases."""
+    SwiGLU when its alpha > 0, and the biases (w_gate given)."""
     T, H = u.shape
     F = w_up.shape[2]
     rows = align.sorted_ids.numel()
@@ -171,7 +173,7 @@ def _launch_column(u, w_gate, w_up, align: MoeAlignment, top_k: int, out,
     args += ((clamp.b_gate, clamp.b_up, clamp.b_up.stride(0)) if bias else (w_up, w_up, 0)) + (
         (clamp.alpha, clamp.limit) if clamp is not None else (0.0, 0.0))
     meta = dict(TOP_K=top_k, ALIGN_M=align.block_m, SWIGLU=w_gate is not None,
-                CLAMPED=clamp is not None, HAS_BIAS=bias,
+                CLAMPED=clamp is not None and clamp.alpha > 0, HAS_BIAS=bias,
                 DOT_PRECISION="ieee" if u.dtype == torch.float32 else None)  # no TF32 for fp32
     count_launch()
     if config is None:

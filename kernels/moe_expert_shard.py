@@ -64,9 +64,8 @@ class ExpertShard:
             raise TypeError(f"dtype={dtype}: must be one of {FLOAT_DTYPES}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
-        if bias and activation != "clamped_swiglu":
-            raise ValueError(f"bias=True: the biased experts (gpt-oss's) take activation='clamped_swiglu', "
-                             f"not {activation!r}")
+        if bias and activation == "gelu":
+            raise ValueError("bias=True: the expert biases (gate, up, down) need a gated activation, not gelu")
         self.bias, self.alpha, self.limit = bias, float(alpha), float(limit)
         self.E, self.H, self.F, self.top_k, self.dtype = E, H, F, top_k, dtype
         self.device = torch.device(device)
@@ -126,7 +125,8 @@ class ExpertShard:
         align = alignment_view(scratch.align, num_pairs)
         a = scratch.a[:align.sorted_ids.numel()]
         gate = w_gate if self.activation != "gelu" else None
-        clamp = Clamp(self.alpha, self.limit, b_gate, b_up) if self.activation == "clamped_swiglu" else None
+        clamped = self.activation == "clamped_swiglu"
+        clamp = Clamp(self.alpha if clamped else 0.0, self.limit, b_gate, b_up) if clamped or self.bias else None
         _moe_align_block_size(topk_ids, self.E, plan.block_m, align)
         _launch_column(u, gate, w_up, align, self.top_k, a, plan.column, clamp)
         weights = topk_weights.reshape(-1)

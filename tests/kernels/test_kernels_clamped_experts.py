@@ -1,5 +1,6 @@
 """gpt-oss's experts in the fused kernels: the clamped SwiGLU with gate/up biases in the column
-kernel's epilogue and the down bias in the row kernel's, chosen once when the ExpertShard is made.
+kernel's epilogue and the down bias in the row kernel's, chosen once when the ExpertShard is made
+(biases with the plain SwiGLU too).
 Against the obvious torch loop, fp32 on the interpreter, odd sizes: a whole shard with choices held
 elsewhere (EP's -1), and two TP shards of F whose partials (the down bias on the first only) add up
 to the whole."""
@@ -62,6 +63,18 @@ def test_tp_shards_add_up_with_the_down_bias_once():
     torch.testing.assert_close((first + second).float().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_biases_only_with_the_clamped_activation():
+def test_biases_with_plain_swiglu_and_not_with_gelu():
+    E, k, H, F, T = 5, 2, 22, 13, 6
+    u, wg, wu, wd, ids, weights = make_inputs(T, E, k, H, F, "random", torch.float32, seed=6)
+    bg, bu, bd = _biases(E, H, F)
+    got = ExpertShard(E, H, F, k, torch.float32, DEVICE, bias=True)(u, wg, wu, wd, ids, weights, b_gate=bg,
+                                                                   b_up=bu, b_down=bd)
+    want = torch.zeros(T, H)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            gate, up = u[t] @ wg[e] + bg[e], u[t] @ wu[e] + bu[e]
+            want[t] += weights[t, j] * ((gate * torch.sigmoid(gate) * up) @ wd[e] + bd[e])
+    torch.testing.assert_close(got.float().cpu(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="bias=True"):
-        ExpertShard(5, 22, 13, 2, torch.float32, DEVICE, bias=True)
+        ExpertShard(E, H, F, k, torch.float32, DEVICE, activation="gelu", bias=True)
