@@ -30,9 +30,9 @@ def kernels_everywhere(monkeypatch):
     calls = []
     experts = TritonOps.experts
 
-    def counted(self, w, u, top_ids, top_w, skip_ids=False, static=False):
+    def counted(self, w, u, top_ids, top_w, skip_ids=False, static=False, **act):
         calls.append(int(top_ids.shape[0]))
-        return experts(self, w, u, top_ids, top_w, skip_ids, static)
+        return experts(self, w, u, top_ids, top_w, skip_ids, static, **act)
 
     monkeypatch.setenv("PYENGINE_KERNELS", "triton")
     monkeypatch.setattr(TritonOps, "experts", counted)
