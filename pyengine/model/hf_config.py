@@ -126,7 +126,9 @@ class HFModel:
                 "max_positions": "max_position_embeddings", "eos_token_ids": "eos_token_id",
                 "qk_norm": "model_type", "mla": "kv_lora_rank / q_lora_rank / qk_*_head_dim / v_head_dim",
                 "grouped_routing": "n_group / topk_group / routed_scaling_factor",
-                "bias_projections": "qkv_bias", "clamped_swiglu": "swiglu_alpha / swiglu_limit"}.get(spec_field, spec_field)
+                "bias_projections": "qkv_bias", "clamped_swiglu": "swiglu_alpha / swiglu_limit",
+                "attention_sinks": "model_type", "router_bias": "model_type",
+                "expert_bias": "model_type"}.get(spec_field, spec_field)
 
     def check_layer(self, layer: int) -> None:
         """Refuse a layer index that does not exist or whose MLP is dense."""

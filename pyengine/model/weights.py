@@ -171,6 +171,8 @@ class DeviceRandomWeights:
         t = torch.empty(shape, dtype=tensor_dtype(spec, name), device=device)
         if len(shape) == 1:
             return t.normal_(1.0 if "norm" in name else 0.0, 0.1, generator=g)
+        if name in PER_EXPERT and name not in F_AXIS:  # b_down: one shard's, zeros on the others
+            return slice_f(name, t.normal_(0.0, 0.1, generator=g), shard.f_cols)
         return t.normal_(0.0, 1.0 if name == "embed" else shape[-2] ** -0.5, generator=g)
 
     def read_bytes(self, spec: DeploymentSpec, name: str, shard: Shard = Shard(),
