@@ -1,5 +1,7 @@
 """Stage 1 (experts, tensor-parallel): each rank holds columns F_r of every expert and computes
-its partial y_r = sum over chosen (e, w) of w * (silu(u @ w_gate[e]) * (u @ w_up[e])) @ w_down[e].
+its partial y_r = sum over chosen (e, w) of w * (silu(u @ w_gate[e]) * (u @ w_up[e])) @ w_down[e]
+(gpt-oss: the clamped SwiGLU and the biases, pyengine.model.expert_act; b_gate, b_up sliced with F's
+columns, b_down on the shard of F's first column only, so the partials add up to one bias).
 
 The rank's ops run it (pyengine.model.ops): the Triton kernels of pyengine.kernels on the Triton path
 (the default on CUDA), the same math in torch on the torch path."""
@@ -13,9 +15,7 @@ from pyengine.model.batch import Chunk
 from pyengine.model.expert_act import ExpertActivation
 from pyengine.model.payloads import Payload
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.tensors import EXPERT_WEIGHTS, expert_names, moe_layers
-
-__all__ = ["EXPERT_WEIGHTS", "ExpertsStage", "expert_shapes"]
+from pyengine.model.tensors import expert_names, moe_layers
 
 
 def expert_shapes(model, experts: int, f: int) -> dict[str, tuple[int, ...]]:
