@@ -79,9 +79,8 @@ class TritonOps(TorchOps):
             logits = u.float() @ router.float()
         else:
             logits = u @ router if bias is None else torch.addmm(bias, u, router)
-        bias = None if correction is None else correction.float()
         with self._turns:
-            return self._routers[key](logits, correction_bias=bias)
+            return self._routers[key](logits, correction_bias=None if correction is None else correction.float())
 
     def experts(self, w: Mapping[str, Any], u, ids, weights, skip_ids=False, static=False, act=SWIGLU):
         """align + column GEMM (SwiGLU, or `act`'s clamped one; biases in the epilogues) + row GEMM
