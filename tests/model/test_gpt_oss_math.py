@@ -1,10 +1,13 @@
-"""gpt-oss's sink attention and clamped SwiGLU against transformers' gpt_oss modules."""
+"""gpt-oss's sink attention and clamped SwiGLU, the engine's own pieces (attention._attend with sinks
+and a window mask, expert_act.ExpertActivation over the de-interleaved gate/up), against
+transformers' gpt_oss modules."""
 
 import types
 
 import torch
 
-from pyengine.model.gpt_oss_math import clamped_swiglu, sink_attention
+from pyengine.model.attention import _attend
+from pyengine.model.expert_act import ExpertActivation
 
 
 def test_sink_attention_matches_transformers_eager():
@@ -19,7 +22,7 @@ def test_sink_attention_matches_transformers_eager():
         mask = torch.zeros(t, t).masked_fill(~ok, float("-inf"))[None, None]
         module = types.SimpleNamespace(num_key_value_groups=hq // hkv, sinks=sinks, training=False)
         want, _ = eager_attention_forward(module, q[None], k[None], v[None], mask, d ** -0.5)
-        got = sink_attention(q, k, v, sinks, d ** -0.5, win)
+        got = _attend(q[None], k[None], v[None], ok, sinks)[0]
         torch.testing.assert_close(got.transpose(0, 1), want[0], rtol=1e-5, atol=1e-6)
 
 
@@ -28,5 +31,6 @@ def test_clamped_swiglu_matches_transformers_experts():
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     cfg = GptOssConfig(hidden_size=8, intermediate_size=6, num_local_experts=2)
     experts = GptOssExperts(cfg)
-    x = torch.randn(9, 12) * 6  # large enough that both clamps bite
-    torch.testing.assert_close(clamped_swiglu(x), experts._apply_gate(x), rtol=0, atol=0)
+    x = torch.randn(9, 12) * 6  # large enough that both clamps bite; gate the even, up the odd columns
+    act = ExpertActivation(cfg.swiglu_alpha, cfg.swiglu_limit)
+    torch.testing.assert_close(act(x[..., 0::2], x[..., 1::2]), experts._apply_gate(x), rtol=0, atol=0)
