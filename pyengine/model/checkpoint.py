@@ -112,7 +112,12 @@ class CheckpointWeights:
         layer = self._layer(layer)
         if name not in PER_EXPERT:
             key = self.hf.tensor_names(layer)[name]
-            return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
+            index = [slice(None) for _ in self.tensors[key].shape]
+            cut = shard.mlp_slice(name)
+            if cut is not None:  # stored [out, in]: the engine's axis is the other one
+                axis, a, b = cut
+                index[1 - axis] = slice(a, b)
+            return [_Read(key, tuple(index))]
         experts = shard.experts if shard.experts is not None else range(self.hf.num_experts)
         a, b = shard.f_cols if shard.f_cols is not None else (0, self.hf.ffn_hidden_size)
         f_axis = 1 if name == "w_down" else 0  # down_proj is [H, F]; gate/up are [F, H]

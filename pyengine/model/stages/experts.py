@@ -1,6 +1,9 @@
 """Stage 1 (experts, tensor-parallel): each rank holds columns F_r of every expert and computes
 its partial y_r = sum over chosen (e, w) of w * (silu(u @ w_gate[e]) * (u @ w_up[e])) @ w_down[e].
 
+With parallel.dense_mlp_placement "experts" it also holds its columns of the shared expert and of
+the dense layers' MLP and adds their partial to y_r (pyengine.model.stages.expert_mlps).
+
 The rank's ops run it (pyengine.model.ops): the Triton kernels of pyengine.kernels on the Triton path
 (the default on CUDA), the same math in torch on the torch path."""
 
@@ -12,21 +15,18 @@ from typing import Any
 from pyengine.model.batch import Chunk
 from pyengine.model.payloads import Payload
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.tensors import PER_EXPERT, moe_layers
+from pyengine.model.stages.expert_mlps import ExpertMLPs
 
 
-class ExpertsStage(Stage):
+class ExpertsStage(ExpertMLPs, Stage):
     kind = StageKind.EXPERTS
-
-    def layer_weights(self) -> tuple[str, ...]:
-        return PER_EXPERT
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.ACT, StageKind.EMBED, layer),)
 
     def __init__(self, spec):
         super().__init__(spec)
-        self.layer_list = moe_layers(spec.model)  # dense layers have no experts
+        self._init_mlps()  # the layers: the MoE ones, and the dense ones when their MLP runs here
         self._cols = {rank: (a, b) for rank, a, b in spec.ffn_shards()}
 
     def f_cols(self, rank: int) -> int:
@@ -34,10 +34,14 @@ class ExpertsStage(Stage):
         return b - a
 
     def cost_layer(self, layer: int | None) -> int | None:
-        return None  # every layer's experts cost the same: the kernels never ask the layer
+        return self.mlp_cost_layer(layer)  # the MoE layers' experts cost the same
 
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
+        mlp = self.mlp_kernels(tokens, rank, layer)  # every GPU sees every token
+        return mlp if self.spec.model.is_dense(layer) else self._routed_kernels(tokens, rank) + mlp
+
+    def _routed_kernels(self, tokens: int, rank: int) -> list[KernelCost]:
         from pyengine.model.routing import uniform
 
         m, es = self.spec.model, self.elem
@@ -56,10 +60,10 @@ class ExpertsStage(Stage):
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
         m, f = self.spec.model, self.f_cols(rank)
         e, h = m.num_experts, m.hidden_size
-        return {"w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h)}
+        return {"w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h), **self._mlp_shapes(rank)}
 
     def shard(self, rank: int) -> Shard:
-        return Shard(f_cols=self._cols[rank])
+        return Shard(f_cols=self._cols[rank], **self._mlp_shard(rank))
 
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
@@ -82,7 +86,8 @@ class ExpertsStage(Stage):
                 work: Work | None = None) -> dict[Payload, tuple]:
         (u, top_ids, top_w), = inputs[Payload.ACT]
         work = work or Work(None, None)
+        ops = work.kernels_for(u.device)
         # a static step's padding rows carry expert id -1: left out like a choice held elsewhere
-        y = work.kernels_for(u.device).experts(weights, u, top_ids, top_w, skip_ids=work.static,
-                                               static=work.static)
+        y = self.with_mlp(weights, u, work.layer, lambda: ops.experts(weights, u, top_ids, top_w, skip_ids=work.static,
+                                                                      static=work.static))
         return {Payload.PARTIAL: (y,)}
