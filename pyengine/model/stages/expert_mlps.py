@@ -86,6 +86,20 @@ class ExpertMLPs:
             out[name] = out.get(name, 0) + n
         return out
 
+    def _held(self, rank: int) -> dict[str, tuple[int, int]]:
+        """{"shared" / "dense": the [start, end) columns of that MLP `rank` holds}."""
+        return {name: cols[rank] for name, cols in (("shared", self._shared_cols), ("dense", self._dense_cols))
+                if rank in cols}
+
+    def mlp_part(self, rank: int) -> str:
+        """The MLP columns `rank` holds, for its module-division label ('' when none)."""
+        return "".join(f" + {name}[{a}:{b}]" for name, (a, b) in self._held(rank).items())
+
+    def mlp_working_set(self, tokens: int, rank: int) -> int:
+        """Bytes of the MLP shard's activations (gate and up outputs of its columns) while it computes."""
+        widest = max((b - a for a, b in self._held(rank).values()), default=0)
+        return 2 * tokens * widest * self.elem
+
     # ---- costs ------------------------------------------------------------------------------------
     def mlp_kernels(self, rows: float, rank: int, layer: int | None) -> list[KernelCost]:
         """The kernels of `rank`'s MLP shard at `layer` over `rows` tokens: its gate/up GEMM, its down

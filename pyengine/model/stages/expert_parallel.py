@@ -102,11 +102,11 @@ class ExpertParallelStage(ExpertMLPs, Stage):
         # The kernels size their buffers by every choice of a row (k per row, -1 ones included):
         # the SwiGLU activations and the fp32 per-choice rows; the router's GPU also gathers u.
         gathered = 0 if received else rows * h * es
-        work = act_in + gathered + rows * k * f * es + rows * k * h * 4 + out_rows
+        work = act_in + gathered + rows * k * f * es + rows * k * h * 4 + out_rows + self.mlp_working_set(round(rows), rank)
         return int(work), int(act_in + out_rows)
 
     def part(self, rank: int) -> str:
-        return f"experts {_ranges(self.placement[rank])}"
+        return f"experts {_ranges(self.placement[rank])}" + self.mlp_part(rank)
 
     # ---- compute ---------------------------------------------------------------------------
     def from_router(self, u, top_ids, top_w, static: bool = False) -> dict[Payload, Any]:

@@ -70,13 +70,14 @@ class ExpertsStage(ExpertMLPs, Stage):
         h, k, f = m.hidden_size, m.top_k, self.f_cols(rank)
         act_in = Payload.ACT.nbytes(self.spec, t) if rank not in self.spec.stage("embed").gpus else 0
         work = act_in + 2 * t * k * h * es + t * k * f * es + t * h * es  # sorted rows, down out, SwiGLU out, y_r
+        work += self.mlp_working_set(t, rank)
         return work, act_in + t * h * es  # queued input, partial awaiting its reduction / send
 
     def part(self, rank: int) -> str:
         if len(self.ranks) == 1:
-            return "experts"
+            return "experts" + self.mlp_part(rank)
         a, b = self._cols[rank]
-        return f"experts F[{a}:{b}]"
+        return f"experts F[{a}:{b}]" + self.mlp_part(rank)
 
     def from_router(self, u, top_ids, top_w, static: bool = False) -> dict[Payload, Any]:
         """The router's output packaged for this stage: every shard needs every token."""
