@@ -313,6 +313,12 @@ class DeploymentSpec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    def all_moe(self, layers: int) -> DeploymentSpec:
+        """This spec with `layers` layers, every one MoE (memory estimates linear in the layer count
+        price dense layers as MoE ones); the dense MLPs' placement reset when nothing is left to place."""
+        parallel = {} if self.model.shared_expert_size else {"dense_mlp_placement": "attention"}
+        return self.replace(model={"num_layers": layers, "dense_layers": None}, parallel=parallel)
+
     def replace(self, **sections: Any) -> DeploymentSpec:
         """New spec with some sections' fields replaced: replace(schedule={"micro_batches": 2})."""
         d = self.to_dict()

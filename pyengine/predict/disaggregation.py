@@ -75,8 +75,8 @@ def layers_that_fit(spec: DeploymentSpec, device: DeviceProfile, routing: Routin
         raise ValueError("layers_that_fit needs a model of layers (model.num_layers)")
     cap = spec.hardware.gpu_memory_gb * 1e9
     # every layer priced as a MoE layer (dense MLP layers hold less: the count errs low)
-    one = memory_bytes(spec.replace(model={"num_layers": 1, "dense_layers": None}), device, routing)
-    two = memory_bytes(spec.replace(model={"num_layers": 2, "dense_layers": None}), device, routing)
+    one = memory_bytes(spec.all_moe(1), device, routing)
+    two = memory_bytes(spec.all_moe(2), device, routing)
     most = []
     for r in one:
         per_layer, base = two[r] - one[r], 2 * one[r] - two[r]

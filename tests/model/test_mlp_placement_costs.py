@@ -113,3 +113,13 @@ def test_bad_placements_are_refused_in_one_line(change, why):
     with pytest.raises(SpecError) as e:
         EXP.replace(**change)
     assert "parallel.dense_mlp_placement" in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_of_dense_layers_only_plans_with_them_on_the_expert_gpus():
+    """No shared expert: the memory estimates that price every layer as MoE (nothing left to place)
+    fall back to the attention placement instead of refusing."""
+    spec = EXP.replace(model={"shared_expert_size": 0})
+    assert spec.all_moe(2).parallel.dense_mlp_placement == "attention"
+    assert EXP.all_moe(2).parallel.dense_mlp_placement == "experts"
+    p = plan(spec, "h100", new_tokens=2)
+    assert p.layers_fit > 0 and len(p.mlp_placement.options) == 2
