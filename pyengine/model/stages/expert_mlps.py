@@ -33,6 +33,7 @@ class ExpertMLPs:
     def _init_mlps(self) -> None:
         spec, m = self.spec, self.spec.model
         self.mlps = spec.mlps_on_experts
+        """The shared expert and the dense layers' MLP run in this stage (split over its GPUs)."""
         # a dense layer's experts compute is its MLP when placed here; else dense layers have no experts
         self.layer_list = model_layers(m) if self.mlps and m.dense_layers else moe_layers(m)
         self._shared_cols = self._cols(m.shared_expert_size)
@@ -57,6 +58,7 @@ class ExpertMLPs:
         return PER_EXPERT + (shared_expert_names(m) if self.mlps else ())
 
     def layer_weights(self) -> tuple[str, ...]:
+        """Every per-layer name this stage holds at some layer (the keys of `weight_shapes`)."""
         names = self.layer_names(self.layer_list[-1])  # the last layer is MoE
         return names + (DENSE_MLP if len(self.layer_list) > len(moe_layers(self.spec.model)) else ())
 
