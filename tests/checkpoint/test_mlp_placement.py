@@ -1,9 +1,10 @@
-"""parallel.dense_mlp_placement on a tiny DeepSeek-V3 written by transformers (a dense first layer,
-two shared experts, 3 groups of 6 experts): the shared experts and the dense layer's MLP on the
-attention GPU and split over the expert GPUs give the same logits, both equal to transformers'
-`model(ids).logits` (fp32) — TP with uneven shards (the attention GPU holding one), EP with experts
-on the attention GPU; threads, and gloo processes through the CLI for one case. Each expert GPU
-reads only its columns of those MLPs, and the attention GPU none of them."""
+"""parallel.dense_mlp_placement on tiny checkpoints written by transformers: DeepSeek-V3 (a dense
+first layer, two shared experts, 3 groups of 6 experts), Qwen2-MoE (a shared expert with its sigmoid
+gate, a dense middle layer) and Qwen3-MoE (a dense first layer, no shared expert). The shared experts
+and the dense layers' MLP on the attention GPU and split over the expert GPUs give the same logits,
+both equal to transformers' `model(ids).logits` (fp32) — TP with uneven shards (the attention GPU
+holding one), EP with experts on the attention GPU; threads, and gloo processes through the CLI for
+one case. Each expert GPU reads only its columns of those MLPs, and the attention GPU none of them."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ H, S, D = 22, 2 * 13, 2 * 13 + 1
 intermediate_size (tiny_config: 2 x 13 + 1)."""
 
 
-def placed(layout_config, layout: str, m: int, where: str) -> str:
-    path = layout_config(fit_experts(LAYOUTS[layout], FAMILY), m, model=BATCH)
+def placed(layout_config, layout: str, m: int, where: str, family: str = FAMILY) -> str:
+    path = layout_config(fit_experts(LAYOUTS[layout], family), m, model=BATCH)
     with open(path) as f:
         cfg = json.load(f)
     cfg["parallel"]["dense_mlp_placement"] = where
@@ -36,16 +37,20 @@ def placed(layout_config, layout: str, m: int, where: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("layout,m", [("tp-uneven-out2", 3), ("ep-with-gpu0", 2)])
-def test_both_placements_give_transformers_logits(checkpoint, layout_config, layout, m):
-    folder, model = checkpoint(FAMILY, **FAMILY_CONFIG[FAMILY])
+CASES = [(family, layout, m) for family in (FAMILY, "qwen2_moe", "qwen3_moe")
+         for layout, m in (("tp-uneven-out2", 3), ("ep-with-gpu0", 2))]
+
+
+@pytest.mark.parametrize("family,layout,m", CASES, ids=[f"{f}-{lay}" for f, lay, _ in CASES])
+def test_both_placements_give_transformers_logits(checkpoint, layout_config, family, layout, m):
+    folder, model = checkpoint(family, **FAMILY_CONFIG.get(family, {}))
     source = open_checkpoint(folder)
     with torch.no_grad():
         ref = model(IDS).logits
     got = {}
     for where in ("attention", "experts"):
-        spec = deployment_spec(source.hf, placed(layout_config, layout, m, where), whole=True)
-        assert spec.parallel.dense_mlp_placement == where and spec.model.dense_layers == (0,)
+        spec = deployment_spec(source.hf, placed(layout_config, layout, m, where, family), whole=True)
+        assert spec.parallel.dense_mlp_placement == where and spec.model.dense_layers
         got[where] = engine_logits(spec, source, IDS)
         assert rel_err(got[where], ref) <= 1e-5, (where, rel_err(got[where], ref))
     assert rel_err(got["experts"], got["attention"]) <= 1e-5
