@@ -287,9 +287,8 @@ class DeploymentSpec:
         return self.parallel.dense_mlp_placement == "experts"
 
     def mlp_shards(self, size: int) -> list[tuple[int, int, int]]:
-        """(rank, start, end) of each experts-stage GPU's columns of a dense MLP of inner size `size`
-        (dense_mlp_placement "experts"): tensor mode splits it as F (shard_fractions), expert mode
-        near-evenly over the stage's GPUs."""
+        """(rank, start, end) of each experts-stage GPU's columns of a dense MLP of inner size `size`: split
+        as F (shard_fractions) in tensor mode, near-evenly over the stage's GPUs in expert mode."""
         st = self.stage("experts")
         if self.expert_parallel:
             bounds = [0]
