@@ -92,10 +92,8 @@ def _layers_fitting(spec: DeploymentSpec, variant_specs: Sequence[DeploymentSpec
     """The most layers the same job holds in budget `b`: every need is linear in the layer
     count (weights and KV cache per layer), so needs at 1 and 2 layers give it exactly."""
     def needs_at(n: int) -> list[Need]:
-        # dense layers priced as MoE ones (errs low); a layer's memory does not depend on its window
-        as_moe = {"num_layers": n, "dense_layers": None, "layer_types": None}
-        return run_needs(spec.replace(model=as_moe), [v.replace(model=as_moe) for v in variant_specs], device,
-                         capacity, reference)
+        # dense layers priced as MoE ones: errs low
+        return run_needs(spec.all_moe(n), [v.all_moe(n) for v in variant_specs], device, capacity, reference)
 
     one, two = needs_at(1), needs_at(2)
     slope = [t.total - o.total for o, t in zip(one, two)]

@@ -90,14 +90,15 @@ class ModelSpec:
     """YaRN scaling of RoPE (the only scaling supported); None: plain RoPE."""
     shared_expert_size: int = 0
     """Inner size of the always-on shared expert MLP (SwiGLU) beside the routed ones (DeepSeek-V3:
-    n_shared_experts x the expert F); 0: none. It runs on the attention GPU, on the normed rows the
-    router reads, and its output joins the residual there."""
+    n_shared_experts x the expert F); 0: none. It runs on the normed rows the router reads, on the
+    GPU `parallel.dense_mlp_placement` names."""
     shared_expert_gate: bool = False
     """The shared expert's output is scaled per token by sigmoid(u @ ws_scale) (Qwen2-MoE's
     shared_expert_gate, a [H] -> 1 linear); False: weight 1 (DeepSeek-V3)."""
     dense_layers: tuple[int, ...] | None = None
     """Layers whose MLP is dense (no router, no experts: DeepSeek-V3's first_k_dense_replace): a SwiGLU
-    of dense_ffn_size on the attention GPU; the experts stage skips them. The last layer is MoE."""
+    of dense_ffn_size, on the GPU(s) `parallel.dense_mlp_placement` names (the attention GPU: the experts
+    stage skips them). The last layer is MoE."""
     dense_ffn_size: int = 0
     """Inner size of the dense layers' MLP."""
     grouped_routing: GroupedRoutingSpec | None = None
@@ -206,6 +207,14 @@ class StageSpec:
 class ParallelSpec:
     stages: tuple[StageSpec, ...]
     """Exactly three stages: embed, experts, output."""
+    dense_mlp_placement: str = "attention"
+    """Where the dense MLPs beside the routed experts run (a layer's shared expert, a dense layer's
+    MLP): "attention" (the embed stage's GPU; its output joins the residual there) or "experts"
+    (tensor-parallel over the experts stage's GPUs: gate/up split by columns, down by rows, in the
+    shares of `shard_fractions` (expert mode: a near-even split over every GPU of the stage, the
+    attention GPU included when it is one); each GPU adds its partial to the routed experts' partial
+    it hands back, so nothing extra moves, but every expert GPU then sees every token of the layer).
+    Needs a shared expert or dense layers in the model."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -292,14 +301,23 @@ class DeploymentSpec:
         f = self.model.ffn_hidden_size
         if self.expert_parallel:
             return [(rank, 0, f) for rank in st.gpus]
-        fr = st.shard_fractions or tuple(1.0 / len(st.gpus) for _ in st.gpus)
-        out, cum = [], 0.0
-        for i, (rank, frac) in enumerate(zip(st.gpus, fr)):
-            start = round(cum * f)
-            cum += frac
-            end = f if i == len(st.gpus) - 1 else round(cum * f)
-            out.append((rank, start, end))
-        return out
+        return _column_shards(st.gpus, f, st.shard_fractions)
+
+    @property
+    def mlps_on_experts(self) -> bool:
+        """The shared expert and the dense layers' MLP run on the experts stage (TP over its GPUs)."""
+        return self.parallel.dense_mlp_placement == "experts"
+
+    def mlp_shards(self, size: int) -> list[tuple[int, int, int]]:
+        """(rank, start, end) of each experts-stage GPU's columns of a dense MLP of inner size `size`: split
+        as F (shard_fractions) in tensor mode, near-evenly over the stage's GPUs in expert mode."""
+        st = self.stage("experts")
+        if self.expert_parallel:
+            bounds = [0]
+            for n in near_even_split(size, len(st.gpus)):
+                bounds.append(bounds[-1] + n)
+            return [(rank, a, b) for rank, a, b in zip(st.gpus, bounds, bounds[1:])]
+        return _column_shards(st.gpus, size, st.shard_fractions)
 
     # ---- JSON -----------------------------------------------------------------------
     @classmethod
@@ -316,6 +334,14 @@ class DeploymentSpec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    def all_moe(self, layers: int) -> DeploymentSpec:
+        """This spec with `layers` layers, every one MoE (memory estimates linear in the layer count
+        price dense layers as MoE ones, and a sliding layer as a full one: the KV cache is not bounded by
+        the window); the dense MLPs' placement reset when nothing is left to place."""
+        parallel = {} if self.model.shared_expert_size else {"dense_mlp_placement": "attention"}
+        return self.replace(model={"num_layers": layers, "dense_layers": None, "layer_types": None},
+                            parallel=parallel)
+
     def replace(self, **sections: Any) -> DeploymentSpec:
         """New spec with some sections' fields replaced: replace(schedule={"micro_batches": 2})."""
         d = self.to_dict()
@@ -326,6 +352,19 @@ class DeploymentSpec:
                 raise SpecError(section, values, "must be a dict of the section's fields to replace")
             d[section].update(values)
         return DeploymentSpec.from_dict(d)
+
+
+def _column_shards(gpus: tuple[int, ...], size: int, fractions: tuple[float, ...] | None) -> list[tuple[int, int, int]]:
+    """(rank, start, end) covering [0, size): each GPU's share of the fractions (None: even), the
+    boundaries rounded, the last GPU taking the rest."""
+    fr = fractions or tuple(1.0 / len(gpus) for _ in gpus)
+    out, cum = [], 0.0
+    for i, (rank, frac) in enumerate(zip(gpus, fr)):
+        start = round(cum * size)
+        cum += frac
+        end = size if i == len(gpus) - 1 else round(cum * size)
+        out.append((rank, start, end))
+    return out
 
 
 def near_even_split(total: int, parts: int) -> list[int]:

@@ -28,11 +28,14 @@ class DeploymentSpec(Protocol):
 
     def ffn_shards(self) -> list[tuple[int, int, int]]: ...
 
+    def mlp_shards(self, size: int) -> list[tuple[int, int, int]]: ...
+
 STAGE_NAMES = ("embed", "experts", "output")
 INTERCONNECTS = ("nvlink", "pcie")
 SCHEDULE_KINDS = ("gpipe", "asready")
 BOUNDARIES = ("all_reduce", "reduce_scatter", "partials")
 PARALLEL_MODES = ("tensor", "expert")
+MLP_PLACEMENTS = ("attention", "experts")
 
 
 def _positive(path: str, value: float) -> None:
@@ -86,6 +89,7 @@ def validate(spec: DeploymentSpec) -> None:
     _one_of("model.dtype", m.dtype, MODEL_DTYPES)
     _validate_layers(m)
     _validate_stages(spec)
+    _validate_placement(spec)
     s = spec.schedule
     _one_of("schedule.kind", s.kind, SCHEDULE_KINDS)
     _positive("schedule.micro_batches", s.micro_batches)
@@ -251,6 +255,23 @@ def _validate_stages(spec: DeploymentSpec) -> None:
             _expert_parallel_stage(spec, p, st)
         else:
             _tensor_parallel_stage(spec, p, st)
+
+
+def _validate_placement(spec: DeploymentSpec) -> None:
+    """The dense MLPs on the expert GPUs: there must be one, and every GPU a column of each."""
+    m, path, where = spec.model, "parallel.dense_mlp_placement", spec.parallel.dense_mlp_placement
+    _one_of(path, where, MLP_PLACEMENTS)
+    if where == "attention":
+        return
+    sizes = {"shared_expert_size": m.shared_expert_size, "dense_ffn_size": m.dense_ffn_size if m.dense_layers else 0}
+    if not any(sizes.values()):
+        raise SpecError(path, where, "needs a model with a shared expert (model.shared_expert_size) or dense "
+                                     "layers (model.dense_layers): nothing to place")
+    for key, size in sizes.items():
+        for rank, a, b in spec.mlp_shards(size) if size else ():
+            if b <= a:
+                raise SpecError(path, where, f"gives GPU {rank} no column of model.{key} ({size}): fewer "
+                                             "columns than expert GPUs, or a shard fraction too small")
 
 
 def _single_gpu_stage(p: str, st) -> None:

@@ -116,7 +116,12 @@ class CheckpointWeights:
             key = self.names[name]
             return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
         key = self.hf.tensor_names(self._layer(layer))[name]
-        return [_Read(key, tuple(slice(None) for _ in self.tensors[key].shape))]
+        index = [slice(None) for _ in self.tensors[key].shape]
+        cut = shard.mlp_slice(name)  # a dense MLP's columns held on an expert GPU
+        if cut is not None:  # stored [out, in]: the engine's axis is the other one
+            axis, a, b = cut
+            index[1 - axis] = slice(a, b)
+        return [_Read(key, tuple(index))]
 
     def _expert_reads(self, name: str, shard: Shard, layer: int | None) -> list[tuple[StoredExpert, list[_Read]]]:
         """Per expert of `shard`: where its tensor `name` is stored, and the slices its F columns read."""

@@ -67,7 +67,7 @@ def weight(spec: DeploymentSpec, seed: int, name: str, *, device: torch.device |
     """One weight of `layer`, or the slice `shard` of it (expert tensors: some experts, columns of F)."""
     dtype = dtype or tensor_dtype(spec, name)
     if name not in PER_EXPERT:
-        return _make(spec, seed, name, layer).to(device=device, dtype=dtype)
+        return mlp_cut(_make(spec, seed, name, layer), name, shard).to(device=device, dtype=dtype)
     experts = shard.experts if shard.experts is not None else range(spec.model.num_experts)
     parts = []
     for e in experts:
@@ -80,10 +80,19 @@ def take(full: dict[str, torch.Tensor], name: str, shard: Shard, layer: int | No
     """The slice `shard` of a full tensor (the same slice `weight(..., shard=shard)` makes)."""
     t = full[weight_key(name, layer)]
     if name not in PER_EXPERT:
-        return t
+        return mlp_cut(t, name, shard)
     if shard.experts is not None:
         t = t[list(shard.experts)]
     return slice_f(name, t, shard.f_cols).contiguous()
+
+
+def mlp_cut(t: torch.Tensor, name: str, shard: Shard) -> torch.Tensor:
+    """A dense-MLP tensor's slice `shard` (Shard.mlp_slice), or `t` itself for any other tensor."""
+    cut = shard.mlp_slice(name)
+    if cut is None:
+        return t
+    axis, a, b = cut
+    return t.narrow(axis, a, b - a).contiguous()
 
 
 def init_weights(spec: DeploymentSpec, seed: int = 0, *, device: torch.device | str = "cpu",
@@ -166,6 +175,9 @@ class DeviceRandomWeights:
                 shape[0] = len(shard.experts)
             if shard.f_cols is not None and name in F_AXIS:
                 shape[F_AXIS[name]] = shard.f_cols[1] - shard.f_cols[0]
+        elif shard.mlp_slice(name) is not None:
+            axis, a, b = shard.mlp_slice(name)
+            shape[axis] = b - a
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + zlib.crc32(weight_key(name, layer).encode())) % (2**63))
         t = torch.empty(shape, dtype=tensor_dtype(spec, name), device=device)

@@ -16,6 +16,7 @@ from pyengine.core.spec import DeploymentSpec
 from pyengine.model.batch import Batch
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages import StageKind, stages_of
+from pyengine.model.tensors import PER_EXPERT
 from pyengine.predict.devices import DeviceProfile
 from pyengine.predict.host import decode_host
 from pyengine.predict.layouts import alternatives, describe
@@ -44,8 +45,10 @@ def weight_bytes_per_step(spec: DeploymentSpec, routing: Routing | None = None) 
     groups = Batch.decode([spec.model.seq_len] * spec.model.batch_size, spec.schedule.micro_batches).sizes()
     out = {}
     for rank, held in zip(experts.ranks, spec.expert_placement()):
-        per_expert = sum(experts.weight_bytes(rank).values()) / len(held)  # every layer's slices
-        out[rank] = per_expert * sum(r.experts_touched(held, g) for g in groups)
+        w = experts.weight_bytes(rank)  # every layer's slices
+        per_expert = sum(v for n, v in w.items() if n in PER_EXPERT) / len(held)
+        mlps = sum(v for n, v in w.items() if n not in PER_EXPERT)  # MLP shards: read by every group
+        out[rank] = per_expert * sum(r.experts_touched(held, g) for g in groups) + mlps * len(groups)
     return out
 
 

@@ -42,7 +42,7 @@ class PingPong:
 
 
 def ping_pong(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None = None) -> PingPong:
-    att, exp = _sides(spec, device, routing)
+    att, exp = sides(spec, device, routing)
     by_m: dict[int, tuple[float, float, float]] = {}
     for m in CANDIDATE_M:
         if m > spec.model.tokens:
@@ -52,14 +52,15 @@ def ping_pong(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | No
         except SpecError:
             continue
         pred, _ = predict(alt, device, routing=routing)
-        a, e = _sides(alt, device, routing)
+        a, e = sides(alt, device, routing)
         by_m[m] = (pred.latency_s, pred.throughput_tokens_per_s, a / e if e else float("inf"))
     best = min(by_m, key=lambda m: (by_m[m][0], -by_m[m][1]))
     return PingPong(att, exp, "attention" if att > exp else "experts", att / exp if exp else float("inf"),
                     by_m, best)
 
 
-def _sides(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None) -> tuple[float, float]:
+def sides(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None) -> tuple[float, float]:
+    """(attention side's busy time per batch, the busiest expert GPU's experts-stage busy time)."""
     per = predict_busy(spec, device, by_stage=True, routing=routing)
     attention = sum(v for (r, s), v in per.items() if s == StageKind.EMBED)
     experts = max((v for (r, s), v in per.items() if s == StageKind.EXPERTS), default=0.0)
@@ -75,9 +76,8 @@ def layers_that_fit(spec: DeploymentSpec, device: DeviceProfile, routing: Routin
     cap = spec.hardware.gpu_memory_gb * 1e9
     # every layer priced as a MoE layer (dense MLP layers hold less: the count errs low); a sliding
     # layer holds the KV cache of a full one (the cache is not bounded by the window)
-    n_layers = {"dense_layers": None, "layer_types": None}
-    one = memory_bytes(spec.replace(model={"num_layers": 1, **n_layers}), device, routing)
-    two = memory_bytes(spec.replace(model={"num_layers": 2, **n_layers}), device, routing)
+    one = memory_bytes(spec.all_moe(1), device, routing)
+    two = memory_bytes(spec.all_moe(2), device, routing)
     most = []
     for r in one:
         per_layer, base = two[r] - one[r], 2 * one[r] - two[r]

@@ -68,24 +68,32 @@ MLA_LAUNCHES = {"first": 20, "later": 19}
 key's RoPE + the cache write, the absorption of q and of the output (einsums), the latent read in
 one kernel + combine, o, the norms and the router."""
 MLP_LAUNCHES = 6
-"""A shared expert's or a dense layer's SwiGLU on the attention rank: two GEMMs, silu, product, GEMM, add."""
+"""A shared expert's or a dense layer's SwiGLU beside other work: two GEMMs, silu, product, GEMM, add
+(on the attention rank into x; on an expert rank, its shard, into the routed experts' partial)."""
 GATE_LAUNCHES = 3
-"""A gated shared expert's weight (Qwen2-MoE): its GEMV, sigmoid, product."""
+"""A gated shared expert's weight (Qwen2-MoE): its GEMV, sigmoid, product (wherever it runs)."""
 ROUTER_LAUNCHES = 5
 """What a dense layer does not launch: the router GEMM, its top-k, the padding mask, the payload."""
+EMPTY_ROUTING_LAUNCHES = 2
+"""A dense layer whose MLP runs on the expert GPUs: the empty routing it sends (ids -1, weights 0)."""
 
 
 def launches(spec: DeploymentSpec, a) -> int:
     """The Triton path's launches of compute action `a` of a decode step."""
-    kind = StageKind(a.stage)
+    kind, m = StageKind(a.stage), spec.model
+    here = not spec.mlps_on_experts  # the shared expert and dense MLPs on the attention rank
+    shared = (MLP_LAUNCHES + (GATE_LAUNCHES if m.shared_expert_gate else 0)) if m.shared_expert_size else 0
     if kind is StageKind.EMBED:
-        m, part = spec.model, "first" if not a.layer else "later"
+        part = "first" if not a.layer else "later"
         base = MLA_LAUNCHES[part] if m.mla is not None else LAUNCHES[(kind, part)]
         if m.is_dense(a.layer):
-            return base + MLP_LAUNCHES - ROUTER_LAUNCHES
-        return base + (MLP_LAUNCHES + (GATE_LAUNCHES if m.shared_expert_gate else 0) if m.shared_expert_size else 0)
+            return base - ROUTER_LAUNCHES + (MLP_LAUNCHES if here else EMPTY_ROUTING_LAUNCHES)
+        return base + (shared if here else 0)
     if kind is StageKind.EXPERTS:
-        return LAUNCHES[(kind, "expert" if spec.expert_parallel else "tensor")]
+        mode = "expert" if spec.expert_parallel else "tensor"
+        if m.is_dense(a.layer):  # its MLP shard alone: no add (it is the partial); EP copies the token ids out
+            return MLP_LAUNCHES - 1 + (1 if spec.expert_parallel else 0)
+        return LAUNCHES[(kind, mode)] + (0 if here else shared)
     return LAUNCHES[(kind, "last")]
 
 

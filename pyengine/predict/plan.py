@@ -122,6 +122,9 @@ class Plan:
     """A model of layers: the most layers this layout holds in hardware.gpu_memory_gb per GPU."""
     decode: DecodePlan | None = None
     """A model of layers: decode steps after this batch's prompts, predicted."""
+    mlp_placement: Any = None
+    """A model with a shared expert or dense layers: pyengine.predict.mlp_placement.MlpPlacements
+    (both parallel.dense_mlp_placement values predicted)."""
 
     @property
     def load_balance(self) -> dict:
@@ -154,6 +157,7 @@ class Plan:
             "ping_pong": None if self.ping_pong is None else {
                 **asdict(self.ping_pong), "by_m": {str(m): list(v) for m, v in self.ping_pong.by_m.items()}},
             "layers_fit": self.layers_fit,
+            "mlp_placement": None if self.mlp_placement is None else self.mlp_placement.to_dict(),
             "decode": None if self.decode is None else {
                 **asdict(self.decode), "by_groups": {str(m): v for m, v in self.decode.by_groups.items()},
                 "weight_bytes_per_step": {str(r): v for r, v in self.decode.weight_bytes_per_step.items()},

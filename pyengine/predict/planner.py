@@ -12,6 +12,7 @@ from pyengine.predict.devices import DeviceProfile, load_profile
 from pyengine.predict.decode import decode_plan
 from pyengine.predict.disaggregation import layers_that_fit, ping_pong
 from pyengine.predict.layouts import layout_options
+from pyengine.predict.mlp_placement import mlp_placements
 from pyengine.predict.plan import GpuPlan, Plan, StagePlan
 from pyengine.predict.prediction import baselines, predict, predict_busy
 from pyengine.predict.resources import activation_bytes, parts, state_bytes, traffic, weight_bytes
@@ -40,6 +41,7 @@ def plan(spec: DeploymentSpec, device: DeviceProfile | str | None = None,
         out.ping_pong = ping_pong(spec, dev, routing)
         out.layers_fit = layers_that_fit(spec, dev, routing)
         out.decode = decode_plan(spec, dev, new_tokens, routing)
+        out.mlp_placement = mlp_placements(spec, dev, routing)
     out.verdicts = verdicts(out)
     return out
 

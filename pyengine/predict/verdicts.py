@@ -92,6 +92,24 @@ def _ping_pong(p: Plan) -> Verdict | None:
         "micro-batch and layer).")
 
 
+def _mlp_placement(p: Plan) -> Verdict | None:
+    mp = p.mlp_placement
+    if mp is None or len(mp.options) < 2:
+        return None
+    by = {o.where: o for o in mp.options}
+    best, other = by[mp.fastest], next(o for o in mp.options if o.where != mp.fastest)
+    gain = 1 - best.latency_s / other.latency_s if other.latency_s else 0.0
+    also = ("it also balances the ping-pong better" if mp.balanced == mp.fastest else
+            f"'{mp.balanced}' balances the two sides better (balance {by[mp.balanced].balance:.2f}) but is slower")
+    return Verdict(
+        "dense MLP placement", f"{mp.fastest}: {fmt_s(best.latency_s)} vs {fmt_s(other.latency_s)}",
+        mp.fastest == mp.this,
+        f"Shared expert / dense layers: on the {mp.fastest} GPU(s) the batch is predicted {fmt_pct(gain)} faster "
+        f"({fmt_s(best.latency_s)} vs {fmt_s(other.latency_s)}; decode step {fmt_s(best.decode_step_s)} vs "
+        f"{fmt_s(other.decode_step_s)}); {also}. This config places them on '{mp.this}'"
+        + ("." if mp.fastest == mp.this else f": set parallel.dense_mlp_placement to \"{mp.fastest}\"."))
+
+
 def _latency(p: Plan) -> Verdict:
     pred, (single, m1) = p.predicted, _baselines(p)
     cuts = {b.name: 1 - pred.latency_s / b.latency_s for b in (single, m1)}
@@ -212,7 +230,7 @@ def _host(p: Plan) -> Verdict | None:
 
 CHECKS: tuple[Callable[[Plan], Verdict | None], ...] = (
     _balance, _memory_split, _module_division, _fits, _latency, _throughput, _utilisation, _bubble_cut,
-    _layout, _ping_pong, _decode, _host)
+    _layout, _ping_pong, _mlp_placement, _decode, _host)
 """One check per claim, in the order `plan` prints them (None: does not apply to this model)."""
 
 

@@ -16,6 +16,7 @@ from pyengine.execute.backends import Backend
 from pyengine.execute.results import GenerateMeasurement, StepMeasurement
 from pyengine.model.batch import Batch
 from pyengine.model.stages import StageKind, stages_of
+from pyengine.model.tensors import PER_EXPERT, moe_layers
 from pyengine.predict.measured import measured_op_costs
 from pyengine.predict.simulate import simulate
 from pyengine.report.ping_pong import side_busy
@@ -116,7 +117,8 @@ def _streaming(spec: DeploymentSpec, results: list[GenerateMeasurement], tls: li
     router = next((r for r in results if r.steps[0].touched), None)
     if router is None or len(tls) == 0:
         return {}, {}
-    per_expert = {r: sum(experts.weight_bytes(r).values()) / (spec.model.layers * len(held))
+    moe = len(moe_layers(spec.model))  # the routed experts' bytes only (an MLP shard beside them is not an expert's)
+    per_expert = {r: sum(v for n, v in experts.weight_bytes(r).items() if n in PER_EXPERT) / (moe * len(held))
                   for r, held in zip(experts.ranks, spec.expert_placement())}
     placement = dict(zip(experts.ranks, spec.expert_placement()))
     streamed, rates = {}, {}

@@ -60,6 +60,13 @@ def print_plan(p: Plan, device_note: str = "", out: Console | None = None) -> No
           f"MFU {fmt_pct(pr.mfu)}"]]
         + [[b.name, fmt_s(b.latency_s), f"{b.throughput_tokens_per_s:,.0f}", "", "",
             b.description + ("" if b.fits else f"; {b.note}")] for b in p.baselines], out)
+    if p.mlp_placement is not None:
+        out.print("Shared expert / dense layers, placed (parallel.dense_mlp_placement):")
+        for o in p.mlp_placement.options:
+            this = " (this config)" if o.where == p.mlp_placement.this else ""
+            out.print(f"  {o.where:<9}{this}: batch {fmt_s(o.latency_s)}, decode step {fmt_s(o.decode_step_s)}; "
+                      f"busy attention {fmt_s(o.attention_s)}, experts {fmt_s(o.experts_s)}, balance {o.balance:.2f}",
+                      soft_wrap=True)
     out.print("Verdicts:")
     for v in p.verdicts:
         mark = {True: "[green]HOLDS[/]", False: "[red]DOES NOT HOLD[/]", None: "[yellow]PARTLY[/]"}[v.holds]

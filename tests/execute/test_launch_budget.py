@@ -120,3 +120,32 @@ def test_triton_path_qwen2_moe_launches_are_what_the_planner_prices(monkeypatch)
     assert {k: got[k] for k in actions} == {k: launches(spec, a) for k, a in actions.items()}
     gated = LAUNCHES[(StageKind.EMBED, "later")] + MLP_LAUNCHES + GATE_LAUNCHES
     assert launches(spec, actions["l2.s0.COMPUTE"]) == gated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["tensor", "expert"])
+def test_triton_path_mlps_on_the_expert_ranks_are_what_the_planner_prices(monkeypatch, mode):
+    """parallel.dense_mlp_placement "experts": the attention rank loses the shared expert's six launches
+    (and a dense layer's MLP, sending u with an empty routing instead); each expert rank gains its
+    shard's SwiGLU: six launches beside its experts (10 on a TP rank, over the budget of 8 that holds
+    for the routed experts alone: the price of moving the GEMMs), five for a dense layer (six in EP)."""
+    monkeypatch.setenv("PYENGINE_KERNELS", "triton")
+    spec = MLA.replace(model={"num_layers": 3, "dense_layers": [0], "dense_ffn_size": 11, "shared_expert_size": 9},
+                       parallel={"dense_mlp_placement": "experts"})
+    if mode == "expert":
+        spec = spec.replace(parallel={"stages": [
+            {"name": "embed", "gpus": [0]},
+            {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[0, 5], [1, 2], [3, 4]]},
+            {"name": "output", "gpus": [0]}]})
+    ranks = decode_launches(8, spec)
+    for r in (1, 2):
+        got = per_layer_part(ranks[r])
+        want = {k: launches(spec, ActionId(Kind.COMPUTE, StageKind.EXPERTS, 0, None, (0,), layer))
+                for k, layer in (("l0.s1.COMPUTE", 0), ("l1.s1.COMPUTE", 1), ("l2.s1.COMPUTE", 2))}
+        assert got == want == ({"l0.s1.COMPUTE": 5, "l1.s1.COMPUTE": 10, "l2.s1.COMPUTE": 10} if mode == "tensor" else
+                               {"l0.s1.COMPUTE": 6, "l1.s1.COMPUTE": 12, "l2.s1.COMPUTE": 12}), (r, got)
+    if mode == "tensor":  # the attention rank: 21 - 6 + 2 at the dense layer, 25 - 6 after
+        attention = per_layer_part(ranks[0])
+        want = {k: launches(spec, ActionId(Kind.COMPUTE, StageKind.EMBED, 0, None, (0,), layer))
+                for k, layer in (("l0.s0.COMPUTE", 0), ("l1.s0.COMPUTE", 1), ("l2.s0.COMPUTE", 2))}
+        assert {k: attention[k] for k in want} == want == {"l0.s0.COMPUTE": 17, "l1.s0.COMPUTE": 19, "l2.s0.COMPUTE": 19}

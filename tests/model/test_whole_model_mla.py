@@ -70,11 +70,19 @@ def greedy(spec, w, prompt, steps):
     return seq
 
 
+PLACED = {"attention": {}, "experts-tp": {"dense_mlp_placement": "experts"},
+          "experts-ep": {"dense_mlp_placement": "experts", "stages": EP}}
+"""parallel.dense_mlp_placement cases: the shared expert and the dense layer on the attention GPU, or
+split over the expert GPUs (TP 0.4/0.6; EP over GPUs 0, 1, 2)."""
+
+
+@pytest.mark.parametrize("placed", list(PLACED))
 @pytest.mark.parametrize("path", ["torch", "triton"])
-def test_generate_with_the_latent_cache_equals_recomputing(path, monkeypatch):
-    """Prompts of different lengths; decode steps read the latent cache (Triton: in place, absorbed)."""
+def test_generate_with_the_latent_cache_equals_recomputing(path, placed, monkeypatch):
+    """Prompts of different lengths; decode steps read the latent cache (Triton: in place, absorbed);
+    the static decode step runs the shared expert and the dense MLP wherever they are placed."""
     monkeypatch.setenv("PYENGINE_KERNELS", path)
-    spec = BASE.replace(model={"batch_size": 2, "seq_len": 9})
+    spec = BASE.replace(model={"batch_size": 2, "seq_len": 9}, parallel=PLACED[placed])
     w = init_weights(spec, 3)
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, spec.model.vocab_size, (n,), generator=g) for n in (5, 2)]

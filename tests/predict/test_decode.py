@@ -62,7 +62,7 @@ def test_the_fastest_group_count_is_picked(linear_steps):
 
 
 def _fake_sides(attention_s: float, experts_s: float, latencies: dict):
-    """_sides and predict of disaggregation at fixed numbers: busy times per side, latency per m."""
+    """sides and predict of disaggregation at fixed numbers: busy times per side, latency per m."""
     class Pred:
         def __init__(self, m):
             self.latency_s, self.throughput_tokens_per_s = latencies[m], 1.0 / latencies[m]
@@ -73,7 +73,7 @@ def _fake_sides(attention_s: float, experts_s: float, latencies: dict):
 
 def test_ping_pong_balance_is_attention_over_experts(monkeypatch):
     sides, predict = _fake_sides(3.0, 2.0, {1: 5.0, 2: 4.0, 3: 4.5, 4: 6.0, 6: 7.0, 8: 8.0, 16: 9.0})
-    monkeypatch.setattr(disaggregation, "_sides", sides)
+    monkeypatch.setattr(disaggregation, "sides", sides)
     monkeypatch.setattr(disaggregation, "predict", predict)
     spec = EP.replace(model={"batch_size": 8, "seq_len": 2})  # 16 tokens: every candidate m
     pp = disaggregation.ping_pong(spec.replace(schedule={"micro_batches": 1}), DEVICE)
@@ -85,7 +85,7 @@ def test_ping_pong_balance_is_attention_over_experts(monkeypatch):
 
 def test_ping_pong_bound_by_the_experts(monkeypatch):
     sides, predict = _fake_sides(1.0, 4.0, {m: 1.0 for m in disaggregation.CANDIDATE_M})
-    monkeypatch.setattr(disaggregation, "_sides", sides)
+    monkeypatch.setattr(disaggregation, "sides", sides)
     monkeypatch.setattr(disaggregation, "predict", predict)
     pp = disaggregation.ping_pong(EP.replace(schedule={"micro_batches": 1}), DEVICE)
     assert (pp.bound_by, pp.balance) == ("experts", 0.25)

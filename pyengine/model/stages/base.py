@@ -11,7 +11,7 @@ from pyengine.core import dtypes
 from pyengine.model.batch import Chunk
 from pyengine.model.costs import KernelCost
 from pyengine.model.payloads import Payload
-from pyengine.model.tensors import model_layers
+from pyengine.model.tensors import DENSE_MLP, SHARED_EXPERT, model_layers
 
 if TYPE_CHECKING:
     from pyengine.core.spec import DeploymentSpec
@@ -26,12 +26,26 @@ class StageKind(enum.IntEnum):
 
 
 class Shard(NamedTuple):
-    """The part of a full weight tensor a rank holds: some experts, some columns of F."""
+    """The part of a full weight tensor a rank holds: some experts, some columns of F, some of the
+    inner size of the dense MLPs (parallel.dense_mlp_placement "experts")."""
 
     experts: tuple[int, ...] | None = None
     """Expert ids held (per-expert tensors only); None = every expert."""
     f_cols: tuple[int, int] | None = None
     """[start, end) of the FFN dimension F (expert tensors only); None = all of F."""
+    shared_cols: tuple[int, int] | None = None
+    """[start, end) of the shared expert's inner size S (ws_gate/ws_up/ws_down); None = all of it."""
+    dense_cols: tuple[int, int] | None = None
+    """[start, end) of a dense layer MLP's inner size (wd_gate/wd_up/wd_down); None = all of it."""
+
+    def mlp_slice(self, name: str) -> tuple[int, int, int] | None:
+        """(axis, start, end) of dense-MLP tensor `name` in the engine's [in, out] layout (gate and
+        up split by columns, down by rows), or None: held whole. Any other tensor of the shared
+        expert (a gate of its output) is held whole on every GPU: it scales each GPU's partial alike."""
+        for names, cols in ((SHARED_EXPERT, self.shared_cols), (DENSE_MLP, self.dense_cols)):
+            if name in names and cols is not None:
+                return (0 if name.endswith("_down") else 1, *cols)
+        return None
 
 
 Inputs = Mapping[Payload, Sequence[tuple[Any, ...]]]

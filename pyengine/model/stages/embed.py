@@ -5,6 +5,9 @@ A model of L layers, at layer l: x = embed[ids] (l = 0) or x = x_{l-1} + the exp
 l-1 (the hand-off of the previous layer, added in one fused residual + norm kernel on CUDA);
 x = x + attention_l(x) over the KV cache; u = rmsnorm(x) * norm_in_l; top-k routing of u. It
 sends u (and the routing) to layer l's experts and keeps x for layer l+1 (or the output head).
+A layer's shared expert and a dense layer's MLP join x here, or (parallel.dense_mlp_placement
+"experts") run on the expert GPUs: then a dense layer sends u with an empty routing (expert ids -1)
+and the next layer takes the hand-off as after a MoE layer.
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ class EmbedStage(Stage):
         self.boundary = boundary_of(spec)
         self._batch = Batch.of_spec(spec)
         self.attends = spec.model.layered
+        self.mlps = not spec.mlps_on_experts
+        """The shared expert and the dense layers' MLP run here."""
 
     def layer_weights(self) -> tuple[str, ...]:
         """Every per-layer name (a dense layer holds its MLP, a MoE layer its router; `tensors`)."""
         m = self.spec.model
-        return self._names(False) + (DENSE_MLP if m.dense_layers else ())
+        return self._names(False) + (DENSE_MLP if m.dense_layers and self.mlps else ())
 
     def _names(self, dense: bool) -> tuple[str, ...]:
         m = self.spec.model
-        return attention_names(m) + ("norm_in",) + (DENSE_MLP if dense else router_names(m) + shared_expert_names(m))
+        if dense:
+            return attention_names(m) + ("norm_in",) + (DENSE_MLP if self.mlps else ())
+        return attention_names(m) + ("norm_in",) + router_names(m) + (shared_expert_names(m) if self.mlps else ())
 
     def tensors(self) -> list[tuple[str, int | None]]:
         m = self.spec.model
@@ -61,8 +68,9 @@ class EmbedStage(Stage):
         return out
 
     def _after_moe(self, layer: int | None) -> bool:
-        """Layer `layer` receives the previous layer's experts (it follows a MoE layer)."""
-        return self._after_first(layer) and not self.spec.model.is_dense(layer - 1)
+        """Layer `layer` receives the previous layer's experts stage (a MoE layer's, or a dense
+        layer's when its MLP runs there)."""
+        return self._after_first(layer) and (layer - 1) in self.consumer.layer_list
 
     def _after_first(self, layer: int | None) -> bool:
         return layer is not None and layer > 0
@@ -96,12 +104,15 @@ class EmbedStage(Stage):
                 first.append(KernelCost.memory("rmsnorm_attn", 2 * t * h * es + h * es))
         attn = self._attention_kernels(t, chunk, m.window(layer)) if m.layered else []
         norm = 3 * t * h * es if m.layered else 2 * t * h * es  # residual add (+ o) and the norm
+        if m.is_dense(layer) and not self.mlps:  # its MLP on the expert GPUs: u goes there, routed nowhere
+            return first + attn + [KernelCost.memory("rmsnorm_in", norm + h * es),
+                                   KernelCost.memory("empty_routing", t * k * 8)]
         if m.is_dense(layer):
             d = m.dense_ffn_size
             return first + attn + [KernelCost.memory("rmsnorm_in", norm + h * es),
                                    KernelCost.gemm("dense_gate_up", t, 2 * d, h, es),
                                    KernelCost.gemm("dense_down", t, h, d, es), KernelCost.memory("dense_add", 3 * t * h * es)]
-        s = m.shared_expert_size
+        s = m.shared_expert_size if self.mlps else 0
         shared = [KernelCost.gemm("shared_gate_up", t, 2 * s, h, es), KernelCost.gemm("shared_down", t, h, s, es),
                   KernelCost.memory("shared_add", 3 * t * h * es)] if s else []
         if s and m.shared_expert_gate:  # its per-token weight: a GEMV, then sigmoid and scale (read, write)
@@ -184,11 +195,23 @@ class EmbedStage(Stage):
             x, u, top_ids, top_w = embed_and_route(self.spec, weights, ids)
         else:
             x, u, top_ids, top_w = self._layer(weights, ids, inputs, work)
-            if top_ids is None:  # a dense layer: nothing goes to the experts
-                return {Payload.RESID: (x,)}
+            if self.spec.model.is_dense(work.layer):
+                return self._dense_out(x, u, work)
         static = work is not None and work.static
         return {**self.consumer.from_router(u, top_ids, top_w, static), Payload.RESID: (x,),
                 Payload.ROUTES: (top_ids,)}
+
+    def _dense_out(self, x, u, work: Work) -> dict[Payload, tuple]:
+        """A dense layer's payloads: x alone (its MLP already in it), or x and u for the expert GPUs
+        that run its MLP, routed to no expert (ids -1, weights 0: the experts' kernels add nothing)."""
+        if self.mlps:
+            return {Payload.RESID: (x,)}
+        import torch
+
+        k = self.spec.model.top_k
+        ids = torch.full((u.shape[0], k), -1, dtype=torch.int32, device=u.device)
+        none = torch.zeros((u.shape[0], k), dtype=torch.float32, device=u.device)
+        return {**self.consumer.from_router(u, ids, none, work.static), Payload.RESID: (x,)}
 
     def _layer(self, w: Mapping[str, Any], ids, inputs: Inputs, work: Work):
         import torch
@@ -208,10 +231,10 @@ class EmbedStage(Stage):
             a = ops.norm(x, w["attn_norm"], m.norm_eps)
         o = ops.attention(m, w, a, work.cache, work.layer, work.chunk, work.tables)
         x, u = ops.residual_norm(x, [linear(o, w, "wo", "bo")], w["norm_in"], m.norm_eps)
-        if m.is_dense(work.layer):  # the dense MLP joins the residual here; no router, no experts
-            return x + dense_layer_mlp(u, w), u, None, None
+        if m.is_dense(work.layer):  # no router; the dense MLP joins the residual here (or on the experts)
+            return (x + dense_layer_mlp(u, w) if self.mlps else x), u, None, None
         top_ids, top_w = ops.route(u, w["router"], m.top_k, m.renormalize, *_grouped(m, w), **_bias(m, w))
-        if m.shared_expert_size:  # the shared expert joins the residual here; the routed ones at hand-off
+        if m.shared_expert_size and self.mlps:  # the shared expert joins the residual here; the routed ones at hand-off
             x = x + shared_expert(m, u, w)
         if work.static:  # padding rows (slot -1) choose no expert: no expert computes them
             top_ids = torch.where(work.tables.slots[:, None] >= 0, top_ids, -1)

@@ -8,6 +8,13 @@ alignment on the device (no host sync), each token's choices summed in fp32 in a
 returns one row per token
 (`Payload.COMBINE`), which the output stage scatter-adds into the residual. Experts on the
 router's own GPU read the router's tensors directly: no copy, no message.
+
+With parallel.dense_mlp_placement "experts" every expert GPU (the router's own included) also holds
+a near-even share of the columns of the shared expert and of the dense layers' MLP (tensor
+parallelism of those parts over the stage's GPUs, pyengine.model.stages.expert_mlps): it then
+receives every token of the layer (the router's GPU sends each GPU all rows, its choices held
+elsewhere as -1, as a static step does), adds its MLP partial to its experts' sum per token, and the
+combine sums the GPUs' rows.
 """
 
 from __future__ import annotations
@@ -20,22 +27,19 @@ from pyengine.model.expert_act import ExpertActivation
 from pyengine.model.payloads import Payload, PerRank
 from pyengine.model.routing import Routing, uniform
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
+from pyengine.model.stages.expert_mlps import ExpertMLPs
 from pyengine.model.stages.experts import expert_shapes
-from pyengine.model.tensors import expert_names, moe_layers
 
 
-class ExpertParallelStage(Stage):
+class ExpertParallelStage(ExpertMLPs, Stage):
     kind = StageKind.EXPERTS
-
-    def layer_weights(self) -> tuple[str, ...]:
-        return expert_names(self.spec.model)
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.DISPATCH, StageKind.EMBED, layer),)
 
     def __init__(self, spec, routing: Routing | None = None):
         super().__init__(spec)
-        self.layer_list = moe_layers(spec.model)  # dense layers have no experts
+        self._init_mlps()  # the layers: the MoE ones, and the dense ones when their MLP runs here
         self.routing = routing or uniform(spec)
         self.placement: dict[int, tuple[int, ...]] = dict(zip(self.ranks, spec.expert_placement()))
         self._luts: dict[Any, dict[int, Any]] = {}
@@ -43,8 +47,9 @@ class ExpertParallelStage(Stage):
 
     # ---- costs (expected values under self.routing) --------------------------------------
     def rows_for(self, rank: int, tokens: int) -> float:
-        """Tokens sent to `rank` (those with at least one chosen expert there)."""
-        return tokens * self.routing.token_share(self.placement[rank])
+        """Tokens sent to `rank` (those with at least one chosen expert there; every token when the
+        dense MLPs run on the expert GPUs)."""
+        return tokens if self.mlps else tokens * self.routing.token_share(self.placement[rank])
 
     def _receives(self, rank: int) -> bool:
         """An expert GPU receives its rows; the router's own GPU reads them from u in place."""
@@ -55,10 +60,14 @@ class ExpertParallelStage(Stage):
         return tokens * self.spec.model.top_k * self.routing.pair_share(self.placement[rank])
 
     def cost_layer(self, layer: int | None) -> int | None:
-        return None  # every layer's experts cost the same: the kernels never ask the layer
+        return self.mlp_cost_layer(layer)  # the MoE layers' experts cost the same
 
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
+        mlp = self.mlp_kernels(tokens, rank, layer)  # every GPU receives every token
+        return mlp if self.spec.model.is_dense(layer) else self._routed_kernels(tokens, rank) + mlp
+
+    def _routed_kernels(self, tokens: int, rank: int) -> list[KernelCost]:
         m, es = self.spec.model, self.elem
         h, f, k = m.hidden_size, m.ffn_hidden_size, m.top_k
         rows, pairs = self.rows_for(rank, tokens), self.pairs_for(rank, tokens)
@@ -82,10 +91,10 @@ class ExpertParallelStage(Stage):
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
         m = self.spec.model
-        return expert_shapes(m, len(self.placement[rank]), m.ffn_hidden_size)
+        return {**expert_shapes(m, len(self.placement[rank]), m.ffn_hidden_size), **self._mlp_shapes(rank)}
 
     def shard(self, rank: int) -> Shard:
-        return Shard(experts=self.placement[rank])
+        return Shard(experts=self.placement[rank], **self._mlp_shard(rank))
 
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es = self.spec.model, self.elem
@@ -97,11 +106,11 @@ class ExpertParallelStage(Stage):
         # The kernels size their buffers by every choice of a row (k per row, -1 ones included):
         # the SwiGLU activations and the fp32 per-choice rows; the router's GPU also gathers u.
         gathered = 0 if received else rows * h * es
-        work = act_in + gathered + rows * k * f * es + rows * k * h * 4 + out_rows
+        work = act_in + gathered + rows * k * f * es + rows * k * h * 4 + out_rows + self.mlp_working_set(round(rows), rank)
         return int(work), int(act_in + out_rows)
 
     def part(self, rank: int) -> str:
-        return f"experts {_ranges(self.placement[rank])}"
+        return f"experts {_ranges(self.placement[rank])}" + self.mlp_part(rank)
 
     # ---- compute ---------------------------------------------------------------------------
     def from_router(self, u, top_ids, top_w, static: bool = False) -> dict[Payload, Any]:
@@ -117,7 +126,7 @@ class ExpertParallelStage(Stage):
         ids = top_ids.long()
         # [t, k] local ids; -1: held elsewhere (or a padding row's -1, kept)
         local = {rank: torch.where(ids < 0, -1, lut[ids.clamp(min=0)]) for rank, lut in luts.items()}
-        if static:
+        if static or self.mlps:  # the MLP shards need every token on every GPU
             return {Payload.DISPATCH: self._dense(u, local, top_w)}
         sent = torch.stack([(loc >= 0).any(dim=1) for loc in local.values()])  # [ranks, t]
         counts = sent.sum(dim=1).tolist()  # intended sync: every GPU's row count sizes its send
@@ -163,8 +172,9 @@ class ExpertParallelStage(Stage):
         # local holds -1 for a choice held by another GPU: the kernels leave it out on the device
         # (no host sync to list this GPU's pairs), and sum each token's own choices in fp32.
         work = work or Work(None, None)
-        y = work.kernels_for(u.device).experts(weights, u, local, w, skip_ids=True, static=work.static,
-                                               act=self.act)
+        ops = work.kernels_for(u.device)
+        y = self.with_mlp(weights, u, work.layer,
+                          lambda: ops.experts(weights, u, local, w, skip_ids=True, static=work.static, act=self.act))
         return {Payload.COMBINE: (y, meta[:, :1].contiguous())}
 
 

@@ -3,6 +3,9 @@ its partial y_r = sum over chosen (e, w) of w * (silu(u @ w_gate[e]) * (u @ w_up
 (gpt-oss: the clamped SwiGLU and the biases, pyengine.model.expert_act; b_gate, b_up sliced with F's
 columns, b_down on the shard of F's first column only, so the partials add up to one bias).
 
+With parallel.dense_mlp_placement "experts" it also holds its columns of the shared expert and of
+the dense layers' MLP and adds their partial to y_r (pyengine.model.stages.expert_mlps).
+
 The rank's ops run it (pyengine.model.ops): the Triton kernels of pyengine.kernels on the Triton path
 (the default on CUDA), the same math in torch on the torch path."""
 
@@ -15,7 +18,8 @@ from pyengine.model.batch import Chunk
 from pyengine.model.expert_act import ExpertActivation
 from pyengine.model.payloads import Payload
 from pyengine.model.stages.base import Inputs, KernelCost, Shard, Source, Stage, StageKind, Work
-from pyengine.model.tensors import expert_names, moe_layers
+from pyengine.model.stages.expert_mlps import ExpertMLPs
+from pyengine.model.tensors import expert_names
 
 
 def expert_shapes(model, experts: int, f: int) -> dict[str, tuple[int, ...]]:
@@ -26,18 +30,15 @@ def expert_shapes(model, experts: int, f: int) -> dict[str, tuple[int, ...]]:
     return {n: shapes[n] for n in expert_names(model)}
 
 
-class ExpertsStage(Stage):
+class ExpertsStage(ExpertMLPs, Stage):
     kind = StageKind.EXPERTS
-
-    def layer_weights(self) -> tuple[str, ...]:
-        return expert_names(self.spec.model)
 
     def inputs(self, layer: int | None) -> tuple[Source, ...]:
         return (Source(Payload.ACT, StageKind.EMBED, layer),)
 
     def __init__(self, spec):
         super().__init__(spec)
-        self.layer_list = moe_layers(spec.model)  # dense layers have no experts
+        self._init_mlps()  # the layers: the MoE ones, and the dense ones when their MLP runs here
         self._cols = {rank: (a, b) for rank, a, b in spec.ffn_shards()}
         self.act = ExpertActivation.of_model(spec.model)
 
@@ -46,10 +47,14 @@ class ExpertsStage(Stage):
         return b - a
 
     def cost_layer(self, layer: int | None) -> int | None:
-        return None  # every layer's experts cost the same: the kernels never ask the layer
+        return self.mlp_cost_layer(layer)  # the MoE layers' experts cost the same
 
     def kernels(self, tokens: int, rank: int, layer: int | None = None,
                 chunk: Chunk | None = None) -> list[KernelCost]:
+        mlp = self.mlp_kernels(tokens, rank, layer)  # every GPU sees every token
+        return mlp if self.spec.model.is_dense(layer) else self._routed_kernels(tokens, rank) + mlp
+
+    def _routed_kernels(self, tokens: int, rank: int) -> list[KernelCost]:
         from pyengine.model.routing import uniform
 
         m, es = self.spec.model, self.elem
@@ -68,23 +73,25 @@ class ExpertsStage(Stage):
         ]
 
     def weight_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        return expert_shapes(self.spec.model, self.spec.model.num_experts, self.f_cols(rank))
+        return {**expert_shapes(self.spec.model, self.spec.model.num_experts, self.f_cols(rank)),
+                **self._mlp_shapes(rank)}
 
     def shard(self, rank: int) -> Shard:
-        return Shard(f_cols=self._cols[rank])
+        return Shard(f_cols=self._cols[rank], **self._mlp_shard(rank))
 
     def working_set(self, tokens: int, rank: int) -> tuple[int, int]:
         m, es, t = self.spec.model, self.elem, tokens
         h, k, f = m.hidden_size, m.top_k, self.f_cols(rank)
         act_in = Payload.ACT.nbytes(self.spec, t) if rank not in self.spec.stage("embed").gpus else 0
         work = act_in + 2 * t * k * h * es + t * k * f * es + t * h * es  # sorted rows, down out, SwiGLU out, y_r
+        work += self.mlp_working_set(t, rank)
         return work, act_in + t * h * es  # queued input, partial awaiting its reduction / send
 
     def part(self, rank: int) -> str:
         if len(self.ranks) == 1:
-            return "experts"
+            return "experts" + self.mlp_part(rank)
         a, b = self._cols[rank]
-        return f"experts F[{a}:{b}]"
+        return f"experts F[{a}:{b}]" + self.mlp_part(rank)
 
     def from_router(self, u, top_ids, top_w, static: bool = False) -> dict[Payload, Any]:
         """The router's output packaged for this stage: every shard needs every token."""
@@ -94,7 +101,8 @@ class ExpertsStage(Stage):
                 work: Work | None = None) -> dict[Payload, tuple]:
         (u, top_ids, top_w), = inputs[Payload.ACT]
         work = work or Work(None, None)
+        ops = work.kernels_for(u.device)
         # a static step's padding rows carry expert id -1: left out like a choice held elsewhere
-        y = work.kernels_for(u.device).experts(weights, u, top_ids, top_w, skip_ids=work.static,
-                                               static=work.static, act=self.act)
+        y = self.with_mlp(weights, u, work.layer, lambda: ops.experts(weights, u, top_ids, top_w, skip_ids=work.static,
+                                                                      static=work.static, act=self.act))
         return {Payload.PARTIAL: (y,)}
