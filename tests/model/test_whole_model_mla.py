@@ -8,14 +8,13 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from helpers import TINY_CONFIG, on_threads
+from helpers import TINY_CONFIG
 from pyengine.core.spec import load_spec
 from pyengine.core.spec_parts import YarnSpec
-from pyengine.execute.engine import Engine
 from pyengine.model.forward import single_device
 from pyengine.model.reference import reference_forward
 from pyengine.model.weights import init_weights, make_tokens
-from pyengine.transport.local import LocalTransport
+from whole_model_checks import check_generate_equals_recomputing, pipeline
 
 MLA = {"q_lora_rank": 10, "kv_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_head_dim": 8, "v_head_dim": 5}
 YARN = asdict(YarnSpec(factor=4.0, original_max_positions=4, mscale=1.0, mscale_all_dim=0.8))
@@ -27,12 +26,6 @@ BASE = load_spec(TINY_CONFIG).replace(model={
 EP = [{"name": "embed", "gpus": [0]},
       {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[4], [0, 2, 5], [1, 3]]},
       {"name": "output", "gpus": [0]}]
-
-
-def pipeline(spec, ids, seed=3):
-    transports = LocalTransport.create(3, "cpu", 30)
-    out = on_threads(lambda r: Engine(spec, transports[r], seed=seed).forward(ids))
-    return out[spec.stage("output").gpus[0]].reshape(-1, spec.model.vocab_size)
 
 
 @pytest.mark.parametrize("stages,m", [(None, 3), (EP, 2)])  # TP 0.4/0.6 shards; EP with experts on GPU 0
@@ -60,16 +53,6 @@ def test_attention_and_the_correction_bias_matter():
     assert "layers.0.router" not in w and "layers.0.w_up" not in w  # a dense layer has no router, no experts
 
 
-def greedy(spec, w, prompt, steps):
-    """Greedy continuation by the reference, recomputing the whole sequence each step (no cache)."""
-    seq = prompt.clone()
-    for _ in range(steps):
-        one = spec.replace(model={"batch_size": 1, "seq_len": len(seq)}, schedule={"micro_batches": 1})
-        logits = reference_forward(one, w, seq[None])[0, -1]
-        seq = torch.cat([seq, logits.argmax()[None]])
-    return seq
-
-
 PLACED = {"attention": {}, "experts-tp": {"dense_mlp_placement": "experts"},
           "experts-ep": {"dense_mlp_placement": "experts", "stages": EP}}
 """parallel.dense_mlp_placement cases: the shared expert and the dense layer on the attention GPU, or
@@ -83,19 +66,4 @@ def test_generate_with_the_latent_cache_equals_recomputing(path, placed, monkeyp
     the static decode step runs the shared expert and the dense MLP wherever they are placed."""
     monkeypatch.setenv("PYENGINE_KERNELS", path)
     spec = BASE.replace(model={"batch_size": 2, "seq_len": 9}, parallel=PLACED[placed])
-    w = init_weights(spec, 3)
-    g = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, spec.model.vocab_size, (n,), generator=g) for n in (5, 2)]
-    transports = LocalTransport.create(3, "cpu", 60)
-
-    def rank(r):
-        e = Engine(spec, transports[r], seed=3)
-        return e.generate(prompts, 4), e.last_generation.first_logits
-
-    (seqs, logits), = [o for o in on_threads(rank) if o[1] is not None]  # the output rank's
-    for p, got in zip(prompts, seqs):
-        assert torch.equal(got, greedy(spec, w, p, 4))
-    for step in range(4):  # the first sequence's logits at each step, its decode steps included
-        seq = seqs[0][:len(prompts[0]) + step]
-        one = spec.replace(model={"batch_size": 1, "seq_len": len(seq)}, schedule={"micro_batches": 1})
-        torch.testing.assert_close(logits[step], reference_forward(one, w, seq[None])[0, -1], rtol=1e-4, atol=1e-4)
+    check_generate_equals_recomputing(spec, 4, dict(rtol=1e-4, atol=1e-4))

@@ -9,16 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY_CONFIG, on_threads
+from helpers import TINY_CONFIG
 from pyengine.core.errors import SpecError
 from pyengine.core.spec import load_spec
-from pyengine.execute.engine import Engine
 from pyengine.model.dense_mlp import shared_expert
 from pyengine.model.forward import single_device
 from pyengine.model.reference import reference_forward
 from pyengine.model.tensors import LayerWeights, attention_names, shared_expert_names
 from pyengine.model.weights import init_weights, make_tokens
-from pyengine.transport.local import LocalTransport
+from whole_model_checks import check_generate_equals_recomputing, pipeline
 
 BASE = load_spec(TINY_CONFIG).replace(model={
     "num_layers": 3, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 6,  # q 18 != H 48
@@ -28,12 +27,6 @@ EP = [{"name": "embed", "gpus": [0]},
       {"name": "experts", "gpus": [0, 1, 2], "parallel_mode": "expert", "expert_ids": [[4], [0, 2], [1, 3]]},
       {"name": "output", "gpus": [0]}]
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def pipeline(spec, ids, seed=3):
-    transports = LocalTransport.create(3, "cpu", 30)
-    out = on_threads(lambda r: Engine(spec, transports[r], seed=seed).forward(ids))
-    return out[spec.stage("output").gpus[0]].reshape(-1, spec.model.vocab_size)
 
 
 def test_tensors_follow_the_biased_projections_and_the_gate():
@@ -102,34 +95,10 @@ def test_bad_bias_and_gate_fields_are_refused(model, key):
         BASE.replace(model=model)
 
 
-def greedy(spec, w, prompt, steps):
-    """Greedy continuation by the reference, recomputing the whole sequence each step (no cache)."""
-    seq = prompt.clone()
-    for _ in range(steps):
-        one = spec.replace(model={"batch_size": 1, "seq_len": len(seq)}, schedule={"micro_batches": 1})
-        seq = torch.cat([seq, reference_forward(one, w, seq[None])[0, -1].argmax()[None]])
-    return seq
-
-
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_generate_equals_recomputing(path, monkeypatch):
     """Prompts of different lengths; the decode steps run the static decode step (Triton: the fused
     QKV GEMM with its q/k/v bias, the fused norm + RoPE + cache write, flash-decoding)."""
     monkeypatch.setenv("PYENGINE_KERNELS", path)
     spec = BASE.replace(model={"batch_size": 2, "seq_len": 9})
-    w = init_weights(spec, 3)
-    g = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, spec.model.vocab_size, (n,), generator=g) for n in (5, 2)]
-    transports = LocalTransport.create(3, "cpu", 60)
-
-    def rank(r):
-        e = Engine(spec, transports[r], seed=3)
-        return e.generate(prompts, 4), e.last_generation.first_logits
-
-    (seqs, logits), = [o for o in on_threads(rank) if o[1] is not None]  # the output rank's
-    for p, got in zip(prompts, seqs):
-        assert torch.equal(got, greedy(spec, w, p, 4))
-    for step in range(4):  # the first sequence's logits at each step, its decode steps included
-        seq = seqs[0][:len(prompts[0]) + step]
-        one = spec.replace(model={"batch_size": 1, "seq_len": len(seq)}, schedule={"micro_batches": 1})
-        torch.testing.assert_close(logits[step], reference_forward(one, w, seq[None])[0, -1], **TOL)
+    check_generate_equals_recomputing(spec, 4, TOL)
