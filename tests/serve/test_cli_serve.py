@@ -61,6 +61,15 @@ class Server:
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
         return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
+    def in_flight(self, pool, n: int, max_tokens: int) -> list:
+        """n greedy requests of `max_tokens` tokens each (eos ignored) submitted on `pool`, once all n run."""
+        client = self.client()
+        futures = [pool.submit(client.completions.create, model=self.model, prompt=prompt(i, 4), max_tokens=max_tokens,
+                               temperature=0, extra_body={"ignore_eos": True}) for i in range(n)]
+        while self.metric("pyengine_requests_running") < n:
+            time.sleep(0.02)
+        return futures
+
     def ranks(self) -> list[int]:
         """PIDs of this server's rank processes (the process backends)."""
         out = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
@@ -153,12 +162,8 @@ def test_bad_requests_get_400_naming_the_field_or_the_limit(gloo_server):
 
 def test_sigterm_with_requests_in_flight_lets_them_finish_and_exits_0(model_dir):
     server = Server(model_dir[0], "--backend", "local", "--grace", "60")
-    client = server.client()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(client.completions.create, model=server.model, prompt=prompt(i, 4), max_tokens=30,
-                               temperature=0, extra_body={"ignore_eos": True}) for i in range(3)]
-        while server.metric("pyengine_requests_running") < 3:
-            time.sleep(0.02)
+        futures = server.in_flight(pool, 3, 30)
         server.proc.send_signal(signal.SIGTERM)
         outs = [f.result(timeout=120) for f in futures]
     code, err = server.stop(signal_it=False)
@@ -173,12 +178,8 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_to_the_server(model
     """`kill -- -PGID`, Ctrl-C in a terminal, a service manager's stop: every process of the group
     gets the signal; the rank processes must not die of it (the server would blame a rank)."""
     server = Server(model_dir[0], "--backend", "gloo", "--grace", "60", own_group=True)
-    client = server.client()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(client.completions.create, model=server.model, prompt=prompt(i, 4), max_tokens=30,
-                               temperature=0, extra_body={"ignore_eos": True}) for i in range(2)]
-        while server.metric("pyengine_requests_running") < 2:
-            time.sleep(0.02)
+        futures = server.in_flight(pool, 2, 30)
         os.killpg(server.proc.pid, signum)
         outs = [f.result(timeout=120) for f in futures]
     code, err = server.stop(signal_it=False)
@@ -192,12 +193,8 @@ def test_a_rank_that_dies_fails_in_flight_requests_with_503_and_names_it(model_d
     import openai
 
     server = Server(model_dir[0], "--backend", "gloo")
-    client = server.client()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(client.completions.create, model=server.model, prompt=prompt(i, 4), max_tokens=60,
-                               temperature=0, extra_body={"ignore_eos": True}) for i in range(2)]
-        while server.metric("pyengine_requests_running") < 2:
-            time.sleep(0.02)
+        futures = server.in_flight(pool, 2, 60)
         victim = max(server.ranks())  # rank 2: the last spawned
         os.kill(victim, signal.SIGKILL)
         for f in futures:
