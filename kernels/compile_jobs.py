@@ -164,14 +164,16 @@ def _gemm_jobs(op: str, cfg: triton.Config, source: str, align: int, shapes: Sha
         kernel, variant, dtype, tuning.config_to_dict(cfg), source, args, {**extra, **common},
         op=op, shapes=[where])
     if op == "column":
-        args = [ptr] * 4 + ids + [t * k, H, f_r, rows, tuning.m_bucket(t), H, 1, H * f_r, f_r, 1, f_r, 1]
-        return [make("_moe_column_kernel", "swiglu", args, dict(SWIGLU=True))]
+        args = [ptr] * 4 + ids + [t * k, H, f_r, rows, tuning.m_bucket(t), H, 1, H * f_r, f_r, 1, f_r, 1,
+                                  ptr, ptr, f_r, 0.0, 0.0]  # no expert bias, no clamp
+        return [make("_moe_column_kernel", "swiglu", args,
+                     dict(SWIGLU=True, CLAMPED=False, HAS_BIAS=False))]
     jobs = []
     for atomic in (False, True):  # out: [T*k, H] per pair, or [T, H] summed by atomics
         args = [ptr, ptr, "*fp32", "*fp32"] + ids + [t * k, H, f_r, rows, tuning.m_bucket(t),
-                                                      f_r, 1, f_r * H, H, 1, H, 1]
+                                                      f_r, 1, f_r * H, H, 1, H, 1, ptr, H]
         jobs.append(make("_moe_row_kernel", "atomic" if atomic else "deterministic", args,
-                         dict(ATOMIC=atomic)))
+                         dict(ATOMIC=atomic, HAS_BIAS=False)))
     return jobs
 
 
