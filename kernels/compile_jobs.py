@@ -55,6 +55,8 @@ class Shapes:
     norm_tokens: tuple[int, ...] = ()  # rows of the residual+rmsnorm (default: tokens)
     decode_tokens: tuple[int, ...] = ()  # decode steps' rows: the expert GEMMs' decode tiles
     decode: DecodeShapes | None = None  # the decode path's attention / router kernels, if any
+    expert_bias: bool = False  # the expert GEMMs add b_gate / b_up / b_down (gpt-oss)
+    clamped: bool = False  # the column kernel's clamped SwiGLU (gpt-oss)
 
 
 @dataclass
@@ -165,15 +167,16 @@ def _gemm_jobs(op: str, cfg: triton.Config, source: str, align: int, shapes: Sha
         op=op, shapes=[where])
     if op == "column":
         args = [ptr] * 4 + ids + [t * k, H, f_r, rows, tuning.m_bucket(t), H, 1, H * f_r, f_r, 1, f_r, 1,
-                                  ptr, ptr, f_r, 0.0, 0.0]  # no expert bias, no clamp
-        return [make("_moe_column_kernel", "swiglu", args,
-                     dict(SWIGLU=True, CLAMPED=False, HAS_BIAS=False))]
+                                  ptr, ptr, f_r, 1.702, 7.0]  # b_gate, b_up, stride_be, alpha, limit
+        variant = "swiglu" + ",clamped" * shapes.clamped + ",bias" * shapes.expert_bias
+        return [make("_moe_column_kernel", variant, args,
+                     dict(SWIGLU=True, CLAMPED=shapes.clamped, HAS_BIAS=shapes.expert_bias))]
     jobs = []
     for atomic in (False, True):  # out: [T*k, H] per pair, or [T, H] summed by atomics
         args = [ptr, ptr, "*fp32", "*fp32"] + ids + [t * k, H, f_r, rows, tuning.m_bucket(t),
                                                       f_r, 1, f_r * H, H, 1, H, 1, ptr, H]
-        jobs.append(make("_moe_row_kernel", "atomic" if atomic else "deterministic", args,
-                         dict(ATOMIC=atomic, HAS_BIAS=False)))
+        variant = ("atomic" if atomic else "deterministic") + ",bias" * shapes.expert_bias
+        jobs.append(make("_moe_row_kernel", variant, args, dict(ATOMIC=atomic, HAS_BIAS=shapes.expert_bias)))
     return jobs
 
 

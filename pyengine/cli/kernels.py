@@ -52,6 +52,7 @@ def shapes_from_spec(spec):
     from pyengine.model.stages import StageKind, stages_of
 
     m = spec.model
+    gemm = dict(expert_bias=m.expert_bias, clamped=m.clamped_swiglu is not None)
     experts = stages_of(spec)[StageKind.EXPERTS]
     partials = boundary_of(spec).output_reads(len(experts.ranks))
     if spec.expert_parallel:  # whole local experts, one (token, expert) pair per row: top-1 form
@@ -59,11 +60,11 @@ def shapes_from_spec(spec):
         return Shapes(E=max(len(p) for p in spec.expert_placement()), H=m.hidden_size, top_k=1,
                       ffn_shards=(m.ffn_hidden_size,), tokens=tuple(sorted(pairs)), num_partials=partials,
                       norm_tokens=tuple(spec.micro_batch_sizes()),  # the output stage sees every token
-                      decode=decode_shapes_from_spec(spec))
+                      decode=decode_shapes_from_spec(spec), **gemm)
     return Shapes(E=m.num_experts, H=m.hidden_size, top_k=m.top_k,
                   ffn_shards=tuple(end - start for _, start, end in spec.ffn_shards()),
                   tokens=tuple(spec.micro_batch_sizes()), num_partials=partials,
-                  decode_tokens=DECODE_TOKENS, decode=decode_shapes_from_spec(spec))
+                  decode_tokens=DECODE_TOKENS, decode=decode_shapes_from_spec(spec), **gemm)
 
 
 def decode_shapes_from_spec(spec):

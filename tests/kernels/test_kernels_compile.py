@@ -44,7 +44,8 @@ ODD_DECODE = DecodeShapes(hidden=40, heads=4, kv_heads=2, head_dim=80, block_siz
                           E=256, top_k=8, qk_norm="full", router_groups=(8, 4), rows=(1, 3))
 ODD = [  # the shapes tests/kernels runs in the interpreter: non-multiples of 16, k=3, T=1
     Shapes(E=3, H=40, top_k=2, ffn_shards=(29,), tokens=(7,), num_partials=2, decode=ODD_DECODE),
-    Shapes(E=5, H=24, top_k=3, ffn_shards=(13, 16), tokens=(37,), num_partials=4),
+    Shapes(E=5, H=24, top_k=3, ffn_shards=(13, 16), tokens=(37,), num_partials=4,  # gpt-oss's experts
+           expert_bias=True, clamped=True),
     Shapes(E=1, H=17, top_k=1, ffn_shards=(17,), tokens=(1,), num_partials=3),
 ]
 DTYPES = ["bf16", "fp16", "fp32"]
@@ -93,6 +94,16 @@ def test_engine_configs_compile_for_sm90(fast_rows):
             assert r["mma"] == "none"
         else:  # wgmma needs >= 64 rows per warpgroup; smaller tiles use mma.sync
             assert r["mma"] == ("wgmma" if r["config"]["BLOCK_M"] >= 64 else "mma.sync")
+
+
+def test_biased_clamped_expert_variants_compile(fast_rows):
+    """gpt-oss's expert GEMMs (biases, clamped SwiGLU) are compiled as launched, in every dtype."""
+    rows, _ = fast_rows
+    got = {(r["kernel"], r["variant"], r["dtype"]) for r in rows if "T=37" in " ".join(r["shapes"])}
+    want = {(k, v, d) for d in DTYPES for k, v in [("_moe_column_kernel", "swiglu,clamped,bias"),
+                                                    ("_moe_row_kernel", "deterministic,bias"),
+                                                    ("_moe_row_kernel", "atomic,bias")]}
+    assert want <= got, want - got
 
 
 def test_seed_defaults_and_estimate(fast_rows):
