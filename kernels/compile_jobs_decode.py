@@ -65,7 +65,8 @@ def _mla_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:
     cfg = mla.decode_mla_config(latent, rope, heads, torch.device("cuda"))
     width = latent + rope
     args = [ptr, ptr, "*i32", "*i32", "*i32", "*fp32", "*fp32", 2, heads, mla.LOG2E / width ** 0.5,
-            heads * width, width, s.block_size * width, width, triton.cdiv(s.max_positions, s.block_size)]
+            heads * width, width, s.block_size * width, width, triton.cdiv(s.max_positions, s.block_size),
+            triton.cdiv(s.max_positions, s.block_size)]  # stride_bt, table_width
     meta = dict(C=latent, R=rope, PAGE=s.block_size, DOT_PRECISION="ieee" if dtype == "fp32" else None,
                 **{k: cfg[k] for k in ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_R")})
     launch = {k: cfg[k] for k in ("num_warps", "num_stages")}
@@ -91,7 +92,7 @@ def _rope_jobs(s: DecodeShapes, dtype: str, where: list[str], Job) -> list:
         cfg = rope.qk_rope_cache_config(s.heads, s.kv_heads, s.head_dim, kind)
         norm_ptr = "*fp32" if kind == rope.QKNorm.NONE else ptr  # none: a dummy pointer
         args = [ptr, "*i32", "*i32", "*i32", ptr, ptr, "*fp32", "*fp32", norm_ptr, norm_ptr, ptr,
-                1e-6, (s.heads + 2 * s.kv_heads) * s.head_dim, max_blocks,
+                1e-6, (s.heads + 2 * s.kv_heads) * s.head_dim, max_blocks, max_blocks,
                 s.block_size * s.kv_heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim,
                 s.heads * s.head_dim, s.head_dim]
         meta = dict(HEADS=s.heads, KV_HEADS=s.kv_heads, HEAD_DIM=s.head_dim, PAGE=s.block_size,
@@ -127,7 +128,7 @@ def _attention_jobs(s: DecodeShapes, dtype: str, n: int, Job) -> list:
     scale_log2 = attention.LOG2E / s.head_dim ** 0.5
     kv_strides = [s.block_size * s.kv_heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim]
     split_args = ([ptr, ptr, ptr, "*i32", "*i32", "*i32", "*fp32", "*fp32", splits, 0, scale_log2,
-                   s.heads * s.head_dim, s.head_dim, *kv_strides, *kv_strides, max_blocks])
+                   s.heads * s.head_dim, s.head_dim, *kv_strides, *kv_strides, max_blocks, max_blocks])
     split_meta = dict(GROUP=s.heads // s.kv_heads, HEAD_DIM=s.head_dim, PAGE=s.block_size,
                       DOT_PRECISION="ieee" if dtype == "fp32" else None, **cfg)
     launch = {k: cfg[k] for k in ("num_warps", "num_stages")}

@@ -2,7 +2,8 @@
 
 Row i (slot slots[i], seq_lens[i] keys, its own new key included) attends to its keys through
 the block table: position p lives in block block_table[slot, p // block_size], row
-p % block_size. Launch 1 splits each row's keys into `num_splits` chunks; a program serves one
+p % block_size (entry (p // block_size) % max_blocks: a sliding window's table of
+paged_checks.ring_blocks(window) entries is a ring over any number of positions). Launch 1 splits each row's keys into `num_splits` chunks; a program serves one
 (row, kv head, chunk) and all heads / kv_heads query heads of that kv head (GQA: query head j
 reads kv head j // group), accumulates softmax(q k^T * scale) v online in fp32 and writes its
 normalised partial output and log-sum-exp. Launch 2 combines a row's partials by
@@ -44,12 +45,13 @@ def _split_bounds(length, window, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(table, t0, hi, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys t0 .. t0 + BLOCK_N of a row whose block-table row is `table`: (valid: below hi, their
-    blocks, their rows in the block). Never a block past ceil(hi / PAGE)."""
+def _tile_rows(table, t0, hi, table_width, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys t0 .. t0 + BLOCK_N of a row whose block-table row is `table` (`table_width` entries,
+    a ring: key p's block is entry (p // PAGE) % table_width, which is p // PAGE itself when the
+    table covers every key): (valid: below hi, their blocks, their rows in the block)."""
     pos = t0 + tl.arange(0, BLOCK_N)
     valid = pos < hi
-    page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
+    page = tl.load(table + (pos // PAGE) % table_width, mask=valid, other=0).to(tl.int64)
     return valid, page, (pos % PAGE).to(tl.int64)
 
 
@@ -74,7 +76,7 @@ def _decode_attention_split_kernel(
     part_lse_ptr,  # (n, heads, num_splits) fp32 log2-sum-exp2 of the scaled scores
     num_splits, window, scale_log2,
     stride_qn, stride_qh, stride_kb, stride_kr, stride_kh, stride_vb, stride_vr, stride_vh,
-    stride_bt,
+    stride_bt, table_width,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -99,7 +101,7 @@ def _decode_attention_split_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     table = block_table_ptr + slot.to(tl.int64) * stride_bt
     for t0 in range(lo, hi, BLOCK_N):
-        valid, page, in_page = _tile_rows(table, t0, hi, PAGE, BLOCK_N)
+        valid, page, in_page = _tile_rows(table, t0, hi, table_width, PAGE, BLOCK_N)
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + page[:, None] * stride_kb + in_page[:, None] * stride_kr
                     + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
@@ -247,7 +249,7 @@ class DecodeAttention:
             q, k_cache, v_cache, block_table, slots, seq_lens, part_o, part_lse,
             splits, window, scale * LOG2E,
             q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-            block_table.stride(0),
+            block_table.stride(0), block_table.shape[1],
             GROUP=self.heads // self.kv_heads, HEAD_DIM=self.head_dim, PAGE=self.block_size,
             DOT_PRECISION=dot, **cfg)
         count_launch()
@@ -266,7 +268,7 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, seq_lens, *, sinks
     q [n, heads, d] fp16/bf16/fp32; k_cache, v_cache [num_blocks, block_size, kv_heads, d] in
     q's dtype (one layer, contiguous); block_table [num_slots, max_blocks] int32; slots [n]
     int32 (-1: padding row, output zeros); seq_lens [n] int32 (keys of row i, its own new key
-    included, at most max_blocks * block_size); sinks [heads] fp32 or None; window >= 0
+    included, at most max_blocks * block_size unless the table is a window's ring); sinks [heads] fp32 or None; window >= 0
     (0: all keys); scale > 0 (default 1/sqrt(d)). Checks every argument (values too: one host
     sync), then prepares a DecodeAttention for these shapes and calls it.
     """
@@ -310,5 +312,6 @@ def _check_call(q, k_cache, v_cache, block_table, slots, seq_lens, sinks, window
                              f"[{n}, {heads}, {d}] {q.dtype} on {q.device}")
         if out.stride(2) != 1:
             raise ValueError(f"out.stride()={out.stride()}: must have unit stride along d")
-    paged_checks.check_row_values(block_table, slots, num_blocks, block_size, {"seq_lens": seq_lens})
+    paged_checks.check_row_values(block_table, slots, num_blocks, block_size, {"seq_lens": seq_lens},
+                                  window=window)
     return n, heads, d, kv_heads, block_size, block_table.shape[1]

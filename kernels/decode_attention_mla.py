@@ -42,7 +42,7 @@ def _decode_mla_split_kernel(
     part_o_ptr,  # (n, heads, num_splits, C) fp32 partial outputs
     part_lse_ptr,  # (n, heads, num_splits) fp32 log2-sum-exp2 of the scaled scores
     num_splits, heads, scale_log2,
-    stride_qn, stride_qh, stride_cb, stride_cr, stride_bt,
+    stride_qn, stride_qh, stride_cb, stride_cr, stride_bt, table_width,
     C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -69,7 +69,7 @@ def _decode_mla_split_kernel(
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     table = block_table_ptr + slot.to(tl.int64) * stride_bt
     for t0 in range(lo, hi, BLOCK_N):
-        valid, page, in_page = _tile_rows(table, t0, hi, PAGE, BLOCK_N)
+        valid, page, in_page = _tile_rows(table, t0, hi, table_width, PAGE, BLOCK_N)
         base = cache_ptr + page[:, None] * stride_cb + in_page[:, None] * stride_cr
         lat = tl.load(base + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)  # (N, C)
         k_pe = tl.load(base + C + r[None, :], mask=valid[:, None] & r_ok[None, :], other=0.0)  # (N, R)
@@ -133,6 +133,7 @@ class DecodeMLA:
         _decode_mla_split_kernel[(n, self.head_blocks, splits)](
             q, cache, block_table, slots, seq_lens, part_o, part_lse, splits, self.heads, scale * LOG2E,
             q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
+            block_table.shape[1],
             C=self.latent, R=self.rope, PAGE=self.block_size,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, **cfg)
         count_launch()

@@ -3,7 +3,9 @@ the q/k norm + RoPE + cache write): one line naming the argument, its value and 
 
 The cache layout: one layer's K (or V) is [num_blocks, block_size, kv_heads, d], contiguous;
 block_table [num_slots, max_blocks] int32 lists each slot's blocks in order; slots [n] int32
-names each row's slot (-1: a padding row).
+names each row's slot (-1: a padding row). A table is read as a ring: position p's block is entry
+(p // block_size) % max_blocks, so a table of `ring_blocks(window)` entries serves a sliding
+window over any number of positions (the old blocks are overwritten as the sequence grows).
 """
 
 from __future__ import annotations
@@ -70,11 +72,21 @@ def check_rows(n: int, device: torch.device, block_table, slots, **per_row) -> N
             raise ValueError(f"{name}.stride()={t.stride()}: must be contiguous")
 
 
+def ring_blocks(window: int, block_size: int) -> int:
+    """Table entries a ring needs for a `window`: the window's keys span at most
+    (window - 1) // block_size + 1 blocks, and the block being written must not be one of them."""
+    return (window - 1) // block_size + 2
+
+
 def check_row_values(block_table, slots, num_blocks: int, block_size: int,
-                     keys_per_row: dict) -> None:
+                     keys_per_row: dict, window: int = 0) -> None:
     """Values (one host sync): slots in [-1, num_slots); each live row's key count (name ->
-    [n] tensor) in [0, max_blocks * block_size]; the blocks those keys use in [0, num_blocks)."""
+    [n] tensor) in [0, max_blocks * block_size], or any count >= 0 when the table is a ring of
+    `window` (window > 0 and max_blocks >= ring_blocks); the blocks those keys use in
+    [0, num_blocks)."""
     num_slots, max_blocks = block_table.shape
+    ring = window > 0 and max_blocks >= ring_blocks(window, block_size)
+    bound = None if ring else max_blocks * block_size
     s = slots.cpu().long()
     if s.numel() and (int(s.min()) < -1 or int(s.max()) >= num_slots):
         raise ValueError(f"slots: values span [{int(s.min())}, {int(s.max())}]; must lie in "
@@ -83,11 +95,12 @@ def check_row_values(block_table, slots, num_blocks: int, block_size: int,
     for name, keys in keys_per_row.items():
         k = keys.cpu().long()
         live = s >= 0
-        if live.any() and (int(k[live].min()) < 0 or int(k[live].max()) > max_blocks * block_size):
+        if live.any() and (int(k[live].min()) < 0 or (bound is not None and int(k[live].max()) > bound)):
             raise ValueError(f"{name}: live rows span [{int(k[live].min())}, {int(k[live].max())}]; "
-                             f"must lie in [0, max_blocks * block_size = {max_blocks * block_size}]")
+                             f"must lie in [0, max_blocks * block_size = {max_blocks * block_size}] "
+                             f"(a table of >= ring_blocks(window) entries with window > 0: any count)")
         for row in torch.nonzero(live).flatten().tolist():
-            used = table[s[row], : -(-int(k[row]) // block_size)]
+            used = table[s[row], : min(max_blocks, -(-int(k[row]) // block_size))]
             if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
                 raise ValueError(f"block_table[{int(s[row])}]: blocks used by row {row} span "
                                  f"[{int(used.min())}, {int(used.max())}]; must lie in "

@@ -3,7 +3,8 @@
 qkv [n, (heads + 2 * kv_heads) * d] holds q, then k, then v of each row (bias added). One
 program serves one (row, head): a q head writes q_out[row, head]; a kv head writes its
 rotated k and its v at the row's position in the row's slot (block
-block_table[slot, pos // block_size], row pos % block_size). A padding row (slot -1) writes
+block_table[slot, (pos // block_size) % max_blocks], row pos % block_size: a sliding window's
+ring table wraps). A padding row (slot -1) writes
 nothing to the cache and zeros to q_out.
 
 Numerics, as the engine's torch path (pyengine.model.math.rmsnorm, then RoPE) and the
@@ -46,7 +47,7 @@ def _qk_rope_cache_kernel(
     cos_ptr, sin_ptr,  # (max_positions, d // 2) fp32 each
     q_norm_ptr, k_norm_ptr,  # (d,) per head or (heads * d,) / (kv_heads * d,) full; fp32 read
     q_out_ptr,  # (n, heads, d)
-    eps, stride_qkv, stride_bt, stride_cb, stride_cr, stride_ch, stride_qn, stride_qh,
+    eps, stride_qkv, stride_bt, table_width, stride_cb, stride_cr, stride_ch, stride_qn, stride_qh,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     NORM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_FULL: tl.constexpr,
 ):
@@ -103,7 +104,8 @@ def _qk_rope_cache_kernel(
         tl.store(out + i, r1, mask=i_ok)
         tl.store(out + HALF + i, r2, mask=i_ok)
     else:
-        page = tl.load(block_table_ptr + slot.to(tl.int64) * stride_bt + pos // PAGE).to(tl.int64)
+        entry = (pos // PAGE) % table_width  # a ring table (a sliding window's) wraps
+        page = tl.load(block_table_ptr + slot.to(tl.int64) * stride_bt + entry).to(tl.int64)
         at = page * stride_cb + (pos % PAGE).to(tl.int64) * stride_cr + local * stride_ch
         tl.store(k_cache_ptr + at + i, r1, mask=i_ok)
         tl.store(k_cache_ptr + at + HALF + i, r2, mask=i_ok)
@@ -150,7 +152,7 @@ class QKRopeCache:
         count_launch()
         _qk_rope_cache_kernel[(n, self.heads + self.kv_heads)](
             qkv, positions, slots, block_table, k_cache, v_cache, cos, sin, *norm_ws, q_out,
-            eps, qkv.stride(0), block_table.stride(0), *k_cache.stride()[:3],
+            eps, qkv.stride(0), block_table.stride(0), block_table.shape[1], *k_cache.stride()[:3],
             q_out.stride(0), q_out.stride(1),
             HEADS=self.heads, KV_HEADS=self.kv_heads, HEAD_DIM=self.head_dim,
             PAGE=self.block_size, NORM=int(self.qk_norm), **self.config)
@@ -158,7 +160,8 @@ class QKRopeCache:
 
 
 def qk_rope_cache(qkv, positions, slots, block_table, k_cache, v_cache, cos, sin, *,
-                  qk_norm="none", q_norm_w=None, k_norm_w=None, eps: float = 1e-6, q_out=None):
+                  qk_norm="none", q_norm_w=None, k_norm_w=None, eps: float = 1e-6, q_out=None,
+                  window: int = 0):
     """Norm and rotate q and k of the fused QKV output, write k and v into the paged cache.
 
     qkv [n, (heads + 2 * kv_heads) * d] fp16/bf16/fp32 (unit stride along the row);
@@ -167,11 +170,12 @@ def qk_rope_cache(qkv, positions, slots, block_table, k_cache, v_cache, cos, sin
     [num_blocks, block_size, kv_heads, d] in qkv's dtype (heads follows from qkv's width);
     cos, sin [max_positions, d // 2] fp32; qk_norm none / per_head (q_norm_w, k_norm_w [d]) /
     full (q_norm_w [heads * d], k_norm_w [kv_heads * d]); eps > 0. Returns q_out
-    [n, heads, d] in qkv's dtype. Checks every argument (values too: one host sync).
+    [n, heads, d] in qkv's dtype. window > 0: block_table is that window's ring (positions
+    past max_blocks * block_size wrap). Checks every argument (values too: one host sync).
     """
     norm = QKNorm.parse(qk_norm)
     heads = _check_call(qkv, positions, slots, block_table, k_cache, v_cache, cos, sin, norm,
-                        q_norm_w, k_norm_w, eps, q_out)
+                        q_norm_w, k_norm_w, eps, q_out, window)
     n, (_, block_size, kv_heads, d) = qkv.shape[0], k_cache.shape
     if q_out is None:
         q_out = torch.empty(n, heads, d, device=qkv.device, dtype=qkv.dtype)
@@ -182,7 +186,7 @@ def qk_rope_cache(qkv, positions, slots, block_table, k_cache, v_cache, cos, sin
 
 
 def _check_call(qkv, positions, slots, block_table, k_cache, v_cache, cos, sin, norm: QKNorm,
-                q_norm_w, k_norm_w, eps, q_out) -> int:
+                q_norm_w, k_norm_w, eps, q_out, window: int = 0) -> int:
     """heads, after checking every argument."""
     paged_checks.check_tensor("qkv", qkv, dims=2, dtypes=paged_checks.FLOAT_DTYPES, device=None)
     dev, dtype = qkv.device, qkv.dtype
@@ -229,5 +233,6 @@ def _check_call(qkv, positions, slots, block_table, k_cache, v_cache, cos, sin, 
         raise ValueError(f"positions: values span [{int(pos.min())}, {int(pos.max())}]; must lie "
                          f"in [0, max_positions={cos.shape[0]})")
     paged_checks.check_row_values(block_table, slots, num_blocks, block_size,
-                                  {"positions + 1": positions + 1})  # keys once this one is written
+                                  {"positions + 1": positions + 1},  # keys once this one is written
+                                  window=window)
     return heads

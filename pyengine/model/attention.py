@@ -86,6 +86,13 @@ class ChunkTables:
     """Blocks the torch path's decode gather reads (the group's longest sequence)."""
     mask: torch.Tensor | None = None
     """[t, 1, 1, key_blocks * block_size] True where key j is inside row i's sequence (decode)."""
+    ring_rows: torch.Tensor | None = None
+    """[t] int64: each row's flat row in a sliding layer's ring (kv_cache.KVCache.ring_rows); None:
+    the cache has no ring."""
+
+    def rows_of(self, cache: KVCache, layer: int) -> torch.Tensor:
+        """The rows `layer`'s keys are written to."""
+        return self.ring_rows if cache.is_ring(layer) else self.rows
 
 
 def chunk_tables(cache: KVCache, rope: RopeTables, chunk: Chunk | None, meta: torch.Tensor,
@@ -103,7 +110,8 @@ def chunk_tables(cache: KVCache, rope: RopeTables, chunk: Chunk | None, meta: to
     if decode:
         n = key_blocks * cache.block_size
         mask = (torch.arange(n, device=meta.device)[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]
-    return ChunkTables(positions, slots, lengths, rows, cos, sin, rope, decode, key_blocks, mask)
+    ring_rows = cache.ring_rows(table_rows, positions, lengths)
+    return ChunkTables(positions, slots, lengths, rows, cos, sin, rope, decode, key_blocks, mask, ring_rows)
 
 
 def host_meta(chunk: Chunk, padding: int = 0) -> list[list[int]]:
@@ -218,6 +226,30 @@ def attend_prefill(cache: KVCache, layer: int, chunk: Chunk, q: torch.Tensor, ta
     return out.reshape(q.shape[0], -1)
 
 
+def attend_prefill_ring(cache: KVCache, layer: int, chunk: Chunk, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, tables: ChunkTables, window: int,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """A ring layer's prefill: each segment over the window's keys before it, read from the ring
+    before this chunk's keys overwrite them, and its own fresh keys k, v [t, kv_heads, d]; then the
+    chunk's keys are written (the last ring's worth of each segment)."""
+    lo, bs = chunk.lo, cache.block_size
+    before = []
+    for seg in chunk.segments:
+        first = max(0, seg.pos - window + 1) // bs * bs  # the first block a query of the segment sees
+        ks, vs = cache.gather(layer, tables.slots[seg.lo - lo:seg.lo - lo + 1], blocks_for(seg.pos, bs), first // bs)
+        before.append((first, ks[:, :, :seg.pos - first], vs[:, :, :seg.pos - first]))
+    cache.write(layer, tables.ring_rows, k, v)
+    out = torch.empty_like(q)
+    for seg, (first, ks, vs) in zip(chunk.segments, before):
+        r = seg.lo - lo
+        fresh = lambda x: x[r:r + seg.tokens].transpose(0, 1).unsqueeze(0)  # [1, kv, t_seg, d]
+        ks, vs = torch.cat([ks, fresh(k)], 2), torch.cat([vs, fresh(v)], 2)
+        qs = q[r:r + seg.tokens].transpose(0, 1).unsqueeze(0)
+        o = _attend(qs, ks, vs, _window_mask(seg, first, seg.keys, window, q.device), sinks)
+        out[r:r + seg.tokens] = o[0].transpose(0, 1)
+    return out.reshape(q.shape[0], -1)
+
+
 def sink_and_window(model, w: Mapping[str, torch.Tensor], layer: int) -> dict:
     """The attention variant's arguments of `layer`: its window (0: none) and sinks (None: none)."""
     return {"window": model.window(layer), "sinks": w["sinks"] if model.attention_sinks else None}
@@ -227,7 +259,9 @@ def attention_torch(model, w: Mapping[str, torch.Tensor], a: torch.Tensor, cache
                     chunk: Chunk, tables: ChunkTables) -> torch.Tensor:
     """The attention output [t, heads * d] of normed rows a [t, H]; k, v written to the cache."""
     q, k, v = norm_and_rotate(model, w, project_qkv(model, w, a), tables)
-    cache.write(layer, tables.rows, k, v)
+    if cache.is_ring(layer) and not tables.decode:
+        return attend_prefill_ring(cache, layer, chunk, q, k, v, tables, **sink_and_window(model, w, layer))
+    cache.write(layer, tables.rows_of(cache, layer), k, v)
     if tables.decode:
         return attend_decode(cache, layer, q, tables, **sink_and_window(model, w, layer))
     return attend_prefill(cache, layer, chunk, q, tables, **sink_and_window(model, w, layer))

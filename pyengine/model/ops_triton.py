@@ -114,23 +114,26 @@ class TritonOps(TorchOps):
         return ChunkTables(meta[0], meta[1], meta[2], None, None, None, rope, True, key_blocks)
 
     def attention(self, model, w, a, cache, layer, chunk, tables):
-        from pyengine.model.attention import attend_prefill, project_qkv, sink_and_window
+        from pyengine.model.attention import attend_prefill, attention_torch, project_qkv, sink_and_window
 
         if model.mla is not None:
             return self._mla_attention(model, w, a, cache, layer, chunk, tables)
+        if cache.is_ring(layer) and not tables.decode:  # reads the ring before writing it: torch
+            return attention_torch(model, w, a, cache, layer, chunk, tables)
 
         qkv = project_qkv(model, w, a)
         q = torch.empty(a.shape[0], model.heads, model.head_size, dtype=a.dtype, device=a.device)
         kc, vc = cache.layer_views(layer)
+        table = cache.table(layer)
         norms = {"q_norm_w": w["q_norm"], "k_norm_w": w["k_norm"]} if model.qk_norm != "none" else {}
         with self._turns:
-            self._rope(model, cache.block_size, a.dtype)(qkv, tables.positions, tables.slots, cache.block_table, kc, vc,
+            self._rope(model, cache.block_size, a.dtype)(qkv, tables.positions, tables.slots, table, kc, vc,
                                        tables.rope.cos_half, tables.rope.sin_half, q, eps=model.norm_eps,
                                        **norms)
             if tables.decode:  # a sliding layer's split kernel reads only its window's blocks
                 out = torch.empty_like(q)
-                self._decode_attention(model, cache, q.shape[0], a.dtype)(
-                    q, kc, vc, cache.block_table, tables.slots, tables.lengths, out,
+                self._decode_attention(model, cache, q.shape[0], a.dtype, table.shape[1])(
+                    q, kc, vc, table, tables.slots, tables.lengths, out,
                     **sink_and_window(model, w, layer))
                 return out.reshape(q.shape[0], -1)
         return attend_prefill(cache, layer, chunk, q, tables, **sink_and_window(model, w, layer))
@@ -188,13 +191,14 @@ class TritonOps(TorchOps):
                                            dtype, self.device, qk_norm=model.qk_norm)
         return self._ropes[key]
 
-    def _decode_attention(self, model, cache, rows: int, dtype):
+    def _decode_attention(self, model, cache, rows: int, dtype, table_blocks: int):
+        """`table_blocks`: the table's width, which bounds the keys a split reads (a ring's: the window's)."""
         from pyengine.kernels.decode_attention import DecodeAttention
 
         cap = rows if rows <= STATIC_ROWS else -(-rows // STATIC_ROWS) * STATIC_ROWS
-        key = (cap, cache.block_size, cache.max_blocks)
+        key = (cap, cache.block_size, table_blocks)
         if key not in self._attn:
             self._attn[key] = DecodeAttention(cap, model.heads, model.kv_heads, model.head_size,
-                                              cache.block_size, cache.max_blocks, dtype, self.device)
+                                              cache.block_size, table_blocks, dtype, self.device)
         return self._attn[key]
 

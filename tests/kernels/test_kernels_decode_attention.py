@@ -131,6 +131,39 @@ def test_window_and_sinks_together_and_a_custom_scale():
     check_close(out, case, sinks=sinks, window=20, scale=0.3)
 
 
+@pytest.mark.parametrize("window,block_size", [(7, 4), (16, 16), (1, 4)])
+def test_a_ring_table_serves_a_window_over_any_length(window, block_size):
+    """A sliding layer's ring (ring_blocks(window) entries a slot, position p in entry
+    (p // block_size) % entries): sequences many times the ring's length, written position by
+    position as a sequence grows, read back as the last `window` keys of the whole sequence."""
+    g = torch.Generator().manual_seed(window)
+    lens, heads, kv_heads, d = [5, 29, 40, 13, 90], 4, 2, 16
+    entries = (window - 1) // block_size + 2
+    n = len(lens)
+    table = torch.arange(n * entries).view(n, entries)
+    k_cache, v_cache = (torch.zeros(n * entries, block_size, kv_heads, d) for _ in range(2))
+    keys = [torch.randn(L, kv_heads, d, generator=g) for L in lens]
+    values = [torch.randn(L, kv_heads, d, generator=g) for L in lens]
+    for row, L in enumerate(lens):
+        for p in range(L):
+            block = table[row, (p // block_size) % entries]
+            k_cache[block, p % block_size], v_cache[block, p % block_size] = keys[row][p], values[row][p]
+    q = torch.randn(n, heads, d, generator=g)
+    sinks = torch.randn(heads, generator=g)
+    i32 = lambda t: t.to(device=DEVICE, dtype=torch.int32)
+    out = decode_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), i32(table),
+                           i32(torch.arange(n)), i32(torch.tensor(lens)), sinks=sinks.to(DEVICE), window=window)
+    for row, L in enumerate(lens):  # the plain answer over the whole sequence's last `window` keys
+        k, v = keys[row][L - min(L, window):].double(), values[row][L - min(L, window):].double()
+        for h in range(heads):
+            s = torch.cat([k[:, h // 2] @ q[row, h].double() / math.sqrt(d), sinks[h:h + 1].double()])
+            want = torch.softmax(s, 0)[:-1] @ v[:, h // 2]
+            torch.testing.assert_close(out[row, h].double().cpu(), want, atol=2e-6, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"seq_lens: live rows span \[5, 90\]"):  # no window: no ring
+        decode_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), i32(table),
+                         i32(torch.arange(n)), i32(torch.tensor(lens)))
+
+
 def test_many_splits_combine_and_two_launches_whatever_the_lengths():
     attn = DecodeAttention(4, 4, 1, 64, 16, 20, torch.float32, DEVICE)
     assert attn.splits[1] > 4  # one row, one kv head: the keys are split to fill the device

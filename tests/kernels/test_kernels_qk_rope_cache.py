@@ -130,6 +130,23 @@ def test_head_dim_not_a_power_of_two_and_full_norm_over_several_steps(monkeypatc
     check(make_case(3, 4, 2, 60, 16, torch.float32, "full", seed=5))
 
 
+def test_a_window_ring_table_wraps_positions_past_its_blocks():
+    """A sliding window of 17 keys over 16-key blocks: a ring of 3 table entries a slot; positions
+    up to 63 land in entry (p // 16) % 3. Without the window the same call is refused."""
+    case = make_case(6, 4, 2, 32, 16, torch.float32, "none", seed=4)
+    case["block_table"] = case["block_table"][:, :3].contiguous()
+    q, k_cache, v_cache = run(case, window=17)
+    assert int(case["positions"].max()) >= 48  # some rows wrap
+    ref_table = case["block_table"].cpu().long()
+    for i in range(6):
+        p, slot = int(case["positions"][i]), int(case["slots"][i])
+        block = int(ref_table[slot, (p // 16) % 3])
+        v = case["qkv"][i, 6 * 32:].view(2, 32)  # v follows q (4 heads) and k (2 kv heads)
+        assert torch.equal(v_cache[block, p % 16], v)
+    with pytest.raises(ValueError, match=r"positions \+ 1: live rows span"):
+        run(case)
+
+
 def test_padding_rows_write_nothing_and_give_zero_q():
     case = make_case(5, 4, 2, 32, 16, torch.float16, "per_head", seed=2, padding=(0, 3))
     q = check(case)

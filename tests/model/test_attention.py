@@ -134,4 +134,4 @@ def test_cache_bytes_count_keys_and_values_of_whole_blocks_and_the_trash_block()
     # 5 slots x ceil(20 / 16) = 2 blocks, + 1 trash block, 16 rows each, K and V, 3 layers
     assert cache_bytes(spec, 5, 20) == 2 * 3 * (5 * 2 + 1) * 16 * 2 * 8 * es
     cache = KVCache(spec, 5, 20, "cpu", torch.float32 if es == 4 else torch.bfloat16)
-    assert cache.k.nbytes + cache.v.nbytes == cache_bytes(spec, 5, 20)
+    assert cache.nbytes == cache.k.nbytes + cache.v.nbytes == cache_bytes(spec, 5, 20)
