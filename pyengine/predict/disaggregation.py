@@ -51,8 +51,7 @@ def ping_pong(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | No
         if v is not None:
             by_m[m] = (v.predicted.latency_s, v.predicted.throughput_tokens_per_s, v.balance)
     best = min(by_m, key=lambda m: (by_m[m][0], -by_m[m][1]))
-    return PingPong(att, exp, "attention" if att > exp else "experts", att / exp if exp else float("inf"),
-                    by_m, best)
+    return PingPong(att, exp, "attention" if att > exp else "experts", balance_of(att, exp), by_m, best)
 
 
 @dataclass(slots=True)
@@ -67,8 +66,13 @@ class Variant:
 
     @property
     def balance(self) -> float:
-        """attention_s / experts_s (inf: no expert time)."""
-        return self.attention_s / self.experts_s if self.experts_s else float("inf")
+        """attention_s / experts_s (`balance_of`)."""
+        return balance_of(self.attention_s, self.experts_s)
+
+
+def balance_of(attention_s: float, experts_s: float) -> float:
+    """attention_s / experts_s, the ping-pong's balance (inf: no expert time)."""
+    return attention_s / experts_s if experts_s else float("inf")
 
 
 def variant(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None,

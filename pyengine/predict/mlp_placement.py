@@ -20,7 +20,7 @@ from pyengine.core.spec_rules import MLP_PLACEMENTS
 from pyengine.model.routing import Routing
 from pyengine.predict.decode import step_s
 from pyengine.predict.devices import DeviceProfile
-from pyengine.predict.disaggregation import variant
+from pyengine.predict.disaggregation import balance_of, variant
 
 
 @dataclass(slots=True)
@@ -39,7 +39,7 @@ class PlacementOption:
     @property
     def balance(self) -> float:
         """attention_s / experts_s (1.0: the ping-pong's two sides equally busy)."""
-        return self.attention_s / self.experts_s if self.experts_s else float("inf")
+        return balance_of(self.attention_s, self.experts_s)
 
 
 @dataclass(slots=True)
