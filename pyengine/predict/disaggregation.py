@@ -18,7 +18,7 @@ from pyengine.core.spec import DeploymentSpec, SpecError
 from pyengine.model.routing import Routing
 from pyengine.model.stages import StageKind
 from pyengine.predict.devices import DeviceProfile
-from pyengine.predict.prediction import predict, predict_busy
+from pyengine.predict.prediction import Predicted, predict, predict_busy
 from pyengine.predict.resources import memory_bytes
 
 CANDIDATE_M = (1, 2, 3, 4, 6, 8, 16)
@@ -47,16 +47,45 @@ def ping_pong(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | No
     for m in CANDIDATE_M:
         if m > spec.model.tokens:
             continue
-        try:
-            alt = spec.replace(schedule={"micro_batches": m})
-        except SpecError:
-            continue
-        pred, _ = predict(alt, device, routing=routing)
-        a, e = sides(alt, device, routing)
-        by_m[m] = (pred.latency_s, pred.throughput_tokens_per_s, a / e if e else float("inf"))
+        v = variant(spec, device, routing, schedule={"micro_batches": m})
+        if v is not None:
+            by_m[m] = (v.predicted.latency_s, v.predicted.throughput_tokens_per_s, v.balance)
     best = min(by_m, key=lambda m: (by_m[m][0], -by_m[m][1]))
-    return PingPong(att, exp, "attention" if att > exp else "experts", att / exp if exp else float("inf"),
-                    by_m, best)
+    return PingPong(att, exp, "attention" if att > exp else "experts", balance_of(att, exp), by_m, best)
+
+
+@dataclass(slots=True)
+class Variant:
+    """One alternative of a spec (a section's fields replaced), predicted with its two sides."""
+    spec: DeploymentSpec
+    predicted: Predicted
+    attention_s: float
+    """As `sides`: the attention side's busy time per batch."""
+    experts_s: float
+    """As `sides`: the busiest expert GPU's experts-stage busy time per batch."""
+
+    @property
+    def balance(self) -> float:
+        """attention_s / experts_s (`balance_of`)."""
+        return balance_of(self.attention_s, self.experts_s)
+
+
+def balance_of(attention_s: float, experts_s: float) -> float:
+    """attention_s / experts_s, the ping-pong's balance (inf: no expert time)."""
+    return attention_s / experts_s if experts_s else float("inf")
+
+
+def variant(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None,
+            **sections: dict) -> Variant | None:
+    """spec.replace(**sections) predicted (one batch) with its two sides; None where the spec
+    refuses the change (the alternative is left out, not an error: the caller's spec is valid)."""
+    try:
+        alt = spec.replace(**sections)
+    except SpecError:
+        return None
+    pred, _ = predict(alt, device, routing=routing)
+    attention, experts = sides(alt, device, routing)
+    return Variant(alt, pred, attention, experts)
 
 
 def sides(spec: DeploymentSpec, device: DeviceProfile, routing: Routing | None) -> tuple[float, float]:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pyengine.core.spec import DeploymentSpec, SpecError
+from pyengine.core.spec import DeploymentSpec
 from pyengine.core.spec_rules import MLP_PLACEMENTS
 from pyengine.model.routing import Routing
 from pyengine.predict.decode import step_s
 from pyengine.predict.devices import DeviceProfile
-from pyengine.predict.disaggregation import sides
-from pyengine.predict.prediction import predict
+from pyengine.predict.disaggregation import balance_of, variant
 
 
 @dataclass(slots=True)
@@ -40,7 +39,7 @@ class PlacementOption:
     @property
     def balance(self) -> float:
         """attention_s / experts_s (1.0: the ping-pong's two sides equally busy)."""
-        return self.attention_s / self.experts_s if self.experts_s else float("inf")
+        return balance_of(self.attention_s, self.experts_s)
 
 
 @dataclass(slots=True)
@@ -79,12 +78,9 @@ def mlp_placements(spec: DeploymentSpec, device: DeviceProfile, routing: Routing
         return None
     out = MlpPlacements(spec.parallel.dense_mlp_placement)
     for where in MLP_PLACEMENTS:
-        try:
-            alt = spec.replace(parallel={"dense_mlp_placement": where})
-        except SpecError:
-            continue
-        pred, _ = predict(alt, device, routing=routing)
-        attention, experts = sides(alt, device, routing)
-        out.options.append(PlacementOption(where, pred.latency_s, step_s(alt, device, spec.model.seq_len, routing),
-                                           attention, experts))
+        v = variant(spec, device, routing, parallel={"dense_mlp_placement": where})
+        if v is not None:
+            out.options.append(PlacementOption(where, v.predicted.latency_s,
+                                               step_s(v.spec, device, spec.model.seq_len, routing),
+                                               v.attention_s, v.experts_s))
     return out

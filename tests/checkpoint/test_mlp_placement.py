@@ -9,13 +9,11 @@ one case. Each expert GPU reads only its columns of those MLPs, and the attentio
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_whole_model import BATCH, IDS, LAYOUTS, engine_logits, rel_err
+from test_whole_model import BATCH, IDS, LAYOUTS, engine_logits, rel_err, run_cli_json
 from tiny_hf import FAMILY_CONFIG, fit_experts
 from pyengine.model.checkpoint import open_checkpoint
 from pyengine.model.hf_config import deployment_spec
@@ -84,15 +82,7 @@ def test_expert_gpus_hold_and_read_only_their_columns(checkpoint, layout_config)
 @pytest.mark.slow
 def test_cli_run_with_mlps_on_the_expert_gpus_on_gloo(checkpoint, layout_config, tmp_path):
     folder, model = checkpoint(FAMILY, sharded=True, **FAMILY_CONFIG[FAMILY])
-    torch.save(IDS, tmp_path / "ids.pt")
-    cfg = placed(layout_config, "ep-with-gpu0", 3, "experts")
-    r = subprocess.run([sys.executable, "-m", "pyengine", "run", "--weights", str(folder), "--config", cfg,
-                        "--tokens", str(tmp_path / "ids.pt"), "--iters", "1", "--warmup", "0",
-                        "--no-baselines", "--json", "--dump", str(tmp_path / "dump")],
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["check"]["ok"] and out["backend"] == "gloo"
+    _, logits = run_cli_json(folder, placed(layout_config, "ep-with-gpu0", 3, "experts"), IDS, tmp_path)
     with torch.no_grad():
         ref = model(IDS).logits
-    assert rel_err(torch.load(tmp_path / "dump" / "logits.pt"), ref) <= 1e-5
+    assert rel_err(logits, ref) <= 1e-5

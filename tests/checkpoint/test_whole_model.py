@@ -46,6 +46,21 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
+def run_cli_json(folder, cfg: str, ids: torch.Tensor, tmp_path) -> tuple[dict, torch.Tensor]:
+    """`python -m pyengine run --json` on `ids` as a user runs it (3 gloo processes, one batch, no
+    warm-up or baselines). Asserts it exits 0 and that its own check passed on gloo; returns its JSON
+    result and the output rank's dumped logits."""
+    torch.save(ids, tmp_path / "ids.pt")
+    r = subprocess.run([sys.executable, "-m", "pyengine", "run", "--weights", str(folder), "--config", cfg,
+                        "--tokens", str(tmp_path / "ids.pt"), "--iters", "1", "--warmup", "0",
+                        "--no-baselines", "--json", "--dump", str(tmp_path / "dump")],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["check"]["ok"] and out["backend"] == "gloo"
+    return out, torch.load(tmp_path / "dump" / "logits.pt")
+
+
 def engine_logits(spec, source, ids) -> torch.Tensor:
     transports = LocalTransport.create(3, "cpu", 30)
     out = on_threads(lambda r: Engine(spec, transports[r], source=source).forward(ids), timeout_s=120)
@@ -114,16 +129,8 @@ def test_ranks_read_only_their_slices(checkpoint, layout_config):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_run_whole_model_on_gloo(checkpoint, layout_config, tmp_path, family):
     folder, model = checkpoint(family, sharded=True, **FAMILY_CONFIG.get(family, {}))
-    torch.save(IDS, tmp_path / "ids.pt")
-    cfg = layout_config(LAYOUTS["tp-uneven-out2"], 3, model=BATCH)
-    r = subprocess.run([sys.executable, "-m", "pyengine", "run", "--weights", str(folder), "--config", cfg,
-                        "--tokens", str(tmp_path / "ids.pt"), "--iters", "1", "--warmup", "0",
-                        "--no-baselines", "--json", "--dump", str(tmp_path / "dump")],
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["check"]["ok"] and out["backend"] == "gloo"
+    out, logits = run_cli_json(folder, layout_config(LAYOUTS["tp-uneven-out2"], 3, model=BATCH), IDS, tmp_path)
     assert "all 3 layers" in out["weights"]["source"]
     with torch.no_grad():
         ref = model(IDS).logits
-    assert rel_err(torch.load(tmp_path / "dump" / "logits.pt"), ref) <= 1e-5
+    assert rel_err(logits, ref) <= 1e-5
