@@ -184,11 +184,12 @@ class DeploymentSpec:
 
     def all_moe(self, layers: int) -> DeploymentSpec:
         """This spec with `layers` layers, every one MoE (memory estimates linear in the layer count
-        price dense layers as MoE ones, and a sliding layer as a full one: the KV cache is not bounded by
-        the window); the dense MLPs' placement reset when nothing is left to place."""
+        price dense layers as MoE ones, and every layer's KV cache as a full layer's, not a sliding
+        one's ring: the window dropped too, else every layer would count as sliding and the count
+        would err high); the dense MLPs' placement reset when nothing is left to place."""
         parallel = {} if self.model.shared_expert_size else {"dense_mlp_placement": "attention"}
-        return self.replace(model={"num_layers": layers, "dense_layers": None, "layer_types": None},
-                            parallel=parallel)
+        return self.replace(model={"num_layers": layers, "dense_layers": None, "layer_types": None,
+                                   "sliding_window": None}, parallel=parallel)
 
     def replace(self, **sections: Any) -> DeploymentSpec:
         """New spec with some sections' fields replaced: replace(schedule={"micro_batches": 2})."""

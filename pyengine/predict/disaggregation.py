@@ -103,8 +103,8 @@ def layers_that_fit(spec: DeploymentSpec, device: DeviceProfile, routing: Routin
     if not spec.model.layered:
         raise ValueError("layers_that_fit needs a model of layers (model.num_layers)")
     cap = spec.hardware.gpu_memory_gb * 1e9
-    # every layer priced as a MoE layer (dense MLP layers hold less: the count errs low); a sliding
-    # layer holds the KV cache of a full one (the cache is not bounded by the window)
+    # every layer priced as a MoE layer (dense MLP layers hold less: the count errs low) and its KV
+    # cache as a full layer's (a sliding layer's ring is smaller: errs low too)
     one = memory_bytes(spec.all_moe(1), device, routing)
     two = memory_bytes(spec.all_moe(2), device, routing)
     most = []

@@ -74,3 +74,17 @@ def test_generation_through_the_ring_equals_recomputing(path, plans, monkeypatch
     want = [greedy(SPEC, w, torch.tensor(p), STEPS + 1).tolist() for p in PROMPTS]
     per_rank = run(plans)
     assert all(seqs == want for seqs in per_rank)
+
+
+def test_memory_linear_in_layers_prices_every_layer_as_a_full_one():
+    """layers_that_fit and `fit` extrapolate memory from 1 and 2 layers of spec.all_moe (every layer
+    priced alike, erring low): each layer's KV cache is priced as a full layer's, never as a ring,
+    which would let more layers "fit" than do."""
+    from pyengine.predict.resources import state_bytes
+
+    spec = SPEC.replace(model={"seq_len": 64, "batch_size": 2})
+    m = spec.model
+    full_layer = (2 * 64 // 16 + 1) * 16 * m.kv_heads * m.head_size * 2 * 4  # slots x blocks + trash, K and V, fp32
+    one, two = state_bytes(spec.all_moe(1)), state_bytes(spec.all_moe(2))
+    slope = {r: two[r] - one[r] for r in one}
+    assert max(slope.values()) == full_layer and state_bytes(spec)[0] < 3 * full_layer  # the real one rings
