@@ -22,23 +22,25 @@ from test_whole_model_gpt_oss import BASE, EP
 from whole_model_checks import greedy
 
 SPEC = BASE.replace(schedule={"micro_batches": 2})  # layers: sliding, full, sliding; window 3; fp32
-SPECS = {"tp": SPEC, "ep": SPEC.replace(parallel={"stages": EP})}
+SPECS = {"tp": SPEC, "ep": SPEC.replace(parallel={"stages": EP}),
+         "all-sliding": SPEC.replace(model={"layer_types": None})}  # no full layer: no paged K and V at all
 # (prompt, new ids): prompts longer than the ring's 6 positions, short ones, one of a single token
 REQUESTS = [([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], 4), ([2, 7], 6), ([6, 6, 6, 1, 2, 3, 4, 8], 3),
             ([9], 5), ([1, 4, 1, 4, 2, 1, 3, 5, 6, 2, 3, 7, 3], 2)]
 CAPACITY = 16
 
 
-def serve(spec, graph_backend=None):
+def serve(spec, graph_backend=None, block_size=2):
     """Per rank, each request's new ids (every rank replays the same plans: ids are greedy)."""
     transports = LocalTransport.create(3, "cpu", 60)
 
     def rank(r):
         w = rank_weights(spec, 3, r, torch.device("cpu"))
-        loop = StepLoop(spec, r, transports[r], w, torch.device("cpu"), slots=2, capacity=CAPACITY, block_size=2,
+        loop = StepLoop(spec, r, transports[r], w, torch.device("cpu"), slots=2, capacity=CAPACITY, block_size=block_size,
                         graph_backend=graph_backend)
-        assert loop.cache is None or loop.cache.ring == 3
-        sched = Scheduler(Limits(slots=2, blocks=16, block_size=2, step_tokens=3, capacity=CAPACITY))
+        assert loop.cache is None or loop.cache.ring == (3 if block_size == 2 else 0)
+        sched = Scheduler(Limits(slots=2, blocks=32 // block_size, block_size=block_size, step_tokens=3,
+                                 capacity=CAPACITY))
         reqs = [Request(i, tuple(p), SamplingParams(max_new_tokens=n), frozenset()) for i, (p, n) in enumerate(REQUESTS)]
         for req in reqs:
             sched.add(req)
@@ -55,6 +57,7 @@ def serve(spec, graph_backend=None):
 
 
 @pytest.mark.parametrize("path,name,graphs", [("torch", "tp", False), ("torch", "ep", False),
+                                               ("torch", "all-sliding", False),
                                                ("triton", "tp", False), ("triton", "ep", True)])
 def test_served_requests_through_reused_rings_equal_recomputing(path, name, graphs, monkeypatch):
     monkeypatch.setenv("PYENGINE_KERNELS", path)
@@ -63,3 +66,13 @@ def test_served_requests_through_reused_rings_equal_recomputing(path, name, grap
     want = [greedy(spec, w, torch.tensor(p), n)[len(p):].tolist() for p, n in REQUESTS]
     per_rank = serve(spec, CheckedReplays() if graphs else None)
     assert all(outs == want for outs in per_rank), (per_rank[0], want)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_a_window_whose_ring_would_not_be_smaller_keeps_full_storage(path, monkeypatch):
+    """Blocks of 8: the window's ring (2 blocks) is not smaller than a slot's 2 blocks, so the sliding
+    layers keep every position in the paged cache, and serving still equals recomputing."""
+    monkeypatch.setenv("PYENGINE_KERNELS", path)
+    w = init_weights(SPEC, 3)
+    want = [greedy(SPEC, w, torch.tensor(p), n)[len(p):].tolist() for p, n in REQUESTS]
+    assert all(outs == want for outs in serve(SPEC, block_size=8))
