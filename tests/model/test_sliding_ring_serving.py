@@ -31,7 +31,7 @@ REQUESTS = [([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], 4), ([2, 7], 6), ([6, 6, 6, 1, 2
 CAPACITY = 16
 
 
-def serve(spec, graph_backend=None, block_size=2, slots=2):
+def serve(spec, graph_backend=None, block_size=2, slots=2, ring=3):
     """Per rank, each request's new ids (every rank replays the same plans: ids are greedy)."""
     transports = LocalTransport.create(3, "cpu", 60)
 
@@ -39,7 +39,7 @@ def serve(spec, graph_backend=None, block_size=2, slots=2):
         w = rank_weights(spec, 3, r, torch.device("cpu"))
         loop = StepLoop(spec, r, transports[r], w, torch.device("cpu"), slots=slots, capacity=CAPACITY,
                         block_size=block_size, graph_backend=graph_backend)
-        assert loop.cache is None or loop.cache.ring == (3 if block_size == 2 else 0)
+        assert loop.cache is None or loop.cache.ring == ring
         sched = Scheduler(Limits(slots=slots, blocks=16 * slots // block_size, block_size=block_size,
                                  step_tokens=slots + 1, capacity=CAPACITY))
         reqs = [Request(i, tuple(p), SamplingParams(max_new_tokens=n), frozenset())
@@ -77,4 +77,13 @@ def test_a_window_whose_ring_would_not_be_smaller_keeps_full_storage(path, monke
     monkeypatch.setenv("PYENGINE_KERNELS", path)
     w = init_weights(SPEC, 3)
     want = [greedy(SPEC, w, torch.tensor(p), n)[len(p):].tolist() for p, n in REQUESTS]
-    assert all(outs == want for outs in serve(SPEC, block_size=8))
+    assert all(outs == want for outs in serve(SPEC, block_size=8, ring=0))
+
+
+@pytest.mark.parametrize("window,block_size,ring", [(1, 1, 2), (2, 2, 2), (4, 2, 3), (5, 3, 3), (4, 1, 5)])
+def test_windows_and_block_sizes_of_every_alignment(window, block_size, ring):
+    """Windows shorter than, equal to and longer than a block, and not a multiple of it (torch path)."""
+    spec = SPEC.replace(model={"sliding_window": window})
+    w = init_weights(spec, 3)
+    want = [greedy(spec, w, torch.tensor(p), n)[len(p):].tolist() for p, n in REQUESTS]
+    assert all(outs == want for outs in serve(spec, block_size=block_size, ring=ring))
