@@ -73,9 +73,12 @@ def check_rows(n: int, device: torch.device, block_table, slots, **per_row) -> N
 
 
 def ring_blocks(window: int, block_size: int) -> int:
-    """Table entries a ring needs for a `window`: the window's keys span at most
-    (window - 1) // block_size + 1 blocks, and the block being written must not be one of them."""
-    return (window - 1) // block_size + 2
+    """Table entries a ring needs for a `window`: ceil(window / block_size). Position p lives at
+    (entry (p // block_size) % R, row p % block_size), which repeats only every R * block_size
+    positions, so any `window` consecutive positions (the key being written and the window-1
+    before it) hold distinct rows; the block being written may share a table entry with the window's
+    oldest block (they use different rows of it)."""
+    return -(-window // block_size)
 
 
 def check_row_values(block_table, slots, num_blocks: int, block_size: int,

@@ -19,10 +19,11 @@ A sliding-window layer (gpt-oss's) keeps only its window: its keys and values li
 `[sliding layers, slots * R + 1, block_size, kv_heads, d]` with R = `ring_blocks(window)` blocks per
 slot, fixed at set-up (slot s owns blocks s * R .. s * R + R - 1; the last is the ring's trash
 block), and `ring_table` [slots + 1, R] names them. Position p lives in entry (p // block_size) % R,
-so a block is overwritten once the window has passed it; the kernels read every table that way (a
-full layer's table never wraps). A prefill chunk longer than the ring writes only its last R blocks'
-worth of positions (the earlier ones go to the trash block) and attends over the keys it read from
-the ring before writing and its own fresh keys (`attention.attend_prefill_ring`).
+so a row is overwritten only once the window has passed it (R * block_size >= window); the
+kernels read every table that way (a full layer's table never wraps). A prefill chunk longer than
+the ring writes only its last R blocks' worth of positions (the earlier ones go to the trash block)
+and attends over the keys it read from the ring before writing and its own fresh keys
+(`attention.attend_prefill_ring`).
 """
 
 from __future__ import annotations

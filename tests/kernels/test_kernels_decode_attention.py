@@ -138,7 +138,7 @@ def test_a_ring_table_serves_a_window_over_any_length(window, block_size):
     position as a sequence grows, read back as the last `window` keys of the whole sequence."""
     g = torch.Generator().manual_seed(window)
     lens, heads, kv_heads, d = [5, 29, 40, 13, 90], 4, 2, 16
-    entries = (window - 1) // block_size + 2
+    entries = -(-window // block_size)  # paged_checks.ring_blocks: ceil(window / block_size)
     n = len(lens)
     table = torch.arange(n * entries).view(n, entries)
     k_cache, v_cache = (torch.zeros(n * entries, block_size, kv_heads, d) for _ in range(2))

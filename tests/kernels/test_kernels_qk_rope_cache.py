@@ -131,7 +131,8 @@ def test_head_dim_not_a_power_of_two_and_full_norm_over_several_steps(monkeypatc
 
 
 def test_a_window_ring_table_wraps_positions_past_its_blocks():
-    """A sliding window of 17 keys over 16-key blocks: a ring of 3 table entries a slot; positions
+    """A sliding window of 17 keys over 16-key blocks: a ring table of 3 entries a slot (at least
+    ring_blocks(17, 16) = 2); positions
     up to 63 land in entry (p // 16) % 3. Without the window the same call is refused."""
     case = make_case(6, 4, 2, 32, 16, torch.float32, "none", seed=4)
     case["block_table"] = case["block_table"][:, :3].contiguous()

@@ -1,5 +1,5 @@
 """A sliding layer's KV cache holds only its window (a ring of blocks per slot, pyengine.model.kv_cache):
-its bytes are the ring's, and generation through the step loop with blocks of 2 tokens (a ring of 3
+its bytes are the ring's, and generation through the step loop with blocks of 2 tokens (a ring of 2
 blocks for a window of 3, wrapped many times), prompts longer than the ring (written in one chunk,
 split over micro-batches, and over two steps), equals the reference's greedy continuation, which
 recomputes every sequence from scratch with no cache. Torch and Triton (interpreter) paths."""
@@ -24,15 +24,15 @@ STEPS = 9
 def test_a_sliding_layer_holds_its_ring_only():
     m = SPEC.model
     cache = KVCache(SPEC, 4, 16, "cpu", torch.float32, block_size=2)
-    assert cache.ring == 3  # the window's 3 keys span at most 2 blocks of 2, plus the one being written
+    assert cache.ring == 3 - 1  # ceil(3 / 2): any 3 consecutive positions hold distinct rows of 2 blocks
     token = m.kv_heads * m.head_size * 2 * 4  # K and V, fp32
-    full_rows, ring_rows = (4 * 8 + 1) * 2, (4 * 3 + 1) * 2  # slots x blocks per slot + the trash block
+    full_rows, ring_rows = (4 * 8 + 1) * 2, (4 * 2 + 1) * 2  # slots x blocks per slot + the trash block
     want = (1 * full_rows + 2 * ring_rows) * token
     assert cache.nbytes == want == cache_bytes(SPEC, 4, 16, block_size=2)
     assert [cache.is_ring(layer) for layer in range(3)] == [True, False, True]
-    assert cache.ring_table[:, :].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 12, 12]]
-    short = KVCache(SPEC, 4, 6, "cpu", torch.float32, block_size=2)  # 3 blocks a slot: no smaller ring
-    assert short.ring == 0 and short.nbytes == 3 * (4 * 3 + 1) * 2 * token
+    assert cache.ring_table[:, :].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 8]]
+    short = KVCache(SPEC, 4, 4, "cpu", torch.float32, block_size=2)  # 2 blocks a slot: no smaller ring
+    assert short.ring == 0 and short.nbytes == 3 * (4 * 2 + 1) * 2 * token
 
 
 def run(plans_of):
@@ -43,7 +43,7 @@ def run(plans_of):
     def rank(r):
         w = rank_weights(SPEC, 3, r, torch.device("cpu"))
         loop = StepLoop(SPEC, r, transports[r], w, torch.device("cpu"), slots=4, capacity=24, block_size=2)
-        assert loop.cache is None or loop.cache.ring == 3
+        assert loop.cache is None or loop.cache.ring == 2
         seqs = [list(p) for p in PROMPTS]
         for plan in plans_of():
             for work, i in zip([w for w in plan.work if w.sample], loop.run(plan).ids):
