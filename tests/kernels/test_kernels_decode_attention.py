@@ -136,32 +136,38 @@ def test_a_ring_table_serves_a_window_over_any_length(window, block_size):
     """A sliding layer's ring (ring_blocks(window) entries a slot, position p in entry
     (p // block_size) % entries): sequences many times the ring's length, written position by
     position as a sequence grows, read back as the last `window` keys of the whole sequence."""
+    case = check_ring(window, block_size, [5, 29, 40, 13, 90], 4, 2, 16, torch.float32, atol=2e-6, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"seq_lens: live rows span \[5, 90\]"):  # no window: no ring
+        decode_attention(*case)
+
+
+def check_ring(window, block_size, lens, heads, kv_heads, d, dtype, **tol):
+    """The ring written position by position; the kernel's output vs the plain float64 answer over
+    each sequence's last `window` keys (inputs rounded to `dtype` first). Returns the case."""
     g = torch.Generator().manual_seed(window)
-    lens, heads, kv_heads, d = [5, 29, 40, 13, 90], 4, 2, 16
     entries = -(-window // block_size)  # paged_checks.ring_blocks: ceil(window / block_size)
-    n = len(lens)
+    n, group = len(lens), heads // kv_heads
     table = torch.arange(n * entries).view(n, entries)
-    k_cache, v_cache = (torch.zeros(n * entries, block_size, kv_heads, d) for _ in range(2))
-    keys = [torch.randn(L, kv_heads, d, generator=g) for L in lens]
-    values = [torch.randn(L, kv_heads, d, generator=g) for L in lens]
+    k_cache, v_cache = (torch.zeros(n * entries, block_size, kv_heads, d, dtype=dtype) for _ in range(2))
+    keys = [torch.randn(L, kv_heads, d, generator=g).to(dtype) for L in lens]
+    values = [torch.randn(L, kv_heads, d, generator=g).to(dtype) for L in lens]
     for row, L in enumerate(lens):
         for p in range(L):
             block = table[row, (p // block_size) % entries]
             k_cache[block, p % block_size], v_cache[block, p % block_size] = keys[row][p], values[row][p]
-    q = torch.randn(n, heads, d, generator=g)
+    q = torch.randn(n, heads, d, generator=g).to(dtype)
     sinks = torch.randn(heads, generator=g)
     i32 = lambda t: t.to(device=DEVICE, dtype=torch.int32)
-    out = decode_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), i32(table),
-                           i32(torch.arange(n)), i32(torch.tensor(lens)), sinks=sinks.to(DEVICE), window=window)
+    case = [q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), i32(table), i32(torch.arange(n)),
+            i32(torch.tensor(lens))]
+    out = decode_attention(*case, sinks=sinks.to(DEVICE), window=window)
     for row, L in enumerate(lens):  # the plain answer over the whole sequence's last `window` keys
         k, v = keys[row][L - min(L, window):].double(), values[row][L - min(L, window):].double()
         for h in range(heads):
-            s = torch.cat([k[:, h // 2] @ q[row, h].double() / math.sqrt(d), sinks[h:h + 1].double()])
-            want = torch.softmax(s, 0)[:-1] @ v[:, h // 2]
-            torch.testing.assert_close(out[row, h].double().cpu(), want, atol=2e-6, rtol=2e-5)
-    with pytest.raises(ValueError, match=r"seq_lens: live rows span \[5, 90\]"):  # no window: no ring
-        decode_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), i32(table),
-                         i32(torch.arange(n)), i32(torch.tensor(lens)))
+            s = torch.cat([k[:, h // group] @ q[row, h].double() / math.sqrt(d), sinks[h:h + 1].double()])
+            want = torch.softmax(s, 0)[:-1] @ v[:, h // group]
+            torch.testing.assert_close(out[row, h].double().cpu(), want, **tol)
+    return case
 
 
 def test_many_splits_combine_and_two_launches_whatever_the_lengths():
@@ -242,6 +248,14 @@ def test_bad_keyword_arguments():
         decode_attention(*case, scale=0)
     with pytest.raises(ValueError, match=r"head_dim=512: must be <= 256"):
         DecodeAttention(1, 1, 1, 512, 16, 4, torch.float32, DEVICE)
+
+
+@pytest.mark.gpu
+def test_bf16_ring_at_gpt_oss_shapes_on_gpu():
+    """gpt-oss's sliding layers: a window of 128 over 16-key blocks (a ring of 8), 64 query heads
+    over 8 kv heads of 64, sequences up to 4000 keys; bf16 inputs, the answer in float64 from the
+    same rounded inputs (the kernel rounds p to bf16 for p @ v and the output once)."""
+    check_ring(128, 16, [1, 127, 128, 129, 4000, 1000], 64, 8, 64, torch.bfloat16, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
