@@ -8,8 +8,9 @@ import torch
 
 from helpers import on_threads
 from pyengine.execute.engine import Engine
+from pyengine.model.forward import single_device
 from pyengine.model.reference import reference_forward
-from pyengine.model.weights import init_weights
+from pyengine.model.weights import init_weights, make_tokens
 from pyengine.transport.local import LocalTransport
 
 
@@ -18,6 +19,16 @@ def pipeline(spec, ids, seed=3):
     transports = LocalTransport.create(3, "cpu", 30)
     out = on_threads(lambda r: Engine(spec, transports[r], seed=seed).forward(ids))
     return out[spec.stage("output").gpus[0]].reshape(-1, spec.model.vocab_size)
+
+
+def check_pipeline_single_device_and_reference_agree(base, stages, m: int, tol: dict) -> None:
+    """`base` with m micro-batches (and the stage map `stages`, None: its own): the single-device
+    baseline and the pipeline on 3 virtual ranks equal the reference's logits within `tol`."""
+    spec = base.replace(schedule={"micro_batches": m}, **({"parallel": {"stages": stages}} if stages else {}))
+    w, ids = init_weights(spec, 3), make_tokens(spec, 4)
+    want = reference_forward(spec, w, ids).reshape(-1, spec.model.vocab_size)
+    torch.testing.assert_close(single_device(spec, w, ids.reshape(-1)), want, **tol)
+    torch.testing.assert_close(pipeline(spec, ids), want, **tol)
 
 
 def _one(spec, seq):

@@ -9,10 +9,9 @@ import torch
 
 from helpers import TINY_CONFIG
 from pyengine.core.spec import load_spec
-from pyengine.model.forward import single_device
 from pyengine.model.reference import reference_forward
 from pyengine.model.weights import init_weights, make_tokens
-from whole_model_checks import check_generate_equals_recomputing, pipeline
+from whole_model_checks import check_generate_equals_recomputing, check_pipeline_single_device_and_reference_agree
 
 BASE = load_spec(TINY_CONFIG).replace(model={
     "num_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6, "attention_bias": True,
@@ -26,11 +25,7 @@ EP = [{"name": "embed", "gpus": [0]},
 
 @pytest.mark.parametrize("stages,m", [(None, 3), (EP, 2)])  # TP 0.4/0.6 shards; EP with experts on GPU 0
 def test_pipeline_single_device_and_reference_agree(stages, m):
-    spec = BASE.replace(schedule={"micro_batches": m}, **({"parallel": {"stages": stages}} if stages else {}))
-    w, ids = init_weights(spec, 3), make_tokens(spec, 4)
-    want = reference_forward(spec, w, ids).reshape(-1, spec.model.vocab_size)
-    torch.testing.assert_close(single_device(spec, w, ids.reshape(-1)), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pipeline(spec, ids), want, rtol=1e-5, atol=1e-5)
+    check_pipeline_single_device_and_reference_agree(BASE, stages, m, dict(rtol=1e-5, atol=1e-5))
 
 
 def test_every_part_matters():

@@ -11,10 +11,9 @@ import torch
 from helpers import TINY_CONFIG
 from pyengine.core.spec import load_spec
 from pyengine.core.spec_parts import YarnSpec
-from pyengine.model.forward import single_device
 from pyengine.model.reference import reference_forward
 from pyengine.model.weights import init_weights, make_tokens
-from whole_model_checks import check_generate_equals_recomputing, pipeline
+from whole_model_checks import check_pipeline_single_device_and_reference_agree, check_generate_equals_recomputing, pipeline
 
 MLA = {"q_lora_rank": 10, "kv_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_head_dim": 8, "v_head_dim": 5}
 YARN = asdict(YarnSpec(factor=4.0, original_max_positions=4, mscale=1.0, mscale_all_dim=0.8))
@@ -30,11 +29,7 @@ EP = [{"name": "embed", "gpus": [0]},
 
 @pytest.mark.parametrize("stages,m", [(None, 3), (EP, 2)])  # TP 0.4/0.6 shards; EP with experts on GPU 0
 def test_pipeline_single_device_and_reference_agree(stages, m):
-    spec = BASE.replace(schedule={"micro_batches": m}, **({"parallel": {"stages": stages}} if stages else {}))
-    w, ids = init_weights(spec, 3), make_tokens(spec, 4)
-    want = reference_forward(spec, w, ids).reshape(-1, spec.model.vocab_size)
-    torch.testing.assert_close(single_device(spec, w, ids.reshape(-1)), want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pipeline(spec, ids), want, rtol=1e-4, atol=1e-4)
+    check_pipeline_single_device_and_reference_agree(BASE, stages, m, dict(rtol=1e-4, atol=1e-4))
 
 
 def test_attention_and_the_correction_bias_matter():

@@ -13,11 +13,10 @@ from helpers import TINY_CONFIG
 from pyengine.core.errors import SpecError
 from pyengine.core.spec import load_spec
 from pyengine.model.dense_mlp import shared_expert
-from pyengine.model.forward import single_device
 from pyengine.model.reference import reference_forward
 from pyengine.model.tensors import LayerWeights, attention_names, shared_expert_names
 from pyengine.model.weights import init_weights, make_tokens
-from whole_model_checks import check_generate_equals_recomputing, pipeline
+from whole_model_checks import check_pipeline_single_device_and_reference_agree, check_generate_equals_recomputing, pipeline
 
 BASE = load_spec(TINY_CONFIG).replace(model={
     "num_layers": 3, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 6,  # q 18 != H 48
@@ -67,11 +66,7 @@ def test_gated_shared_expert_is_the_inline_formula():
 
 @pytest.mark.parametrize("stages,m", [(None, 3), (EP, 2)])  # TP 0.4/0.6 shards; EP with experts on GPU 0
 def test_pipeline_single_device_and_reference_agree(stages, m):
-    spec = BASE.replace(schedule={"micro_batches": m}, **({"parallel": {"stages": stages}} if stages else {}))
-    w, ids = init_weights(spec, 3), make_tokens(spec, 4)
-    want = reference_forward(spec, w, ids).reshape(-1, spec.model.vocab_size)
-    torch.testing.assert_close(single_device(spec, w, ids.reshape(-1)), want, **TOL)
-    torch.testing.assert_close(pipeline(spec, ids), want, **TOL)
+    check_pipeline_single_device_and_reference_agree(BASE, stages, m, TOL)
 
 
 def test_the_gate_and_the_biases_matter():
